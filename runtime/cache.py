@@ -1,0 +1,210 @@
+"""KV caches: a fixed number of token slots, preallocated once from a byte budget.
+
+Every cache has the same small interface, called by the model around each forward step::
+
+    cache.prepare(T)                     # make room for T new tokens (may evict with "slide")
+    out = cache.attend(layer, q, k, v, scale)   # per layer: store k, v; causal GQA attention
+    cache.commit()                       # the T tokens are now part of the cache
+
+plus ``offset`` (tokens seen so far = absolute position of the next token), ``length`` (tokens
+held), ``capacity``, ``nbytes``, ``evicted``, ``trim(n)``, ``reset()`` and ``state()``.
+
+Slot layout: slots ``[0, sinks)`` hold the first tokens forever; slots ``[sinks, capacity)``
+are a ring of the rest. Attention is order-independent, so the ring needs no shifting: with
+the ``slide`` policy a full cache overwrites its oldest non-sink slot (StreamingLLM-style).
+Keys arrive with RoPE applied at their absolute positions, so relative distances stay true.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tqedge.errors import TqedgeError
+from tqedge.units import format_bytes
+
+POLICIES = ("slide", "error")
+
+
+class SlotRing:
+    """Slot bookkeeping shared by all caches: which slots the next T tokens go to, and which
+    of the current slots they may attend to."""
+
+    def __init__(self, capacity: int, sinks: int, policy: str):
+        if policy not in POLICIES:
+            raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+        if capacity <= sinks:
+            raise TqedgeError(f"cache capacity {capacity} tokens leaves no room beside {sinks} sink tokens")
+        self.capacity, self.sinks, self.policy = capacity, sinks, policy
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset = 0  # tokens seen so far (absolute position of the next token)
+        self.length = 0  # tokens held (≤ capacity)
+        self.evicted = 0  # tokens dropped by "slide"
+        self._ptr = self.sinks  # next ring slot to overwrite once full
+        self.new_slots: np.ndarray | None = None  # slots of the step in flight
+        self.old_valid: np.ndarray | int = 0  # slots the step may read: a count (prefix) or a bool mask
+
+    def prepare(self, t: int, error_hint: str = "") -> None:
+        """Assign slots to ``t`` new tokens, evicting the oldest non-sink tokens if needed."""
+        if t <= 0:
+            raise TqedgeError("a forward step needs at least one token")
+        free = self.capacity - self.length
+        if t <= free:
+            self.new_slots = np.arange(self.length, self.length + t)
+            self.old_valid = self.length
+            return
+        if self.policy == "error":
+            raise TqedgeError(
+                f"KV cache full: {self.length} + {t} tokens exceed the capacity of {self.capacity} tokens"
+                f"{error_hint}; use a larger --kv-budget or --policy slide"
+            )
+        ring = self.capacity - self.sinks
+        if t > ring:
+            raise TqedgeError(f"a step of {t} tokens exceeds the cache ring of {ring} tokens; feed it in chunks")
+        slots = []
+        for _ in range(free):  # fill the free tail first
+            slots.append(self.length + len(slots))
+        n_evict = t - free
+        # once full, _ptr walks the ring; before, the oldest ring slot is `sinks`
+        ptr = self._ptr if self.length == self.capacity else self.sinks
+        for i in range(n_evict):
+            slots.append(self.sinks + (ptr - self.sinks + i) % ring)
+        self._ptr = self.sinks + (ptr - self.sinks + n_evict) % ring
+        self.new_slots = np.asarray(slots, dtype=np.int64)
+        mask = np.zeros(self.capacity, dtype=bool)
+        mask[: self.length] = True
+        mask[self.new_slots] = False
+        self.old_valid = mask
+        self.evicted += n_evict
+
+    def commit(self) -> None:
+        t = len(self.new_slots)
+        self.offset += t
+        self.length = min(self.capacity, self.length + t)
+        self.new_slots = None
+
+    def trim(self, n: int) -> None:
+        """Forget the last ``n`` tokens (only possible before anything was evicted)."""
+        if n < 0 or n > self.length:
+            raise TqedgeError(f"cannot trim {n} tokens from a cache holding {self.length}")
+        if self.evicted:
+            raise TqedgeError("cannot trim a cache that has already evicted tokens; reset it")
+        self.length -= n
+        self.offset -= n
+
+
+class ExactKVCache:
+    """Uncompressed float32 (or float16) cache: the baseline and the parity reference."""
+
+    kind = "exact"
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int,
+                 sinks: int = 4, policy: str = "slide", dtype=np.float32):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.dtype = np.dtype(dtype)
+        self.slots = SlotRing(capacity, sinks, policy)
+        shape = (num_layers, num_kv_heads, capacity, head_dim)
+        self.keys = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
+        self.values = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * np.dtype(dtype).itemsize
+
+    @classmethod
+    def from_budget(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                    sinks: int = 4, policy: str = "slide", dtype=np.float32) -> "ExactKVCache":
+        per = cls.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
+        capacity = budget // per
+        if capacity <= sinks + 1:
+            raise TqedgeError(
+                f"KV budget {format_bytes(budget)} holds only {capacity} tokens; "
+                f"the exact cache needs at least {format_bytes((sinks + 2) * per)}"
+            )
+        return cls(num_layers, num_kv_heads, head_dim, capacity, sinks, policy, dtype)
+
+    # -- the interface ------------------------------------------------------------------
+    offset = property(lambda self: self.slots.offset)
+    length = property(lambda self: self.slots.length)
+    capacity = property(lambda self: self.slots.capacity)
+    evicted = property(lambda self: self.slots.evicted)
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def prepare(self, t: int) -> None:
+        self.slots.prepare(t)
+
+    def commit(self) -> None:
+        self.slots.commit()
+
+    def trim(self, n: int) -> None:
+        self.slots.trim(n)
+
+    def reset(self) -> None:
+        self.slots.reset()
+
+    def state(self) -> dict:
+        """Arrays and counters that fully describe the cache (for save/restore)."""
+        s = self.slots
+        return {"keys": self.keys, "values": self.values, "offset": s.offset,
+                "length": s.length, "evicted": s.evicted, "ptr": s._ptr}
+
+    def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
+        """Store this layer's new keys/values and attend causally (GQA).
+
+        Args:
+            layer: layer index.
+            q: (T, Hq, D) float32, RoPE applied.
+            k: (T, Hkv, D) float32, RoPE applied.
+            v: (T, Hkv, D) float32.
+            scale: softmax scale (usually 1/sqrt(D)).
+
+        Returns:
+            (T, Hq, D) float32 attention output.
+        """
+        s = self.slots
+        t, hq, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        qh = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)  # (Hkv, G*T, D)
+        kn = k.transpose(1, 0, 2)  # (Hkv, T, D)
+        vn = v.transpose(1, 0, 2)  # (Hkv, T, D)
+        if isinstance(s.old_valid, (int, np.integer)):
+            ko = self.keys[layer, :, : s.old_valid]  # (Hkv, N, D)
+            vo = self.values[layer, :, : s.old_valid]
+        else:
+            ko = self.keys[layer][:, s.old_valid]
+            vo = self.values[layer][:, s.old_valid]
+        out = exact_attention(qh, ko, vo, kn, vn, scale, g)  # (Hkv, G*T, D)
+        self.keys[layer][:, s.new_slots] = kn
+        self.values[layer][:, s.new_slots] = vn
+        return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, hq, d)
+
+
+def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
+    """Softmax attention of grouped queries over old keys (all visible) and new keys (causal).
+
+    Args:
+        qh: (Hkv, G*T, D) queries, grouped per KV head, query-head-major then token.
+        ko, vo: (Hkv, N, D) cached keys/values every new token may see.
+        kn, vn: (Hkv, T, D) the new tokens' keys/values (causal among themselves).
+        scale: softmax scale.
+        g: query heads per KV head.
+
+    Returns:
+        (Hkv, G*T, D) float32.
+    """
+    t = kn.shape[1]
+    s_old = np.matmul(qh, ko.transpose(0, 2, 1).astype(np.float32)) * scale  # (Hkv, G*T, N)
+    s_new = np.matmul(qh, kn.transpose(0, 2, 1)) * scale  # (Hkv, G*T, T)
+    causal = np.triu(np.ones((t, t), dtype=bool), k=1)  # True = masked
+    s_new = np.where(np.tile(causal, (g, 1))[None], -np.inf, s_new)
+    m = np.maximum(s_old.max(axis=-1, initial=-np.inf), s_new.max(axis=-1))[..., None]
+    p_old = np.exp(s_old - m)
+    p_new = np.exp(s_new - m)
+    denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    out = np.matmul(p_old, vo.astype(np.float32)) + np.matmul(p_new, vn)
+    return (out / denom).astype(np.float32)

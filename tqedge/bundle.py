@@ -1,0 +1,321 @@
+"""The bundle manifest: the one contract between the exporter and the runtime.
+
+A bundle is a directory (``name.tqe/``) holding ``manifest.json``, the graphs, the weights
+file(s) and ``tokenizer.json``. The manifest is defined here once, as dataclasses, and both
+halves read and write it through :func:`read_manifest` / :func:`write_manifest`. A bundle of
+another format version is refused with a message that says which versions this build reads.
+See ``docs/FORMAT.md`` for the file-by-file description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqedge.errors import TqedgeError
+from tqedge.files import atomic_write_bytes, sha256_file
+
+FORMAT = "tqedge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# Segment protocol (docs/FORMAT.md): names of the graph-level tensors.
+INPUT_IDS = "input_ids"  # int64 (T,)
+POSITIONS = "positions"  # int64 (T,)
+LOGITS_INDEX = "logits_index"  # int64 (n,): which of the T positions get logits
+LOGITS = "logits"  # float32 (n, vocab)
+
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+ROTATIONS = ("hadamard", "dense")
+NORMS = ("corrected", "plain")
+
+
+@dataclass
+class ArchSpec:
+    """Architecture and dimensions of a decoder-only Llama-family model."""
+
+    name: str  # registry name: "llama" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA when < num_heads)
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False  # q/k/v projection biases (Qwen2)
+    rope_scaling: dict | None = None  # HF rope_scaling dict (already folded into the graph's inv_freq)
+
+
+@dataclass
+class TokenizerSpec:
+    """Tokenizer file, special tokens and chat template."""
+
+    file: str = "tokenizer.json"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)  # generation stops on any of these
+    pad_token_id: int | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool = False  # prepend BOS when encoding a raw prompt
+    chat_template: str | None = None  # Jinja2, Hugging Face conventions
+
+
+@dataclass
+class GenerationSpec:
+    """Sampling defaults a runtime uses when the caller gives none."""
+
+    temperature: float = 0.7  # 0 means greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 0.9  # 1.0 disables
+    min_p: float = 0.0  # 0 disables
+    repetition_penalty: float = 1.0  # 1.0 disables
+    max_tokens: int = 256
+
+
+@dataclass
+class WeightSpec:
+    """How the dense weights are stored in the graphs."""
+
+    format: str = "fp32"  # one of WEIGHT_FORMATS
+    block_size: int | None = None  # int4 / int8 block size along the input dimension
+    source: str | None = None  # e.g. "gguf:Q4_1", "safetensors:bfloat16"
+
+
+@dataclass
+class KVSpec:
+    """TurboQuant KV-cache defaults the exporter recommends; the runtime may override them."""
+
+    key_bits: float = 4.0  # bits per key coordinate; fractional = outlier channel split
+    value_bits: float = 3.0  # bits per value coordinate
+    rotation: str = "hadamard"  # "hadamard" | "dense"
+    seed: int = 0  # rotation seed (each layer/kind derives its own from it)
+    codebook: str = "lloyd-max-sphere-v1"  # id of the codebook tables (tqedge.codec.codebook)
+    norm: str = "corrected"  # "corrected" (‖x‖/‖x̃‖) | "plain" (‖x‖)
+    qjl: bool = False  # TurboQuant_prod keys (b-1 MSE bits + 1-bit QJL)
+    window: int = 128  # recent tokens kept in fp16
+    sinks: int = 4  # first tokens kept in fp16
+    layer_bits: dict[str, list[float]] | None = None  # per-layer [key_bits, value_bits] overrides
+
+
+@dataclass
+class AttentionNode:
+    """One TurboQuantAttention custom node, between two graph segments."""
+
+    layer: int
+    q: str  # tensor name, float32 (T, num_heads, head_dim), RoPE applied
+    k: str  # float32 (T, num_kv_heads, head_dim), RoPE applied
+    v: str  # float32 (T, num_kv_heads, head_dim)
+    out: str  # float32 (T, num_heads, head_dim)
+
+
+@dataclass
+class GraphSpec:
+    """An executable graph: segments run in order, attention node i between segment i and i+1."""
+
+    segments: list[str]  # relative file paths (ONNX files, or TFLite signature names)
+    attention: list[AttentionNode]
+    file: str | None = None  # the whole graph in one file with the custom nodes (model.onnx / model.tflite)
+    data: list[str] = field(default_factory=list)  # external weight files the graph reads
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """Everything the runtime needs to know about a bundle."""
+
+    name: str
+    architecture: ArchSpec
+    tokenizer: TokenizerSpec
+    weights: WeightSpec
+    kv: KVSpec = field(default_factory=KVSpec)
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)  # "onnx" | "tflite"
+    files: dict[str, FileEntry] = field(default_factory=dict)  # relative path → checksum
+    source: dict[str, Any] = field(default_factory=dict)  # provenance (file name, type, sha256)
+    tqedge_version: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Manifest":
+        """Build and validate a manifest from parsed JSON; raises TqedgeError naming the bad field."""
+        if not isinstance(data, dict):
+            raise TqedgeError("manifest.json: top level is not an object")
+        fmt = data.get("format")
+        if fmt != FORMAT:
+            raise TqedgeError(f"manifest.json: format is {fmt!r}, expected {FORMAT!r}")
+        ver = data.get("format_version")
+        if ver != FORMAT_VERSION:
+            raise TqedgeError(
+                f"bundle format version {ver!r} is not supported by tqedge "
+                f"(this build reads version {FORMAT_VERSION}); re-export the model"
+            )
+        m = _build(cls, data, "manifest")
+        m.validate()
+        return m
+
+    def validate(self) -> None:
+        """Check cross-field consistency; raises TqedgeError with the first problem found."""
+        a = self.architecture
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(a, name) <= 0:
+                raise TqedgeError(f"manifest.json: architecture.{name} must be > 0")
+        if a.num_heads % a.num_kv_heads:
+            raise TqedgeError("manifest.json: num_heads must be a multiple of num_kv_heads")
+        if self.weights.format not in WEIGHT_FORMATS:
+            raise TqedgeError(f"manifest.json: unknown weight format {self.weights.format!r}")
+        if self.kv.rotation not in ROTATIONS:
+            raise TqedgeError(f"manifest.json: unknown kv.rotation {self.kv.rotation!r}")
+        if self.kv.norm not in NORMS:
+            raise TqedgeError(f"manifest.json: unknown kv.norm {self.kv.norm!r}")
+        for kind, g in self.graphs.items():
+            if len(g.segments) != len(g.attention) + 1:
+                raise TqedgeError(
+                    f"manifest.json: graphs.{kind} has {len(g.segments)} segments for "
+                    f"{len(g.attention)} attention nodes (expected one more segment)"
+                )
+            if [n.layer for n in g.attention] != list(range(a.num_layers)):
+                raise TqedgeError(f"manifest.json: graphs.{kind} attention layers are not 0..{a.num_layers - 1}")
+
+
+def _build(tp, value, where: str):
+    """Recursively build dataclass ``tp`` from JSON ``value``, checking types."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise TqedgeError(f"manifest.json: {where} must be an object")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise TqedgeError(f"manifest.json: missing field {where}.{f.name}")
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _build(inner, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TqedgeError(f"manifest.json: {where} must be a list")
+        (inner,) = typing.get_args(tp)
+        return [_build(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TqedgeError(f"manifest.json: {where} must be an object")
+        _, inner = typing.get_args(tp)
+        return {k: _build(inner, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TqedgeError(f"manifest.json: {where} must be a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TqedgeError(f"manifest.json: {where} must be an integer")
+        return value
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise TqedgeError(f"manifest.json: {where} must be a {tp.__name__}")
+    return value
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest, checksum: bool = True) -> Path:
+    """Fill ``manifest.files`` with a SHA-256 for every file in the bundle and write manifest.json.
+
+    Args:
+        bundle_dir: the (usually temporary) bundle directory.
+        manifest: the manifest; its ``files`` map is replaced.
+        checksum: compute checksums (always True for real bundles).
+
+    Returns:
+        The path of the written manifest.
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest.validate()
+    files = {}
+    for p in sorted(bundle_dir.rglob("*")):
+        rel = p.relative_to(bundle_dir).as_posix()
+        if p.is_file() and rel != MANIFEST:
+            files[rel] = FileEntry(sha256=sha256_file(p) if checksum else "", bytes=p.stat().st_size)
+    manifest.files = files
+    text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    path = bundle_dir / MANIFEST
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def read_manifest(bundle_dir: str | Path, verify: str = "full") -> Manifest:
+    """Read, validate and (optionally) verify a bundle's manifest.
+
+    Args:
+        bundle_dir: the bundle directory.
+        verify: ``"full"`` checks every file's size and SHA-256, ``"size"`` only sizes,
+            ``"none"`` nothing beyond the manifest itself.
+
+    Returns:
+        The validated :class:`Manifest`.
+
+    Raises:
+        TqedgeError: not a bundle, unsupported version, bad field, missing or corrupt file.
+    """
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST
+    if not bundle_dir.is_dir():
+        raise TqedgeError(f"not a bundle directory: {bundle_dir}")
+    if not path.is_file():
+        raise TqedgeError(f"not a tqedge bundle (no {MANIFEST}): {bundle_dir}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TqedgeError(f"{path}: manifest is not valid JSON ({e})") from None
+    manifest = Manifest.from_dict(data)
+    if verify not in ("full", "size", "none"):
+        raise TqedgeError(f"verify must be full, size or none, not {verify!r}")
+    if verify != "none":
+        verify_files(bundle_dir, manifest, full=verify == "full")
+    return manifest
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest, full: bool = True) -> None:
+    """Check that every file the manifest lists exists with its size (and SHA-256 if ``full``)."""
+    bundle_dir = Path(bundle_dir)
+    needed = {manifest.tokenizer.file}
+    for g in manifest.graphs.values():
+        needed.update(s for s in g.segments if "/" in s or s.endswith((".onnx", ".tflite")))
+        needed.update(g.data)
+        if g.file:
+            needed.add(g.file)
+    missing = sorted(needed - set(manifest.files))
+    if missing:
+        raise TqedgeError(f"manifest.json does not list a checksum for {missing[0]}")
+    for rel, entry in manifest.files.items():
+        p = bundle_dir / rel
+        if not p.is_file():
+            raise TqedgeError(f"bundle file missing: {rel}")
+        size = p.stat().st_size
+        if size != entry.bytes:
+            raise TqedgeError(f"bundle file {rel} is {size} bytes, manifest says {entry.bytes} (truncated or replaced)")
+        if full and sha256_file(p) != entry.sha256:
+            raise TqedgeError(f"bundle file {rel} fails its SHA-256 check (corrupt or modified)")

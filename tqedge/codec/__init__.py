@@ -1,0 +1,1 @@
+"""TurboQuant vector codec: rotation, Lloyd–Max codebooks, quantizers, bit packing, kernels."""
