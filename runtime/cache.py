@@ -208,3 +208,38 @@ def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
     denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
     out = np.matmul(p_old, vo.astype(np.float32)) + np.matmul(p_new, vn)
     return (out / denom).astype(np.float32)
+
+
+def parse_kv_bits(kv_bits) -> tuple[float, float] | None:
+    """``"exact"`` → None; ``"4,3"`` / ``(4, 3)`` / ``4`` → (key_bits, value_bits)."""
+    if kv_bits is None or (isinstance(kv_bits, str) and kv_bits.strip().lower() in ("exact", "fp32", "none")):
+        return None
+    try:
+        if isinstance(kv_bits, str):
+            parts = [float(p) for p in kv_bits.split(",")]
+        elif isinstance(kv_bits, (int, float)):
+            parts = [float(kv_bits)]
+        else:
+            parts = [float(p) for p in kv_bits]
+    except (TypeError, ValueError):
+        raise TqedgeError(f"kv bits must look like 4,3 or exact, not {kv_bits!r}") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(1 <= p <= 8 for p in parts):
+        raise TqedgeError(f"kv bits must be two numbers in 1..8 (keys,values) or exact, not {kv_bits!r}")
+    return parts[0], parts[1]
+
+
+def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, policy="slide"):
+    """Build the cache a bundle's model needs, preallocated from ``kv_budget`` bytes.
+
+    ``kv_bits`` None means the bundle's default TurboQuant config; "exact" the fp32 cache.
+    """
+    from tqedge.units import parse_bytes
+
+    a = manifest.architecture
+    budget = parse_bytes(kv_budget)
+    sinks = manifest.kv.sinks if sinks is None else sinks
+    if isinstance(kv_bits, str) and kv_bits.strip().lower() in ("exact", "fp32", "none"):
+        return ExactKVCache.from_budget(budget, a.num_layers, a.num_kv_heads, a.head_dim, sinks, policy)
+    raise TqedgeError("the compressed TurboQuant cache is not built yet; use kv_bits='exact'")

@@ -115,6 +115,7 @@ class AttentionNode:
     k: str  # float32 (T, num_kv_heads, head_dim), RoPE applied
     v: str  # float32 (T, num_kv_heads, head_dim)
     out: str  # float32 (T, num_heads, head_dim)
+    scale: float = 0.0  # softmax scale; 0 means 1/sqrt(head_dim)
 
 
 @dataclass

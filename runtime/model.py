@@ -1,0 +1,138 @@
+"""Model: a loaded bundle = manifest + tokenizer + backend, and the caches it hands out.
+
+``load(path)`` returns a :class:`Model`. The model itself is stateless between calls: every
+piece of conversation state lives in a cache object (``model.new_cache()``) owned by the
+caller, a :class:`~tqedge.runtime.chat.Chat`, or a server session. That is what lets several
+chats (and several models) live side by side in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tqedge.bundle import Manifest, read_manifest
+from tqedge.errors import TqedgeError
+from tqedge.runtime.backends import choose_backend, get_backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_BUDGET = "64MiB"
+
+
+class Model:
+    """A bundle ready to run.
+
+    Args:
+        path: bundle directory.
+        manifest: its validated manifest.
+        backend: backend name ("onnx" | "tflite") or None to choose.
+        threads: intra-op threads for the backend (None = backend default).
+        kv_budget / kv_bits / window / sinks / policy: defaults for :meth:`new_cache`.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, backend: str | None = None,
+                 threads: int | None = None, kv_budget=DEFAULT_KV_BUDGET, kv_bits=None,
+                 window: int | None = None, sinks: int | None = None, policy: str = "slide"):
+        from tokenizers import Tokenizer
+
+        self.path, self.manifest = Path(path), manifest
+        self.arch = manifest.architecture
+        self.backend_name = choose_backend(manifest, backend)
+        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
+        self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
+        self.cache_defaults = dict(kv_budget=kv_budget, kv_bits=kv_bits, window=window,
+                                   sinks=sinks, policy=policy)
+
+    # -- caches ---------------------------------------------------------------------------
+    def new_cache(self, **overrides):
+        """A new, empty KV cache preallocated from the byte budget.
+
+        Keyword args override the model's defaults: ``kv_budget`` (bytes or "32MiB"),
+        ``kv_bits`` ("exact", "4,3", (4, 3)), ``window``, ``sinks``, ``policy`` ("slide"|"error").
+        """
+        from tqedge.runtime.cache import make_cache
+
+        opts = {**self.cache_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return make_cache(self.manifest, **opts)
+
+    # -- the forward step ------------------------------------------------------------------
+    def forward(self, ids, cache, logits: str = "last") -> np.ndarray:
+        """Run ``ids`` (the next tokens of the sequence held by ``cache``) and return logits.
+
+        Args:
+            ids: sequence of int token ids (T ≥ 1), continuing at ``cache.offset``.
+            cache: the cache to read and extend.
+            logits: "last" for the last position only, "all" for every position.
+
+        Returns:
+            float32 logits, (vocab,) for "last" or (T, vocab) for "all".
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        t = len(ids)
+        if t == 0:
+            raise TqedgeError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= self.arch.vocab_size:
+            raise TqedgeError(f"token id out of range 0..{self.arch.vocab_size - 1}")
+        positions = np.arange(cache.offset, cache.offset + t, dtype=np.int64)
+        index = np.array([t - 1], np.int64) if logits == "last" else np.arange(t, dtype=np.int64)
+        cache.prepare(t)
+        out = self.backend.forward(ids, positions, index, cache)
+        cache.commit()
+        return out[0] if logits == "last" else out
+
+    # -- text API (thin wrappers over runtime.generate / runtime.chat) -----------------------
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of ``text`` (BOS prepended when the bundle says so)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        tok = self.manifest.tokenizer
+        add = tok.add_bos_token if add_special_tokens is None else add_special_tokens
+        if add and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    def generate(self, prompt: str, **kwargs) -> str:
+        """Generate a completion of ``prompt`` and return it as a string.
+        See :func:`tqedge.runtime.generate.stream_generate` for keyword arguments."""
+        from tqedge.runtime.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
+    def stream(self, prompt: str, **kwargs):
+        """Yield the completion of ``prompt`` as text pieces (UTF-8 safe)."""
+        from tqedge.runtime.generate import stream_generate
+
+        for resp in stream_generate(self, prompt, **kwargs):
+            if resp.text:
+                yield resp.text
+
+    def chat(self, system: str | None = None, **kwargs):
+        """A new :class:`~tqedge.runtime.chat.Chat` with its own cache."""
+        from tqedge.runtime.chat import Chat
+
+        return Chat(self, system=system, **kwargs)
+
+
+def load(path, backend: str | None = None, threads: int | None = None, verify: str = "full",
+         **cache_defaults) -> Model:
+    """Load a bundle.
+
+    Args:
+        path: bundle directory (made by ``tqedge export``).
+        backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
+        threads: backend intra-op threads.
+        verify: "full" (SHA-256 of every file), "size" or "none".
+        **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
+            for caches this model creates.
+
+    Returns:
+        A :class:`Model`.
+    """
+    t0 = time.perf_counter()
+    manifest = read_manifest(path, verify=verify)
+    model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
+    log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
+    return model
