@@ -1,0 +1,340 @@
+"""``tqedge plan``: what fits on a device — weights per format, runtime overhead, and how many
+tokens of context each KV-cache configuration gives in the memory that is left.
+
+The memory model (all terms in bytes)::
+
+    device memory M = OS reserve + runtime overhead + resident weights + activations + KV budget
+
+- **OS reserve** (:data:`OS_RESERVE`, ``--os-reserve``): what a headless OS (Raspberry Pi OS
+  Lite, Termux's Android share) keeps for itself; 0 when ``M`` is already the memory tqedge
+  may use (``tqedge doctor`` passes *available* memory with reserve 0).
+- **runtime overhead** (:data:`RUNTIME_OVERHEAD`): the Python process with numpy, numba (LLVM),
+  onnxruntime, tokenizers and jinja2 imported, a tokenizer loaded and the kernels compiled,
+  measured on the reference machine (see the constant), plus :data:`MARGIN` for allocator
+  slack and the app around it.
+- **resident weights**: from the architecture's parameter counts and each format's bytes per
+  weight as the exporter writes them (``MatMulNBits`` blocks of 32 with fp32 scales and uint8
+  zero points for int8/int4; fp16 weights are cast to fp32 when onnxruntime loads them, so
+  they halve the disk size but not the resident size). The bundle's own format is also
+  reported from its files.
+- **activations**: float32 temporaries of one prefill chunk of :data:`PREFILL_CHUNK` tokens.
+- **KV budget**: the rest. Tokens per configuration come from the codec's exact byte
+  accounting (codes + per-vector fp16 scales) plus the fixed fp16 sinks and recent window,
+  capped at the model's ``max_position_embeddings``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from tqedge.bundle import ArchSpec, KVSpec, Manifest, read_manifest
+from tqedge.errors import TqedgeError
+from tqedge.units import format_bytes, parse_bytes
+
+MiB = 1024**2
+GiB = 1024**3
+
+# Measured on the reference x86_64 machine (Python 3.11, numpy 2.4, numba 0.68, onnxruntime
+# 1.32): peak RSS of a `tqedge generate` process minus its resident weights, after the first
+# token with compiled kernels. On a Pi (aarch64) the same imports are within ~10% of this.
+RUNTIME_OVERHEAD = 192 * MiB
+MARGIN = 128 * MiB  # allocator slack, page cache for the bundle files, the app around tqedge
+OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 MiB
+PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
+DEVICES = (1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB)
+BLOCK = 32  # MatMulNBits block size of the int8 / int4 formats (exporters/weights.py)
+
+# KV configurations: name → (key_bits, value_bits), or the dtype bytes of an exact cache.
+KV_CONFIGS: dict[str, tuple[float, float] | int] = {
+    "exact fp32": 4, "exact fp16": 2,
+    "K8V8": (8, 8), "K4V4": (4, 4), "K4V3": (4, 3), "K3V3": (3, 3), "K4V2": (4, 2), "K2V2": (2, 2),
+}
+
+# Weight formats, most precise first: bytes of one (N, K) linear weight on disk and resident,
+# and bytes per element of the embedding table (exporters/weights.py: EMBED_DTYPES).
+def _nbits(bits: int):
+    def size(n: int, k: int) -> int:
+        nb = -(-k // BLOCK)  # blocks per row (K padded to a multiple of BLOCK)
+        zp = n * nb if bits == 8 else n * -(-nb // 2)  # uint8 zero points, 4-bit ones packed in pairs
+        return n * nb * BLOCK * bits // 8 + n * nb * 4 + zp  # codes + fp32 scales + zero points
+    return size
+
+
+WEIGHT_FORMATS: dict[str, dict] = {
+    "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4},
+    "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
+    "int8": {"disk": _nbits(8), "resident": _nbits(8), "embed": 2},
+    "int4": {"disk": _nbits(4), "resident": _nbits(4), "embed": 2},
+}
+
+
+# -- weights -------------------------------------------------------------------------------
+def linear_shapes(a: ArchSpec) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer, the LM head included (tied or not, the graph has one)."""
+    h, f, qd, kvd = a.hidden_size, a.intermediate_size, a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    per_layer = [(qd, h), (kvd, h), (kvd, h), (h, qd), (f, h), (f, h), (h, f)]
+    return per_layer * a.num_layers + [(a.vocab_size, h)]
+
+
+def parameter_count(a: ArchSpec) -> int:
+    """Parameters of the model (tied embeddings counted once), as in the source checkpoint."""
+    lin = sum(n * k for n, k in linear_shapes(a))
+    if a.tie_word_embeddings:
+        lin -= a.vocab_size * a.hidden_size
+    bias = a.num_layers * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim if a.attention_bias else 0
+    return lin + a.vocab_size * a.hidden_size + (2 * a.num_layers + 1) * a.hidden_size + bias
+
+
+def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
+    """Bytes of the weights in ``fmt`` (resident in memory, or on disk with ``resident=False``).
+
+    Linear layers in the format; embedding table per :data:`WEIGHT_FORMATS`; norms and biases
+    float32.
+    """
+    if fmt not in WEIGHT_FORMATS:
+        raise TqedgeError(f"unknown weight format {fmt!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    spec = WEIGHT_FORMATS[fmt]
+    size = spec["resident" if resident else "disk"]
+    lin = sum(size(n, k) for n, k in linear_shapes(a))
+    small = parameter_count(a) - sum(n * k for n, k in linear_shapes(a)[:-1]) - a.vocab_size * a.hidden_size
+    return lin + spec["embed"] * a.vocab_size * a.hidden_size + 4 * small
+
+
+def bundle_weight_files(bundle: str | Path, m: Manifest) -> int:
+    """Bytes of the weight data files the bundle's graphs read (its actual on-disk weights)."""
+    files = {f for g in m.graphs.values() for f in g.data}
+    if not files:  # a graph without external data: its model files hold the weights
+        files = {f for g in m.graphs.values() for f in ([g.file] if g.file else g.segments)}
+    return sum(m.files[f].bytes for f in files if f in m.files)
+
+
+def activation_bytes(a: ArchSpec, chunk: int = PREFILL_CHUNK) -> int:
+    """float32 temporaries of a prefill step of ``chunk`` tokens: the residual stream, q/k/v,
+    the MLP's gate/up/product, and one row of logits (only the last position gets logits)."""
+    per_token = 3 * a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 3 * a.intermediate_size
+    return 4 * (chunk * per_token + a.vocab_size)
+
+
+# -- the KV cache --------------------------------------------------------------------------
+def codec_bytes_per_vector(dim: int, bits: float, kv: KVSpec, kind: str) -> int:
+    """Exact bytes of one compressed vector (codes + scales), from the codec itself."""
+    from tqedge.codec import CodecConfig, TurboQuant
+
+    qjl = kv.qjl and kind == "key"
+    return int(TurboQuant(CodecConfig(dim=dim, bits=bits, qjl=qjl, rotation=kv.rotation,
+                                      norm=kv.norm)).bytes_per_vector)
+
+
+def kv_bytes(a: ArchSpec, kv: KVSpec, config: str) -> dict:
+    """Per-token and fixed bytes of a KV configuration.
+
+    Returns:
+        ``{"per_token", "fixed", "fixed_tokens"}``: a cache of ``n ≥ fixed_tokens`` tokens takes
+        ``fixed + (n - fixed_tokens) * per_token`` bytes. For compressed configs the fixed part
+        is the fp16 sinks and recent window (``kv.sinks + kv.window`` tokens).
+    """
+    spec = KV_CONFIGS.get(config)
+    if spec is None:
+        raise TqedgeError(f"unknown KV configuration {config!r} (choose from {', '.join(KV_CONFIGS)})")
+    vectors = a.num_layers * a.num_kv_heads  # per token, for keys and for values
+    if isinstance(spec, int):
+        return {"per_token": 2 * vectors * a.head_dim * spec, "fixed": 0, "fixed_tokens": 0}
+    kb, vb = spec
+    per = vectors * (codec_bytes_per_vector(a.head_dim, kb, kv, "key")
+                     + codec_bytes_per_vector(a.head_dim, vb, kv, "value"))
+    fixed_tokens = kv.sinks + kv.window
+    return {"per_token": per, "fixed": fixed_tokens * 2 * vectors * a.head_dim * 2, "fixed_tokens": fixed_tokens}
+
+
+def kv_tokens(budget: int, a: ArchSpec, kv: KVSpec, config: str) -> int:
+    """Tokens a cache of ``budget`` bytes holds in ``config`` (not capped; 0 if it does not fit)."""
+    b = kv_bytes(a, kv, config)
+    if budget < b["fixed"]:
+        return 0
+    return b["fixed_tokens"] + (budget - b["fixed"]) // b["per_token"]
+
+
+def kv_budget_for(tokens: int, a: ArchSpec, kv: KVSpec, config: str) -> int:
+    """Bytes a cache of ``tokens`` tokens needs in ``config``."""
+    b = kv_bytes(a, kv, config)
+    return b["fixed"] + max(tokens - b["fixed_tokens"], 0) * b["per_token"]
+
+
+def default_config(kv: KVSpec) -> str:
+    """The KV_CONFIGS name of the bundle's default bits (K4V3 unless the exporter said else)."""
+    name = f"K{kv.key_bits:g}V{kv.value_bits:g}"
+    return name if name in KV_CONFIGS else "K4V3"
+
+
+def round_budget(n: int) -> int:
+    """A budget people can type: down to a power of two MiB below 256 MiB, to 64 MiB above;
+    at least 16 MiB."""
+    if n < 256 * MiB:
+        return max(16 * MiB, 2 ** int(math.log2(max(n, 1) // MiB)) * MiB if n >= MiB else 16 * MiB)
+    return n // (64 * MiB) * 64 * MiB
+
+
+def budget_arg(n: int) -> str:
+    """``--kv-budget`` spelling of a byte count (``"256MiB"``, ``"1GiB"``)."""
+    return f"{n // GiB}GiB" if n % GiB == 0 else f"{n // MiB}MiB"
+
+
+# -- planning --------------------------------------------------------------------------------
+def load_manifest(manifest_or_bundle) -> Manifest:
+    """A :class:`Manifest` as given, or read (sizes verified) from a bundle directory."""
+    if isinstance(manifest_or_bundle, Manifest):
+        return manifest_or_bundle
+    return read_manifest(manifest_or_bundle, verify="size")
+
+
+def choose_format(a: ArchSpec, room: int, total: int | None) -> str | None:
+    """The most precise weight format whose resident weights take ≤ 40% of ``room`` (leaving the
+    rest for the KV cache), at most int8 on devices under 4 GiB (decode on such boards is
+    memory-bandwidth bound: int8 reads 3.5× fewer bytes per token than fp32). fp16 is skipped:
+    it is resident as fp32, so it only saves disk. None when not even int4 fits."""
+    order = ["fp32", "int8", "int4"]
+    if total is not None and total < 4 * GiB:
+        order.remove("fp32")
+    return next((f for f in order if weight_bytes(a, f) <= 0.4 * room), None)
+
+
+def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | None = None) -> dict:
+    """Recommend weights and a ``--kv-budget`` for ``memory`` bytes of device memory.
+
+    Args:
+        manifest_or_bundle: a Manifest or a bundle directory.
+        memory: device memory (bytes or "2GiB"); with ``os_reserve=0``, memory tqedge may use.
+        os_reserve: what the OS keeps (bytes or a size string).
+        total: the device's total memory when ``memory`` is only what is available (for the
+            device-class rule of :func:`choose_format`); defaults to ``memory``.
+
+    Returns:
+        ``{"weights", "kv_budget", "kv_budget_arg", "kv_config", "tokens", "capped", "line"}``;
+        ``weights`` is None when nothing fits.
+    """
+    m = load_manifest(manifest_or_bundle)
+    a, kv = m.architecture, m.kv
+    memory, os_reserve = parse_bytes(memory), parse_bytes(os_reserve)
+    total = memory if total is None else total
+    room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
+    fmt = choose_format(a, room, total)
+    config = default_config(kv)
+    head = f"{format_bytes(total if os_reserve else memory)}"
+    if fmt is None:
+        return {"weights": None, "kv_budget": 0, "kv_budget_arg": None, "kv_config": config, "tokens": 0,
+                "capped": False, "line": f"{head}: does not fit (even int4 weights need "
+                                         f"{format_bytes(weight_bytes(a, 'int4'))} of {format_bytes(max(room, 0))})"}
+    left = room - weight_bytes(a, fmt)
+    budget = round_budget(int(0.75 * left))
+    need = kv_budget_for(a.max_position_embeddings, a, kv, config)
+    if need <= budget:  # the whole context fits: ask only for what it needs
+        budget = -(-need // MiB) * MiB
+    tokens = kv_tokens(budget, a, kv, config)
+    capped = tokens >= a.max_position_embeddings
+    tokens = min(tokens, a.max_position_embeddings)
+    line = (f"{head}: {fmt} weights, --kv-budget {budget_arg(budget)} → {_k(tokens)} tokens at {config}"
+            + (f" (the model's max {a.max_position_embeddings})" if capped else ""))
+    return {"weights": fmt, "kv_budget": budget, "kv_budget_arg": budget_arg(budget), "kv_config": config,
+            "tokens": tokens, "capped": capped, "line": line}
+
+
+def _k(n: int) -> str:
+    return f"{n / 1000:.0f}K" if n >= 10_000 else str(n)
+
+
+def plan_device(m: Manifest, memory: int, os_reserve: int) -> dict:
+    """Tokens of context for every weight format × KV configuration on one device."""
+    a, kv = m.architecture, m.kv
+    room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
+    rows = {}
+    for fmt in WEIGHT_FORMATS:
+        left = room - weight_bytes(a, fmt)
+        configs = {}
+        for name in KV_CONFIGS:
+            t = kv_tokens(left, a, kv, name) if left > 0 else 0
+            configs[name] = {"tokens": min(t, a.max_position_embeddings), "capped": t > a.max_position_embeddings}
+        rows[fmt] = {"kv_room": max(left, 0), "configs": configs}
+    return {"memory": memory, "os_reserve": os_reserve, "room": max(room, 0), "formats": rows,
+            "recommendation": recommend(m, memory, os_reserve)}
+
+
+def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
+    """Everything ``tqedge plan`` prints, as a dict.
+
+    Args:
+        manifest_or_bundle: a Manifest or a bundle directory.
+        memory: device memory (bytes or "512MiB"); None plans 1, 2, 4 and 8 GiB devices.
+        os_reserve: memory the OS keeps; 0 when ``memory`` is what tqedge may use.
+
+    Returns:
+        ``{"model", "weights", "overhead", "kv", "devices": [...]}`` (bytes throughout).
+
+    Raises:
+        TqedgeError: bad memory size, or a bundle that cannot be read.
+    """
+    m = load_manifest(manifest_or_bundle)
+    a = m.architecture
+    memories = DEVICES if memory is None else (parse_bytes(memory),)
+    os_reserve = parse_bytes(os_reserve)
+    if memories[0] <= 0:
+        raise TqedgeError(f"--memory must be more than 0 bytes, not {memory!r}")
+    bundle_bytes = None
+    if not isinstance(manifest_or_bundle, Manifest):
+        bundle_bytes = bundle_weight_files(manifest_or_bundle, m)
+    return {
+        "model": {"name": m.name, "parameters": parameter_count(a),
+                  "max_position_embeddings": a.max_position_embeddings,
+                  "format": m.weights.format, "bundle_weight_files": bundle_bytes},
+        "weights": {f: {"disk": weight_bytes(a, f, resident=False), "resident": weight_bytes(a, f)}
+                    for f in WEIGHT_FORMATS},
+        "overhead": {"runtime": RUNTIME_OVERHEAD, "margin": MARGIN, "activations": activation_bytes(a),
+                     "prefill_chunk": PREFILL_CHUNK, "os_reserve": os_reserve},
+        "kv": {name: kv_bytes(a, m.kv, name) for name in KV_CONFIGS},
+        "devices": [plan_device(m, mem, os_reserve) for mem in memories],
+    }
+
+
+def format_plan(p: dict) -> str:
+    """Human-readable text of a :func:`plan` result."""
+    md, o = p["model"], p["overhead"]
+    fmt = format_bytes
+    lines = [f"{md['name']}: {md['parameters'] / 1e6:.1f}M parameters, max context {md['max_position_embeddings']}"]
+    if md["bundle_weight_files"] is not None:
+        lines.append(f"bundle: {md['format']} weights, {fmt(md['bundle_weight_files'])} of weight files "
+                     f"(estimate for {md['format']}: {fmt(p['weights'][md['format']]['disk'])})")
+    lines.append("weights      on disk     resident")
+    for f, w in p["weights"].items():
+        lines.append(f"  {f:8s} {fmt(w['disk']):>11s}  {fmt(w['resident']):>11s}")
+    lines.append(f"overhead: runtime {fmt(o['runtime'])} + margin {fmt(o['margin'])} + activations "
+                 f"{fmt(o['activations'])} ({o['prefill_chunk']}-token prefill); OS reserve {fmt(o['os_reserve'])}")
+    lines.append("KV per token: " + ", ".join(
+        f"{name} {k['per_token'] / 1024:.1f} KiB" for name, k in p["kv"].items())
+        + f" (compressed configs also keep {next(k for k in p['kv'].values() if k['fixed_tokens'])['fixed_tokens']}"
+          " sink+window tokens in fp16)")
+    names = list(p["kv"])
+    for d in p["devices"]:
+        lines.append("")
+        lines.append(f"{fmt(d['memory'])} device: tokens of context (* = capped at the model's max)")
+        lines.append(f"  {'weights':8s} {'KV room':>10s} " + " ".join(f"{n:>10s}" for n in names))
+        for f, row in d["formats"].items():
+            cells = [f"{c['tokens']}{'*' if c['capped'] else ''}" for c in row["configs"].values()]
+            lines.append(f"  {f:8s} {fmt(row['kv_room']):>10s} " + " ".join(f"{c:>10s}" for c in cells))
+        lines.append(f"  recommended  {d['recommendation']['line']}")
+    return "\n".join(lines)
+
+
+@click.command("plan")
+@click.option("--model", "bundle", required=True, type=click.Path(exists=True, file_okay=False),
+              help="The bundle to plan for.")
+@click.option("--memory", default=None, help="Device memory, e.g. 512MiB or 2GB (default: a table for 1, 2, 4, 8 GiB).")
+@click.option("--os-reserve", default=f"{OS_RESERVE // MiB}MiB", show_default=True,
+              help="Memory the OS keeps; 0 when --memory is what tqedge may use.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(bundle: str, memory: str | None, os_reserve: str, as_json: bool) -> None:
+    """What fits: weights per format and tokens of context per KV configuration."""
+    result = plan(bundle, memory, os_reserve)
+    click.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
