@@ -211,7 +211,7 @@ def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
 
 
 def parse_kv_bits(kv_bits) -> tuple[float, float] | None:
-    """``"exact"`` → None; ``"4,3"`` / ``(4, 3)`` / ``4`` → (key_bits, value_bits)."""
+    """``"exact"`` (or None) → None; ``"4,3"`` / ``(4, 3)`` / ``4`` → (key_bits, value_bits)."""
     if kv_bits is None or (isinstance(kv_bits, str) and kv_bits.strip().lower() in ("exact", "fp32", "none")):
         return None
     try:
@@ -230,16 +230,75 @@ def parse_kv_bits(kv_bits) -> tuple[float, float] | None:
     return parts[0], parts[1]
 
 
-def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, policy="slide"):
+def layer_seed(seed: int, layer: int, kind: str) -> int:
+    """Deterministic codec seed of one layer's keys (``kind="k"``) or values (``"v"``)."""
+    return int(np.random.SeedSequence([seed, layer, 0 if kind == "k" else 1]).generate_state(1)[0])
+
+
+def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
+                 rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+                 seed: int | None = None) -> tuple[list, list]:
+    """One key and one value ``TurboQuant`` per layer.
+
+    Args:
+        kv: the bundle's :class:`~tqedge.bundle.KVSpec` (defaults and per-layer overrides).
+        num_layers, head_dim: model dimensions.
+        bits: (key_bits, value_bits) for every layer; None = the KVSpec's, with its
+            ``layer_bits`` overrides.
+        rotation, norm, qjl, seed: override the KVSpec's.
+
+    Returns:
+        (key_codecs, value_codecs), lists of length ``num_layers``.
+    """
+    from tqedge.codec.quantizer import CodecConfig, TurboQuant
+
+    rotation = rotation or kv.rotation
+    norm = norm or kv.norm
+    qjl = kv.qjl if qjl is None else qjl
+    seed = kv.seed if seed is None else seed
+    overrides = (kv.layer_bits or {}) if bits is None else {}
+    keys, values = [], []
+    for layer in range(num_layers):
+        kb, vb = overrides.get(str(layer), bits or (kv.key_bits, kv.value_bits))
+        for kind, b, out in (("k", kb, keys), ("v", vb, values)):
+            cfg = CodecConfig(dim=head_dim, bits=float(b), rotation=rotation, seed=layer_seed(seed, layer, kind),
+                              norm=norm, qjl=bool(qjl and kind == "k"), outlier_channels=None)
+            out.append(TurboQuant(cfg))
+    return keys, values
+
+
+def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, policy="slide", *,
+               rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+               exact_prefill: bool = False):
     """Build the cache a bundle's model needs, preallocated from ``kv_budget`` bytes.
 
-    ``kv_bits`` None means the bundle's default TurboQuant config; "exact" the fp32 cache.
+    Args:
+        manifest: the bundle manifest (architecture + KVSpec defaults).
+        kv_budget: bytes or a size string ("32MiB"); all cache buffers fit in it.
+        kv_bits: None = the bundle's TurboQuant default; "exact" = the fp32 cache;
+            "4,3" / (4, 3) / 3.5 = TurboQuant with those key,value bits on every layer.
+        window: recent tokens kept in fp16 (None = bundle default).
+        sinks: first tokens kept in full precision (None = bundle default).
+        policy: "slide" or "error" when the cache is full.
+        rotation, norm, qjl: codec overrides ("hadamard"|"dense", "corrected"|"plain", bool).
+        exact_prefill: prompt tokens of one step see each other in fp16 (not chunk-invariant).
+
+    Returns:
+        An :class:`ExactKVCache` or a :class:`~tqedge.runtime.compressed_cache.CompressedKVCache`.
     """
     from tqedge.units import parse_bytes
 
-    a = manifest.architecture
+    a, kv = manifest.architecture, manifest.kv
     budget = parse_bytes(kv_budget)
-    sinks = manifest.kv.sinks if sinks is None else sinks
-    if isinstance(kv_bits, str) and kv_bits.strip().lower() in ("exact", "fp32", "none"):
+    sinks = kv.sinks if sinks is None else int(sinks)
+    window = kv.window if window is None else int(window)
+    if policy not in POLICIES:
+        raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+    bits = None if kv_bits is None else parse_kv_bits(kv_bits)
+    if kv_bits is not None and bits is None:
         return ExactKVCache.from_budget(budget, a.num_layers, a.num_kv_heads, a.head_dim, sinks, policy)
-    raise TqedgeError("the compressed TurboQuant cache is not built yet; use kv_bits='exact'")
+    from tqedge.runtime.compressed_cache import CompressedKVCache
+
+    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl)
+    return CompressedKVCache.from_budget(budget, keys, values, a.num_kv_heads, a.head_dim, sinks, window,
+                                         policy, exact_prefill)

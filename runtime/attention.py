@@ -1,0 +1,178 @@
+"""The TurboQuantAttention op: causal GQA softmax attention over a compressed KV cache.
+
+Every key a query may see is read from exactly one of two places, by one rule shared by decode
+and prefill (:class:`ReadRule`), so the result never depends on how a prompt is chunked:
+
+- **full precision (fp16)**: sink tokens (absolute position ``p < sinks``) and the recent
+  window (``t - p < window`` for a query at position ``t``);
+- **compressed** (TurboQuant codes): every other visible token (``window ≤ t - p < ring``).
+
+Keys at distance ``≥ ring`` (the cache's ring of non-sink slots) are no longer held.
+
+The compressed part never materializes a dequantized cache in decode: the query is rotated once
+(``project_query``), scores come from the codec kernel on the packed codes, the probabilities
+are accumulated over the packed values in the projected domain (``value_sum``) and unprojected
+once. Prefill of many query rows is blocked: per block of rows, only the key range it can see
+is scored, with the compressed keys dequantized in the projected domain (one BLAS matmul).
+All heads of a GQA group share one read of their KV head's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Upper bound on the score matrix of one prefill query block (elements), which sets the block size.
+BLOCK_ELEMENTS = 1 << 22
+MIN_BLOCK, MAX_BLOCK = 16, 256
+
+
+@dataclass(frozen=True)
+class ReadRule:
+    """Where a query at position ``t`` reads the key at position ``p`` from.
+
+    Attributes:
+        sinks: first tokens kept in fp16 forever.
+        window: recent tokens (distance ``t - p < window``) read in fp16.
+        ring: non-sink slots of the cache; keys at distance ``≥ ring`` are gone.
+        fp_lo: lowest non-sink position whose fp16 copy exists (above it after a ``trim``);
+            older in-window keys are read compressed.
+        t0: position of the first token of the step in flight.
+        exact_prefill: tokens of the same step attend to each other in fp16 (not chunk-invariant).
+    """
+
+    sinks: int
+    window: int
+    ring: int
+    fp_lo: int
+    t0: int
+    exact_prefill: bool = False
+
+    def fp_mask(self, t: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Bool (Tq, N): query positions ``t`` (Tq,) read fp16 keys at positions ``p`` (N,).
+
+        ``p`` must only hold keys whose fp16 copy exists (sinks, window ring, new tokens)."""
+        dist = t[:, None] - p[None, :]  # (Tq, N)
+        ok = (p[None, :] < self.sinks) | (dist < self.window)
+        if self.exact_prefill:
+            ok |= p[None, :] >= self.t0
+        return ok & (dist >= 0)
+
+    def compressed_mask(self, t: np.ndarray, p: np.ndarray) -> np.ndarray:
+        """Bool (Tq, N): query positions ``t`` read compressed keys at positions ``p`` (N,)."""
+        dist = t[:, None] - p[None, :]  # (Tq, N)
+        ok = (dist >= 0) & (dist < self.ring) & (p[None, :] >= self.sinks)
+        ok &= (dist >= self.window) | (p[None, :] < self.fp_lo)
+        if self.exact_prefill:
+            ok &= p[None, :] < self.t0
+        return ok
+
+
+def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias: np.ndarray,
+           tq_k, tq_v, parts: list) -> np.ndarray:
+    """One query token over fp16 keys and compressed keys (codec kernels on packed codes).
+
+    Args:
+        q: (Hq, D) float32 query, RoPE applied.
+        scale: softmax scale.
+        kf, vf: (Hkv, Nf, D) float16 full-precision keys / values (sinks + window slots).
+        fp_bias: (Nf,) float32, 0 for slots to read and -inf for the others.
+        tq_k, tq_v: the layer's key / value TurboQuant codecs.
+        parts: list of ``(k_codes (Hkv, N, Bk), k_scales (Hkv, N, Pk), v_codes, v_scales)``
+            ranges of compressed slots, all read.
+
+    Returns:
+        (Hq, D) float32 attention output.
+    """
+    h, _, d = kf.shape
+    g = q.shape[0] // h
+    qh = q.reshape(h, g, d) * np.float32(scale)  # (Hkv, G, D)
+    s_fp = np.matmul(qh, kf.astype(np.float32).transpose(0, 2, 1))  # (Hkv, G, Nf)
+    s_fp += fp_bias
+    m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)  # (Hkv, G, 1)
+    s_c = []
+    if parts:
+        qp = tq_k.project_query(qh)  # (Hkv, G, Dp)
+        for kc, ks, _, _ in parts:
+            s = tq_k.scores(qp, kc, ks)  # (Hkv, G, N)
+            s_c.append(s)
+            m = np.maximum(m, s.max(axis=-1, keepdims=True))
+    p_fp = np.exp(s_fp - m)  # (Hkv, G, Nf)
+    denom = p_fp.sum(axis=-1, keepdims=True)
+    out = np.matmul(p_fp, vf.astype(np.float32))  # (Hkv, G, D)
+    if parts:
+        acc = None
+        for s, (_, _, vc, vs) in zip(s_c, parts):
+            p = np.exp(s - m)  # (Hkv, G, N)
+            denom += p.sum(axis=-1, keepdims=True)
+            part = tq_v.value_sum(p.astype(np.float32, copy=False), vc, vs)  # (Hkv, G, Dp)
+            acc = part if acc is None else acc + part
+        out += tq_v.unproject(acc)  # (Hkv, G, D)
+    out /= denom
+    return out.reshape(h * g, d).astype(np.float32, copy=False)
+
+
+def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
+            kf: np.ndarray, vf: np.ndarray, pf: np.ndarray,
+            kc: np.ndarray, vc: np.ndarray, pc: np.ndarray, tq_k, tq_v) -> np.ndarray:
+    """Many query rows (a prompt chunk), blocked over rows, each block over its visible key range.
+
+    Args:
+        q: (T, Hq, D) float32 queries at positions ``t`` (T,), ascending.
+        scale: softmax scale.
+        rule: the read rule of this step.
+        kf, vf: (Hkv, Nf, D) float32 full-precision keys / values at positions ``pf`` (Nf,),
+            ascending (sinks first).
+        kc, vc: (Hkv, Nc, Dp) float32 compressed keys / values dequantized in the projected
+            domain, at positions ``pc`` (Nc,), ascending.
+        tq_k, tq_v: the layer's key / value codecs (query projection, value unprojection).
+
+    Returns:
+        (T, Hq, D) float32 attention output.
+    """
+    T, hq, d = q.shape
+    h = kf.shape[0]
+    g = hq // h
+    qh = q.reshape(T, h, g, d).transpose(1, 2, 0, 3) * np.float32(scale)  # (Hkv, G, T, D)
+    qp = tq_k.project_query(qh) if len(pc) else None  # (Hkv, G, T, Dp)
+    n_sink = int(np.searchsorted(pf, rule.sinks))
+    out = np.empty((T, hq, d), np.float32)
+    block = int(np.clip(BLOCK_ELEMENTS // max(1, hq * (len(pf) + len(pc))), MIN_BLOCK, MAX_BLOCK))
+    for a in range(0, T, block):
+        b = min(T, a + block)
+        tb = t[a:b]  # (Tb,)
+        # fp16 keys: the sinks plus the range of positions this block's rows can see
+        lo_p = tb[0] - rule.window + 1
+        if rule.exact_prefill:
+            lo_p = min(lo_p, rule.t0)
+        lo = max(n_sink, int(np.searchsorted(pf, lo_p)))
+        hi = int(np.searchsorted(pf, tb[-1], side="right"))
+        idx = np.r_[0:n_sink, lo:hi]  # (Nb,)
+        s_fp = _masked_scores(qh[:, :, a:b], kf[:, idx], rule.fp_mask(tb, pf[idx]))  # (Hkv, G, Tb, Nb)
+        m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)
+        s_c = None
+        if qp is not None:
+            c_lo = int(np.searchsorted(pc, tb[0] - rule.ring + 1))
+            c_hi = int(np.searchsorted(pc, max(tb[-1] - rule.window, rule.fp_lo - 1), side="right"))
+            if c_hi > c_lo:
+                sl = slice(c_lo, c_hi)
+                s_c = _masked_scores(qp[:, :, a:b], kc[:, sl], rule.compressed_mask(tb, pc[sl]))
+                m = np.maximum(m, s_c.max(axis=-1, keepdims=True))
+        p_fp = np.exp(s_fp - m)  # (Hkv, G, Tb, Nb)
+        denom = p_fp.sum(axis=-1, keepdims=True)
+        o = np.matmul(p_fp, vf[:, idx][:, None])  # (Hkv, G, Tb, D)
+        if s_c is not None:
+            p_c = np.exp(s_c - m)  # (Hkv, G, Tb, Nc')
+            denom += p_c.sum(axis=-1, keepdims=True)
+            o += tq_v.unproject(np.matmul(p_c, vc[:, sl][:, None]))  # (Hkv, G, Tb, D)
+        o /= denom
+        out[a:b] = o.transpose(2, 0, 1, 3).reshape(b - a, hq, d)
+    return out
+
+
+def _masked_scores(qb: np.ndarray, k: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Scores (Hkv, G, Tb, N) of queries ``qb`` (Hkv, G, Tb, D) against ``k`` (Hkv, N, D),
+    -inf where ``mask`` (Tb, N) is False."""
+    s = np.matmul(qb, k[:, None].transpose(0, 1, 3, 2))  # (Hkv, G, Tb, N)
+    return np.where(mask, s, np.float32(-np.inf))

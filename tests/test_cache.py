@@ -1,0 +1,228 @@
+"""CompressedKVCache against an independent NumPy oracle: keep every token, decode the codes with
+``tq.decode``, and do plain softmax attention under the documented read rule (sinks and the
+recent window in fp16, older tokens compressed, tokens beyond the ring gone)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tqedge.bundle import KVSpec
+from tqedge.errors import TqedgeError
+from tqedge.runtime.cache import ExactKVCache, build_codecs, layer_seed, make_cache
+from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
+
+L, HKV, HQ, D = 2, 2, 6, 64
+SCALE = 1.0 / np.sqrt(D)
+
+
+def codecs(bits=(4.0, 3.0), layers=L, **kw):
+    return build_codecs(KVSpec(**kw), layers, D, bits)
+
+
+def sequence(n, seed=0):
+    """Random q, k, v for ``n`` tokens and every layer: (L, n, H, D) each."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((L, n, HQ, D)).astype(np.float32)
+    k = (rng.standard_normal((L, n, HKV, D)) * 2 + rng.standard_normal(D)).astype(np.float32)
+    v = rng.standard_normal((L, n, HKV, D)).astype(np.float32)
+    return q, k, v
+
+
+def feed(cache, q, k, v, chunks):
+    """Run the sequence through ``cache`` in steps of ``chunks`` tokens; (L, n, Hq, D) outputs."""
+    outs, start = np.zeros_like(q), 0
+    for t in chunks:
+        cache.prepare(t)
+        for layer in range(L):
+            sl = slice(start, start + t)
+            outs[layer, sl] = cache.attend(layer, q[layer, sl], k[layer, sl], v[layer, sl], SCALE)
+        cache.commit()
+        start += t
+    assert start == q.shape[1]
+    return outs
+
+
+def reference(q, k, v, tq_k, tq_v, sinks, window, ring, fp_lo=0, exact_steps=None):
+    """Plain softmax attention with the read rule, keys decoded by tq.decode. (L, n, Hq, D)."""
+    n, g = q.shape[1], HQ // HKV
+    out = np.zeros_like(q)
+    for layer in range(L):
+        k16 = k[layer].astype(np.float16).astype(np.float32)  # (n, Hkv, D)
+        v16 = v[layer].astype(np.float16).astype(np.float32)
+        kd = tq_k[layer].decode(*tq_k[layer].encode(k16.reshape(-1, D))).reshape(n, HKV, D)
+        vd = tq_v[layer].decode(*tq_v[layer].encode(v16.reshape(-1, D))).reshape(n, HKV, D)
+        for t in range(n):
+            for hq in range(HQ):
+                h = hq // g
+                keys, vals = [], []
+                for p in range(t + 1):
+                    if p >= sinks and t - p >= ring:
+                        continue  # evicted
+                    same_step = exact_steps is not None and exact_steps[p] == exact_steps[t]
+                    fp = p < sinks or (t - p < window and p >= fp_lo) or same_step
+                    keys.append(k16[p, h] if fp else kd[p, h])
+                    vals.append(v16[p, h] if fp else vd[p, h])
+                s = np.array(keys) @ q[layer, t, hq] * SCALE
+                w = np.exp(s - s.max())
+                out[layer, t, hq] = (w / w.sum()) @ np.array(vals)
+    return out
+
+
+CHUNKINGS = {
+    "decode": [1] * 40,
+    "prefill": [40],
+    "mixed": [7, 1, 1, 13, 1, 2, 15],
+    "blocks": [16, 16, 8],
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKINGS))
+def test_matches_reference_without_eviction(name):
+    q, k, v = sequence(40)
+    tk, tv = codecs()
+    cache = CompressedKVCache(tk, tv, HKV, D, ring=60, sinks=3, window=8)
+    out = feed(cache, q, k, v, CHUNKINGS[name])
+    ref = reference(q, k, v, tk, tv, sinks=3, window=8, ring=60)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunks", [[1] * 70, [20, 20, 20, 10], [23, 1, 1, 1, 17, 1, 16, 10]])
+def test_slide_eviction_matches_reference_in_any_chunking(chunks):
+    q, k, v = sequence(70, seed=1)
+    tk, tv = codecs((3.0, 2.0))
+    cache = CompressedKVCache(tk, tv, HKV, D, ring=24, sinks=2, window=6, policy="slide")
+    out = feed(cache, q, k, v, chunks)
+    assert cache.evicted == 70 - 26 and cache.length == cache.capacity == 26
+    ref = reference(q, k, v, tk, tv, sinks=2, window=6, ring=24)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_chunkings_agree_with_each_other():
+    q, k, v = sequence(40, seed=2)
+    tk, tv = codecs()
+    outs = [feed(CompressedKVCache(tk, tv, HKV, D, ring=36, sinks=4, window=5), q, k, v, c)
+            for c in CHUNKINGS.values()]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_window_covering_everything_equals_exact_cache():
+    q, k, v = sequence(40, seed=3)
+    tk, tv = codecs((2.0, 2.0))  # coarse codes: any compressed read would show
+    comp = CompressedKVCache(tk, tv, HKV, D, ring=64, sinks=4, window=64)
+    exact = ExactKVCache(L, HKV, D, capacity=64)
+    for chunks in ([1] * 40, [25, 15]):
+        comp.reset()
+        exact.reset()
+        np.testing.assert_allclose(feed(comp, q, k, v, chunks), feed(exact, q, k, v, chunks), atol=2e-3)
+
+
+def test_no_window_and_no_sinks_reads_everything_compressed():
+    q, k, v = sequence(20, seed=4)
+    tk, tv = codecs()
+    ref = reference(q, k, v, tk, tv, sinks=0, window=0, ring=40)
+    for chunks in ([1] * 20, [9, 11]):
+        out = feed(CompressedKVCache(tk, tv, HKV, D, ring=40, sinks=0, window=0), q, k, v, chunks)
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_exact_prefill_reads_a_steps_own_tokens_in_fp16():
+    q, k, v = sequence(30, seed=5)
+    tk, tv = codecs()
+    chunks = [18, 1, 1, 10]
+    cache = CompressedKVCache(tk, tv, HKV, D, ring=40, sinks=2, window=4, exact_prefill=True)
+    out = feed(cache, q, k, v, chunks)
+    steps = np.repeat(np.arange(len(chunks)), chunks)
+    ref = reference(q, k, v, tk, tv, sinks=2, window=4, ring=40, exact_steps=steps)
+    np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_trim_reads_lost_window_tokens_compressed():
+    q, k, v = sequence(40, seed=6)
+    tk, tv = codecs()
+    cache = CompressedKVCache(tk, tv, HKV, D, ring=60, sinks=2, window=8)
+    feed(cache, q[:, :30], k[:, :30], v[:, :30], [20, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    cache.trim(5)
+    assert cache.offset == cache.length == 25
+    out = feed(cache, q[:, 25:], k[:, 25:], v[:, 25:], [1] * 5 + [10])
+    ref = reference(q, k, v, tk, tv, sinks=2, window=8, ring=60, fp_lo=30 - 8)
+    np.testing.assert_allclose(out, ref[:, 25:], atol=1e-4, rtol=1e-4)
+
+
+def test_state_round_trip_continues_bit_exactly():
+    q, k, v = sequence(50, seed=7)
+    tk, tv = codecs()
+    a = CompressedKVCache(tk, tv, HKV, D, ring=32, sinks=2, window=6)
+    feed(a, q[:, :37], k[:, :37], v[:, :37], [30, 1, 1, 1, 1, 1, 1, 1])
+    state = {key: (val.copy() if isinstance(val, np.ndarray) else val) for key, val in a.state().items()}
+    assert all(isinstance(val, (np.ndarray, int)) for val in state.values())
+    b = CompressedKVCache(tk, tv, HKV, D, ring=32, sinks=2, window=6)
+    b.load_state(state)
+    rest = (q[:, 37:], k[:, 37:], v[:, 37:])
+    np.testing.assert_array_equal(feed(a, *rest, [1] * 13), feed(b, *rest, [1] * 13))
+    with pytest.raises(TqedgeError, match="window"):
+        CompressedKVCache(tk, tv, HKV, D, ring=32, sinks=2, window=7).load_state(state)
+
+
+def test_budget_sizes_ring_and_never_exceeds_it():
+    tk, tv = codecs()
+    fixed, per = CompressedKVCache.layout_bytes(tk, tv, HKV, D, sinks=4, window=16)
+    # independent count: fp16 sinks + window for K and V, codes + fp16 scales per token
+    assert fixed == 2 * L * HKV * 20 * D * 2
+    assert per == HKV * sum(c.code_bytes + 2 * c.num_scales for c in tk + tv)
+    for budget in (fixed + 48 * per, fixed + 1000 * per + per - 1, 10 * 2**20):
+        cache = CompressedKVCache.from_budget(budget, tk, tv, HKV, D, sinks=4, window=16)
+        assert cache.nbytes <= budget < cache.nbytes + per
+        assert cache.capacity == 4 + (budget - fixed) // per
+
+
+def test_too_small_budget_is_refused_with_the_minimum():
+    tk, tv = codecs()
+    fixed, per = CompressedKVCache.layout_bytes(tk, tv, HKV, D, sinks=4, window=16)
+    minimum = fixed + (16 + MIN_COMPRESSED) * per
+    CompressedKVCache.from_budget(minimum, tk, tv, HKV, D, sinks=4, window=16)
+    with pytest.raises(TqedgeError, match=f"minimum is .*{minimum} bytes"):
+        CompressedKVCache.from_budget(minimum - 1, tk, tv, HKV, D, sinks=4, window=16)
+
+
+def test_error_policy_names_capacity_and_needed_budget():
+    tk, tv = codecs()
+    fixed, per = CompressedKVCache.layout_bytes(tk, tv, HKV, D, sinks=2, window=8)
+    cache = CompressedKVCache.from_budget(fixed + 40 * per, tk, tv, HKV, D, sinks=2, window=8, policy="error")
+    q, k, v = sequence(50, seed=8)
+    feed(cache, q[:, :42], k[:, :42], v[:, :42], [42])
+    with pytest.raises(TqedgeError, match=r"capacity of 42 tokens.*50 tokens need a budget of") as e:
+        cache.prepare(8)
+    need = fixed + 48 * per
+    from tqedge.units import format_bytes
+    assert format_bytes(need) in str(e.value)
+
+
+def test_make_cache_dispatch_and_per_layer_bits():
+    m = _manifest(layer_bits={"1": [2.0, 2.0]})
+    exact = make_cache(m, "4MiB", kv_bits="exact")
+    assert isinstance(exact, ExactKVCache) and exact.nbytes <= 4 * 2**20
+    default = make_cache(m, "4MiB")
+    assert isinstance(default, CompressedKVCache) and default.nbytes <= 4 * 2**20
+    assert default.k_codes[1].shape[-1] < default.k_codes[0].shape[-1]  # layer 1 override: 2 bits
+    uniform = make_cache(m, "4MiB", kv_bits="4,3", window=16, sinks=2)
+    assert uniform.k_codes[1].shape == uniform.k_codes[0].shape and uniform.window == 16
+    assert make_cache(m, "4MiB", kv_bits=3).capacity > make_cache(m, "4MiB", kv_bits=(4, 4)).capacity
+    with pytest.raises(TqedgeError, match="kv bits"):
+        make_cache(m, "4MiB", kv_bits="fast")
+    with pytest.raises(TqedgeError, match="minimum"):
+        make_cache(m, "100KiB")
+
+
+def test_layer_seeds_differ_and_are_stable():
+    seeds = {layer_seed(0, layer, kind) for layer in range(4) for kind in "kv"}
+    assert len(seeds) == 8 and layer_seed(0, 2, "k") == layer_seed(0, 2, "k") != layer_seed(1, 2, "k")
+
+
+def _manifest(**kv):
+    from tqedge.bundle import ArchSpec, Manifest, TokenizerSpec, WeightSpec
+    arch = ArchSpec(name="llama", vocab_size=10, hidden_size=HQ * D, intermediate_size=8, num_layers=L,
+                    num_heads=HQ, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5, rope_theta=1e4,
+                    max_position_embeddings=4096, tie_word_embeddings=True)
+    return Manifest(name="t", architecture=arch, tokenizer=TokenizerSpec(), weights=WeightSpec(), kv=KVSpec(**kv))
