@@ -1,0 +1,39 @@
+"""Architecture registry: each entry knows its hyper-parameters (a small args dataclass built
+from an HF ``config.json`` or GGUF metadata), its explicit tensor-name tables, and a
+``sanitize(weights, args)`` hook that turns source tensors into canonical ones (see
+:mod:`tqedge.exporters.spec`). Add an architecture by adding a module and a row here.
+"""
+
+from __future__ import annotations
+
+from tqedge.errors import TqedgeError
+from tqedge.exporters.architectures.llama import LLAMA, Architecture
+from tqedge.exporters.architectures.qwen2 import QWEN2
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2)}
+
+
+def get_architecture(name: str) -> Architecture:
+    """The registered architecture called ``name`` (``"llama"``, ``"qwen2"``)."""
+    if name not in ARCHITECTURES:
+        raise TqedgeError(f"unsupported architecture {name!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[name]
+
+
+def from_hf_class(classes: list[str] | None) -> Architecture:
+    """The architecture whose HF class name appears in a ``config.json``'s ``architectures``."""
+    for cls in classes or []:
+        for arch in ARCHITECTURES.values():
+            if cls in arch.hf_classes:
+                return arch
+    known = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
+    raise TqedgeError(f"unsupported architecture {classes!r} in config.json (supported: {', '.join(known)})")
+
+
+def from_gguf_arch(name: str) -> Architecture:
+    """The architecture for a GGUF ``general.architecture`` value."""
+    for arch in ARCHITECTURES.values():
+        if arch.gguf_arch == name:
+            return arch
+    known = sorted(a.gguf_arch for a in ARCHITECTURES.values() if a.gguf_arch)
+    raise TqedgeError(f"unsupported GGUF architecture {name!r} (supported: {', '.join(known)})")

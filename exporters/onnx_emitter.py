@@ -1,0 +1,233 @@
+"""ONNX emitter: a ModelSpec → the cut segments + the uncut ``model.onnx``, sharing weights.bin.
+
+One decoder layer, and where the graph is cut (segment s finishes layer s-1, starts layer s)::
+
+      layers.i.resid (T, H) ──┬─► RMSNorm(input_layernorm)
+                              │       ├─► q_proj (+b) ─► Reshape (T,Hq,D)  ─► RoPE ─► layers.i.attn.q
+                              │       ├─► k_proj (+b) ─► Reshape (T,Hkv,D) ─► RoPE ─► layers.i.attn.k
+                              │       └─► v_proj (+b) ─► Reshape (T,Hkv,D) ─────────► layers.i.attn.v
+      ════════════════════════│═════ cut: TurboQuantAttention (runtime cache.attend) ═════════════
+                              │   layers.i.attn.out (T,Hq,D) ─► Reshape (T,Hq*D) ─► o_proj
+                              └───────────────────────────────────────────────────► Add ─► h (T, H)
+      h ──┬─► RMSNorm(post_attention_layernorm) ─┬─► gate_proj ─► Sigmoid·x (SiLU) ─┐
+          │                                      └─► up_proj ─────────────────────► Mul ─► down_proj
+          └────────────────────────────────────────────────────────────────────────────► Add ─► layers.i+1.resid
+
+Segment 0 also embeds ``input_ids`` (Gather) and computes ``rope.cos``/``rope.sin`` (T,1,D) from
+``positions`` × inv_freq once; the last segment gathers the ``logits_index`` rows, applies the
+final RMSNorm and the LM head (tied: the embedding table, ``Gemm`` transB). RoPE is HF
+rotate-half: ``x*cos + concat(-x2, x1)*sin``. Shapes have no batch dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode, GraphSpec
+from tqedge.exporters.plan import ROPE_COS, ROPE_SIN, Segment, attention_scale, attn_name, resid, rope_inv_freq, segment_plan
+from tqedge.exporters.spec import ModelSpec
+from tqedge.exporters.weights import EMBED_DTYPES, LINEAR_FORMATS, LinearArgs, WeightStore
+
+log = logging.getLogger(__name__)
+
+OPSET = 23  # RMSNormalization
+IR_VERSION = 10
+CUSTOM_DOMAIN = "ai.tqedge"
+DIR = "onnx"
+
+
+class GraphBuilder:
+    """Collects nodes and initializers of one ONNX graph; names are readable and unique."""
+
+    def __init__(self, store: WeightStore):
+        self.store = store
+        self.nodes: list = []
+        self.inits: dict[str, TensorProto] = {}
+
+    def weight(self, name: str, array) -> str:
+        """Register an initializer (array or lazy function) and return its name."""
+        if name not in self.inits:
+            self.inits[name] = self.store.tensor(name, array)
+        return name
+
+    def const(self, name: str, values, dtype=np.int64) -> str:
+        return self.weight(name, np.asarray(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs: list[str], out: str, domain: str | None = None, **attrs) -> str:
+        """Append a node with one output named ``out``; returns ``out``."""
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, domain=domain, **attrs))
+        return out
+
+
+class LayerEmitter:
+    """Emits the pieces of the layer plan for one ModelSpec and weight format."""
+
+    def __init__(self, spec: ModelSpec, fmt: str):
+        self.spec, self.a, self.fmt = spec, spec.arch, fmt
+        self.linear_fn = LINEAR_FORMATS[fmt]
+
+    def w(self, name: str) -> np.ndarray:
+        return self.spec.weights[name]
+
+    def linear(self, g: GraphBuilder, x: str, name: str, key: str, bias: str | None = None) -> str:
+        y = self.linear_fn(g, LinearArgs(name=name, x=x, w=self.w(key), weight_key=key, quant=self.spec.quant.get(key)))
+        if bias is not None and bias in self.spec.weights:
+            y = g.op("Add", [y, g.weight(bias, self.w(bias))], name + ".bias")
+        return y
+
+    def rmsnorm(self, g: GraphBuilder, x: str, key: str, out: str) -> str:
+        return g.op("RMSNormalization", [x, g.weight(key, self.w(key))], out, axis=-1, epsilon=float(self.a.rms_norm_eps))
+
+    def embed(self, g: GraphBuilder) -> None:
+        key = "model.embed_tokens.weight"
+        dtype = EMBED_DTYPES[self.fmt]
+        table = g.weight(key if dtype == np.float32 else f"{key}.fp16", lambda: self.w(key).astype(dtype))  # (V, H)
+        if dtype == np.float32:
+            g.op("Gather", [table, INPUT_IDS], resid(0), axis=0)  # (T, H)
+        else:
+            g.op("Gather", [table, INPUT_IDS], "embed.fp16", axis=0)
+            g.op("Cast", ["embed.fp16"], resid(0), to=TensorProto.FLOAT)  # (T, H)
+
+    def rope_tables(self, g: GraphBuilder) -> None:
+        inv = g.weight("rope.inv_freq", rope_inv_freq(self.a).astype(np.float32))  # (D/2,)
+        p = g.op("Cast", [POSITIONS], "rope.pos", to=TensorProto.FLOAT)  # (T,)
+        p = g.op("Unsqueeze", [p, g.const("axes.1", [1])], "rope.pos2")  # (T, 1)
+        f = g.op("Mul", [p, inv], "rope.freqs")  # (T, D/2)
+        f = g.op("Concat", [f, f], "rope.emb", axis=-1)  # (T, D)
+        for fn, out in (("Cos", ROPE_COS), ("Sin", ROPE_SIN)):
+            t = g.op(fn, [f], out + ".2d")
+            g.op("Unsqueeze", [t, g.const("axes.1", [1])], out)  # (T, 1, D)
+
+    def rope(self, g: GraphBuilder, x: str, out: str) -> str:
+        half = self.a.head_dim // 2
+        split = g.const("rope.split", [half, half])
+        x1, x2 = out + ".x1", out + ".x2"
+        g.nodes.append(helper.make_node("Split", [x, split], [x1, x2], name=out + ".split", axis=-1))
+        rot = g.op("Concat", [g.op("Neg", [x2], out + ".neg"), x1], out + ".rot", axis=-1)  # (T, H, D)
+        a = g.op("Mul", [x, ROPE_COS], out + ".cos")
+        b = g.op("Mul", [rot, ROPE_SIN], out + ".sin")
+        return g.op("Add", [a, b], out)
+
+    def start_layer(self, g: GraphBuilder, i: int) -> None:
+        a, p = self.a, f"model.layers.{i}."
+        x = self.rmsnorm(g, resid(i), p + "input_layernorm.weight", f"layers.{i}.attn_norm")  # (T, H)
+        for kind, heads in (("q", a.num_heads), ("k", a.num_kv_heads), ("v", a.num_kv_heads)):
+            key = f"{p}self_attn.{kind}_proj"
+            y = self.linear(g, x, f"layers.{i}.attn.{kind}_proj", key + ".weight", bias=key + ".bias")  # (T, heads*D)
+            shape = g.const(f"shape.heads{heads}", [-1, heads, a.head_dim])
+            if kind == "v":
+                g.op("Reshape", [y, shape], attn_name(i, "v"))  # (T, Hkv, D)
+            else:
+                y = g.op("Reshape", [y, shape], f"layers.{i}.attn.{kind}_heads")  # (T, heads, D)
+                self.rope(g, y, attn_name(i, kind))
+
+    def finish_layer(self, g: GraphBuilder, i: int, out: str) -> str:
+        a, p = self.a, f"model.layers.{i}."
+        o = g.op("Reshape", [attn_name(i, "out"), g.const("shape.flat", [0, a.num_heads * a.head_dim])],
+                 f"layers.{i}.attn.out_flat")  # (T, Hq*D)
+        o = self.linear(g, o, f"layers.{i}.attn.o_proj", p + "self_attn.o_proj.weight")  # (T, H)
+        h = g.op("Add", [resid(i), o], f"layers.{i}.attn_resid")  # (T, H)
+        x = self.rmsnorm(g, h, p + "post_attention_layernorm.weight", f"layers.{i}.mlp_norm")
+        gate = self.linear(g, x, f"layers.{i}.mlp.gate_proj", p + "mlp.gate_proj.weight")  # (T, F)
+        up = self.linear(g, x, f"layers.{i}.mlp.up_proj", p + "mlp.up_proj.weight")  # (T, F)
+        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}.mlp.sigmoid")], f"layers.{i}.mlp.silu")
+        act = g.op("Mul", [silu, up], f"layers.{i}.mlp.act")  # (T, F)
+        down = self.linear(g, act, f"layers.{i}.mlp.down_proj", p + "mlp.down_proj.weight")  # (T, H)
+        return g.op("Add", [h, down], out)  # (T, H)
+
+    def head(self, g: GraphBuilder, x: str) -> None:
+        rows = g.op("Gather", [x, LOGITS_INDEX], "head.rows", axis=0)  # (n, H)
+        xn = self.rmsnorm(g, rows, "model.norm.weight", "head.norm")
+        if self.a.tie_word_embeddings and self.fmt == "fp32":
+            g.op("Gemm", [xn, "model.embed_tokens.weight"], LOGITS, transB=1)  # (n, V), shares the gather table
+            g.weight("model.embed_tokens.weight", lambda: self.w("model.embed_tokens.weight"))
+            return
+        key = "model.embed_tokens.weight" if self.a.tie_word_embeddings else "lm_head.weight"
+        y = self.linear(g, xn, "head.lm_head", key)
+        g.op("Identity", [y], LOGITS)  # (n, V)
+
+    def segment(self, g: GraphBuilder, seg: Segment) -> None:
+        """Emit one segment of the plan into ``g``."""
+        if seg.finish is None:
+            self.embed(g)
+            self.rope_tables(g)
+        else:
+            self.finish_layer(g, seg.finish, resid(seg.finish + 1))
+        if seg.start is not None:
+            self.start_layer(g, seg.start)
+        else:
+            self.head(g, resid(self.a.num_layers))
+
+
+def _value_infos(a) -> dict[str, TensorProto]:
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    infos = {INPUT_IDS: (i64, ["T"]), POSITIONS: (i64, ["T"]), LOGITS_INDEX: (i64, ["n"]),
+             LOGITS: (f, ["n", a.vocab_size]), ROPE_COS: (f, ["T", 1, a.head_dim]), ROPE_SIN: (f, ["T", 1, a.head_dim])}
+    for i in range(a.num_layers + 1):
+        infos[resid(i)] = (f, ["T", a.hidden_size])
+    for i in range(a.num_layers):
+        infos[attn_name(i, "q")] = infos[attn_name(i, "out")] = (f, ["T", a.num_heads, a.head_dim])
+        infos[attn_name(i, "k")] = infos[attn_name(i, "v")] = (f, ["T", a.num_kv_heads, a.head_dim])
+    return {k: helper.make_tensor_value_info(k, t, s) for k, (t, s) in infos.items()}
+
+
+def _model(g: GraphBuilder, name: str, inputs: list[str], outputs: list[str], infos, custom: bool = False):
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    if custom:
+        opsets.append(helper.make_opsetid(CUSTOM_DOMAIN, 1))
+    graph = helper.make_graph(g.nodes, name, [infos[n] for n in inputs], [infos[n] for n in outputs],
+                              initializer=list(g.inits.values()))
+    return helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="tqedge")
+
+
+def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) -> GraphSpec:
+    """Write ``onnx/`` (segments, model.onnx, weights.bin) into ``out_dir``.
+
+    Args:
+        spec: the validated model.
+        out_dir: bundle directory being built.
+        fmt: weight format (fp32 | fp16 | int8 | int4).
+        progress: optional callable(n) advanced once per segment.
+
+    Returns:
+        The GraphSpec for ``manifest.graphs["onnx"]``.
+    """
+    a = spec.arch
+    (out_dir / DIR).mkdir(parents=True, exist_ok=True)
+    store = WeightStore(out_dir / DIR / "weights.bin", "weights.bin")
+    emitter = LayerEmitter(spec, fmt)
+    infos = _value_infos(a)
+    whole = GraphBuilder(store)
+    plan = segment_plan(a.num_layers)
+    scale = attention_scale(a)
+    attention, files = [], []
+    try:
+        for seg in plan:
+            g = GraphBuilder(store)
+            emitter.segment(g, seg)
+            name = f"{DIR}/segment_{seg.index:03d}.onnx"
+            (out_dir / name).write_bytes(_model(g, f"segment_{seg.index}", seg.inputs, seg.outputs, infos).SerializeToString())
+            files.append(name)
+            emitter.segment(whole, seg)
+            if seg.start is not None:
+                i = seg.start
+                node = AttentionNode(layer=i, q=attn_name(i, "q"), k=attn_name(i, "k"), v=attn_name(i, "v"),
+                                     out=attn_name(i, "out"), scale=scale)
+                attention.append(node)
+                whole.nodes.append(helper.make_node(
+                    "TurboQuantAttention", [node.q, node.k, node.v], [node.out], name=f"layers.{i}.attn.core",
+                    domain=CUSTOM_DOMAIN, layer=i, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                    head_dim=a.head_dim, scale=scale))
+            if progress:
+                progress(1)
+        model = _model(whole, spec.source.get("name") or "tqedge", [INPUT_IDS, POSITIONS, LOGITS_INDEX], [LOGITS],
+                       infos, custom=True)
+        (out_dir / DIR / "model.onnx").write_bytes(model.SerializeToString())
+    finally:
+        store.close()
+    log.info("onnx: %d segments, weights.bin %.1f MB", len(files), store.nbytes / 1e6)
+    return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/weights.bin"])

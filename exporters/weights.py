@@ -1,0 +1,181 @@
+"""Weight formats for the ONNX graphs, and the shared external weights file.
+
+:class:`WeightStore` appends every initializer once to ``weights.bin`` (64-byte aligned) and
+hands out ``TensorProto``s that point into it, so the cut segments and the uncut ``model.onnx``
+share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a function that emits
+``y = x @ W.T`` for an (out, in) weight:
+
+- ``fp32``: ``MatMul`` with W.T stored float32.
+- ``fp16``: W.T stored float16, ``Cast`` to float32 in-graph (ORT folds the cast at load, so
+  disk halves while compute stays fp32 MLAS).
+- ``int8`` / ``int4``: onnxruntime's ``com.microsoft.MatMulNBits`` (blockwise along the input
+  dimension, asymmetric, uint zero points). A GGUF Q4_1 weight (d*q + m, blocks of 32) is carried
+  over to int4 as-is with float zero points ``-m/d`` — no re-quantization.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+from tqedge.exporters.spec import QuantBlocks
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+SMALL = 256  # initializers up to this many bytes stay inside the .onnx file
+BLOCK_SIZES = {"int8": 32, "int4": 32}
+
+
+class WeightStore:
+    """Append-only writer of the shared external weights file.
+
+    Args:
+        path: the ``weights.bin`` file to create.
+        location: its path relative to the .onnx files (written into each TensorProto).
+    """
+
+    def __init__(self, path: Path, location: str):
+        self.path, self.location = Path(path), location
+        self._f = open(self.path, "wb")
+        self._index: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
+        self._small: dict[str, TensorProto] = {}
+
+    def tensor(self, name: str, array) -> TensorProto:
+        """A TensorProto for ``array`` (or a zero-argument function returning it, called only the
+        first time ``name`` is seen); large arrays are written once to the file and referenced."""
+        if name in self._small:
+            return self._small[name]
+        if name not in self._index:
+            array = np.ascontiguousarray(array() if callable(array) else array)
+            if array.nbytes <= SMALL:
+                self._small[name] = numpy_helper.from_array(array, name)
+                return self._small[name]
+            pad = (-self._f.tell()) % ALIGN
+            self._f.write(b"\0" * pad)
+            offset = self._f.tell()
+            self._f.write(array.tobytes())
+            dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
+            self._index[name] = (offset, array.nbytes, dtype, array.shape)
+        offset, length, dtype, shape = self._index[name]
+        t = TensorProto()
+        t.name, t.data_type = name, dtype
+        t.dims.extend(shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        return t
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes written so far (including alignment padding)."""
+        return self.path.stat().st_size if self._f.closed else self._f.tell()
+
+    def close(self) -> None:
+        self._f.flush()
+        self._f.close()
+
+
+@dataclass
+class LinearArgs:
+    """One linear layer to emit: ``out = x @ w.T (+ bias)``."""
+
+    name: str  # readable prefix, e.g. "layers.3.attn.q_proj"
+    x: str  # input tensor name, float32 (T, in)
+    w: np.ndarray  # float32 (out, in)
+    weight_key: str  # store key (canonical name) so a tied weight is written once
+    quant: QuantBlocks | None = None
+
+
+def _fp32(g, a: LinearArgs) -> str:
+    wt = g.weight(a.weight_key + ".T", lambda: a.w.T)  # (in, out)
+    return g.op("MatMul", [a.x, wt], a.name)
+
+
+def _fp16(g, a: LinearArgs) -> str:
+    wt = g.weight(a.weight_key + ".T.fp16", lambda: a.w.T.astype(np.float16))  # (in, out)
+    w32 = g.op("Cast", [wt], a.name + ".w", to=TensorProto.FLOAT)
+    return g.op("MatMul", [a.x, w32], a.name)
+
+
+def quantize_blocks(w: np.ndarray, bits: int, block: int) -> QuantBlocks:
+    """Asymmetric min/max block quantization of an (out, in) weight, range widened to include 0.
+
+    Returns:
+        QuantBlocks with integer zero points folded into ``min`` (``w ≈ scale*q + min``,
+        ``min = -zp*scale``); ``in`` is zero-padded to a multiple of ``block``.
+    """
+    n, k = w.shape
+    kp = -(-k // block) * block
+    wp = np.zeros((n, kp), np.float32)
+    wp[:, :k] = w
+    blocks = wp.reshape(n, kp // block, block)  # (N, nb, bs)
+    lo = np.minimum(blocks.min(-1), 0.0)
+    hi = np.maximum(blocks.max(-1), 0.0)
+    qmax = 2**bits - 1
+    scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)  # (N, nb)
+    zp = np.clip(np.round(-lo / scale), 0, qmax)  # (N, nb)
+    q = np.clip(np.round(blocks / scale[..., None]) + zp[..., None], 0, qmax).astype(np.uint8)
+    return QuantBlocks(bits=bits, block=block, q=q.reshape(n, kp), scale=scale, min=(-zp * scale).astype(np.float32))
+
+
+def _pack(qb: QuantBlocks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MatMulNBits inputs (B, scales, zero_points) from QuantBlocks.
+
+    Integer zero points are used when ``-min/scale`` is integral (our own quantization), else
+    float zero points (GGUF Q4_1 carry-over, 4-bit only)."""
+    n, kp = qb.q.shape
+    nb = kp // qb.block
+    zp = -qb.min / np.where(qb.scale == 0, 1.0, qb.scale)  # (N, nb)
+    if qb.bits == 4:
+        q = qb.q.reshape(n, nb, qb.block)
+        b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # (N, nb, bs/2)
+    else:
+        b = qb.q.reshape(n, nb, qb.block)  # (N, nb, bs)
+    zi = np.round(zp)
+    if np.all(np.abs(zp - zi) < 1e-3):
+        zi = zi.astype(np.uint8)
+        if qb.bits == 4:
+            if nb % 2:
+                zi = np.concatenate([zi, np.zeros((n, 1), np.uint8)], 1)
+            zpk = (zi[:, 0::2] | (zi[:, 1::2] << 4)).astype(np.uint8).reshape(-1)  # (N*ceil(nb/2),)
+        else:
+            zpk = zi.reshape(-1)  # (N*nb,)
+    else:
+        zpk = zp.astype(np.float32).reshape(-1)  # (N*nb,)
+    return b, qb.scale.astype(np.float32).reshape(-1), zpk
+
+
+def _nbits(bits: int, fmt: str) -> Callable:
+    def emit(g, a: LinearArgs) -> str:
+        block = BLOCK_SIZES[fmt]
+        key = f"{a.weight_key}.q{bits}"
+        packed: list = []
+
+        def part(i: int):
+            def get():
+                if not packed:
+                    qb = a.quant if (a.quant is not None and a.quant.bits == bits and a.quant.block == block) else None
+                    packed.extend(_pack(qb if qb is not None else quantize_blocks(a.w, bits, block)))
+                return packed[i]
+            return get
+
+        n, k = a.w.shape
+        ins = [a.x, g.weight(key, part(0)), g.weight(key + ".scales", part(1)), g.weight(key + ".zp", part(2))]
+        return g.op("MatMulNBits", ins, a.name, domain="com.microsoft",
+                    K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+
+    return emit
+
+
+LINEAR_FORMATS: dict[str, Callable] = {
+    "fp32": _fp32, "fp16": _fp16, "int8": _nbits(8, "int8"), "int4": _nbits(4, "int4"),
+}
+# dtype of the embedding gather table per weight format (the LM head may be quantized)
+EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16}

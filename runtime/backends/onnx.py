@@ -1,0 +1,96 @@
+"""ONNX Runtime backend: one InferenceSession per dense segment, attention in the KV cache.
+
+``forward`` runs segment 0 → ``cache.attend`` (layer 0) → segment 1 → … → segment L, keeping
+one dict of named tensors (the segment protocol in docs/ARCHITECTURE.md). Per-step Python work
+is kept to a dict lookup per segment input and one ``run`` call with explicit output names.
+
+Imports only onnxruntime and numpy (never onnx): the device runtime stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
+from tqedge.errors import TqedgeError
+
+log = logging.getLogger(__name__)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """CPU session options shared by every segment.
+
+    Args:
+        threads: intra-op threads (None: onnxruntime's default, one per physical core).
+    """
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    # Between segments Python runs attention; spinning pool threads would steal its core.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxBackend:
+    """Runs a bundle's ONNX segments.
+
+    Args:
+        bundle_dir: the bundle directory.
+        manifest: its validated manifest (must have ``graphs["onnx"]``).
+        threads: intra-op threads per session (None = onnxruntime default).
+    """
+
+    name = "onnx"
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None):
+        graph = manifest.graphs.get("onnx")
+        if graph is None:
+            raise TqedgeError("this bundle has no ONNX graph")
+        bundle_dir = Path(bundle_dir)
+        so = session_options(threads)
+        t0 = time.perf_counter()
+        self.sessions = []
+        for rel in graph.segments:
+            try:
+                self.sessions.append(ort.InferenceSession(str(bundle_dir / rel), so, providers=["CPUExecutionProvider"]))
+            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                    ort.capi.onnxruntime_pybind11_state.NoSuchFile, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
+                raise TqedgeError(f"cannot load ONNX segment {rel}: {str(e).splitlines()[0]}") from None
+        self.inputs = [[i.name for i in s.get_inputs()] for s in self.sessions]
+        self.outputs = [[o.name for o in s.get_outputs()] for s in self.sessions]
+        head_dim = manifest.architecture.head_dim
+        self.attention = [(n.layer, n.q, n.k, n.v, n.out, n.scale or 1.0 / math.sqrt(head_dim)) for n in graph.attention]
+        log.info("onnx: %d segment sessions in %.2fs", len(self.sessions), time.perf_counter() - t0)
+
+    def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:
+        """Run the dense segments with attention over ``cache`` in between.
+
+        Args:
+            input_ids: int64 (T,).
+            positions: int64 (T,) absolute positions.
+            logits_index: int64 (n,) rows of the T positions that get logits.
+            cache: a prepared KV cache (``cache.prepare(T)`` already called).
+
+        Returns:
+            float32 logits (n, vocab).
+        """
+        env = {INPUT_IDS: input_ids, POSITIONS: positions, LOGITS_INDEX: logits_index}
+        last = len(self.sessions) - 1
+        for s, sess in enumerate(self.sessions):
+            names = self.outputs[s]
+            outs = sess.run(names, {n: env[n] for n in self.inputs[s]})
+            env.update(zip(names, outs))
+            if s < last:
+                layer, q, k, v, out, scale = self.attention[s]
+                env[out] = cache.attend(layer, env[q], env[k], env[v], scale)
+        return env[LOGITS]
