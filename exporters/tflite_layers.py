@@ -132,7 +132,7 @@ class Ops:
         return out
 
     # -- model blocks ----------------------------------------------------------------------
-    def linear(self, x: str, names: tuple[str, ...], in_dim: int, bias: tuple[str, ...] | None = None,
+    def linear(self, x: str, names: tuple[str, ...], bias: tuple[str, ...] | None = None,
                name: str | None = None) -> tuple[str, int]:
         """Fused ``x @ W.T (+ b)`` for the row-stacked weights ``names``; returns (output, out_dim)."""
         w, scale = self.store.linear(names)
@@ -199,9 +199,9 @@ class Ops:
 
     def swiglu(self, x: str, prefix: str, hidden: int, ffn: int) -> str:
         """``down(silu(gate(x)) * up(x))`` with gate and up fused into one FULLY_CONNECTED."""
-        gu, _ = self.linear(x, (prefix + "gate_proj.weight", prefix + "up_proj.weight"), hidden)  # (T, 2F)
+        gu, _ = self.linear(x, (prefix + "gate_proj.weight", prefix + "up_proj.weight"))  # (T, 2F)
         gate, up = self.split_last(gu, [ffn, ffn], [-1, 2 * ffn])  # (T, F) each
         act = self.binary("MUL", gate, self.unary("LOGISTIC", gate, [-1, ffn]), [-1, ffn])
         h = self.binary("MUL", act, up, [-1, ffn])  # (T, F)
-        out, _ = self.linear(h, (prefix + "down_proj.weight",), ffn)  # (T, hidden)
+        out, _ = self.linear(h, (prefix + "down_proj.weight",))  # (T, hidden)
         return out
