@@ -1,0 +1,334 @@
+"""Exporter on tiny Hugging Face checkpoints the tests create with transformers, checked against
+transformers (torch) running the same weights; bad input; the CLI.
+
+The tiny builders (``build_tiny_hf``, ``build_tiny_gguf``) are reused by test_onnx_backend.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import tqedge  # noqa: E402
+from tqedge.errors import TqedgeError  # noqa: E402
+
+VOCAB = 96
+WORDS = ["hello", "world", "the", "cat", "sat", "on", "mat", "a", "dog", "ran"]
+
+
+def tiny_tokenizer_json() -> str:
+    """A word-level tokenizer over a few words (ids < VOCAB)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+def build_tiny_hf(folder: Path, kind: str = "llama", dtype=None, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny LlamaForCausalLM / Qwen2ForCausalLM with a tokenizer.json into ``folder``."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, initializer_range=0.3, bos_token_id=1, eos_token_id=2)
+    common.update(overrides)
+    if kind == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common)
+        model = transformers.Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # random (not zero) q/k/v biases so they matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.3)
+    with torch.no_grad():  # non-trivial norms
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "tokenizer.json").write_text(tiny_tokenizer_json())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+         "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}))
+    return folder
+
+
+def hf_logits(folder: Path, ids: list[int]) -> np.ndarray:
+    """Full-sequence float32 logits (T, vocab) from transformers."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def _prompt(n: int, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(3, VOCAB, n).tolist()
+
+
+CASES = {
+    "llama": ("llama", None, {}),
+    "llama-tied-llama3rope": ("llama", None, {"tie_word_embeddings": True, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}),
+    "llama-bf16": ("llama", "bf16", {}),
+    "qwen2": ("qwen2", None, {}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def tiny(request, tmp_path_factory):
+    kind, dt, over = CASES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    src = build_tiny_hf(root / "hf", kind, dtype=torch.bfloat16 if dt else None, **over)
+    manifest = tqedge.export(src, root / "bundle.tqe")
+    return src, root / "bundle.tqe", manifest
+
+
+def test_prefill_parity_with_transformers(tiny):
+    src, bundle, _ = tiny
+    ids = _prompt(64)
+    ref = hf_logits(src, ids)
+    assert ref[-1].std() > 0.1  # the model is not degenerate, so a wrong graph would show
+    model = tqedge.load(bundle)
+    got = model.forward(ids, model.new_cache(kv_bits="exact", kv_budget="1MiB"))
+    np.testing.assert_allclose(got, ref[-1], atol=1e-3, rtol=0)
+
+
+def test_multistep_parity_with_transformers(tiny):
+    src, bundle, _ = tiny
+    ids = _prompt(48, seed=2)
+    ref = hf_logits(src, ids)
+    model = tqedge.load(bundle)
+    cache = model.new_cache(kv_bits="exact", kv_budget="1MiB")
+    got = [model.forward(ids[:40], cache)]
+    for t in ids[40:]:
+        got.append(model.forward([t], cache))
+    np.testing.assert_allclose(np.stack(got[:-1]), ref[39:47], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(got[-1], ref[47], atol=1e-3, rtol=0)
+    assert cache.offset == 48
+
+
+def test_manifest_records_model(tiny):
+    src, bundle, manifest = tiny
+    cfg = json.loads((src / "config.json").read_text())
+    a = manifest.architecture
+    assert (a.num_layers, a.num_heads, a.num_kv_heads, a.hidden_size) == (2, 4, 2, 64)
+    assert a.name == {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg["architectures"][0]]
+    assert a.attention_bias == (a.name == "qwen2")
+    assert a.tie_word_embeddings == bool(cfg.get("tie_word_embeddings"))
+    t = manifest.tokenizer
+    assert (t.bos_token_id, t.eos_token_ids, t.add_bos_token) == (1, [2], True)
+    assert t.chat_template.startswith("{% for m in messages")
+    model = tqedge.load(bundle)
+    assert model.encode("the cat sat") == [1, 5, 6, 7]
+
+
+def _degrade(w: np.ndarray, fmt: str) -> np.ndarray:
+    """The weight the graph should effectively use: fp16-rounded, or block-quantized and
+    dequantized (w ≈ scale*q + min) — the graph must then match transformers exactly on it."""
+    from tqedge.exporters.weights import BLOCK_SIZES, quantize_blocks
+
+    if fmt == "fp16":
+        return w.astype(np.float16).astype(np.float32)
+    qb = quantize_blocks(w, {"int8": 8, "int4": 4}[fmt], BLOCK_SIZES[fmt])
+    deq = qb.q.astype(np.float32) * np.repeat(qb.scale, qb.block, 1) + np.repeat(qb.min, qb.block, 1)
+    return deq[:, : w.shape[1]]
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
+def test_weight_formats_compute_on_their_weights(tmp_path, fmt):
+    src = build_tiny_hf(tmp_path / "hf", "llama")
+    ids = _prompt(64, seed=3)
+    model_ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    clean = model_ref(torch.tensor([ids])).logits[0].detach().numpy()
+    with torch.no_grad():
+        for name, p in model_ref.named_parameters():
+            if name.endswith("proj.weight") or name == "lm_head.weight":
+                p.copy_(torch.from_numpy(_degrade(p.numpy(), fmt)))
+            elif name == "model.embed_tokens.weight" and fmt != "fp32":
+                p.copy_(torch.from_numpy(p.numpy().astype(np.float16).astype(np.float32)))
+        ref = model_ref(torch.tensor([ids])).logits[0].numpy()
+    tqedge.export(src, tmp_path / f"{fmt}.tqe", weights=fmt)
+    model = tqedge.load(tmp_path / f"{fmt}.tqe")
+    got = model.forward(ids, model.new_cache(kv_bits="exact", kv_budget="1MiB"), logits="all")
+    np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
+    assert np.abs(ref - clean).max() > 1e-3  # the format really changed the weights
+
+
+def test_block_quantizer_error_bound():
+    from tqedge.exporters.weights import quantize_blocks
+
+    w = np.random.default_rng(0).standard_normal((8, 80)).astype(np.float32)  # 80: padded to 96
+    for bits in (4, 8):
+        qb = quantize_blocks(w, bits, 32)
+        assert qb.q.shape == (8, 96) and qb.q.max() < 2**bits
+        scale = np.repeat(qb.scale, 32, 1)
+        deq = qb.q * scale + np.repeat(qb.min, 32, 1)
+        assert np.all(np.abs(deq[:, :80] - w) <= scale[:, :80] / 2 + 1e-6)
+
+
+# -- bad input ---------------------------------------------------------------------------
+def _assert_clean(err: TqedgeError, out: Path, *words: str) -> None:
+    msg = str(err)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_unknown_architecture(tmp_path):
+    src = build_tiny_hf(tmp_path / "hf")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "unsupported architecture", "GPT2LMHeadModel")
+
+
+def _rewrite(src: Path, edit) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    f = next(src.glob("*.safetensors"))
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_tensor(tmp_path):
+    src = build_tiny_hf(tmp_path / "hf")
+    _rewrite(src, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "missing tensor model.layers.1.mlp.up_proj.weight")
+
+
+def test_wrong_shape(tmp_path):
+    src = build_tiny_hf(tmp_path / "hf")
+    _rewrite(src, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": np.zeros((16, 64), np.float32)}))
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "model.layers.0.self_attn.k_proj.weight", "(16, 64)", "(32, 64)")
+
+
+def test_truncated_safetensors(tmp_path):
+    src = build_tiny_hf(tmp_path / "hf")
+    f = next(src.glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "truncated")
+
+
+def build_tiny_gguf(path: Path, arch: str = "llama", drop: str | None = None) -> Path:
+    """A tiny F32 GGUF (1 layer) written with gguf.GGUFWriter, llama.cpp tensor names."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    h, f, heads, kv, d = 32, 48, 2, 1, 16
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(128)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(f)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_dimension_count(d)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    tokens = ["a", "b", "c", "ab", "<|end|>"] + [f"t{i}" for i in range(VOCAB - 5)]
+    w.add_token_list(tokens)
+    w.add_token_types([1, 1, 1, 1, 3] + [1] * (VOCAB - 5))
+    w.add_token_merges(["a b"])
+    w.add_eos_token_id(4)
+    shapes = {"token_embd.weight": (VOCAB, h), "output_norm.weight": (h,), "blk.0.attn_norm.weight": (h,),
+              "blk.0.attn_q.weight": (heads * d, h), "blk.0.attn_k.weight": (kv * d, h),
+              "blk.0.attn_v.weight": (kv * d, h), "blk.0.attn_output.weight": (h, heads * d),
+              "blk.0.ffn_norm.weight": (h,), "blk.0.ffn_gate.weight": (f, h), "blk.0.ffn_up.weight": (f, h),
+              "blk.0.ffn_down.weight": (h, f)}
+    for name, shape in shapes.items():
+        if name != drop:
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_tiny_gguf_exports_and_runs(tmp_path):
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    m = tqedge.export(src, tmp_path / "out.tqe")
+    assert m.architecture.tie_word_embeddings and m.weights.source == "gguf:F32"
+    model = tqedge.load(tmp_path / "out.tqe")
+    assert model.encode("ab<|end|>") == [3, 4]  # BPE merge and the control token kept whole
+    logits = model.forward([0, 1, 2], model.new_cache(kv_bits="exact", kv_budget="1MiB"))
+    assert logits.shape == (VOCAB,) and np.isfinite(logits).all()
+
+
+def test_gguf_unknown_architecture(tmp_path):
+    src = build_tiny_gguf(tmp_path / "tiny.gguf", arch="gpt2")
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "unsupported GGUF architecture 'gpt2'")
+
+
+def test_gguf_truncated(tmp_path):
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    data = src.read_bytes()
+    for cut in (len(data) - 1000, 200):  # inside the tensor data, inside the metadata
+        src.write_bytes(data[:cut])
+        with pytest.raises(TqedgeError) as e:
+            tqedge.export(src, tmp_path / "out.tqe")
+        _assert_clean(e.value, tmp_path / "out.tqe", "tiny.gguf")
+
+
+def test_gguf_missing_tensor(tmp_path):
+    src = build_tiny_gguf(tmp_path / "tiny.gguf", drop="blk.0.ffn_up.weight")
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "missing tensor model.layers.0.mlp.up_proj.weight")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    tqedge.export(src, tmp_path / "out.tqe")
+    with pytest.raises(TqedgeError, match="output exists"):
+        tqedge.export(src, tmp_path / "out.tqe")
+    tqedge.export(src, tmp_path / "out.tqe", weights="int8", overwrite=True)
+    assert tqedge.load(tmp_path / "out.tqe").manifest.weights.format == "int8"
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def test_cli_export_and_inspect(tmp_path):
+    from click.testing import CliRunner
+
+    from tqedge.cli import cli
+
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "cli.tqe"
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--weights", "int4", "--kv-bits", "3,2"])
+    assert r.exit_code == 0, r.output
+    assert "parameters" in r.output and "KV / token" in r.output
+    m = tqedge.load(out).manifest
+    assert (m.weights.format, m.kv.key_bits, m.kv.value_bits) == ("int4", 3.0, 2.0)
+    r = CliRunner().invoke(cli, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0 and "weights.bin" in r.output and "verified" in r.output
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out)])
+    assert r.exit_code == 2 and "output exists" in r.output
+    shutil.rmtree(out)
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--kv-bits", "9,9"])
+    assert r.exit_code == 2 and "kv bits" in r.output and not out.exists()
