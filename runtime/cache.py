@@ -198,7 +198,7 @@ def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
         (Hkv, G*T, D) float32.
     """
     t = kn.shape[1]
-    s_old = np.matmul(qh, ko.transpose(0, 2, 1).astype(np.float32)) * scale  # (Hkv, G*T, N)
+    s_old = np.matmul(qh, ko.transpose(0, 2, 1).astype(np.float32, copy=False)) * scale  # (Hkv, G*T, N)
     s_new = np.matmul(qh, kn.transpose(0, 2, 1)) * scale  # (Hkv, G*T, T)
     causal = np.triu(np.ones((t, t), dtype=bool), k=1)  # True = masked
     s_new = np.where(np.tile(causal, (g, 1))[None], -np.inf, s_new)
@@ -206,7 +206,7 @@ def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
     p_old = np.exp(s_old - m)
     p_new = np.exp(s_new - m)
     denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-    out = np.matmul(p_old, vo.astype(np.float32)) + np.matmul(p_new, vn)
+    out = np.matmul(p_old, vo.astype(np.float32, copy=False)) + np.matmul(p_new, vn)
     return (out / denom).astype(np.float32)
 
 
