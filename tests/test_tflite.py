@@ -44,10 +44,14 @@ def _tiny(kind: str):
         cfg = transformers.Qwen2Config(rope_theta=theta, tie_word_embeddings=False, **common)
         model = transformers.Qwen2ForCausalLM(cfg)
     model.eval()
-    with torch.no_grad():  # larger than the default init so logits are O(1) and errors visible
-        for p in model.parameters():
+    with torch.no_grad():  # larger than the default init so logits are O(1); non-trivial norms, biases
+        for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:  # q/k/v biases (Qwen2)
+                p.normal_(0.0, 0.3)
     arch = ArchSpec(name=kind, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
                     num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS, rms_norm_eps=1e-5,
                     rope_theta=theta, max_position_embeddings=512,
