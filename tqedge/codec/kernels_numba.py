@@ -212,3 +212,12 @@ def value_sum(p, codes, scales16, table, cb, lut, dp):
 def dequantize(codes, scales16, table, cb, lut, dp):
     """Decoded rows in the projected domain: (H, N, B), (H, N, P) → (H, N, Dp) float32."""
     return (_dequantize_par if _big(codes) else _dequantize_ser)(codes, scales16, table, cb, lut, dp)
+
+
+@njit(**_OPTS)
+def half_to_float(h):
+    """float16 bit patterns (n,) uint16 → float32 (n,) with the kernels' converter (for tests)."""
+    out = np.empty(h.shape[0], dtype=np.float32)
+    for i in range(h.shape[0]):
+        out[i] = _half(h[i])
+    return out

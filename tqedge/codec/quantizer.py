@@ -234,7 +234,12 @@ class TurboQuant:
             raise TqedgeError(
                 f"scales must be float16 {(*codes.shape[:2], self.num_scales)}, got {scales.dtype} {scales.shape}"
             )
-        return np.ascontiguousarray(codes), np.ascontiguousarray(scales).view(np.uint16)
+        # slices of a cache buffer are fine as long as each row is contiguous: no copy
+        if codes.strides[-1] != 1:
+            codes = np.ascontiguousarray(codes)
+        if scales.strides[-1] != 2:
+            scales = np.ascontiguousarray(scales)
+        return codes, scales.view(np.uint16)
 
     @staticmethod
     def _to_f16(v: np.ndarray) -> np.ndarray:

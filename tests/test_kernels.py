@@ -1,0 +1,111 @@
+"""Numba kernels == NumPy kernels (codes identical, floats ≤ 1e-5 relative), the float16
+converter, backend selection, and that importing tqedge compiles nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tqedge.codec import kernels_numpy as knp
+from tqedge.codec.quantizer import CodecConfig, TurboQuant
+
+knb = pytest.importorskip("tqedge.codec.kernels_numba")
+
+CONFIGS = [
+    dict(dim=64, bits=1), dict(dim=64, bits=2), dict(dim=64, bits=3), dict(dim=64, bits=4),
+    dict(dim=64, bits=5), dict(dim=64, bits=6), dict(dim=64, bits=7), dict(dim=64, bits=8),
+    dict(dim=64, bits=3.5), dict(dim=128, bits=2.5), dict(dim=64, bits=3, qjl=True),
+    dict(dim=64, bits=1, qjl=True), dict(dim=96, bits=3, rotation="dense"), dict(dim=40, bits=4.25),
+]
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(1e-30, float(np.max(np.abs(b)))))
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+@pytest.mark.parametrize("n", [37, 2100])  # serial and parallel (H·N ≥ 4096) kernels
+def test_numba_equals_numpy(kw, n):
+    tq = TurboQuant(CodecConfig(**kw))
+    rng = np.random.default_rng(n)
+    h, g, d = 2, 3, tq.dim
+    x = rng.standard_normal((h * n, d)).astype(np.float32)
+    # codes: quantize + pack through both backends
+    u = rng.standard_normal((h * n, d)).astype(np.float32) / np.sqrt(d)
+    bnd = tq.parts[0].codebook.boundaries if tq.parts[0].codebook is not None else np.zeros(1)
+    c_nb, c_np = knb.quantize(u, bnd), knp.quantize(u, bnd)
+    np.testing.assert_array_equal(c_nb, c_np)
+    bits = int(np.log2(bnd.size + 1))
+    out_nb = np.full((h * n, (d * bits + 7) // 8 + 3), 0xFF, np.uint8)
+    out_np = out_nb.copy()
+    knb.pack_into(c_nb, bits, out_nb, 2)
+    knp.pack_into(c_np, bits, out_np, 2)
+    np.testing.assert_array_equal(out_nb, out_np)
+
+    codes, scales = tq.encode(x)
+    codes, scales = codes.reshape(h, n, -1), scales.reshape(h, n, -1)
+    s16 = scales.view(np.uint16)
+    t = tq.segments
+    qp = tq.project_query(rng.standard_normal((h, g, d)).astype(np.float32))  # (H, G, Dp)
+    p = rng.random((h, g, n)).astype(np.float32)
+    args = (codes, s16, t.table, t.cb, t.lut)
+    assert _rel(knb.scores(qp, *args), knp.scores(qp, *args)) < 1e-5
+    assert _rel(knb.value_sum(p, *args, t.dp), knp.value_sum(p, *args, t.dp)) < 1e-5
+    assert _rel(knb.dequantize(*args, t.dp), knp.dequantize(*args, t.dp)) < 1e-6
+
+
+def test_encode_codes_identical_across_backends(monkeypatch):
+    import tqedge.codec.quantizer as qmod
+
+    x = np.random.default_rng(5).standard_normal((500, 64)).astype(np.float32)
+    for kw in (dict(bits=4), dict(bits=3.5, qjl=True)):
+        tq = TurboQuant(CodecConfig(dim=64, **kw))
+        c1, s1 = tq.encode(x)
+        monkeypatch.setattr(qmod, "K", knp)
+        c2, s2 = tq.encode(x)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(c1, c2)
+        np.testing.assert_array_equal(s1, s2)
+
+
+def test_half_converter_all_patterns():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    got = knb.half_to_float(bits)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+
+
+def _run(code: str, **env) -> str:
+    e = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, check=True).stdout
+
+
+def test_numpy_backend_in_subprocess():
+    code = """
+import json, sys, numpy as np
+from tqedge.codec import kernels
+from tqedge.codec.quantizer import CodecConfig, TurboQuant
+tq = TurboQuant(CodecConfig(dim=64, bits=3.5))
+x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+c, s = tq.encode(x)
+q = np.random.default_rng(1).standard_normal((1, 2, 64)).astype(np.float32)
+sc = tq.scores(tq.project_query(q), c[None], s[None])
+ref = q[0] @ tq.decode(c, s).T
+print(json.dumps({"backend": kernels.BACKEND, "numba": "numba" in sys.modules,
+                  "err": float(np.abs(sc[0] - ref).max())}))
+"""
+    out = json.loads(_run(code, TQEDGE_KERNELS="numpy"))
+    assert out == {"backend": "numpy", "numba": False, "err": pytest.approx(0, abs=1e-4)}
+
+
+def test_import_tqedge_compiles_nothing():
+    out = _run("import sys, tqedge, tqedge.codec, tqedge.codec.packing, tqedge.codec.config; "
+               "print('numba' in sys.modules)")
+    assert out.strip() == "False"
