@@ -211,7 +211,7 @@ class GenerationStats:
     kv_capacity_bytes: int = 0  # the preallocated buffer
     evicted: int = 0  # tokens dropped by the sliding policy so far
     cached_tokens: int = 0  # prompt tokens reused from the cache (chat turns)
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # process peak RSS (set on the final response only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,7 +235,7 @@ class GenerationResponse:
     stats: GenerationStats
 
 
-def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached) -> GenerationStats:
+def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached, final: bool) -> GenerationStats:
     prefill_s, decode_s = t1 - t0, t2 - t1
     used = cache.nbytes * cache.length // max(cache.capacity, 1)
     return GenerationStats(
@@ -244,7 +244,7 @@ def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached) -> GenerationStats:
         decode_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
         kv_tokens=cache.length, kv_capacity_tokens=cache.capacity, kv_bytes_used=int(used),
         kv_capacity_bytes=int(cache.nbytes), evicted=int(cache.evicted), cached_tokens=cached,
-        peak_memory_bytes=peak_memory_bytes())
+        peak_memory_bytes=peak_memory_bytes() if final else None)
 
 
 def resolve_sampling(manifest, **given) -> dict:
@@ -321,7 +321,8 @@ def stream_generate(model, prompt, *, max_tokens: int | None = None, temperature
                 text, hit = stopper.feed(detok.add_token(token))
                 finish = "stop" if hit else None
             yield GenerationResponse(text, token, finish,
-                                     _stats(cache, len(ids), n, t0, t1, time.perf_counter(), cached_tokens))
+                                     _stats(cache, len(ids), n, t0, t1, time.perf_counter(), cached_tokens,
+                                            finish is not None))
             if finish:
                 return
     finally:
