@@ -25,8 +25,10 @@ The memory model (all terms in bytes)::
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import types
 from pathlib import Path
 
 import click
@@ -46,6 +48,7 @@ MARGIN = 128 * MiB  # allocator slack, page cache for the bundle files, the app 
 OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 MiB
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
 DEVICES = (1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB)
+TARGET_CONTEXT = 8192  # tokens of context the format choice protects (see choose_format)
 BLOCK = 32  # MatMulNBits block size of the int8 / int4 formats (exporters/weights.py)
 
 # KV configurations: name → (key_bits, value_bits), or the dtype bytes of an exact cache.
@@ -65,7 +68,8 @@ def _nbits(bits: int):
 
 
 WEIGHT_FORMATS: dict[str, dict] = {
-    "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4},
+    # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
+    "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
     "int8": {"disk": _nbits(8), "resident": _nbits(8), "embed": 2},
     "int4": {"disk": _nbits(4), "resident": _nbits(4), "embed": 2},
@@ -99,7 +103,10 @@ def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
         raise TqedgeError(f"unknown weight format {fmt!r} (choose from {', '.join(WEIGHT_FORMATS)})")
     spec = WEIGHT_FORMATS[fmt]
     size = spec["resident" if resident else "disk"]
-    lin = sum(size(n, k) for n, k in linear_shapes(a))
+    shapes = linear_shapes(a)
+    if a.tie_word_embeddings and spec.get("shares_tied"):
+        shapes = shapes[:-1]
+    lin = sum(size(n, k) for n, k in shapes)
     small = parameter_count(a) - sum(n * k for n, k in linear_shapes(a)[:-1]) - a.vocab_size * a.hidden_size
     return lin + spec["embed"] * a.vocab_size * a.hidden_size + 4 * small
 
@@ -120,48 +127,63 @@ def activation_bytes(a: ArchSpec, chunk: int = PREFILL_CHUNK) -> int:
 
 
 # -- the KV cache --------------------------------------------------------------------------
-def codec_bytes_per_vector(dim: int, bits: float, kv: KVSpec, kind: str) -> int:
-    """Exact bytes of one compressed vector (codes + scales), from the codec itself."""
-    from tqedge.codec import CodecConfig, TurboQuant
-
-    qjl = kv.qjl and kind == "key"
-    return int(TurboQuant(CodecConfig(dim=dim, bits=bits, qjl=qjl, rotation=kv.rotation,
-                                      norm=kv.norm)).bytes_per_vector)
-
-
 def kv_bytes(a: ArchSpec, kv: KVSpec, config: str) -> dict:
-    """Per-token and fixed bytes of a KV configuration.
+    """Byte accounting of a KV configuration, from the runtime's own cache layout.
+
+    Compressed configs: :meth:`CompressedKVCache.layout_bytes` over the codecs the runtime
+    builds (codes + fp16 scales per vector, all layers, keys and values), plus the fixed fp16
+    buffers of the sinks and the recent window. Every held token except the sinks has a
+    compressed slot (the window's tokens too), and the ring must be at least
+    ``window + MIN_COMPRESSED`` slots. Exact configs: :meth:`ExactKVCache.bytes_per_token`.
 
     Returns:
-        ``{"per_token", "fixed", "fixed_tokens"}``: a cache of ``n ≥ fixed_tokens`` tokens takes
-        ``fixed + (n - fixed_tokens) * per_token`` bytes. For compressed configs the fixed part
-        is the fp16 sinks and recent window (``kv.sinks + kv.window`` tokens).
+        ``{"per_token", "fixed", "sinks", "min_slots"}``: ``n`` tokens (``n - sinks ≥
+        min_slots``) take ``fixed + (n - sinks) * per_token`` bytes.
     """
-    spec = KV_CONFIGS.get(config)
-    if spec is None:
+    if config not in KV_CONFIGS:
         raise TqedgeError(f"unknown KV configuration {config!r} (choose from {', '.join(KV_CONFIGS)})")
-    vectors = a.num_layers * a.num_kv_heads  # per token, for keys and for values
+    return dict(_kv_bytes(a.num_layers, a.num_kv_heads, a.head_dim, kv.rotation, kv.norm, kv.qjl,
+                          kv.sinks, kv.window, config))
+
+
+@functools.lru_cache(maxsize=256)
+def _kv_bytes(layers: int, kv_heads: int, head_dim: int, rotation: str, norm: str, qjl: bool,
+              sinks: int, window: int, config: str) -> dict:
+    import numpy as np
+
+    from tqedge.runtime.cache import ExactKVCache
+
+    a = types.SimpleNamespace(num_layers=layers, num_kv_heads=kv_heads, head_dim=head_dim)
+    kv = KVSpec(rotation=rotation, norm=norm, qjl=qjl, sinks=sinks, window=window)
+    spec = KV_CONFIGS[config]
     if isinstance(spec, int):
-        return {"per_token": 2 * vectors * a.head_dim * spec, "fixed": 0, "fixed_tokens": 0}
-    kb, vb = spec
-    per = vectors * (codec_bytes_per_vector(a.head_dim, kb, kv, "key")
-                     + codec_bytes_per_vector(a.head_dim, vb, kv, "value"))
-    fixed_tokens = kv.sinks + kv.window
-    return {"per_token": per, "fixed": fixed_tokens * 2 * vectors * a.head_dim * 2, "fixed_tokens": fixed_tokens}
+        dtype = np.float32 if spec == 4 else np.float16
+        per = ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, dtype)
+        return {"per_token": per, "fixed": 0, "sinks": 0, "min_slots": kv.sinks + 2}
+    from tqedge.runtime.cache import build_codecs
+    from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
+
+    # every layer has the same bits here, so one layer's layout times the layer count is exact
+    keys, values = build_codecs(kv, 1, a.head_dim, bits=spec)
+    fixed, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, kv.sinks, kv.window)
+    return {"per_token": a.num_layers * per, "fixed": a.num_layers * fixed, "sinks": kv.sinks, "min_slots": kv.window + MIN_COMPRESSED}
 
 
 def kv_tokens(budget: int, a: ArchSpec, kv: KVSpec, config: str) -> int:
-    """Tokens a cache of ``budget`` bytes holds in ``config`` (not capped; 0 if it does not fit)."""
-    b = kv_bytes(a, kv, config)
-    if budget < b["fixed"]:
-        return 0
-    return b["fixed_tokens"] + (budget - b["fixed"]) // b["per_token"]
+    """Tokens a cache of ``budget`` bytes holds in ``config`` (not capped; 0 if it cannot be built)."""
+    return tokens_in(budget, kv_bytes(a, kv, config))
+
+
+def tokens_in(budget: int, b: dict) -> int:
+    """Tokens ``budget`` bytes hold under the accounting ``b`` of :func:`kv_bytes`."""
+    slots = max(budget - b["fixed"], 0) // b["per_token"]
+    return b["sinks"] + slots if slots >= b["min_slots"] else 0
 
 
 def kv_budget_for(tokens: int, a: ArchSpec, kv: KVSpec, config: str) -> int:
-    """Bytes a cache of ``tokens`` tokens needs in ``config``."""
+    """Bytes a cache of ``tokens`` tokens needs in ``config`` (at least its minimum size)."""
     b = kv_bytes(a, kv, config)
-    return b["fixed"] + max(tokens - b["fixed_tokens"], 0) * b["per_token"]
+    return b["fixed"] + max(tokens - b["sinks"], b["min_slots"]) * b["per_token"]
 
 
 def default_config(kv: KVSpec) -> str:
@@ -173,14 +195,18 @@ def default_config(kv: KVSpec) -> str:
 def round_budget(n: int) -> int:
     """A budget people can type: down to a power of two MiB below 256 MiB, to 64 MiB above;
     at least 16 MiB."""
-    if n < 256 * MiB:
-        return max(16 * MiB, 2 ** int(math.log2(max(n, 1) // MiB)) * MiB if n >= MiB else 16 * MiB)
-    return n // (64 * MiB) * 64 * MiB
+    if n >= 256 * MiB:
+        return n // (64 * MiB) * 64 * MiB
+    if n < 16 * MiB:
+        return 16 * MiB
+    return 2 ** int(math.log2(n // MiB)) * MiB
 
 
 def budget_arg(n: int) -> str:
-    """``--kv-budget`` spelling of a byte count (``"256MiB"``, ``"1GiB"``)."""
-    return f"{n // GiB}GiB" if n % GiB == 0 else f"{n // MiB}MiB"
+    """``--kv-budget`` spelling of a byte count (``"256MiB"``, ``"1GiB"``, else plain bytes)."""
+    if n and n % GiB == 0:
+        return f"{n // GiB}GiB"
+    return f"{n // MiB}MiB" if n % MiB == 0 else str(n)
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -191,15 +217,27 @@ def load_manifest(manifest_or_bundle) -> Manifest:
     return read_manifest(manifest_or_bundle, verify="size")
 
 
-def choose_format(a: ArchSpec, room: int, total: int | None) -> str | None:
-    """The most precise weight format whose resident weights take ≤ 40% of ``room`` (leaving the
-    rest for the KV cache), at most int8 on devices under 4 GiB (decode on such boards is
-    memory-bandwidth bound: int8 reads 3.5× fewer bytes per token than fp32). fp16 is skipped:
-    it is resident as fp32, so it only saves disk. None when not even int4 fits."""
+def choose_format(m: Manifest, room: int, total: int | None) -> str | None:
+    """Pick the weight format for ``room`` bytes (what is left after OS and runtime).
+
+    The rule: the most precise format whose resident weights plus a KV cache for
+    :data:`TARGET_CONTEXT` tokens (or the model's whole context, if shorter) at the bundle's
+    default KV bits fit in ``room``; on devices under 4 GiB at most int8 (decode there is
+    memory-bandwidth bound: int8 reads 3.5× fewer bytes per token than fp32). fp16 is never
+    picked: it is resident as fp32, so it only saves disk. If no format leaves room for that
+    context, the smallest format whose weights and a minimal cache fit; None if not even that.
+    """
+    a, kv = m.architecture, m.kv
     order = ["fp32", "int8", "int4"]
     if total is not None and total < 4 * GiB:
         order.remove("fp32")
-    return next((f for f in order if weight_bytes(a, f) <= 0.4 * room), None)
+    config = default_config(kv)
+    target = kv_budget_for(min(a.max_position_embeddings, TARGET_CONTEXT), a, kv, config)
+    smallest = kv_budget_for(0, a, kv, config)
+    for fmt in order:
+        if weight_bytes(a, fmt) + target <= room:
+            return fmt
+    return order[-1] if weight_bytes(a, order[-1]) + smallest <= room else None
 
 
 def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | None = None) -> dict:
@@ -221,7 +259,7 @@ def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | No
     memory, os_reserve = parse_bytes(memory), parse_bytes(os_reserve)
     total = memory if total is None else total
     room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
-    fmt = choose_format(a, room, total)
+    fmt = choose_format(m, room, total)
     config = default_config(kv)
     head = f"{format_bytes(total if os_reserve else memory)}"
     if fmt is None:
@@ -229,10 +267,12 @@ def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | No
                 "capped": False, "line": f"{head}: does not fit (even int4 weights need "
                                          f"{format_bytes(weight_bytes(a, 'int4'))} of {format_bytes(max(room, 0))})"}
     left = room - weight_bytes(a, fmt)
-    budget = round_budget(int(0.75 * left))
+    # three quarters of what is left (the rest: the app, a second session, fragmentation) ...
+    budget = min(round_budget(int(0.75 * left)), left // MiB * MiB)
     need = kv_budget_for(a.max_position_embeddings, a, kv, config)
-    if need <= budget:  # the whole context fits: ask only for what it needs
+    if need <= budget:  # ... or only what the model's whole context needs
         budget = -(-need // MiB) * MiB
+    budget = max(budget, kv_budget_for(0, a, kv, config))  # at least the smallest cache
     tokens = kv_tokens(budget, a, kv, config)
     capped = tokens >= a.max_position_embeddings
     tokens = min(tokens, a.max_position_embeddings)
@@ -246,16 +286,19 @@ def _k(n: int) -> str:
     return f"{n / 1000:.0f}K" if n >= 10_000 else str(n)
 
 
-def plan_device(m: Manifest, memory: int, os_reserve: int) -> dict:
-    """Tokens of context for every weight format × KV configuration on one device."""
+def plan_device(m: Manifest, memory: int, os_reserve: int, accounting: dict | None = None) -> dict:
+    """Tokens of context for every weight format × KV configuration on one device.
+
+    ``accounting``: :func:`kv_bytes` per configuration name, if already computed."""
     a, kv = m.architecture, m.kv
+    accounting = accounting or {name: kv_bytes(a, kv, name) for name in KV_CONFIGS}
     room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
     rows = {}
     for fmt in WEIGHT_FORMATS:
         left = room - weight_bytes(a, fmt)
         configs = {}
         for name in KV_CONFIGS:
-            t = kv_tokens(left, a, kv, name) if left > 0 else 0
+            t = tokens_in(left, accounting[name])
             configs[name] = {"tokens": min(t, a.max_position_embeddings), "capped": t > a.max_position_embeddings}
         rows[fmt] = {"kv_room": max(left, 0), "configs": configs}
     return {"memory": memory, "os_reserve": os_reserve, "room": max(room, 0), "formats": rows,
@@ -282,6 +325,7 @@ def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
     os_reserve = parse_bytes(os_reserve)
     if memories[0] <= 0:
         raise TqedgeError(f"--memory must be more than 0 bytes, not {memory!r}")
+    accounting = {name: kv_bytes(a, m.kv, name) for name in KV_CONFIGS}
     bundle_bytes = None
     if not isinstance(manifest_or_bundle, Manifest):
         bundle_bytes = bundle_weight_files(manifest_or_bundle, m)
@@ -293,8 +337,8 @@ def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
                     for f in WEIGHT_FORMATS},
         "overhead": {"runtime": RUNTIME_OVERHEAD, "margin": MARGIN, "activations": activation_bytes(a),
                      "prefill_chunk": PREFILL_CHUNK, "os_reserve": os_reserve},
-        "kv": {name: kv_bytes(a, m.kv, name) for name in KV_CONFIGS},
-        "devices": [plan_device(m, mem, os_reserve) for mem in memories],
+        "kv": accounting,
+        "devices": [plan_device(m, mem, os_reserve, accounting) for mem in memories],
     }
 
 
@@ -313,8 +357,7 @@ def format_plan(p: dict) -> str:
                  f"{fmt(o['activations'])} ({o['prefill_chunk']}-token prefill); OS reserve {fmt(o['os_reserve'])}")
     lines.append("KV per token: " + ", ".join(
         f"{name} {k['per_token'] / 1024:.1f} KiB" for name, k in p["kv"].items())
-        + f" (compressed configs also keep {next(k for k in p['kv'].values() if k['fixed_tokens'])['fixed_tokens']}"
-          " sink+window tokens in fp16)")
+        + f"; compressed configs also keep {format_bytes(p['kv']['K4V3']['fixed'])} of fp16 sinks + window")
     names = list(p["kv"])
     for d in p["devices"]:
         lines.append("")

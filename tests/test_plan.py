@@ -1,0 +1,174 @@
+"""tqedge plan: parameter counts against the GGUF file, KV bytes against a hand computation
+from (d, bits, layers, heads), token counts against the cache the runtime really builds,
+monotonicity/consistency of the table, and the CLI's error on a bad --memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from _bundles import smollm2_bundle  # noqa: F401  (fixture)
+
+from tqedge.bundle import ArchSpec, KVSpec, Manifest, TokenizerSpec, WeightSpec
+from tqedge.errors import TqedgeError
+from tqedge.runtime import plan
+from tqedge.runtime.cache import make_cache
+
+GiB, MiB = 1024**3, 1024**2
+
+# SmolLM2-135M-Instruct (the real model's GGUF metadata)
+SMOL = ArchSpec(name="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5,
+                max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def manifest(arch: ArchSpec = SMOL, **kv) -> Manifest:
+    return Manifest(name="smollm2", architecture=arch, tokenizer=TokenizerSpec(),
+                    weights=WeightSpec(format="int8"), kv=KVSpec(**kv))
+
+
+def test_parameter_count_matches_the_exporters_shape_table():
+    # exporters/spec.py lists every tensor the exporter requires (checked there against the GGUF)
+    spec = pytest.importorskip("tqedge.exporters.spec")
+    ms = spec.ModelSpec(arch=SMOL, weights={}, tokenizer_json="", tokenizer=TokenizerSpec())
+    assert plan.parameter_count(SMOL) == sum(math.prod(s) for s in ms.expected_shapes().values())
+    assert plan.parameter_count(SMOL) == 134_515_008  # SmolLM2-135M's published parameter count
+
+
+def test_parameter_count_untied_with_bias_by_hand():
+    a = ArchSpec(name="qwen2", vocab_size=100, hidden_size=16, intermediate_size=40, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4,
+                 max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True)
+    per_layer = 16 * 16 + 2 * (8 * 16) + 16 * 16 + 3 * 40 * 16 + 2 * 16 + (16 + 8 + 8)
+    assert plan.parameter_count(a) == 2 * per_layer + 2 * 100 * 16 + 16
+
+
+def test_weight_bytes_by_hand_for_one_format():
+    # int4 MatMulNBits, blocks of 32: 16 B of codes + a 4 B fp32 scale per block, zero points
+    # two 4-bit values per byte per row; the 576-wide inputs are 18 blocks, the 1536-wide 48.
+    def int4(n, k):
+        blocks = math.ceil(k / 32)
+        return n * blocks * 20 + n * math.ceil(blocks / 2)
+
+    linears = 30 * (int4(576, 576) * 2 + int4(192, 576) * 2 + int4(1536, 576) * 2 + int4(576, 1536))
+    head = int4(49152, 576)
+    embed_fp16 = 2 * 49152 * 576
+    norms_fp32 = 4 * (61 * 576)
+    assert plan.weight_bytes(SMOL, "int4") == linears + head + embed_fp16 + norms_fp32
+
+
+def test_weight_formats_are_ordered():
+    w = {f: plan.weight_bytes(SMOL, f) for f in plan.WEIGHT_FORMATS}
+    d = {f: plan.weight_bytes(SMOL, f, resident=False) for f in plan.WEIGHT_FORMATS}
+    assert w["int4"] < w["int8"] < w["fp32"]
+    assert d["int4"] < d["int8"] < d["fp16"] < d["fp32"]
+    assert w["fp16"] > d["fp16"]  # cast to fp32 at load: resident more than on disk
+
+
+@pytest.mark.parametrize("kb, vb", [(4, 3), (8, 8), (2, 2)])
+def test_kv_bytes_by_hand(kb, vb):
+    m = manifest()
+    # one vector: d*b/8 bytes of codes + one fp16 scale; per token: layers * kv_heads * (K + V)
+    per = 30 * 3 * ((64 * kb // 8 + 2) + (64 * vb // 8 + 2))
+    got = plan.kv_bytes(SMOL, m.kv, f"K{kb}V{vb}")
+    assert got["per_token"] == per
+    assert got["sinks"] == m.kv.sinks
+    assert got["fixed"] == (m.kv.sinks + m.kv.window) * 2 * 30 * 3 * 64 * 2  # fp16 K and V
+    assert plan.kv_bytes(SMOL, m.kv, "exact fp32")["per_token"] == 2 * 30 * 3 * 64 * 4
+
+
+def test_kv_tokens_inverse_of_budget_for():
+    kv = manifest().kv
+    for config in plan.KV_CONFIGS:
+        for n in (200, 1000, 12345):
+            need = plan.kv_budget_for(n, SMOL, kv, config)
+            assert plan.kv_tokens(need, SMOL, kv, config) == n
+            assert plan.kv_tokens(need - 1, SMOL, kv, config) == n - 1
+
+
+@pytest.mark.parametrize("config, bits", [("exact fp32", "exact"), ("K4V3", "4,3"), ("K2V2", "2,2")])
+def test_kv_tokens_match_the_cache_the_runtime_builds(config, bits):
+    m = manifest()
+    budget = 8 * MiB
+    try:
+        cache = make_cache(m, budget, kv_bits=bits)
+    except TqedgeError as e:
+        pytest.skip(f"runtime cache does not build {config} yet: {e}")
+    assert cache.capacity == plan.kv_tokens(budget, SMOL, m.kv, config)
+    assert cache.nbytes <= budget
+
+
+def test_table_is_monotone_and_capped():
+    p = plan.plan(manifest(), None)
+    assert [d["memory"] for d in p["devices"]] == list(plan.DEVICES)
+    order = ["exact fp32", "exact fp16", "K8V8", "K4V4", "K4V3", "K3V3", "K2V2"]
+    for d in p["devices"]:
+        for fmt, row in d["formats"].items():
+            tokens = [row["configs"][c]["tokens"] for c in order]
+            assert tokens == sorted(tokens), (d["memory"], fmt, tokens)
+            for c in row["configs"].values():
+                assert c["tokens"] <= SMOL.max_position_embeddings
+                if c["capped"]:
+                    assert c["tokens"] == SMOL.max_position_embeddings
+        lighter = [d["formats"][f]["configs"]["K4V3"]["tokens"] for f in ("fp32", "int8", "int4")]
+        assert lighter == sorted(lighter)
+    for c in order:  # more memory never gives fewer tokens
+        seq = [d["formats"]["int8"]["configs"][c]["tokens"] for d in p["devices"]]
+        assert seq == sorted(seq)
+    # 8 GiB holds SmolLM2's whole 8192-token context even uncompressed
+    big = p["devices"][-1]["formats"]["fp32"]["configs"]["exact fp32"]
+    assert big["capped"] and big["tokens"] == 8192
+
+
+def test_memory_budget_adds_up():
+    m = manifest()
+    mem = 1 * GiB
+    d = plan.plan(m, mem, os_reserve=0)["devices"][0]
+    room = mem - plan.RUNTIME_OVERHEAD - plan.MARGIN - plan.activation_bytes(SMOL)
+    assert d["room"] == room
+    row = d["formats"]["int8"]
+    assert row["kv_room"] == room - plan.weight_bytes(SMOL, "int8")
+    t = plan.kv_tokens(row["kv_room"], SMOL, m.kv, "K4V3")
+    assert row["configs"]["K4V3"]["tokens"] == min(t, 8192)
+
+
+def test_recommendation_fits_and_says_when_capped():
+    m = manifest()
+    for mem in plan.DEVICES:
+        rec = plan.recommend(m, mem)
+        room = mem - plan.OS_RESERVE - plan.RUNTIME_OVERHEAD - plan.MARGIN - plan.activation_bytes(SMOL)
+        assert plan.weight_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
+        assert rec["tokens"] == min(plan.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
+        assert ("model's max" in rec["line"]) == rec["capped"]
+        assert rec["kv_budget_arg"] in rec["line"]
+        if mem < 4 * GiB:
+            assert rec["weights"] in ("int8", "int4")
+    tiny = plan.recommend(m, 400 * MiB)
+    assert tiny["weights"] is None and "does not fit" in tiny["line"]
+
+
+@pytest.mark.parametrize("bad", ["lots", "12 parsecs", "-1GB"])
+def test_cli_refuses_bad_memory_with_one_line(bad, tmp_path):
+    from tqedge.bundle import write_manifest
+
+    m = manifest()
+    m.graphs = {}
+    (tmp_path / "tokenizer.json").write_text("{}")
+    write_manifest(tmp_path, m)
+    out = subprocess.run([sys.executable, "-m", "tqedge.cli", "plan", "--model", str(tmp_path),
+                          "--memory", bad], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "byte size" in lines[0]
+
+
+def test_cli_json_on_a_bundle(smollm2_bundle):
+    out = subprocess.run([sys.executable, "-m", "tqedge.cli", "plan", "--model", str(smollm2_bundle),
+                          "--memory", "1GiB", "--json"], capture_output=True, text=True, timeout=60, check=True)
+    p = json.loads(out.stdout)
+    md = p["model"]
+    # the estimate for the bundle's own format is its real weights file, within 1%
+    assert md["bundle_weight_files"] == pytest.approx(p["weights"][md["format"]]["disk"], rel=0.01)
