@@ -127,7 +127,6 @@ def test_model_chat_wrapper(lm):
 
 # -- SmolLM2 (real model) ---------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_smollm2_turn_two_reuses_cache(smollm2_model):
     m = smollm2_model
     chat = m.chat(kv_bits="exact", kv_budget="64MiB", temperature=0, max_tokens=24)

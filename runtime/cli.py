@@ -1,0 +1,199 @@
+"""``tqedge generate`` and ``tqedge chat`` (registered lazily in tqedge/cli.py).
+
+Both load a bundle with the same options (backend, threads, KV budget/bits/policy, sampling).
+``generate`` streams one completion; for a bundle with a chat template the prompt is wrapped
+as a user message by default (``--raw`` for plain completion), so ``tqedge generate
+smollm2.tqe -p "What is the capital of France?"`` answers the question instead of continuing
+the sentence. ``chat`` is an interactive REPL, or, when stdin is not a terminal, reads one
+user message per line and prints one reply per line, so it can be scripted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tqedge.errors import TqedgeError
+
+KV_OPTIONS = [
+    click.option("--kv-budget", default="64MiB", show_default=True, help="KV-cache byte budget, e.g. 16MiB."),
+    click.option("--kv-bits", default=None, help="Key,value bits (e.g. 4,3) or 'exact' (default: the bundle's)."),
+    click.option("--window", type=int, default=None, help="Recent tokens kept in fp16 (default: the bundle's)."),
+    click.option("--sinks", type=int, default=None, help="First tokens kept forever (default: the bundle's)."),
+    click.option("--policy", type=click.Choice(["slide", "error"]), default="slide", show_default=True,
+                 help="When the cache is full: drop the oldest tokens, or stop with an error."),
+]
+SAMPLING_OPTIONS = [
+    click.option("--max-tokens", type=int, default=None, help="Most tokens to generate (default: the bundle's)."),
+    click.option("--temperature", type=float, default=None, help="0 = greedy (default: the bundle's)."),
+    click.option("--top-k", type=int, default=None, help="Keep the k most likely tokens (0 = off)."),
+    click.option("--top-p", type=float, default=None, help="Nucleus mass (1.0 = off)."),
+    click.option("--min-p", type=float, default=None, help="Drop tokens below min-p × the top probability."),
+    click.option("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1.0 = off)."),
+    click.option("--seed", type=int, default=None, help="Sampling seed (reproducible output)."),
+    click.option("--stop", multiple=True, help="Stop string (repeatable); never part of the output."),
+]
+MODEL_OPTIONS = [
+    click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+    click.option("--backend", type=click.Choice(["onnx", "tflite"]), default=None, help="Default: first available."),
+    click.option("--threads", type=int, default=None, help="Backend intra-op threads."),
+    click.option("--system", default=None, help="System message (chat template)."),
+    click.option("--verify", type=click.Choice(["full", "size", "none"]), default="size", show_default=True,
+                 help="Bundle check at load: sizes, or also SHA-256 of every file (full)."),
+]
+_KV = ("kv_budget", "kv_bits", "window", "sinks", "policy")
+_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
+
+
+def _apply(options):
+    """Decorator applying a list of click options (first listed = first in --help)."""
+    return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _pick(kw: dict, names) -> dict:
+    return {k: kw.pop(k) for k in names if k in kw}
+
+
+def _load(bundle: Path, backend, threads, verify, cache_opts: dict):
+    import tqedge
+
+    opts = {k: v for k, v in cache_opts.items() if v is not None}
+    return tqedge.load(bundle, backend=backend, threads=threads, verify=verify, **opts)
+
+
+def _sampling(kw: dict) -> dict:
+    s = _pick(kw, _SAMPLING)
+    s["stop"] = list(s.get("stop") or []) or None
+    return s
+
+
+def _stats_line(stats) -> str:
+    return f"[{stats.summary()}]" if stats else "[no reply yet]"
+
+
+@click.command("generate")
+@_apply(MODEL_OPTIONS)
+@click.option("-p", "--prompt", default=None, help="The prompt ('-' or omitted: read stdin).")
+@click.option("--chat/--raw", "chat", default=None,
+              help="Wrap the prompt in the chat template (default when the bundle has one) or complete it raw.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
+@_apply(SAMPLING_OPTIONS)
+@_apply(KV_OPTIONS)
+def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: bool, backend, threads,
+                 system, verify, **kw) -> None:
+    """Generate a completion of a prompt with the model in BUNDLE."""
+    from tqedge.runtime.generate import stream_generate
+    from tqedge.runtime.template import render_for
+
+    cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise TqedgeError("the prompt is empty (use -p TEXT or pipe it on stdin)")
+    model = _load(bundle, backend, threads, verify, cache_opts)
+    use_chat = bool(model.manifest.tokenizer.chat_template) if chat is None else chat
+    if use_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        ids = model.encode(render_for(model.manifest, messages), add_special_tokens=False)
+    else:
+        if system:
+            raise TqedgeError("--system needs the chat template; drop --raw")
+        ids = model.encode(prompt)
+    tokens, texts, last = [], [], None
+    for r in stream_generate(model, ids, **sampling):
+        tokens.append(r.token)
+        texts.append(r.text)
+        last = r
+        if not as_json and r.text:
+            click.echo(r.text, nl=False)
+            sys.stdout.flush()
+    if as_json:
+        click.echo(json.dumps({"text": "".join(texts), "tokens": tokens, "prompt_tokens": ids,
+                               "finish_reason": last.finish_reason, "chat_template": use_chat,
+                               "stats": last.stats.to_dict()}, ensure_ascii=False))
+    else:
+        click.echo()
+        click.echo(_stats_line(last.stats), err=True)
+
+
+class ChatRepl:
+    """The ``tqedge chat`` loop: commands by registry, replies streamed to stdout."""
+
+    def __init__(self, chat, interactive: bool):
+        self.chat, self.interactive = chat, interactive
+        self.commands = {"/reset": self.reset, "/stats": self.stats, "/exit": self.exit, "/quit": self.exit,
+                         "/help": self.help}
+        self.running = True
+
+    def reset(self) -> None:
+        self.chat.reset()
+        click.echo("[conversation reset]")
+
+    def stats(self) -> None:
+        c = self.chat.cache
+        click.echo(_stats_line(self.chat.stats))
+        click.echo(f"[cache: {c.length}/{c.capacity} tokens held, {c.offset} seen, {c.evicted} evicted, "
+                   f"{len(self.chat.messages)} messages]")
+
+    def exit(self) -> None:
+        self.running = False
+
+    def help(self) -> None:
+        click.echo("commands: " + ", ".join(self.commands))
+
+    def handle(self, line: str) -> None:
+        """Run one input line: a /command or a user message."""
+        line = line.strip()
+        if not line:
+            return
+        cmd = self.commands.get(line.split()[0].lower()) if line.startswith("/") else None
+        if cmd is not None:
+            cmd()
+            return
+        pieces = self.chat.send(line, stream=True)
+        try:
+            for piece in pieces:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            if not self.interactive:
+                raise
+            pieces.close()
+            click.echo(" [interrupted]", nl=False)
+        click.echo()
+        click.echo(_stats_line(self.chat.stats), err=True)
+
+    def run(self, stream) -> None:
+        if self.interactive:
+            click.echo("Type a message; /reset, /stats, /exit. Ctrl-D quits.", err=True)
+        while self.running:
+            try:
+                line = input(">>> ") if self.interactive else stream.readline()
+            except EOFError:
+                break
+            if not self.interactive and line == "":
+                break
+            try:
+                self.handle(line)
+            except TqedgeError as e:
+                if not self.interactive:
+                    raise
+                click.echo(f"error: {e}", err=True)
+
+
+@click.command("chat")
+@_apply(MODEL_OPTIONS)
+@_apply(SAMPLING_OPTIONS)
+@_apply(KV_OPTIONS)
+def chat_cmd(bundle: Path, backend, threads, system, verify, **kw) -> None:
+    """Chat with the model in BUNDLE (one message per line when stdin is not a terminal)."""
+    from tqedge.runtime.chat import Chat
+
+    cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
+    model = _load(bundle, backend, threads, verify, cache_opts)
+    chat = Chat(model, system=system, **sampling)
+    ChatRepl(chat, interactive=sys.stdin.isatty()).run(sys.stdin)

@@ -1,0 +1,142 @@
+"""``tqedge generate`` / ``tqedge chat``: option plumbing and output on TinyLM (the loader is
+swapped for the tiny model), then end to end on an exported SmolLM2 bundle, against the
+Python API as the oracle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from _bundles import TinyLM, smollm2_bundle, smollm2_model  # noqa: F401  (fixtures)
+from click.testing import CliRunner
+
+from tqedge.cli import cli
+from tqedge.runtime import cli as rcli
+from tqedge.runtime import generate as G
+from tqedge.runtime.chat import Chat
+from tqedge.runtime.template import render_for
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture
+def tiny(monkeypatch, tmp_path):
+    """TinyLM behind the CLI: returns (model, bundle dir, recorded load options)."""
+    lm = TinyLM()
+    seen = {}
+
+    def fake_load(bundle, backend, threads, verify, cache_opts):
+        seen.update(backend=backend, threads=threads, verify=verify, **cache_opts)
+        lm.cache_defaults.update({k: v for k, v in cache_opts.items() if v is not None})
+        return lm
+
+    monkeypatch.setattr(rcli, "_load", fake_load)
+    return lm, str(tmp_path), seen
+
+
+def _run(args, stdin=None):
+    return CliRunner().invoke(cli, args, input=stdin, catch_exceptions=False)
+
+
+def test_generate_json_matches_python_api(tiny):
+    lm, bundle, seen = tiny
+    r = _run(["generate", bundle, "-p", QUESTION, "--json", "--temperature", "0", "--max-tokens", "9",
+              "--kv-budget", "128KiB", "--kv-bits", "exact", "--threads", "1", "--policy", "error"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert set(out) == {"text", "tokens", "prompt_tokens", "finish_reason", "chat_template", "stats"}
+    assert {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "kv_bytes_used",
+            "kv_capacity_bytes", "kv_tokens", "kv_capacity_tokens", "evicted"} <= set(out["stats"])
+    assert seen == dict(backend=None, threads=1, verify="size", kv_budget="128KiB", kv_bits="exact",
+                        window=None, sinks=None, policy="error")
+    # chat template is the default for a bundle that has one
+    ids = lm.encode(render_for(lm.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
+    assert out["chat_template"] is True and out["prompt_tokens"] == ids
+    rs = list(G.stream_generate(lm, ids, max_tokens=9, temperature=0))
+    assert out["tokens"] == [x.token for x in rs] and out["text"] == "".join(x.text for x in rs)
+    assert out["finish_reason"] == rs[-1].finish_reason == "length"
+    assert out["stats"]["kv_capacity_bytes"] == 128 * 1024
+
+
+def test_generate_raw_stream_and_stop(tiny):
+    lm, bundle, _ = tiny
+    full = G.generate(lm, QUESTION, max_tokens=20, temperature=0)
+    r = _run(["generate", bundle, "-p", QUESTION, "--raw", "--temperature", "0", "--max-tokens", "20"])
+    assert r.exit_code == 0 and r.stdout == full + "\n"
+    assert "tok/s" in r.stderr and "KV" in r.stderr
+    stop = full[5:8]
+    r = _run(["generate", bundle, "-p", QUESTION, "--raw", "--temperature", "0", "--max-tokens", "20",
+              "--stop", "never!", "--stop", stop])
+    assert r.stdout == full[: full.index(stop)] + "\n"
+
+
+def test_generate_prompt_from_stdin_and_errors(tiny):
+    lm, bundle, _ = tiny
+    r = _run(["generate", bundle, "--raw", "--temperature", "0", "--max-tokens", "5"], stdin=QUESTION)
+    assert r.exit_code == 0 and r.stdout == G.generate(lm, QUESTION, max_tokens=5, temperature=0) + "\n"
+    r = _run(["generate", bundle, "-p", "  "])
+    assert r.exit_code == 2 and r.stderr.startswith("error: the prompt is empty")
+    r = _run(["generate", bundle, "-p", "x " * 400, "--raw", "--kv-budget", "64KiB", "--policy", "error"])
+    assert r.exit_code == 2 and "holds 256 tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _run(["generate", bundle, "-p", "x", "--temperature", "-1"])
+    assert r.exit_code == 2 and "temperature" in r.stderr
+
+
+def test_chat_scripted_over_stdin(tiny):
+    lm, bundle, _ = tiny
+    opts = dict(temperature=0, max_tokens=8)
+    ref = Chat(lm, system="Be brief.", kv_bits="exact", **opts)
+    want1, want2 = ref.send("Hello"), ref.send("And then?")
+    stdin = "Hello\n/stats\n\nAnd then?\n/reset\n/exit\nnever sent\n"
+    r = _run(["chat", bundle, "--system", "Be brief.", "--temperature", "0", "--max-tokens", "8",
+              "--kv-bits", "exact"], stdin=stdin)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == want1 and lines[3] == want2 and lines[4] == "[conversation reset]"
+    assert lines[1].startswith("[prompt") and "cache:" in lines[2] and "3 messages" in lines[2]  # system, user, assistant
+    assert r.stderr.count("[prompt") == 2  # one stats line per reply
+
+
+def test_chat_scripted_error_exits_2(tiny):
+    _, bundle, _ = tiny
+    r = _run(["chat", bundle, "--kv-budget", "16KiB", "--kv-bits", "exact", "--policy", "error"], stdin="hi\n")
+    assert r.exit_code == 2 and "KV cache full" in r.stderr
+
+
+# -- SmolLM2 end to end ----------------------------------------------------------------------
+
+def _tqedge(*args, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tqedge.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_smollm2_generate_json_greedy_equals_python_api(smollm2_bundle, smollm2_model):
+    p = _tqedge("generate", str(smollm2_bundle), "-p", QUESTION, "--json", "--temperature", "0",
+                "--max-tokens", "16", "--kv-bits", "exact")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    m = smollm2_model
+    ids = m.encode(render_for(m.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
+    rs = list(G.stream_generate(m, ids, max_tokens=16, temperature=0, kv_bits="exact"))
+    assert out["prompt_tokens"] == ids and out["tokens"] == [r.token for r in rs]
+    assert "Paris" in out["text"] and out["finish_reason"] in ("eos", "length")
+
+
+def test_smollm2_chat_two_turns_and_stats(smollm2_bundle):
+    stdin = "What is the capital of France?\nAnd of Italy?\n/stats\n"
+    p = _tqedge("chat", str(smollm2_bundle), "--temperature", "0", "--max-tokens", "20", "--kv-budget", "16MiB",
+                stdin=stdin)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert "Paris" in lines[0] and "Rome" in lines[1]
+    assert lines[2].startswith("[prompt") and "cached" in lines[2] and "cache:" in lines[3]
+    assert p.stderr.count("[prompt") == 2
+
+
+def test_smollm2_generate_stop_string(smollm2_bundle):
+    p = _tqedge("generate", str(smollm2_bundle), "-p", "The capital of France is", "--raw", "--temperature", "0",
+                "--max-tokens", "20", "--kv-bits", "exact", "--stop", "Paris", "--json")
+    out = json.loads(p.stdout)
+    assert out["finish_reason"] == "stop" and "Paris" not in out["text"] and out["text"].strip() == ""
