@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode, GraphSpec
 from tqedge.exporters.plan import ROPE_COS, ROPE_SIN, Segment, attention_scale, attn_name, resid, rope_inv_freq, segment_plan
 from tqedge.exporters.spec import ModelSpec
-from tqedge.exporters.weights import EMBED_DTYPES, LINEAR_FORMATS, LinearArgs, WeightStore
+from tqedge.exporters.weights import EMBED_DTYPES, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs, WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,8 @@ class LayerEmitter:
     def w(self, name: str) -> np.ndarray:
         return self.spec.weights[name]
 
-    def linear(self, g: GraphBuilder, x: str, name: str, key: str, bias: str | None = None) -> str:
-        y = self.linear_fn(g, LinearArgs(name=name, x=x, w=self.w(key), weight_key=key, quant=self.spec.quant.get(key)))
+    def linear(self, g: GraphBuilder, x: str, name: str, key: str, bias: str | None = None, fn=None) -> str:
+        y = (fn or self.linear_fn)(g, LinearArgs(name=name, x=x, w=self.w(key), weight_key=key, quant=self.spec.quant.get(key)))
         if bias is not None and bias in self.spec.weights:
             y = g.op("Add", [y, g.weight(bias, self.w(bias))], name + ".bias")
         return y
@@ -147,7 +147,7 @@ class LayerEmitter:
             g.weight("model.embed_tokens.weight", lambda: self.w("model.embed_tokens.weight"))
             return
         key = "model.embed_tokens.weight" if self.a.tie_word_embeddings else "lm_head.weight"
-        y = self.linear(g, xn, "head.lm_head", key)
+        y = self.linear(g, xn, "head.lm_head", key, fn=LINEAR_FORMATS[HEAD_FORMATS[self.fmt]])
         g.op("Identity", [y], LOGITS)  # (n, V)
 
     def segment(self, g: GraphBuilder, seg: Segment) -> None:
