@@ -4,9 +4,11 @@ Each helper appends operators to one :class:`~tqedge.exporters.tflite_builder.Su
 returns the name of its output tensor. Activations carry a resizable first dimension (T, or n
 for the logits rows); everything else is static.
 
-Weights are dense float32 (``fp32``) or int8 with one symmetric scale per output channel
-(``int8``): TFLite runs an int8-weight FULLY_CONNECTED with float input as a *hybrid*
-(dynamic-range) kernel that quantizes the activations per row on the fly.
+Weights are dense float32 (``fp32``); float16 (``fp16``: stored half, widened by a
+DEQUANTIZE op that TFLite folds once at load and XNNPACK fuses into its packed fp32 weights —
+halves the file, not the RAM); or int8 with one symmetric scale per output channel (``int8``):
+TFLite runs an int8-weight FULLY_CONNECTED with float input as a *hybrid* (dynamic-range)
+kernel that quantizes the activations per row on the fly.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 from tqedge.errors import TqedgeError
 from tqedge.exporters.tflite_builder import Quant, Subgraph, require_schema
 
-TFLITE_WEIGHTS = ("fp32", "int8")
+TFLITE_WEIGHTS = ("fp32", "fp16", "int8")
 
 
 def quantize_per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +56,10 @@ class WeightStore:
         key = "+".join(names)
         if key not in self._cache:
             w = np.concatenate([self.get(n) for n in names], axis=0).astype(np.float32)  # (out, in)
-            self._cache[key] = quantize_per_channel(w) if self.fmt == "int8" else (w, None)
+            if self.fmt == "int8":
+                self._cache[key] = quantize_per_channel(w)
+            else:
+                self._cache[key] = (w.astype(np.float16) if self.fmt == "fp16" else w, None)
         return self._cache[key]
 
 
@@ -83,6 +88,14 @@ class Ops:
 
     def _ints(self, values) -> str:
         return self.const(np.asarray(values, np.int32))
+
+    def widen(self, name: str, shape) -> str:
+        """float32 view of the float16 constant ``name`` (a DEQUANTIZE op, folded at load)."""
+        out = name + ".fp32"
+        if not self.g.has(out):
+            self.g.tensor(out, shape, np.float32)
+            self.g.op("DEQUANTIZE", [name], [out])
+        return out
 
     # -- elementwise and shape ops --------------------------------------------------------
     def binary(self, code: str, a: str, b: str, shape) -> str:
@@ -139,6 +152,8 @@ class Ops:
         key = "+".join(names)
         quant = None if scale is None else Quant(scale, np.zeros(len(scale), np.int64), axis=0)
         wt = self.const(w, name=key, quant=quant)  # (out, in)
+        if w.dtype == np.float16:
+            wt = self.widen(wt, w.shape)
         b = None
         if bias:
             b = self.const(np.concatenate([self.store.get(n) for n in bias]).astype(np.float32), name="+".join(bias))
@@ -187,6 +202,11 @@ class Ops:
     def embed(self, ids: str, name: str, vocab: int, dim: int, out_name: str) -> str:
         """Rows ``ids`` (T,) of the (vocab, dim) table; int8 tables are scaled back per row."""
         w, scale = self.store.linear((name,))
+        if w.dtype == np.float16:
+            rows = self.gather(self.const(w, name=name), ids, [-1, dim], np.float16)  # (T, dim) fp16
+            out = self.act([-1, dim], name=out_name)
+            self.g.op("CAST", [rows], [out])
+            return out
         if scale is None:
             return self.gather(self.const(w, name=name), ids, [-1, dim], name=out_name)
         quant = Quant(scale, np.zeros(len(scale), np.int64), axis=0)

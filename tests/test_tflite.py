@@ -85,6 +85,12 @@ def _run(backend, arch, ids, chunks):
     return np.concatenate(out)
 
 
+def _buffer_bytes(path) -> int:
+    """Bytes of constant data stored in a .tflite file."""
+    m = schema.Model.GetRootAs(path.read_bytes(), 0)
+    return sum(m.Buffers(b).Size() for b in range(m.BuffersLength()))
+
+
 def _reference(model, ids):
     with torch.no_grad():
         return model(torch.tensor(ids)[None]).logits[0].numpy()  # (T, vocab)
@@ -112,16 +118,34 @@ def test_logits_index_selects_rows(tmp_path):
     np.testing.assert_allclose(got, ref[[5, 2]], atol=2e-4, rtol=0)
 
 
+def _round_matrices(model, fn) -> None:
+    """Replace every weight matrix of ``model`` by ``fn(w)`` (the storage rounding, in float)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.from_numpy(fn(p.numpy())))
+
+
+def _int8_rows(w: np.ndarray) -> np.ndarray:
+    s = np.abs(w).max(axis=1, keepdims=True) / 127.0
+    return (np.round(w / s) * s).astype(np.float32)
+
+
+def test_fp16_matches_transformers_with_fp16_rounded_weights(tmp_path):
+    model, arch, weights = _tiny("llama")
+    backend, path = _backend(tmp_path, arch, weights, "fp16")
+    assert _buffer_bytes(path) < 0.55 * sum(w.nbytes for w in weights.values())
+    _round_matrices(model, lambda w: w.astype(np.float16).astype(np.float32))
+    ids = np.random.default_rng(5).integers(0, VOCAB, 10)
+    got = _run(backend, arch, ids, [8, 1, 1])
+    np.testing.assert_allclose(got, _reference(model, ids), atol=2e-4, rtol=0)
+
+
 def test_int8_close_to_dequantized_reference(tmp_path):
     model, arch, weights = _tiny("qwen2")
-    backend, _ = _backend(tmp_path, arch, weights, "int8")
-    # oracle: the same model with every matrix rounded to int8 per output row, in float
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                w = p.numpy()
-                s = np.abs(w).max(axis=1, keepdims=True) / 127.0
-                p.copy_(torch.from_numpy(np.round(w / s) * s))
+    backend, path = _backend(tmp_path, arch, weights, "int8")
+    assert _buffer_bytes(path) < 0.3 * sum(w.nbytes for w in weights.values())
+    _round_matrices(model, _int8_rows)  # oracle: int8-per-row weights, float activations
     ids = np.random.default_rng(3).integers(0, VOCAB, 12)
     got = _run(backend, arch, ids, [9, 1, 1, 1])
     ref = _reference(model, ids)
