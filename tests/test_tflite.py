@@ -205,3 +205,16 @@ def test_backend_refuses_graph_without_its_signatures(tmp_path):
                         graphs={"tflite": g})
     with pytest.raises(TqedgeError, match="nope"):
         LiteRTBackend(tmp_path, manifest)
+
+
+def test_two_threads_share_one_backend(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, arch, weights = _tiny("llama")
+    backend, _ = _backend(tmp_path, arch, weights)
+    rng = np.random.default_rng(6)
+    seqs = [rng.integers(0, VOCAB, 9) for _ in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda ids: _run(backend, arch, ids, [5, 1, 1, 1, 1]), seqs))
+    for ids, g in zip(seqs, got):
+        np.testing.assert_allclose(g, _reference(model, ids), atol=2e-4, rtol=0)

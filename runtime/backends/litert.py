@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class LiteRTBackend:
         if missing:
             raise TqedgeError(f"{graph.file} has no signature {missing[0]!r} (bundle and graph disagree)")
         self.runners = [self.interpreter.get_signature_runner(s) for s in graph.segments]
+        self._lock = threading.Lock()  # a TFLite interpreter must not run two steps at once
         self.inputs = [list(have[s]["inputs"]) for s in graph.segments]
         self.attention = graph.attention
         d = manifest.architecture.head_dim
@@ -85,10 +87,11 @@ class LiteRTBackend:
                POSITIONS: np.ascontiguousarray(positions, np.int64),  # (T,)
                LOGITS_INDEX: np.ascontiguousarray(logits_index, np.int64)}  # (n,)
         last = len(self.runners) - 1
-        for i, (run, names) in enumerate(zip(self.runners, self.inputs)):
-            env.update(run(**{n: env[n] for n in names}))
-            if i < last:
-                node = self.attention[i]
-                env[node.out] = cache.attend(node.layer, env[node.q], env[node.k], env[node.v],
-                                             self.scales[i])  # (T, Hq, D)
+        with self._lock:
+            for i, (run, names) in enumerate(zip(self.runners, self.inputs)):
+                env.update(run(**{n: env[n] for n in names}))
+                if i < last:
+                    node = self.attention[i]
+                    env[node.out] = cache.attend(node.layer, env[node.q], env[node.k], env[node.v],
+                                                 self.scales[i])  # (T, Hq, D)
         return env[LOGITS]  # (n, vocab)
