@@ -30,9 +30,11 @@ from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM
 
 BACKEND = "numba"
 BLOCK = 256  # keys per parallel work item
+TILE = 64  # keys decoded at a time into a small L1-resident tile
 PARALLEL_MIN = 4096  # H·N below which the serial kernels are used
 
 _OPTS = dict(cache=True, fastmath=True, nogil=True)
+_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)  # float16 exponent table
 
 
 @njit(inline="always", **_OPTS)
@@ -46,97 +48,172 @@ def _half(h):
     elif e == 31:
         v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
     else:
-        v = np.float32(1024 + m) * np.float32(2.0 ** (e - 25))
+        v = np.float32(1024 + m) * _POW2[e]
     return -v if h & 0x8000 else v
 
 
-@njit(inline="always", **_OPTS)
-def _decode_row(row, srow, table, cb, lut, buf):
-    """Decode one packed row (B,) with its scales (P,) into buf[:Dp] (float32, scaled)."""
+@njit(**_OPTS)
+def _decode_tile(ch, n0, nr, table, cb, lut64, tile, tile64):
+    """Decode rows ``n0 .. n0+nr`` of one head's codes ``ch`` (N, B) into ``tile[:nr, :Dp]``,
+    unscaled (centroid values). Segment by segment, so the width branch is taken once per tile;
+    the loops work on slices (simple strides, no aliasing doubts for LLVM)."""
     for s in range(table.shape[0]):
         bits = table[s, BITS]
         bo = table[s, BYTE_OFF]
         do = table[s, DIM_OFF]
         nd = table[s, NDIM]
         co = table[s, CB_OFF]
-        lo = table[s, LUT_OFF]
-        sc = _half(srow[table[s, SCALE_IDX]])
-        if bits == 4:
-            for i in range((nd + 1) >> 1):
-                k = lo + 2 * np.int64(row[bo + i])
-                buf[do + 2 * i] = lut[k] * sc
-                buf[do + 2 * i + 1] = lut[k + 1] * sc
-        elif bits == 2:
-            for i in range((nd + 3) >> 2):
-                k = lo + 4 * np.int64(row[bo + i])
-                for t in range(4):
-                    buf[do + 4 * i + t] = lut[k + t] * sc
+        lb = table[s, LUT_OFF] >> 1  # index into the uint64 (float pair) view of the byte tables
+        o = do >> 1
+        even = (do & 1) == 0
+        if bits == 4 and even:  # one byte → 2 floats = one uint64
+            nb = (nd + 1) >> 1
+            lt = lut64[lb : lb + 256]
+            for r in range(nr):
+                row = ch[n0 + r, bo : bo + nb]
+                t = tile64[r, o : o + nb]
+                for k in range(nb):
+                    t[k] = lt[row[k]]
+        elif bits == 2 and even:  # one byte → 4 floats
+            nb = (nd + 3) >> 2
+            lt = lut64[lb : lb + 512]
+            for r in range(nr):
+                row = ch[n0 + r, bo : bo + nb]
+                t = tile64[r, o : o + 2 * nb]
+                for k in range(nb):
+                    e = 2 * np.int64(row[k])
+                    t[2 * k] = lt[e]
+                    t[2 * k + 1] = lt[e + 1]
+        elif bits == 1 and even:  # one byte → 8 floats
+            nb = (nd + 7) >> 3
+            lt = lut64[lb : lb + 1024]
+            for r in range(nr):
+                row = ch[n0 + r, bo : bo + nb]
+                t = tile64[r, o : o + 4 * nb]
+                for k in range(nb):
+                    e = 4 * np.int64(row[k])
+                    for i in range(4):
+                        t[4 * k + i] = lt[e + i]
+        elif bits == 3 and even:  # 3 bytes → 8 codes = 4 six-bit pairs
+            ng = nd >> 3
+            lt = lut64[lb : lb + 64]
+            for r in range(nr):
+                row = ch[n0 + r, bo : bo + 3 * ng]
+                t = tile64[r, o : o + 4 * ng]
+                for k in range(ng):
+                    w = np.int64(row[3 * k]) | (np.int64(row[3 * k + 1]) << 8) | (np.int64(row[3 * k + 2]) << 16)
+                    t[4 * k] = lt[w & 63]
+                    t[4 * k + 1] = lt[(w >> 6) & 63]
+                    t[4 * k + 2] = lt[(w >> 12) & 63]
+                    t[4 * k + 3] = lt[(w >> 18) & 63]
+                if ng << 3 < nd:
+                    _decode_generic(ch[n0 + r], bo, bits, ng << 3, nd, cb, co, tile, r, do)
         elif bits == 8:
-            for i in range(nd):
-                buf[do + i] = cb[co + np.int64(row[bo + i])] * sc
-        elif bits == 1:
-            for i in range((nd + 7) >> 3):
-                k = lo + 8 * np.int64(row[bo + i])
-                for t in range(8):
-                    buf[do + 8 * i + t] = lut[k + t] * sc
+            c = cb[co : co + 256]
+            for r in range(nr):
+                row = ch[n0 + r, bo : bo + nd]
+                t = tile[r, do : do + nd]
+                for k in range(nd):
+                    t[k] = c[row[k]]
         else:
-            start = 0
-            if bits == 3:
-                for gi in range(nd >> 3):
-                    b3 = bo + 3 * gi
-                    w = np.int64(row[b3]) | (np.int64(row[b3 + 1]) << 8) | (np.int64(row[b3 + 2]) << 16)
-                    for t in range(8):
-                        buf[do + 8 * gi + t] = cb[co + ((w >> (3 * t)) & 7)] * sc
-                start = (nd >> 3) << 3
-            mask = (1 << bits) - 1
-            nbytes = (nd * bits + 7) >> 3
-            for j in range(start, nd):
-                bit = j * bits
-                byte = bit >> 3
-                sh = bit & 7
-                w = np.int64(row[bo + byte])
-                if sh + bits > 8 and byte + 1 < nbytes:
-                    w |= np.int64(row[bo + byte + 1]) << 8
-                buf[do + j] = cb[co + ((w >> sh) & mask)] * sc
+            for r in range(nr):
+                _decode_generic(ch[n0 + r], bo, bits, 0, nd, cb, co, tile, r, do)
 
 
-def _scores_impl(qp, codes, scales, table, cb, lut):
+@njit(inline="always", **_OPTS)
+def _decode_generic(row, bo, bits, j0, nd, cb, co, tile, r, do):
+    """Codes j0..nd of a segment, any width: a 16-bit window per code."""
+    mask = (1 << bits) - 1
+    nbytes = (nd * bits + 7) >> 3
+    for j in range(j0, nd):
+        bit = j * bits
+        byte = bit >> 3
+        sh = bit & 7
+        w = np.int64(row[bo + byte])
+        if sh + bits > 8 and byte + 1 < nbytes:
+            w |= np.int64(row[bo + byte + 1]) << 8
+        tile[r, do + j] = cb[co + ((w >> sh) & mask)]
+
+
+@njit(inline="always", **_OPTS)
+def _new_tile(dp):
+    width = (dp + 9) & ~1  # room for the overhang of a partial last byte, even for the uint64 view
+    tile = np.zeros((TILE, width), dtype=np.float32)
+    return tile, tile.reshape(-1).view(np.uint64).reshape(TILE, width >> 1)
+
+
+@njit(**_OPTS)
+def _tile_scores(q, tile, nr, table, sh, n0, out_h):
+    """out_h[g, n0 + r] = sum over segments of scale · <q[g, seg], tile[r, seg]>."""
+    ng = q.shape[0]
+    for s in range(table.shape[0]):
+        do = table[s, DIM_OFF]
+        nd = table[s, NDIM]
+        si = table[s, SCALE_IDX]
+        first = s == 0
+        for r in range(nr):
+            sc = _half(sh[n0 + r, si])
+            t = tile[r, do : do + nd]
+            for g in range(ng):
+                qg = q[g, do : do + nd]
+                acc = np.float32(0.0)
+                for j in range(nd):
+                    acc += qg[j] * t[j]
+                if first:
+                    out_h[g, n0 + r] = acc * sc
+                else:
+                    out_h[g, n0 + r] += acc * sc
+
+
+@njit(**_OPTS)
+def _tile_values(p_h, tile, nr, table, sh, n0, acc):
+    """acc[g, seg] += p_h[g, n0 + r] · scale · tile[r, seg] for each row and segment."""
+    ng = acc.shape[0]
+    for s in range(table.shape[0]):
+        do = table[s, DIM_OFF]
+        nd = table[s, NDIM]
+        si = table[s, SCALE_IDX]
+        for r in range(nr):
+            sc = _half(sh[n0 + r, si])
+            t = tile[r, do : do + nd]
+            for g in range(ng):
+                w = p_h[g, n0 + r] * sc
+                a = acc[g, do : do + nd]
+                for j in range(nd):
+                    a[j] += w * t[j]
+
+
+def _scores_impl(qp, codes, scales, table, cb, lut64):
     nh, ng, dp = qp.shape
     n = codes.shape[1]
     out = np.empty((nh, ng, n), dtype=np.float32)
     nblk = (n + BLOCK - 1) // BLOCK
     for task in prange(nh * nblk):
         h = task // nblk
-        n0 = (task % nblk) * BLOCK
-        n1 = min(n, n0 + BLOCK)
-        buf = np.zeros(dp + 8, dtype=np.float32)
-        q = qp[h]  # (G, Dp)
-        for i in range(n0, n1):
-            _decode_row(codes[h, i], scales[h, i], table, cb, lut, buf)
-            for g in range(ng):
-                acc = np.float32(0.0)
-                for j in range(dp):
-                    acc += q[g, j] * buf[j]
-                out[h, g, i] = acc
+        b0 = (task % nblk) * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        tile, tile64 = _new_tile(dp)
+        for n0 in range(b0, b1, TILE):
+            nr = min(TILE, b1 - n0)
+            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
+            _tile_scores(qp[h], tile, nr, table, scales[h], n0, out[h])
     return out
 
 
-def _value_sum_impl(p, codes, scales, table, cb, lut, dp):
+def _value_sum_impl(p, codes, scales, table, cb, lut64, dp):
     nh, ng, n = p.shape
     nblk = (n + BLOCK - 1) // BLOCK
     part = np.zeros((nh * nblk, ng, dp), dtype=np.float32)
     for task in prange(nh * nblk):
         h = task // nblk
-        n0 = (task % nblk) * BLOCK
-        n1 = min(n, n0 + BLOCK)
-        buf = np.zeros(dp + 8, dtype=np.float32)
+        b0 = (task % nblk) * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        tile, tile64 = _new_tile(dp)
         acc = np.zeros((ng, dp), dtype=np.float32)
-        for i in range(n0, n1):
-            _decode_row(codes[h, i], scales[h, i], table, cb, lut, buf)
-            for g in range(ng):
-                w = p[h, g, i]
-                for j in range(dp):
-                    acc[g, j] += w * buf[j]
+        for n0 in range(b0, b1, TILE):
+            nr = min(TILE, b1 - n0)
+            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
+            _tile_values(p[h], tile, nr, table, scales[h], n0, acc)
         part[task] = acc
     out = np.zeros((nh, ng, dp), dtype=np.float32)
     for task in range(nh * nblk):
@@ -144,17 +221,29 @@ def _value_sum_impl(p, codes, scales, table, cb, lut, dp):
     return out
 
 
-def _dequantize_impl(codes, scales, table, cb, lut, dp):
+def _dequantize_impl(codes, scales, table, cb, lut64, dp):
     nh, n = codes.shape[:2]
+    nseg = table.shape[0]
     out = np.empty((nh, n, dp), dtype=np.float32)
     nblk = (n + BLOCK - 1) // BLOCK
     for task in prange(nh * nblk):
         h = task // nblk
-        n0 = (task % nblk) * BLOCK
-        buf = np.zeros(dp + 8, dtype=np.float32)
-        for i in range(n0, min(n, n0 + BLOCK)):
-            _decode_row(codes[h, i], scales[h, i], table, cb, lut, buf)
-            out[h, i, :] = buf[:dp]
+        b0 = (task % nblk) * BLOCK
+        b1 = min(n, b0 + BLOCK)
+        tile, tile64 = _new_tile(dp)
+        for n0 in range(b0, b1, TILE):
+            nr = min(TILE, b1 - n0)
+            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
+            for s in range(nseg):
+                do = table[s, DIM_OFF]
+                nd = table[s, NDIM]
+                si = table[s, SCALE_IDX]
+                for r in range(nr):
+                    sc = _half(scales[h, n0 + r, si])
+                    o = out[h, n0 + r, do : do + nd]
+                    t = tile[r, do : do + nd]
+                    for j in range(nd):
+                        o[j] = t[j] * sc
     return out
 
 
@@ -201,17 +290,20 @@ def _big(codes) -> bool:
 
 def scores(qp, codes, scales16, table, cb, lut):
     """<qp[h, g], decoded[h, n]>: (H, G, Dp) f32, (H, N, B) u8, (H, N, P) u16 → (H, G, N) float32."""
-    return (_scores_par if _big(codes) else _scores_ser)(qp, codes, scales16, table, cb, lut)
+    fn = _scores_par if _big(codes) else _scores_ser
+    return fn(qp, codes, scales16, table, cb, lut.view(np.uint64))
 
 
 def value_sum(p, codes, scales16, table, cb, lut, dp):
     """sum_n p[h, g, n] · decoded[h, n]: (H, G, N) f32, (H, N, B), (H, N, P) → (H, G, Dp) float32."""
-    return (_value_sum_par if _big(codes) else _value_sum_ser)(p, codes, scales16, table, cb, lut, dp)
+    fn = _value_sum_par if _big(codes) else _value_sum_ser
+    return fn(p, codes, scales16, table, cb, lut.view(np.uint64), dp)
 
 
 def dequantize(codes, scales16, table, cb, lut, dp):
     """Decoded rows in the projected domain: (H, N, B), (H, N, P) → (H, N, Dp) float32."""
-    return (_dequantize_par if _big(codes) else _dequantize_ser)(codes, scales16, table, cb, lut, dp)
+    fn = _dequantize_par if _big(codes) else _dequantize_ser
+    return fn(codes, scales16, table, cb, lut.view(np.uint64), dp)
 
 
 @njit(**_OPTS)

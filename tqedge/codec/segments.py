@@ -23,7 +23,7 @@ import numpy as np
 # columns of the int64 table (S, NCOL)
 BITS, BYTE_OFF, DIM_OFF, NDIM, SCALE_IDX, CB_OFF, LUT_OFF = range(7)
 NCOL = 7
-LUT_BITS = (1, 2, 4)  # widths that decode a whole byte with one lookup of 8/b centroids
+LUT_BITS = (1, 2, 3, 4)  # widths with a byte table (b = 3: a table of 6-bit code pairs)
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class SegmentTable:
     """Kernel-ready arrays for a list of segments.
 
     ``table`` int64 (S, NCOL); ``cb`` float32 flat codebooks (``CB_OFF``); ``lut`` float32 flat
-    byte tables (``LUT_OFF``, -1 if none): for b in (1, 2, 4), entry ``[byte · 8/b + k]`` is the
-    centroid of the k-th code in that byte.
+    byte tables (``LUT_OFF``, -1 if none; offsets are even so pairs of floats can be copied as
+    one uint64): for b in (1, 2, 4), entry ``[byte · 8/b + k]`` is the centroid of the k-th code
+    in that byte; for b = 3, entry ``[v · 2 + k]`` (v a 6-bit value) is that of its k-th 3-bit code.
     """
 
     table: np.ndarray
@@ -54,9 +55,10 @@ class SegmentTable:
 
 
 def byte_lut(codebook: np.ndarray, bits: int) -> np.ndarray:
-    """(256 · 8/bits,) float32: the centroids of all codes packed in each possible byte."""
-    per = 8 // bits
-    byte = np.arange(256)[:, None]  # (256, 1)
+    """(256 · 8/bits,) float32: the centroids of all codes packed in each possible byte
+    (b = 3: (64 · 2,), the two centroids of each 6-bit value)."""
+    per = 8 // bits if bits != 3 else 2
+    byte = np.arange(256 if bits != 3 else 64)[:, None]  # (V, 1)
     k = np.arange(per)[None, :]  # (1, per)
     idx = (byte >> (k * bits)) & ((1 << bits) - 1)  # (256, per)
     return np.asarray(codebook, dtype=np.float32)[idx].reshape(-1)
@@ -78,5 +80,5 @@ def build_table(segments: list[Segment]) -> SegmentTable:
         dp = max(dp, s.dim_off + s.ndim)
     table = np.asarray(rows, dtype=np.int64).reshape(-1, NCOL)
     cb = np.concatenate(cbs) if cbs else np.zeros(0, np.float32)
-    lut = np.concatenate(luts) if luts else np.zeros(1, np.float32)
+    lut = np.concatenate(luts) if luts else np.zeros(2, np.float32)  # even: viewed as uint64
     return SegmentTable(table, cb, lut, dp)
