@@ -169,6 +169,10 @@ class ChatRepl:
 
     def run(self, stream) -> None:
         if self.interactive:
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:  # Windows
+                pass
             click.echo("Type a message; /reset, /stats, /exit. Ctrl-D quits.", err=True)
         while self.running:
             try:

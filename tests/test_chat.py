@@ -29,7 +29,6 @@ def test_turn_two_prefills_only_the_new_tokens_and_matches_fresh_generation(lm):
     chat.send("Hello there")
     held = chat.cached_ids
     assert len(held) == chat.cache.offset
-    chat.messages  # noqa: B018
     msgs = chat.messages + [{"role": "user", "content": "What is the capital of France?"}]
     ids = _rendered_ids(lm, msgs)
     lm.calls.clear()
@@ -150,6 +149,9 @@ def test_smollm2_long_conversation_under_16mib(smollm2_model, wikitext):
     for t in turns:
         chat.send(t)
         fed += chat.stats.prompt_tokens + chat.stats.generation_tokens
+        # every turn, evicted or not, prefills about its own message only (+ the template and,
+        # on the first turn, the default system prompt)
+        assert chat.stats.prompt_tokens <= len(m.encode(t, add_special_tokens=False)) + 40
     assert fed > 3000 and chat.cache.evicted > 0
     assert chat.cache.length == chat.cache.capacity < 800
     strict = m.chat(kv_bits="exact", kv_budget="16MiB", policy="error", temperature=0, max_tokens=8)
