@@ -22,11 +22,11 @@ After a reply the cache holds the prompt and the reply tokens except the last on
 ``runtime/generate.py``); the next render's ``<|im_end|>`` and new turn follow on naturally.
 
 Threading: a ``Chat`` is not thread-safe (it owns mutable state: messages, cache, ids); use
-one per thread or guard it with your own lock. Different chats (each with its own cache) may
-run in different threads on a shared model: forward calls are serialized by a per-model lock
-in ``runtime/generate.py``, which is the simple safe choice for every backend (LiteRT
-interpreters are not re-entrant) and costs nothing on devices with few cores, where two
-concurrent forwards would only compete for the same cores.
+one per thread or guard it with your own lock. Different chats, each with its own cache, may
+run in different threads on one shared model without any lock: the model keeps no per-call
+state, onnxruntime's ``InferenceSession.run`` is thread-safe, and the LiteRT backend
+serializes its interpreter itself. (On a device with few cores, concurrent chats share the
+cores, so each one runs slower; the server decides how many run at once.)
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ the next one, so after a generation the cache holds the prompt and every generat
 the last (the EOS, or the token that hit max_tokens or a stop string). :class:`Chat` relies on
 ``cache.offset`` to know exactly which tokens the cache holds.
 
-Forward calls on one model are serialized by a per-model lock (:func:`model_lock`), so chats
-in different threads may share a model; see ``runtime/chat.py`` for the threading rules.
+No lock is taken here: backends are safe to call from several threads (onnxruntime's
+``InferenceSession.run`` is thread-safe and the ONNX backend keeps no per-call state; the
+LiteRT backend serializes its interpreter itself), and each generation has its own cache.
+See ``runtime/chat.py`` for the threading rules.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -42,19 +42,6 @@ log = logging.getLogger(__name__)
 # small enough for a phone or a Raspberry Pi.
 PREFILL_CHUNK = 512
 FINISH_REASONS = ("stop", "length", "eos")
-
-_locks: "weakref.WeakKeyDictionary[object, threading.RLock]" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model) -> threading.RLock:
-    """The lock that serializes forward calls on ``model`` (one per model object)."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
-
 
 def _cache_attr(cache, name: str, default):
     """A cache setting (``sinks``, ``policy``) from the cache or its slot ring."""
@@ -92,11 +79,6 @@ def check_room(cache, t: int, what: str = "this step") -> None:
     )
 
 
-def _forward(model, ids, cache, logits: str = "last") -> np.ndarray:
-    with model_lock(model):
-        return model.forward(ids, cache, logits=logits)
-
-
 def prefill(model, cache, ids: Sequence[int], chunk: int | None = None) -> np.ndarray:
     """Feed prompt tokens to ``cache`` in chunks and return the logits after the last one.
 
@@ -119,14 +101,14 @@ def prefill(model, cache, ids: Sequence[int], chunk: int | None = None) -> np.nd
         raise TqedgeError(f"prefill chunk must be ≥ 1, not {chunk}")
     logits = None
     for i in range(0, len(ids), step):
-        logits = _forward(model, ids[i:i + step], cache)  # (V,)
+        logits = model.forward(ids[i:i + step], cache)  # (V,)
     return logits
 
 
 def decode_one_token(model, cache, token: int) -> np.ndarray:
     """Feed one token and return the (vocab,) logits predicting the next."""
     check_room(cache, 1, "the reply")
-    return _forward(model, [int(token)], cache)
+    return model.forward([int(token)], cache)
 
 
 def generate_step(model, cache, prompt_ids: Sequence[int], sampler=None, processors=(),
