@@ -229,7 +229,7 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
     """Recommend a weight format and a ``--kv-budget`` for this device.
 
     The rule: usable memory = *available* memory − headroom for the Python process and the OS
-    (``plan.RUNTIME_OVERHEAD`` measured + ``plan.MARGIN`` ≈ 300 MiB). Without a bundle the
+    (``plan.RUNTIME_OVERHEAD``, measured, + ``plan.MARGIN`` ≈ 550 MiB). Without a bundle the
     format comes from total memory (:data:`FORMAT_BY_TOTAL`) and the KV budget is a quarter of
     the usable memory (at most 1 GiB), rounded down to a power of two (16 MiB minimum). With ``bundle``,
     :func:`tqedge.runtime.plan.recommend` subtracts the bundle's weights and sizes the budget
@@ -249,8 +249,12 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
         return {"weights": "int8", "kv_budget": 64 * MiB, "kv_budget_arg": "64MiB",
                 "why": "memory size unknown: the defaults"}
     if bundle:
-        rec = plan.recommend(bundle, avail, os_reserve=0, total=mem.get("total"))
-        rec["why"] = f"from {format_bytes(avail)} available and the bundle's sizes"
+        m = plan.load_manifest(bundle)
+        best = plan.recommend(m, avail, os_reserve=0, total=mem.get("total"))["weights"]
+        rec = plan.recommend(m, avail, os_reserve=0, total=mem.get("total"), weights=m.weights.format)
+        rec.update(bundle_weights=m.weights.format, best_weights=best,
+                   why=f"for this bundle's {m.weights.format} weights in {format_bytes(avail)} available "
+                       f"(best format for this device: {best or 'none fits'})")
         return rec
     weights = next(fmt for limit, fmt in FORMAT_BY_TOTAL if (mem.get("total") or avail) < limit)
     usable = avail - plan.RUNTIME_OVERHEAD - plan.MARGIN
@@ -307,6 +311,10 @@ def _warnings(r: dict) -> list[str]:
     if r["kernels"]["path"] == "numba" and not nc["writable"]:
         out.append(f"Numba cache dir {nc['dir']} is not writable: kernels recompile in every process "
                    "(set NUMBA_CACHE_DIR)")
+    rec = r["recommendation"]
+    if rec.get("bundle_weights") and not rec["weights"]:
+        out.append(f"this bundle's {rec['bundle_weights']} weights do not fit in the available memory"
+                   + (f"; re-export with --weights {rec['best_weights']}" if rec["best_weights"] else ""))
     avail = r["memory"].get("available")
     if avail is not None and avail < 512 * MiB:
         out.append(f"only {format_bytes(avail)} available: close other programs or use int4 weights")
@@ -336,8 +344,10 @@ def format_report(r: dict) -> str:
         f"kernels      {k['path']} ({k['reason']})",
         f"numba cache  {nc['dir']} [{nc['how']}; {nc['compiled_entries']} compiled entries"
         f"{'' if nc['writable'] else '; NOT writable'}]",
-        f"recommended  {rec['weights']} weights, --kv-budget {rec['kv_budget_arg']}"
-        + (f" → {rec['tokens']} tokens at {rec['kv_config']}" if rec.get("tokens") else ""),
+        (f"recommended  {rec['weights']} weights, --kv-budget {rec['kv_budget_arg']}"
+         + (f" → {rec['tokens']} tokens at {rec['kv_config']}" if rec.get("tokens") else "")
+         + (" (the model's max)" if rec.get("capped") else "")) if rec["weights"]
+        else f"recommended  nothing: {rec.get('line', '')}",
         f"  why        {rec['why']}",
     ]
     lines += [f"warning      {w}" for w in r["warnings"]]

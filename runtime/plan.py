@@ -41,10 +41,14 @@ MiB = 1024**2
 GiB = 1024**3
 
 # Measured on the reference x86_64 machine (Python 3.11, numpy 2.4, numba 0.68, onnxruntime
-# 1.32): peak RSS of a `tqedge generate` process minus its resident weights, after the first
-# token with compiled kernels. On a Pi (aarch64) the same imports are within ~10% of this.
-RUNTIME_OVERHEAD = 192 * MiB
-MARGIN = 128 * MiB  # allocator slack, page cache for the bundle files, the app around tqedge
+# 1.32, SmolLM2-135M bundles, 113-token prefill + 8 decode steps, warm Numba cache): steady
+# RSS minus the weights file (mapped, file-backed) and the KV cache is 355-361 MiB for int8 and
+# int4 bundles (the interpreter and libraries ~60 MiB, onnxruntime's sessions and prepacked
+# MatMulNBits buffers ~190 MiB, Numba's loaded kernels ~80 MiB) and 311 MiB for fp32.
+RUNTIME_OVERHEAD = 360 * MiB
+# The first prefill peaks above the steady state while onnxruntime prepacks weights (measured
+# +168 MiB for int8, +37 MiB for int4); plus allocator slack and the app around tqedge.
+MARGIN = 192 * MiB
 OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 MiB
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
 DEVICES = (1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB)
@@ -240,7 +244,8 @@ def choose_format(m: Manifest, room: int, total: int | None) -> str | None:
     return order[-1] if weight_bytes(a, order[-1]) + smallest <= room else None
 
 
-def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | None = None) -> dict:
+def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | None = None,
+              weights: str | None = None) -> dict:
     """Recommend weights and a ``--kv-budget`` for ``memory`` bytes of device memory.
 
     Args:
@@ -249,6 +254,8 @@ def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | No
         os_reserve: what the OS keeps (bytes or a size string).
         total: the device's total memory when ``memory`` is only what is available (for the
             device-class rule of :func:`choose_format`); defaults to ``memory``.
+        weights: size the KV budget for this weight format instead of choosing one (e.g. the
+            bundle's own format, the one that will actually run).
 
     Returns:
         ``{"weights", "kv_budget", "kv_budget_arg", "kv_config", "tokens", "capped", "line"}``;
@@ -259,19 +266,19 @@ def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | No
     memory, os_reserve = parse_bytes(memory), parse_bytes(os_reserve)
     total = memory if total is None else total
     room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
-    fmt = choose_format(m, room, total)
     config = default_config(kv)
+    fmt = choose_format(m, room, total) if weights is None else weights
     head = f"{format_bytes(total if os_reserve else memory)}"
-    if fmt is None:
+    if fmt is None or weight_bytes(a, fmt) + kv_budget_for(0, a, kv, config) > room:
+        fmt = fmt or "int4"
         return {"weights": None, "kv_budget": 0, "kv_budget_arg": None, "kv_config": config, "tokens": 0,
-                "capped": False, "line": f"{head}: does not fit (even int4 weights need "
-                                         f"{format_bytes(weight_bytes(a, 'int4'))} of {format_bytes(max(room, 0))})"}
+                "capped": False, "line": f"{head}: does not fit ({fmt} weights need "
+                                         f"{format_bytes(weight_bytes(a, fmt))} of {format_bytes(max(room, 0))} usable)"}
     left = room - weight_bytes(a, fmt)
-    # three quarters of what is left (the rest: the app, a second session, fragmentation) ...
-    budget = min(round_budget(int(0.75 * left)), left // MiB * MiB)
-    need = kv_budget_for(a.max_position_embeddings, a, kv, config)
-    if need <= budget:  # ... or only what the model's whole context needs
-        budget = -(-need // MiB) * MiB
+    # what the model's whole context needs, if that fits; else three quarters of what is left
+    # (MARGIN already covers transients), rounded to a size people type
+    need = -(-kv_budget_for(a.max_position_embeddings, a, kv, config) // MiB) * MiB
+    budget = need if need <= left else min(round_budget(int(0.75 * left)), left // MiB * MiB)
     budget = max(budget, kv_budget_for(0, a, kv, config))  # at least the smallest cache
     tokens = kv_tokens(budget, a, kv, config)
     capped = tokens >= a.max_position_embeddings

@@ -130,7 +130,14 @@ import sys, tomllib
 print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))
 PY
   cat "$ROOT/opt/requirements.txt"
-  "$ROOT/armrun" python -m pip install -q --only-binary=:all: -r /opt/requirements.txt
+  # Download the aarch64 wheels natively on the host (emulated TLS is slow and long-lived
+  # emulated connections get reset), then install them offline inside the chroot.
+  mkdir -p "$ROOT/opt/wheelhouse"
+  "$PY" -m pip download -q --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 \
+    --platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_17_aarch64 \
+    --platform manylinux2014_aarch64 --platform any \
+    -r "$ROOT/opt/requirements.txt" -d "$ROOT/opt/wheelhouse"
+  "$ROOT/armrun" python -m pip install -q --no-index --find-links /opt/wheelhouse -r /opt/requirements.txt
   "$ROOT/armrun" python -c '
 import importlib.metadata as md
 import numba, numpy, onnxruntime, tokenizers
