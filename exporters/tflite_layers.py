@@ -121,20 +121,26 @@ class Ops:
         self.g.op("GATHER", [params, indices], [out], opts)
         return out
 
-    def slice_last(self, x: str, start: int, size: int, shape) -> str:
-        """``x[..., start:start+size]`` for a tensor of rank ``len(shape)``."""
+    def slice_last(self, x: str, start: int, size: int, shape, name: str | None = None) -> str:
+        """``x[..., start:start+size]`` for a tensor of rank ``len(shape)`` (STRIDED_SLICE:
+        unlike SLICE and SPLIT_V it stays inside XNNPACK's partitions)."""
         r = len(shape)
-        out = self.act([*shape[:-1], size])
-        self.g.op("SLICE", [x, self._ints([0] * (r - 1) + [start]), self._ints([-1] * (r - 1) + [size])], [out])
+        out = self.act([*shape[:-1], size], name=name)
+        opts = self.s.StridedSliceOptionsT()
+        opts.beginMask = opts.endMask = (1 << (r - 1)) - 1  # every leading axis whole
+        ins = [x, self._ints([0] * (r - 1) + [start]), self._ints([0] * (r - 1) + [start + size]), self._ints([1] * r)]
+        self.g.op("STRIDED_SLICE", ins, [out], opts)
         return out
 
-    def split_last(self, x: str, sizes: list[int], shape, names=None) -> list[str]:
-        """Split the last axis of ``x`` into pieces of ``sizes``."""
-        names = names or [None] * len(sizes)
-        outs = [self.act([*shape[:-1], n], name=nm) for n, nm in zip(sizes, names)]
-        opts = self.s.SplitVOptionsT()
+    def split_last(self, x: str, sizes: list[int], shape) -> list[str]:
+        """Split the last axis of ``x`` into pieces of ``sizes`` (SPLIT when equal, else slices)."""
+        if len(set(sizes)) > 1:
+            starts = np.cumsum([0, *sizes[:-1]])
+            return [self.slice_last(x, int(a), n, shape) for a, n in zip(starts, sizes)]
+        outs = [self.act([*shape[:-1], sizes[0]]) for _ in sizes]
+        opts = self.s.SplitOptionsT()
         opts.numSplits = len(sizes)
-        self.g.op("SPLIT_V", [x, self._ints(sizes), self.const(np.int32(len(shape) - 1))], outs, opts)
+        self.g.op("SPLIT", [self.const(np.int32(len(shape) - 1)), x], outs, opts)
         return outs
 
     def concat_last(self, xs: list[str], shape) -> str:
@@ -190,8 +196,7 @@ class Ops:
     def rope(self, x: str, heads: int, d: int, cos: str, sin: str, name: str) -> str:
         """``x * cos + rotate_half(x) * sin`` for x (T, heads, D)."""
         shape = [-1, heads, d]
-        lo = self.slice_last(x, 0, d // 2, shape)  # (T, H, D/2)
-        hi = self.slice_last(x, d // 2, d // 2, shape)  # (T, H, D/2)
+        lo, hi = self.split_last(x, [d // 2, d // 2], shape)  # (T, H, D/2) each
         rot = self.concat_last([self.unary("NEG", hi, [-1, heads, d // 2]), lo], shape)  # (T, H, D)
         a = self.binary("MUL", x, cos, shape)
         b = self.binary("MUL", rot, sin, shape)
