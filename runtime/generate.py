@@ -158,10 +158,11 @@ class StopMatcher:
         buf = self.held + piece
         if not self.stops:
             return buf, False
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # the stop that completes first wins (ties: the longer one), however text is split
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self.held = ""
-            return buf[:min(hits)], True
+            return buf[:min(hits)[1]], True
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), keep, -1):

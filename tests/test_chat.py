@@ -64,6 +64,16 @@ def test_stream_reply_joins_conversation(lm):
     assert chat2.send("Hi") == "".join(pieces)
 
 
+def test_interrupted_stream_keeps_partial_reply_and_next_turn_is_exact(lm):
+    chat = Chat(lm, kv_bits="exact", **GREEDY)
+    stream = chat.send("Hello", stream=True)
+    got = [next(stream) for _ in range(3)]
+    stream.close()
+    assert chat.messages[-1] == {"role": "assistant", "content": "".join(got)}
+    ids = _rendered_ids(lm, chat.messages + [{"role": "user", "content": "Go on"}])
+    assert chat.send("Go on") == G.generate(lm, ids, kv_bits="exact", **GREEDY)
+
+
 def test_reset_and_stats(lm):
     chat = Chat(lm, system="S", kv_bits="exact", **GREEDY)
     chat.send("one")

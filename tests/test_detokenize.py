@@ -4,6 +4,8 @@ piece ever holds a broken character, for text whose characters are split across 
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _bundles import make_tiny_tokenizer, smollm2_tokenizer  # noqa: F401  (fixture)
 
 from tqedge.runtime.detokenize import REPLACEMENT, StreamingDetokenizer
@@ -46,6 +48,12 @@ def test_tiny_bpe_stream_equals_full_decode(text):
 def test_smollm2_stream_equals_full_decode(smollm2_tokenizer, text):
     tok, _ = smollm2_tokenizer
     _check(tok, text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(list("ab .\néü東京😀🎉👋\u200d한") + ["<|im_end|>"]), max_size=40).map("".join))
+def test_any_text_streams_to_its_full_decode(text):
+    _check(make_tiny_tokenizer(), text)
 
 
 def test_held_back_until_character_complete():

@@ -8,6 +8,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from _bundles import TinyLM, smollm2_bundle, smollm2_model  # noqa: F401  (fixtures)
 
 from tqedge.bundle import GenerationSpec
@@ -99,6 +101,31 @@ def test_stop_matcher_holds_back_partial_matches():
     m2 = G.StopMatcher("STOP")
     assert m2.feed("xxST") == ("xx", False) and m2.flush() == "ST"
     assert G.StopMatcher(None).feed("STOP") == ("STOP", False)
+
+
+def _first_stop_cut(text, stops):
+    """Oracle: scan end positions; cut before the first stop string that is complete."""
+    for e in range(1, len(text) + 1):
+        done = [s for s in stops if s and text[:e].endswith(s)]
+        if done:
+            return text[: e - max(map(len, done))], True
+    return text, False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("abc", max_size=30), st.lists(st.text("abc", min_size=1, max_size=4), max_size=3),
+       st.lists(st.integers(0, 30), max_size=8))
+def test_stop_matcher_equals_oracle_for_any_split(text, stops, cuts):
+    bounds = sorted(set([0, len(text)] + [c for c in cuts if c <= len(text)]))
+    m, out, hit = G.StopMatcher(stops), [], False
+    for a, b in zip(bounds, bounds[1:]):
+        piece, hit = m.feed(text[a:b])
+        out.append(piece)
+        if hit:
+            break
+    if not hit:
+        out.append(m.flush())
+    assert ("".join(out), hit) == _first_stop_cut(text, stops)
 
 
 def test_seeded_sampling_reproducible(lm):
