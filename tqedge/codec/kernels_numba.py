@@ -144,43 +144,73 @@ def _new_tile(dp):
 
 @njit(**_OPTS)
 def _tile_scores(q, tile, nr, table, sh, n0, out_h):
-    """out_h[g, n0 + r] = sum over segments of scale · <q[g, seg], tile[r, seg]>."""
+    """out_h[g, n0 + r] = sum over segments of scale · <q[g, seg], tile[r, seg]>.
+
+    Four rows at a time, so each query vector is loaded once per four keys."""
     ng = q.shape[0]
     for s in range(table.shape[0]):
         do = table[s, DIM_OFF]
         nd = table[s, NDIM]
         si = table[s, SCALE_IDX]
         first = s == 0
-        for r in range(nr):
-            sc = _half(sh[n0 + r, si])
-            t = tile[r, do : do + nd]
+        r = 0
+        while r < nr:
+            m = min(4, nr - r)
+            t0 = tile[r, do : do + nd]
+            t1 = tile[r + 1, do : do + nd]  # rows past nr are stale but in bounds (TILE rows)
+            t2 = tile[r + 2, do : do + nd]
+            t3 = tile[r + 3, do : do + nd]
             for g in range(ng):
                 qg = q[g, do : do + nd]
-                acc = np.float32(0.0)
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
                 for j in range(nd):
-                    acc += qg[j] * t[j]
-                if first:
-                    out_h[g, n0 + r] = acc * sc
-                else:
-                    out_h[g, n0 + r] += acc * sc
+                    a0 += qg[j] * t0[j]
+                    a1 += qg[j] * t1[j]
+                    a2 += qg[j] * t2[j]
+                    a3 += qg[j] * t3[j]
+                for i, a in enumerate((a0, a1, a2, a3)):
+                    if i < m:
+                        v = a * _half(sh[n0 + r + i, si])
+                        if first:
+                            out_h[g, n0 + r + i] = v
+                        else:
+                            out_h[g, n0 + r + i] += v
+            r += 4
 
 
 @njit(**_OPTS)
 def _tile_values(p_h, tile, nr, table, sh, n0, acc):
-    """acc[g, seg] += p_h[g, n0 + r] · scale · tile[r, seg] for each row and segment."""
+    """acc[g, seg] += p_h[g, n0 + r] · scale · tile[r, seg] for each row and segment.
+
+    Four rows at a time, so each accumulator vector is loaded and stored once per four keys."""
     ng = acc.shape[0]
     for s in range(table.shape[0]):
         do = table[s, DIM_OFF]
         nd = table[s, NDIM]
         si = table[s, SCALE_IDX]
-        for r in range(nr):
-            sc = _half(sh[n0 + r, si])
-            t = tile[r, do : do + nd]
+        r = 0
+        while r < nr:
+            m = min(4, nr - r)
+            t0 = tile[r, do : do + nd]
+            t1 = tile[r + 1, do : do + nd]
+            t2 = tile[r + 2, do : do + nd]
+            t3 = tile[r + 3, do : do + nd]
+            c0 = _half(sh[n0 + r, si])
+            c1 = _half(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
+            c2 = _half(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
+            c3 = _half(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
             for g in range(ng):
-                w = p_h[g, n0 + r] * sc
+                w0 = p_h[g, n0 + r] * c0
+                w1 = p_h[g, n0 + r + 1] * c1 if m > 1 else np.float32(0.0)
+                w2 = p_h[g, n0 + r + 2] * c2 if m > 2 else np.float32(0.0)
+                w3 = p_h[g, n0 + r + 3] * c3 if m > 3 else np.float32(0.0)
                 a = acc[g, do : do + nd]
                 for j in range(nd):
-                    a[j] += w * t[j]
+                    a[j] += w0 * t0[j] + w1 * t1[j] + w2 * t2[j] + w3 * t3[j]
+            r += 4
 
 
 def _scores_impl(qp, codes, scales, table, cb, lut64):
