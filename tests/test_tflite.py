@@ -9,6 +9,7 @@ different length, so the dynamic first dimension is resized) and for decode step
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from tqedge.errors import TqedgeError  # noqa: E402
 from tqedge.exporters.tflite_builder import ALIGN, schema  # noqa: E402
 from tqedge.exporters.tflite_emitter import CUSTOM_OP, TFLITE_FILE, build_model  # noqa: E402
 from tqedge.exporters.tflite_layers import WeightStore, quantize_per_channel  # noqa: E402
-from tqedge.runtime.backends.litert import LiteRTBackend  # noqa: E402
+from tqedge.runtime.backends.litert import LiteRTBackend, release_file_pages  # noqa: E402
 from tqedge.runtime.cache import ExactKVCache  # noqa: E402
 
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 101, 64, 96, 2, 4, 2
@@ -218,3 +219,16 @@ def test_two_threads_share_one_backend(tmp_path):
         got = list(pool.map(lambda ids: _run(backend, arch, ids, [5, 1, 1, 1, 1]), seqs))
     for ids, g in zip(seqs, got):
         np.testing.assert_allclose(g, _reference(model, ids), atol=2e-4, rtol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/maps mappings")
+def test_mapped_weights_released_after_first_step_and_results_unchanged(tmp_path):
+    model, arch, weights = _tiny("llama")
+    backend, path = _backend(tmp_path, arch, weights)
+    ids = np.random.default_rng(7).integers(0, VOCAB, 8)
+    first = _run(backend, arch, ids, [4, 1, 1, 1, 1])  # the first step releases the mapping
+    assert backend._released
+    assert release_file_pages(path) >= path.stat().st_size  # the whole file is still mapped
+    again = _run(backend, arch, ids, [4, 1, 1, 1, 1])  # pages fault back in from the file
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(again, _reference(model, ids), atol=2e-4, rtol=0)

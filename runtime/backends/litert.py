@@ -13,6 +13,12 @@ inspection), and this backend runs segment → ``cache.attend`` → segment, exa
 backend. This relies only on the stable ``Interpreter.get_signature_runner`` API and on
 ``Buffer.offset`` (weights outside the flatbuffer): ``ai-edge-litert>=1.2,<3``.
 
+Memory: XNNPACK packs the weights into its own memory on the first step; the mapped file pages
+it read from then only serve row lookups (embedding GATHER). After that first step the backend
+drops them from the process (``madvise(MADV_DONTNEED)`` on the read-only mapping, Linux only —
+pages fault back in from the file if touched), so RSS is the packed weights + arenas, not twice
+the weights.
+
 Dynamic T: every segment's first dimension is resizable. The interpreter re-plans a
 subgraph's memory only when an input's shape changes, so a decode loop (T = 1 every step)
 allocates once, and a prefill of T tokens costs one re-plan per segment.
@@ -21,8 +27,10 @@ allocates once, and a prefill of T tokens costs one re-plan per segment.
 from __future__ import annotations
 
 import logging
+import ctypes
 import math
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -65,6 +73,8 @@ class LiteRTBackend:
             raise TqedgeError(f"{graph.file} has no signature {missing[0]!r} (bundle and graph disagree)")
         self.runners = [self.interpreter.get_signature_runner(s) for s in graph.segments]
         self._lock = threading.Lock()  # a TFLite interpreter must not run two steps at once
+        self.path = path
+        self._released = False
         self.inputs = [list(have[s]["inputs"]) for s in graph.segments]
         self.attention = graph.attention
         d = manifest.architecture.head_dim
@@ -94,4 +104,38 @@ class LiteRTBackend:
                     node = self.attention[i]
                     env[node.out] = cache.attend(node.layer, env[node.q], env[node.k], env[node.v],
                                                  self.scales[i])  # (T, Hq, D)
+            if not self._released:  # every subgraph is now prepared and its weights packed
+                self._released = True
+                release_file_pages(self.path)
         return env[LOGITS]  # (n, vocab)
+
+
+def release_file_pages(path: Path) -> int:
+    """Drop this process's resident pages of the read-only file mapping(s) of ``path``.
+
+    Safe for read-only mappings: a page touched later is read back from the file. Linux only;
+    elsewhere (or if /proc is unavailable) it does nothing.
+
+    Returns:
+        Number of bytes of mappings advised.
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = str(path.resolve())
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except (OSError, AttributeError) as e:
+        log.debug("litert: cannot release file pages (%s)", e)
+        return 0
+    done = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[5] != target or "w" in parts[1]:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
+            done += end - start
+    log.debug("litert: released %.1f MB of mapped graph pages", done / 1e6)
+    return done
