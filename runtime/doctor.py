@@ -172,11 +172,12 @@ def onnxruntime_providers() -> list[str] | None:
 
 
 def kernel_path(env: str | None = None, numba_installed: bool | None = None) -> dict:
-    """The kernel implementation tqedge's codec will use, by the codec's rule: NumPy when
-    ``TQEDGE_KERNELS=numpy`` or Numba is not installed, otherwise Numba.
+    """The kernel implementation tqedge's codec will use, by the codec's rule
+    (:mod:`tqedge.codec.kernels`): NumPy when ``TQEDGE_KERNELS=numpy`` or Numba is not
+    installed, otherwise Numba; ``TQEDGE_KERNELS=numba`` without Numba is an import error.
 
     Returns:
-        ``{"path": "numba"|"numpy", "reason", "TQEDGE_KERNELS"}``.
+        ``{"path": "numba"|"numpy"|"unavailable", "reason", "TQEDGE_KERNELS"}``.
     """
     env = os.environ.get("TQEDGE_KERNELS", "") if env is None else env
     if numba_installed is None:
@@ -184,10 +185,10 @@ def kernel_path(env: str | None = None, numba_installed: bool | None = None) -> 
     choice = env.strip().lower()
     if choice == "numpy":
         path, reason = "numpy", "TQEDGE_KERNELS=numpy"
+    elif not numba_installed and choice == "numba":  # the codec raises rather than fall back
+        path, reason = "unavailable", "TQEDGE_KERNELS=numba but numba is not installed"
     elif not numba_installed:
         path, reason = "numpy", "numba is not installed"
-        if choice == "numba":
-            reason += " (TQEDGE_KERNELS=numba cannot be honoured)"
     else:
         path, reason = "numba", "TQEDGE_KERNELS=numba" if choice == "numba" else "numba is installed"
     return {"path": path, "reason": reason, "TQEDGE_KERNELS": env or None}
@@ -305,6 +306,8 @@ def _warnings(r: dict) -> list[str]:
                    "install a 64-bit OS (Raspberry Pi OS 64-bit)")
     if pk["onnxruntime"] is None and pk["ai_edge_litert"] is None and pk["tflite_runtime"] is None:
         out.append("no backend installed: pip install onnxruntime (or ai-edge-litert)")
+    if r["kernels"]["path"] == "unavailable":
+        out.append(f"{r['kernels']['reason']}: the compressed cache will not load; unset TQEDGE_KERNELS")
     if r["kernels"]["path"] == "numpy":
         out.append(f"NumPy kernels ({r['kernels']['reason']}): the compressed cache is slower than with numba")
     nc = r["numba_cache"]

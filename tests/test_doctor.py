@@ -116,7 +116,7 @@ def test_memory_info_parses_meminfo():
 
 @pytest.mark.parametrize("env, numba, path", [
     ("", True, "numba"), ("numpy", True, "numpy"), ("NumPy", True, "numpy"),
-    ("", False, "numpy"), ("numba", False, "numpy"), ("numba", True, "numba"),
+    ("", False, "numpy"), ("numba", False, "unavailable"), ("numba", True, "numba"), (" auto ", True, "numba"),
 ])
 def test_kernel_path_rule(env, numba, path):
     assert doctor.kernel_path(env, numba_installed=numba)["path"] == path
@@ -132,3 +132,17 @@ def test_recommend_without_model_follows_the_documented_rule(total, fmt):
     assert 16 * MiB <= rec["kv_budget"] <= max(usable // 4, 16 * MiB)
     assert rec["kv_budget"] > usable // 8 or rec["kv_budget"] == doctor.NO_MODEL_MAX_BUDGET
     assert plan.budget_arg(rec["kv_budget"]) == rec["kv_budget_arg"]
+
+
+@pytest.mark.parametrize("env", ["", "numpy"])
+def test_reported_kernel_path_is_the_one_the_codec_takes(env):
+    code = ("import json; from tqedge.runtime.doctor import kernel_path; "
+            "reported = kernel_path()['path']; from tqedge.codec import kernels; "
+            "print(json.dumps([reported, kernels.BACKEND]))")
+    environ = {k: v for k, v in os.environ.items() if k != "TQEDGE_KERNELS"}
+    if env:
+        environ["TQEDGE_KERNELS"] = env
+    out = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
+                         timeout=120, check=True)
+    reported, actual = json.loads(out.stdout)
+    assert reported == actual

@@ -4,6 +4,7 @@ monotonicity/consistency of the table, and the CLI's error on a bad --memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -58,6 +59,16 @@ def test_weight_bytes_by_hand_for_one_format():
     embed_fp16 = 2 * 49152 * 576
     norms_fp32 = 4 * (61 * 576)
     assert plan.weight_bytes(SMOL, "int4") == linears + head + embed_fp16 + norms_fp32
+
+
+def test_weight_bytes_untied_counts_the_head_once_per_copy():
+    untied = dataclasses.replace(SMOL, tie_word_embeddings=False)
+    head_fp32 = 4 * 49152 * 576
+    # fp32: tied shares the table with the head; untied stores the head as its own matrix
+    assert plan.weight_bytes(untied, "fp32") - plan.weight_bytes(SMOL, "fp32") == head_fp32
+    # the quantized formats always store a separate head, tied or not
+    assert plan.weight_bytes(untied, "int8") == plan.weight_bytes(SMOL, "int8")
+    assert plan.parameter_count(untied) - plan.parameter_count(SMOL) == 49152 * 576
 
 
 def test_weight_formats_are_ordered():
