@@ -152,6 +152,16 @@ class ExactKVCache:
         return {"keys": self.keys, "values": self.values, "offset": s.offset,
                 "length": s.length, "evicted": s.evicted, "ptr": s._ptr}
 
+    def load_state(self, state: dict) -> None:
+        """Restore from :meth:`state` of a cache with the same shape and dtype (bit-exact)."""
+        for key, arr in (("keys", self.keys), ("values", self.values)):
+            src = np.asarray(state[key])
+            if src.shape != arr.shape or src.dtype != arr.dtype:
+                raise TqedgeError(f"saved cache array {key} is {src.dtype}{src.shape}, expected {arr.dtype}{arr.shape}")
+            arr[...] = src
+        s = self.slots
+        s.offset, s.length, s.evicted, s._ptr = (int(state[k]) for k in ("offset", "length", "evicted", "ptr"))
+
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
         """Store this layer's new keys/values and attend causally (GQA).
 

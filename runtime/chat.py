@@ -99,6 +99,17 @@ class Chat:
         """The token ids the cache has seen, in order."""
         return self._ids[: self.cache.offset]
 
+    def save(self, path) -> int:
+        """Save this conversation and its cache (compressed codes as stored) to ``path``;
+        restore with ``model.chat_from(path)``. See :mod:`tqedge.runtime.session_file`.
+
+        Returns:
+            Bytes written.
+        """
+        from tqedge.runtime.session_file import save_chat
+
+        return save_chat(self, path)
+
     # -- a turn -----------------------------------------------------------------------------
     def _render_ids(self) -> list[int]:
         text = render_for(self.model.manifest, self._messages, add_generation_prompt=True)

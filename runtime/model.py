@@ -115,6 +115,21 @@ class Model:
 
         return Chat(self, system=system, **kwargs)
 
+    def chat_from(self, path, **sampling):
+        """Restore a :class:`~tqedge.runtime.chat.Chat` saved with ``chat.save(path)``.
+
+        Args:
+            path: the session file (refused with a one-line error if corrupt or saved for
+                another bundle or cache configuration).
+            **sampling: overrides of the saved sampling defaults.
+
+        Returns:
+            The chat, its cache restored bit-exactly.
+        """
+        from tqedge.runtime.session_file import load_chat
+
+        return load_chat(self, path, **sampling)
+
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "full",
          **cache_defaults) -> Model:

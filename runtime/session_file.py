@@ -1,0 +1,253 @@
+"""Session files: a KV cache (and the conversation around it) saved to disk and restored bit-exactly.
+
+A TurboQuant cache is saved *as stored* — the packed codes, scales and fp16 sink/window
+buffers from ``cache.state()`` — never dequantized or re-quantized, so a restored cache
+continues exactly as the original would have. Layout (all integers little-endian)::
+
+    b"TQESESS\\0"   8 bytes magic
+    u32            format version (FORMAT_VERSION)
+    u64            header length H
+    H bytes        JSON header (UTF-8): fingerprint, cache config and options, scalars,
+                   array table [{name, dtype, shape, offset, nbytes}], meta (chat state)
+    payload        the arrays as raw little-endian bytes, each at a 64-byte aligned offset
+    32 bytes       SHA-256 of everything before it
+
+The *fingerprint* is a SHA-256 over the bundle's manifest and the cache configuration
+(kind, shapes, codec configs): a file is only ever loaded into a cache built the same way for
+the same bundle. No pickle anywhere; files are written atomically (temp file + rename), and a
+truncated, corrupt or mismatched file raises :class:`~tqedge.errors.TqedgeError` with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tqedge.errors import TqedgeError
+from tqedge.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"TQESESS\0"
+FORMAT_VERSION = 1
+ALIGN = 64
+_PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
+_DIGEST = 32
+MAX_HEADER = 64 << 20  # a header larger than this is not ours
+
+
+@dataclass
+class SessionData:
+    """A parsed session file.
+
+    Attributes:
+        fingerprint: hex SHA-256 of bundle manifest + cache config.
+        cache_options: keyword arguments for ``model.new_cache`` that rebuild the cache.
+        state: the cache ``state()`` (arrays and ints) to pass to ``cache.load_state``.
+        meta: free JSON (the chat's messages and token ids, a server session's prompt ids).
+    """
+
+    fingerprint: str
+    cache_options: dict
+    state: dict
+    meta: dict = field(default_factory=dict)
+
+
+# -- fingerprints -----------------------------------------------------------------------------
+def manifest_sha(manifest) -> str:
+    """SHA-256 of a manifest's canonical JSON (it lists every bundle file's checksum)."""
+    blob = json.dumps(manifest.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_config(cache) -> dict:
+    """JSON description of how ``cache`` is built (not what it holds)."""
+    ring = cache.slots
+    cfg = {"kind": getattr(cache, "kind", type(cache).__name__), "capacity": int(cache.capacity),
+           "sinks": int(ring.sinks), "policy": ring.policy, "nbytes": int(cache.nbytes)}
+    if hasattr(cache, "tq_k"):  # CompressedKVCache
+        cfg.update(window=int(cache.window), ring=int(cache.ring), heads=int(cache.num_kv_heads),
+                   head_dim=int(cache.head_dim),
+                   keys=[dataclasses.asdict(c.config) for c in cache.tq_k],
+                   values=[dataclasses.asdict(c.config) for c in cache.tq_v])
+    else:  # ExactKVCache
+        cfg.update(shape=list(cache.keys.shape), dtype=cache.keys.dtype.str)
+    return json.loads(json.dumps(cfg, default=list))  # tuples → lists, as after a round trip
+
+
+def fingerprint(manifest, cache) -> str:
+    """Hex SHA-256 identifying (bundle, cache configuration)."""
+    blob = json.dumps({"manifest": manifest_sha(manifest), "cache": cache_config(cache)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_options(cache) -> dict:
+    """Keyword arguments for ``model.new_cache`` that rebuild a cache configured like ``cache``."""
+    ring = cache.slots
+    opts = {"sinks": int(ring.sinks), "policy": ring.policy}
+    if hasattr(cache, "tq_k"):
+        k0, v0 = cache.tq_k[0].config, cache.tq_v[0].config
+        bits = {(c.config.bits, v.config.bits) for c, v in zip(cache.tq_k, cache.tq_v)}
+        opts.update(kv_budget=int(cache.budget if cache.budget is not None else cache.nbytes),
+                    window=int(cache.window), rotation=k0.rotation, norm=k0.norm, qjl=bool(k0.qjl))
+        if len(bits) == 1:  # uniform bits; per-layer bits come from the bundle's defaults
+            opts["kv_bits"] = f"{k0.bits:g},{v0.bits:g}"
+    else:
+        opts.update(kv_budget=int(cache.nbytes), kv_bits="exact")
+    return opts
+
+
+# -- writing ----------------------------------------------------------------------------------
+def encode_session(fp: str, cache, meta: dict | None = None) -> bytes:
+    """Serialize ``cache.state()`` plus ``meta`` into the session file format (bytes)."""
+    arrays, scalars = {}, {}
+    for name, value in cache.state().items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = value
+        else:
+            scalars[name] = int(value)
+    table, offset = [], 0
+    for name, arr in arrays.items():
+        le = arr.dtype.newbyteorder("<")  # '<f2', '|u1': explicit little-endian on any host
+        offset = -(-offset // ALIGN) * ALIGN
+        table.append({"name": name, "dtype": le.str, "shape": list(arr.shape), "offset": offset,
+                      "nbytes": int(arr.nbytes)})
+        offset += arr.nbytes
+    header = {"fingerprint": fp, "cache": cache_config(cache), "cache_options": cache_options(cache),
+              "scalars": scalars, "arrays": table, "payload_bytes": offset, "meta": meta or {}}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    payload = bytearray(offset)
+    for entry, arr in zip(table, arrays.values()):
+        raw = np.ascontiguousarray(arr, dtype=np.dtype(entry["dtype"])).tobytes()
+        payload[entry["offset"]:entry["offset"] + len(raw)] = raw
+    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + bytes(payload)
+    return body + hashlib.sha256(body).digest()
+
+
+def save_session(path, manifest, cache, meta: dict | None = None) -> int:
+    """Write ``cache`` (and ``meta``) to ``path`` atomically.
+
+    Args:
+        path: the file to write (its folder must exist).
+        manifest: the bundle manifest the cache belongs to (part of the fingerprint).
+        cache: an ``ExactKVCache`` or ``CompressedKVCache``.
+        meta: JSON-serializable extra state (e.g. the conversation).
+
+    Returns:
+        Bytes written.
+    """
+    data = encode_session(fingerprint(manifest, cache), cache, meta)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def decode_session(data: bytes, where: str = "session file") -> SessionData:
+    """Parse and verify session-file bytes (magic, version, checksum, array table).
+
+    Raises:
+        TqedgeError: one line naming what is wrong.
+    """
+    if len(data) < _PREFIX.size + _DIGEST:
+        raise TqedgeError(f"{where}: truncated ({len(data)} bytes)")
+    magic, version, hlen = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise TqedgeError(f"{where}: not a tqedge session file (bad magic)")
+    if version != FORMAT_VERSION:
+        raise TqedgeError(f"{where}: session format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(body):
+        raise TqedgeError(f"{where}: truncated (header of {hlen} bytes does not fit)")
+    if hashlib.sha256(body).digest() != digest:
+        raise TqedgeError(f"{where}: checksum mismatch (file is corrupt or truncated)")
+    try:
+        header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
+        payload = memoryview(body)[_PREFIX.size + hlen:]
+        if len(payload) != int(header["payload_bytes"]):
+            raise TqedgeError(f"{where}: payload is {len(payload)} bytes, header says {header['payload_bytes']}")
+        state = {k: int(v) for k, v in header["scalars"].items()}
+        for e in header["arrays"]:
+            dt, shape, off, n = np.dtype(e["dtype"]), tuple(int(s) for s in e["shape"]), int(e["offset"]), int(e["nbytes"])
+            if dt.hasobject or n != dt.itemsize * int(np.prod(shape)) or off < 0 or off + n > len(payload):
+                raise TqedgeError(f"{where}: array {e['name']!r} does not fit its declared shape/offset")
+            state[e["name"]] = np.frombuffer(payload[off:off + n], dtype=dt).reshape(shape).copy()
+        return SessionData(str(header["fingerprint"]), dict(header["cache_options"]), state, dict(header["meta"]))
+    except TqedgeError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # checksum ok but header malformed: a foreign writer
+        raise TqedgeError(f"{where}: malformed header ({type(e).__name__}: {e})") from None
+
+
+def read_session(path) -> SessionData:
+    """Read and verify a session file; raises TqedgeError (one line) when it is unusable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise TqedgeError(f"cannot read session file {path}: {e.strerror or e}") from None
+    return decode_session(data, where=f"session file {Path(path).name}")
+
+
+def restore_cache(cache, session: SessionData, manifest, where: str = "session file") -> None:
+    """Load ``session.state`` into ``cache`` after checking the fingerprint (bit-exact restore).
+
+    Raises:
+        TqedgeError: the file was saved for another bundle or cache configuration.
+    """
+    fp = fingerprint(manifest, cache)
+    if session.fingerprint != fp:
+        raise TqedgeError(f"{where}: saved for a different bundle or cache configuration "
+                          f"(fingerprint {session.fingerprint[:12]}…, this cache {fp[:12]}…)")
+    try:
+        cache.load_state(session.state)
+    except KeyError as e:
+        raise TqedgeError(f"{where}: cache state lacks {e}") from None
+
+
+# -- chats ------------------------------------------------------------------------------------
+def save_chat(chat, path) -> int:
+    """Save a :class:`~tqedge.runtime.chat.Chat` (messages, token ids, sampling, cache) to ``path``.
+
+    Returns:
+        Bytes written.
+    """
+    meta = {"chat": {"system": chat.system, "messages": chat.messages, "ids": [int(i) for i in chat._ids],
+                     "sampling": chat.sampling}}
+    try:
+        return save_session(path, chat.model.manifest, chat.cache, meta)
+    except TypeError as e:  # sampling options that JSON cannot hold
+        raise TqedgeError(f"cannot save chat: {e}") from None
+
+
+def load_chat(model, path, **sampling):
+    """Restore a chat saved by :func:`save_chat`; the next turn reuses the restored cache.
+
+    Args:
+        model: the model the chat was saved from (same bundle; checked by fingerprint).
+        path: the session file.
+        **sampling: overrides of the saved sampling defaults.
+
+    Returns:
+        A :class:`~tqedge.runtime.chat.Chat`.
+    """
+    from tqedge.runtime.chat import Chat
+
+    where = f"session file {Path(path).name}"
+    session = read_session(path)
+    saved = session.meta.get("chat")
+    if not isinstance(saved, dict):
+        raise TqedgeError(f"{where}: holds no chat (saved by a server?)")
+    cache = model.new_cache(**session.cache_options)
+    chat = Chat(model, system=saved.get("system"), cache=cache, **{**saved.get("sampling", {}), **sampling})
+    chat._messages = [dict(m) for m in saved.get("messages", [])]
+    chat._ids = [int(i) for i in saved.get("ids", [])]
+    restore_cache(cache, session, model.manifest, where)  # after Chat(), which resets the cache
+    if len(chat._ids) < cache.offset:
+        raise TqedgeError(f"{where}: {len(chat._ids)} token ids for a cache holding {cache.offset}")
+    return chat

@@ -1,0 +1,137 @@
+"""Session files: bit-exact round trip of TurboQuant and exact caches (checked array by array and
+by continuing the conversation: the restored chat must produce the same tokens as the original
+one continuing in memory), the on-disk layout parsed independently of the reader, and refusal
+of truncated / corrupt / foreign / mismatched files with a one-line error."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+from _bundles import TinyLM
+
+from tqedge.errors import TqedgeError
+from tqedge.runtime import session_file as SF
+from tqedge.runtime.model import Model
+
+GREEDY = dict(temperature=0, max_tokens=10)
+
+
+@pytest.fixture
+def lm():
+    return TinyLM()
+
+
+def _chat(lm, kv_bits="4,3"):
+    chat = lm.chat(system="Be brief.", kv_bits=kv_bits, kv_budget="64KiB", **GREEDY)
+    chat.send("Hello there, how are you today?")
+    chat.send("What is the capital of France?")
+    return chat
+
+
+@pytest.mark.parametrize("kv_bits", ["4,3", "2.5,2", "exact"])
+def test_round_trip_is_bit_exact_and_continues_identically(lm, tmp_path, kv_bits):
+    chat = _chat(lm, kv_bits)
+    path = tmp_path / "c.tqs"
+    n = chat.save(path)
+    assert path.stat().st_size == n
+    restored = Model.chat_from(lm, path)  # TinyLM borrows Model's methods; chat_from is new
+    assert type(restored.cache) is type(chat.cache)
+    a, b = chat.cache.state(), restored.cache.state()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            assert a[k].tobytes() == b[k].tobytes(), k
+        else:
+            assert a[k] == b[k], k
+    assert restored.messages == chat.messages and restored.cached_ids == chat.cached_ids
+    assert restored.sampling == chat.sampling
+    # the oracle for the next turn: the original chat, never saved, continuing in memory
+    lm.calls.clear()
+    got = restored.send("And Spain?")
+    prefill_restored = lm.calls[0]
+    assert got == chat.send("And Spain?")
+    assert lm.calls[0] == prefill_restored < 30  # the restored cache was reused, not re-prefilled
+
+
+def test_layout_matches_the_documented_format(lm, tmp_path):
+    chat = _chat(lm)
+    path = tmp_path / "c.tqs"
+    chat.save(path)
+    data = path.read_bytes()
+    magic, version, hlen = struct.unpack_from("<8sIQ", data)
+    assert magic == b"TQESESS\0" and version == SF.FORMAT_VERSION
+    assert hashlib.sha256(data[:-32]).digest() == data[-32:]
+    p = struct.calcsize("<8sIQ")
+    header = json.loads(data[p:p + hlen])
+    payload = data[p + hlen:-32]
+    state = chat.cache.state()
+    names = [e["name"] for e in header["arrays"]]
+    assert sorted(names) == sorted(k for k, v in state.items() if isinstance(v, np.ndarray))
+    for e in header["arrays"]:
+        arr = state[e["name"]]
+        assert e["offset"] % 64 == 0 and e["dtype"][0] in "<|" and e["shape"] == list(arr.shape)
+        assert payload[e["offset"]:e["offset"] + e["nbytes"]] == arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    # the compressed codes are stored as codes: far smaller than the fp32 K/V they stand for
+    kc = [e for e in header["arrays"] if e["name"].startswith("k_codes")]
+    assert kc and all(e["dtype"] == "|u1" for e in kc)
+    assert header["meta"]["chat"]["ids"] == [int(i) for i in chat._ids]
+    assert b"pickle" not in data[p:p + hlen]
+
+
+def _one_line_error(fn) -> str:
+    with pytest.raises(TqedgeError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_damaged_files_are_refused_with_one_line(lm, tmp_path):
+    chat = _chat(lm)
+    path = tmp_path / "c.tqs"
+    chat.save(path)
+    good = path.read_bytes()
+    load = lambda: Model.chat_from(lm, path)  # noqa: E731
+    path.write_bytes(good[: len(good) // 2])
+    assert "checksum" in _one_line_error(load)
+    path.write_bytes(good[:20])
+    assert "truncated" in _one_line_error(load)
+    bad = bytearray(good)
+    bad[len(good) // 2] ^= 0x01  # one bit in the payload
+    path.write_bytes(bytes(bad))
+    assert "checksum" in _one_line_error(load)
+    path.write_bytes(b"NOTASESS" + good[8:])
+    assert "magic" in _one_line_error(load)
+    v2 = good[:8] + struct.pack("<I", 99) + good[12:-32]
+    path.write_bytes(v2 + hashlib.sha256(v2).digest())
+    assert "version 99" in _one_line_error(load)
+    assert "cannot read" in _one_line_error(lambda: Model.chat_from(lm, tmp_path / "missing.tqs"))
+
+
+def test_mismatched_fingerprint_is_refused(lm, tmp_path):
+    chat = _chat(lm)
+    path = tmp_path / "c.tqs"
+    chat.save(path)
+    session = SF.read_session(path)
+    other_bits = lm.new_cache(kv_bits="3,3", kv_budget="64KiB")
+    assert "different bundle or cache" in _one_line_error(
+        lambda: SF.restore_cache(other_bits, session, lm.manifest))
+    other_bundle = dataclasses.replace(lm.manifest, name="another-model")
+    same_cfg = lm.new_cache(kv_bits="4,3", kv_budget="64KiB")
+    assert "different bundle or cache" in _one_line_error(
+        lambda: SF.restore_cache(same_cfg, session, other_bundle))
+    SF.restore_cache(same_cfg, session, lm.manifest)  # the matching one loads
+    assert same_cfg.offset == chat.cache.offset
+
+
+def test_a_file_without_a_chat_is_refused_by_chat_from(lm, tmp_path):
+    cache = lm.new_cache(kv_bits="4,3", kv_budget="64KiB")
+    path = tmp_path / "s.tqs"
+    SF.save_session(path, lm.manifest, cache, {"server": {"ids": []}})
+    assert "holds no chat" in _one_line_error(lambda: Model.chat_from(lm, path))
