@@ -142,12 +142,27 @@ class TinyLM:
         return out
 
 
+# Fixtures imported into several test modules become separate fixture definitions, so pytest
+# would run a "session" fixture once per module; the expensive results are memoized here.
+_ONCE: dict = {}
+
+
+def _once(key, make):
+    if key not in _ONCE:
+        _ONCE[key] = make()
+    return _ONCE[key]
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf):
     """(tokenizers.Tokenizer, HF tokenizer with chat template) for SmolLM2, from the GGUF."""
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
-    return hf.backend_tokenizer, hf
+
+    def make():
+        hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+        return hf.backend_tokenizer, hf
+
+    return _once(("tokenizer", str(smollm2_gguf)), make)
 
 
 @pytest.fixture(scope="session")
@@ -157,9 +172,13 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory):
         from tqedge.exporters.export import export
     except ImportError as e:
         pytest.skip(f"exporter not available yet ({e})")
-    out = tmp_path_factory.mktemp("bundles") / "smollm2.tqe"
-    export(str(smollm2_gguf), str(out))
-    return out
+
+    def make():
+        out = tmp_path_factory.mktemp("bundles") / "smollm2.tqe"
+        export(str(smollm2_gguf), str(out))
+        return out
+
+    return _once(("bundle", str(smollm2_gguf)), make)
 
 
 @pytest.fixture(scope="session")
@@ -167,4 +186,5 @@ def smollm2_model(smollm2_bundle):
     """The exported SmolLM2 bundle, loaded once (exact-cache default)."""
     import tqedge
 
-    return tqedge.load(smollm2_bundle, kv_bits="exact", kv_budget="64MiB", verify="size")
+    return _once(("model", str(smollm2_bundle)),
+                 lambda: tqedge.load(smollm2_bundle, kv_bits="exact", kv_budget="64MiB", verify="size"))
