@@ -240,6 +240,24 @@ def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached, final: bool) -> Generatio
         peak_memory_bytes=peak_memory_bytes() if final else None)
 
 
+def _release(token: int, is_eos: bool, is_last: bool, detok: StreamingDetokenizer,
+             stopper: StopMatcher) -> tuple[str, str | None]:
+    """The text ``token`` releases and the finish reason it causes (None: keep going).
+
+    An EOS token adds no text; the last token (EOS or max_tokens) flushes everything held
+    back by the detokenizer and the stop matcher.
+    """
+    text, hit = stopper.feed("" if is_eos else detok.add_token(token))
+    if hit:
+        return text, "stop"
+    if not (is_eos or is_last):
+        return text, None
+    more, hit = stopper.feed(detok.finalize())
+    if hit:
+        return text + more, "stop"
+    return text + more + stopper.flush(), "eos" if is_eos else "length"
+
+
 def resolve_sampling(manifest, **given) -> dict:
     """Sampling settings: the given ones, else the bundle's ``generation`` defaults."""
     g = manifest.generation
@@ -302,17 +320,7 @@ def stream_generate(model, prompt, *, max_tokens: int | None = None, temperature
         for n, (token, _) in enumerate(steps, start=1):
             if t1 is None:
                 t1 = time.perf_counter()
-            if token in eos or n >= max_n:  # the last token: flush everything held back
-                if token not in eos:
-                    text, hit = stopper.feed(detok.add_token(token))
-                    more, hit2 = ("", True) if hit else stopper.feed(detok.finalize())
-                else:
-                    text, hit, (more, hit2) = "", False, stopper.feed(detok.finalize())
-                text += more + ("" if hit or hit2 else stopper.flush())
-                finish = "stop" if hit or hit2 else ("eos" if token in eos else "length")
-            else:
-                text, hit = stopper.feed(detok.add_token(token))
-                finish = "stop" if hit else None
+            text, finish = _release(token, token in eos, n >= max_n, detok, stopper)
             yield GenerationResponse(text, token, finish,
                                      _stats(cache, len(ids), n, t0, t1, time.perf_counter(), cached_tokens,
                                             finish is not None))

@@ -91,6 +91,17 @@ def test_stop_string_cuts_text_and_never_emits_it(lm):
     assert G.generate(lm, PROMPT, max_tokens=30, temperature=0, kv_bits="exact", stop=stop) == cut
 
 
+def test_text_held_for_a_possible_stop_is_released_at_the_end():
+    toks, _ = _greedy(TinyLM(), PROMPT, 10)
+    full = TinyLM().tokenizer.decode(toks)
+    _, rs = _greedy(TinyLM(), PROMPT, 10, stop=[full[-2:] + "\x00never"])
+    assert "".join(r.text for r in rs) == full and rs[-1].finish_reason == "length"
+    lm = TinyLM(eos=(toks[6],))  # ends on an EOS while text is held back
+    cut = lm.tokenizer.decode(toks[: toks.index(toks[6])])
+    _, rs = _greedy(lm, PROMPT, 50, stop=[cut[-2:] + "\x00never"])
+    assert "".join(r.text for r in rs) == cut and rs[-1].finish_reason == "eos"
+
+
 def test_stop_matcher_holds_back_partial_matches():
     m = G.StopMatcher(["STOP", "END!"])
     assert m.feed("abc S") == ("abc ", False)
