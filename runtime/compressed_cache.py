@@ -131,7 +131,7 @@ class CompressedKVCache:
         ``n`` tokens that preceded it are gone, so those read compressed until they age out."""
         before = self.slots.offset
         self.slots.trim(n)
-        self.fp_lo = max(self.fp_lo, before - self.window)
+        self.fp_lo = min(max(self.fp_lo, before - self.window), self.slots.offset)  # later positions get fresh fp16 copies
         self.encoded = min(self.encoded, self.slots.offset)
 
     def prepare(self, t: int) -> None:

@@ -1,15 +1,16 @@
 """Session files: a KV cache (and the conversation around it) saved to disk and restored bit-exactly.
 
 A TurboQuant cache is saved *as stored* — the packed codes, scales and fp16 sink/window
-buffers from ``cache.state()`` — never dequantized or re-quantized, so a restored cache
-continues exactly as the original would have. Layout (all integers little-endian)::
+buffers from ``cache.state()`` — never dequantized or re-quantized, so a restored cache is
+bit-identical on every slot it can read and continues exactly as the original would have. Layout (all integers little-endian)::
 
     b"TQESESS\\0"   8 bytes magic
     u32            format version (FORMAT_VERSION)
     u64            header length H
     H bytes        JSON header (UTF-8): fingerprint, cache config and options, scalars,
                    array table [{name, dtype, shape, offset, nbytes}], meta (chat state)
-    payload        the arrays as raw little-endian bytes, each at a 64-byte aligned offset
+    payload        the arrays as raw little-endian bytes, each at a 64-byte aligned offset;
+                   only the live slots (axis -2, see ``live_rows``) of each array are stored
     32 bytes       SHA-256 of everything before it
 
 The *fingerprint* is a SHA-256 over the bundle's manifest and the cache configuration
@@ -105,6 +106,25 @@ def cache_options(cache) -> dict:
 
 
 # -- writing ----------------------------------------------------------------------------------
+_RING_ARRAYS = ("k_codes", "k_scales", "v_codes", "v_scales")
+
+
+def live_rows(cache, name: str, arr: np.ndarray) -> int:
+    """Slots along axis -2 of state array ``name`` that can hold live tokens.
+
+    An exact cache holds its tokens in slots ``[0, length)``; a compressed cache's ring holds
+    non-sink token ``p`` at ``(p - sinks) % ring``, so ``[0, length - sinks)`` (all of it once
+    it wrapped). Slots past those are dead (never read before being rewritten): they are not
+    saved and come back as zeros, which keeps the file proportional to the conversation, not
+    to the budget.
+    """
+    if name in ("keys", "values"):
+        return int(cache.length)
+    if name.split(".")[0] in _RING_ARRAYS:
+        return max(0, int(cache.length) - int(cache.slots.sinks))
+    return arr.shape[-2]
+
+
 def encode_session(fp: str, cache, meta: dict | None = None) -> bytes:
     """Serialize ``cache.state()`` plus ``meta`` into the session file format (bytes)."""
     arrays, scalars = {}, {}
@@ -113,18 +133,20 @@ def encode_session(fp: str, cache, meta: dict | None = None) -> bytes:
             arrays[name] = value
         else:
             scalars[name] = int(value)
-    table, offset = [], 0
+    table, parts, offset = [], [], 0
     for name, arr in arrays.items():
+        live = arr[..., :live_rows(cache, name, arr), :]  # slots past the held tokens are dead
         le = arr.dtype.newbyteorder("<")  # '<f2', '|u1': explicit little-endian on any host
         offset = -(-offset // ALIGN) * ALIGN
-        table.append({"name": name, "dtype": le.str, "shape": list(arr.shape), "offset": offset,
-                      "nbytes": int(arr.nbytes)})
-        offset += arr.nbytes
+        table.append({"name": name, "dtype": le.str, "shape": list(arr.shape), "rows": int(live.shape[-2]),
+                      "offset": offset, "nbytes": int(live.nbytes)})
+        parts.append(live)
+        offset += live.nbytes
     header = {"fingerprint": fp, "cache": cache_config(cache), "cache_options": cache_options(cache),
               "scalars": scalars, "arrays": table, "payload_bytes": offset, "meta": meta or {}}
     head = json.dumps(header, separators=(",", ":")).encode()
     payload = bytearray(offset)
-    for entry, arr in zip(table, arrays.values()):
+    for entry, arr in zip(table, parts):
         raw = np.ascontiguousarray(arr, dtype=np.dtype(entry["dtype"])).tobytes()
         payload[entry["offset"]:entry["offset"] + len(raw)] = raw
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + bytes(payload)
@@ -175,9 +197,14 @@ def decode_session(data: bytes, where: str = "session file") -> SessionData:
         state = {k: int(v) for k, v in header["scalars"].items()}
         for e in header["arrays"]:
             dt, shape, off, n = np.dtype(e["dtype"]), tuple(int(s) for s in e["shape"]), int(e["offset"]), int(e["nbytes"])
-            if dt.hasobject or n != dt.itemsize * int(np.prod(shape)) or off < 0 or off + n > len(payload):
+            rows = int(e["rows"])
+            live = (*shape[:-2], rows, shape[-1])
+            if (dt.hasobject or len(shape) < 2 or not 0 <= rows <= shape[-2] or n != dt.itemsize * int(np.prod(live))
+                    or off < 0 or off + n > len(payload)):
                 raise TqedgeError(f"{where}: array {e['name']!r} does not fit its declared shape/offset")
-            state[e["name"]] = np.frombuffer(payload[off:off + n], dtype=dt).reshape(shape).copy()
+            arr = np.zeros(shape, dt.newbyteorder("="))
+            arr[..., :rows, :] = np.frombuffer(payload[off:off + n], dtype=dt).reshape(live)
+            state[e["name"]] = arr
         return SessionData(str(header["fingerprint"]), dict(header["cache_options"]), state, dict(header["meta"]))
     except TqedgeError:
         raise

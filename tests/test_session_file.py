@@ -33,6 +33,26 @@ def _chat(lm, kv_bits="4,3"):
     return chat
 
 
+def _live(cache, name, arr):
+    """The slots that hold tokens, computed here from the cache layout (module docstrings)."""
+    if name in ("keys", "values"):  # exact: (L, Hkv, C, D), slots [0, length)
+        return arr[:, :, : cache.length]
+    if name.split(".")[0] in ("k_codes", "k_scales", "v_codes", "v_scales"):  # (Hkv, R, B)
+        return arr[:, : max(0, cache.length - cache.sinks)]
+    return arr  # fp16 sinks + window: saved whole
+
+
+def _assert_same_live_state(c1, c2):
+    a, b = c1.state(), c2.state()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            assert _live(c1, k, a[k]).tobytes() == _live(c2, k, b[k]).tobytes(), k
+        else:
+            assert a[k] == b[k], k
+
+
 @pytest.mark.parametrize("kv_bits", ["4,3", "2.5,2", "exact"])
 def test_round_trip_is_bit_exact_and_continues_identically(lm, tmp_path, kv_bits):
     chat = _chat(lm, kv_bits)
@@ -41,14 +61,7 @@ def test_round_trip_is_bit_exact_and_continues_identically(lm, tmp_path, kv_bits
     assert path.stat().st_size == n
     restored = Model.chat_from(lm, path)  # TinyLM borrows Model's methods; chat_from is new
     assert type(restored.cache) is type(chat.cache)
-    a, b = chat.cache.state(), restored.cache.state()
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], np.ndarray):
-            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-            assert a[k].tobytes() == b[k].tobytes(), k
-        else:
-            assert a[k] == b[k], k
+    _assert_same_live_state(chat.cache, restored.cache)
     assert restored.messages == chat.messages and restored.cached_ids == chat.cached_ids
     assert restored.sampling == chat.sampling
     # the oracle for the next turn: the original chat, never saved, continuing in memory
@@ -76,7 +89,9 @@ def test_layout_matches_the_documented_format(lm, tmp_path):
     for e in header["arrays"]:
         arr = state[e["name"]]
         assert e["offset"] % 64 == 0 and e["dtype"][0] in "<|" and e["shape"] == list(arr.shape)
-        assert payload[e["offset"]:e["offset"] + e["nbytes"]] == arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        live = _live(chat.cache, e["name"], arr)
+        assert e["rows"] == live.shape[-2]
+        assert payload[e["offset"]:e["offset"] + e["nbytes"]] == live.astype(arr.dtype.newbyteorder("<")).tobytes()
     # the compressed codes are stored as codes: far smaller than the fp32 K/V they stand for
     kc = [e for e in header["arrays"] if e["name"].startswith("k_codes")]
     assert kc and all(e["dtype"] == "|u1" for e in kc)
@@ -135,3 +150,26 @@ def test_a_file_without_a_chat_is_refused_by_chat_from(lm, tmp_path):
     path = tmp_path / "s.tqs"
     SF.save_session(path, lm.manifest, cache, {"server": {"ids": []}})
     assert "holds no chat" in _one_line_error(lambda: Model.chat_from(lm, path))
+
+
+@pytest.mark.parametrize("trim", [3, 129, 250])
+def test_dead_slots_are_not_saved_and_not_needed(lm, tmp_path, trim):
+    """A cache trimmed (even past its fp16 window) keeps stale codes in dead slots; the file
+    drops them, and the restored cache still continues exactly like the original."""
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(5, 400, 300)]
+    cache = lm.new_cache(kv_bits="4,3", kv_budget="64KiB")
+    for i in range(0, 300, 100):
+        lm.forward(ids[i:i + 100], cache)
+    cache.trim(trim)
+    SF.save_session(tmp_path / "t.tqs", lm.manifest, cache)
+    size = (tmp_path / "t.tqs").stat().st_size
+    other = lm.new_cache(kv_bits="4,3", kv_budget="64KiB")
+    SF.restore_cache(other, SF.read_session(tmp_path / "t.tqs"), lm.manifest)
+    _assert_same_live_state(cache, other)
+    assert size < cache.nbytes  # only the live part of the ring is on disk
+    nxt = ids[:40]
+    a = [lm.forward([t], cache) for t in nxt[:5]] + [lm.forward(nxt[5:], cache)]
+    b = [lm.forward([t], other) for t in nxt[:5]] + [lm.forward(nxt[5:], other)]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)

@@ -1,0 +1,58 @@
+"""``tqedge serve BUNDLE``: the OpenAI-compatible app-backend server (Starlette + uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+
+import click
+
+log = logging.getLogger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@click.command("serve")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--kv-budget", default="256MiB", show_default=True, help="Global KV budget shared by all conversations.")
+@click.option("--session-budget", default=None, help="KV budget of one conversation [default: kv-budget / max-sessions].")
+@click.option("--max-sessions", default=4, show_default=True, type=click.IntRange(1, 4096),
+              help="Conversations held in memory; idle ones beyond are evicted to disk (LRU).")
+@click.option("--kv-bits", default=None, help='Cache bits "4,3" or "exact" [default: the bundle\'s].')
+@click.option("--session-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for evicted conversations [default: a temp folder removed at exit].")
+@click.option("--api-key", default=None, envvar="TQEDGE_API_KEY", help="Require 'Authorization: Bearer KEY' (env TQEDGE_API_KEY).")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests that may wait; more get 429.")
+@click.option("--max-tokens-limit", default=4096, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Largest max_tokens a request may ask for.")
+@click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
+@click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
+@click.option("--backend", default=None, help="onnx or tflite [default: the first the bundle has].")
+def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bits, session_dir, api_key,
+              max_queue, max_tokens_limit, max_body, threads, backend):
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
+    /v1/stats, /health)."""
+    import uvicorn
+
+    import tqedge
+    from tqedge.runtime.server.app import ServerConfig, create_app
+    from tqedge.units import parse_bytes
+
+    if not _is_loopback(host) and not api_key:
+        log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+    cfg = ServerConfig(kv_budget=kv_budget, session_budget=session_budget, max_sessions=max_sessions,
+                       kv_bits=kv_bits, session_dir=session_dir, api_key=api_key, max_queue=max_queue,
+                       max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body))
+    app = create_app(model, cfg)
+    click.echo(f"tqedge serve: http://{host}:{port}/v1  ({app.state.sessions.slots} conversations, "
+               f"{kv_budget} KV)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
