@@ -3,6 +3,8 @@
 Each (bundle, backend) pair runs in its own worker process so RSS is that backend's alone. The
 worker loads the model, prefills ``--prefill`` wikitext tokens (exact KV cache; one warm-up run,
 then the median of ``--repeats``), then times ``--decode`` greedy decode steps (median step).
+CPU time (``time.process_time``, all threads) is recorded next to wall time: on a shared
+machine wall time measures the neighbours, CPU time per token still compares the backends.
 Memory: RSS split into anonymous (heap, packed weights, arenas) and file-backed (the mapped
 graph/weights files, reclaimable), plus the peak. Results go to ``benchmarks/out/backends.json``.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -46,23 +49,28 @@ def worker(bundle: str, backend: str, threads: int, n_prefill: int, n_decode: in
     model = load(bundle, backend=backend, threads=threads, verify="none")
     load_s = time.perf_counter() - t0
     ids = model.encode(DATA.read_text(encoding="utf-8")[:20000])[:n_prefill]
-    times = []
+    times, cpu = [], []
     for _ in range(repeats + 1):  # the first run also pays one-off allocation / weight packing
         cache = model.new_cache(kv_bits="exact", kv_budget="64MiB")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits = model.forward(ids, cache)
         times.append(time.perf_counter() - t)
-    steps = []
+        cpu.append(time.process_time() - c)
+    steps, steps_cpu = [], []
     tok = int(np.argmax(logits))
     for _ in range(n_decode):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         logits = model.forward([tok], cache)
         steps.append(time.perf_counter() - t)
+        steps_cpu.append(time.process_time() - c)
         tok = int(np.argmax(logits))
     return {"bundle": bundle, "backend": backend, "weights": model.manifest.weights.format, "threads": threads,
             "load_s": round(load_s, 3), "first_prefill_s": round(times[0], 3),
             "prefill_tokens": len(ids), "prefill_tok_s": round(len(ids) / statistics.median(times[1:]), 2),
-            "decode_steps": n_decode, "decode_tok_s": round(1 / statistics.median(steps), 2), **memory_mib()}
+            "prefill_cpu_ms_per_token": round(1e3 * statistics.median(cpu[1:]) / len(ids), 2),
+            "decode_steps": n_decode, "decode_tok_s": round(1 / statistics.median(steps), 2),
+            "decode_cpu_ms_per_token": round(1e3 * statistics.median(steps_cpu), 2),
+            "load_avg_1min": round(os.getloadavg()[0], 2), **memory_mib()}
 
 
 def main() -> None:
@@ -98,12 +106,13 @@ def main() -> None:
             res = json.loads(proc.stdout.strip().splitlines()[-1])
             results.append(res)
             sys.stderr.write(f"{Path(bundle).name:>20} {backend:>6} {res['weights']:>5}: prefill "
-                             f"{res['prefill_tok_s']:7.1f} tok/s  decode {res['decode_tok_s']:6.1f} tok/s  "
+                             f"{res['prefill_tok_s']:7.1f} tok/s ({res['prefill_cpu_ms_per_token']:.1f} cpu-ms/tok)  "
+                             f"decode {res['decode_tok_s']:6.1f} tok/s ({res['decode_cpu_ms_per_token']:.1f} cpu-ms/tok)  "
                              f"RSS anon {res['rss_anon_mib']:6.0f} + file {res['rss_file_mib']:5.0f} MiB "
                              f"(peak {res['peak_rss_mib']:.0f})\n")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "python": platform.python_version(), "cpu_count": __import__("os").cpu_count()}
+    meta = {"machine": platform.machine(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     sys.stderr.write(f"wrote {out}\n")
 

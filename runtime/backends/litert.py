@@ -11,13 +11,15 @@ writes one signature per segment between attention ops (all sharing the weight b
 memory-mapped file, plus the whole graph with the ``CUSTOM`` nodes as subgraph 0 for
 inspection), and this backend runs segment → ``cache.attend`` → segment, exactly like the ONNX
 backend. This relies only on the stable ``Interpreter.get_signature_runner`` API and on
-``Buffer.offset`` (weights outside the flatbuffer): ``ai-edge-litert>=1.2,<3``.
+``Buffer.offset`` (weights outside the flatbuffer): ``ai-edge-litert>=1.4,<3`` (tests pass on
+1.4.0 and 2.3.0; 1.2.0 runs fp32/int8 but its GATHER rejects the fp16 embedding table).
 
-Memory: XNNPACK packs the weights into its own memory on the first step; the mapped file pages
-it read from then only serve row lookups (embedding GATHER). After that first step the backend
-drops them from the process (``madvise(MADV_DONTNEED)`` on the read-only mapping, Linux only —
+Memory: XNNPACK packs the weights of every subgraph into its own memory on the first step (the
+interpreter applies the delegate lazily, to all subgraphs at once); the mapped file pages it
+read from then only serve row lookups (embedding GATHER). After that first step the backend
+drops them from the process (``madvise(MADV_DONTNEED)`` on the read-only mapping, Linux only;
 pages fault back in from the file if touched), so RSS is the packed weights + arenas, not twice
-the weights.
+the weights. The peak during that first step still holds both (clean file pages, reclaimable).
 
 Dynamic T: every segment's first dimension is resizable. The interpreter re-plans a
 subgraph's memory only when an input's shape changes, so a decode loop (T = 1 every step)
@@ -26,8 +28,8 @@ allocates once, and a prefill of T tokens costs one re-plan per segment.
 
 from __future__ import annotations
 
-import logging
 import ctypes
+import logging
 import math
 import os
 import sys
@@ -104,7 +106,7 @@ class LiteRTBackend:
                     node = self.attention[i]
                     env[node.out] = cache.attend(node.layer, env[node.q], env[node.k], env[node.v],
                                                  self.scales[i])  # (T, Hq, D)
-            if not self._released:  # every subgraph is now prepared and its weights packed
+            if not self._released:  # all subgraphs are prepared and their weights packed
                 self._released = True
                 release_file_pages(self.path)
         return env[LOGITS]  # (n, vocab)
