@@ -1,0 +1,180 @@
+"""KV-cache quality study: perplexity, KL and top-1 agreement of TurboQuant configurations
+against the exact cache, on the real runtime (``tqedge.runtime.eval_ppl``).
+
+Runs one text window at a time (every configuration plus the exact cache in lock step) and
+rewrites the JSON after each window, so a run stopped early still leaves every finished window
+merged. Configurations come from a named registry; ``--configs`` picks names or tiers.
+
+    python benchmarks/quality.py --bundle /tmp/h8/smol-fp32.tqe --text wikitext \\
+        --ctx 1024 --windows 4 --configs decision --out benchmarks/out/quality_wikitext.json
+    python benchmarks/quality.py --smoke --bundle B      # 1 window of 256 tokens, 2 configs
+    python benchmarks/quality.py --table benchmarks/out/quality_*.json   # markdown table
+
+Output JSON: ``{"meta": {...}, "results": [{config, settings, ppl, ppl_exact, delta_pct, kl,
+top1_agree, ppl_last_quarter, delta_last_quarter_pct, bytes_per_token, bits_per_value,
+tokens_in_32mib, windows, tokens, ...}]}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+TEXTS = {"wikitext": DATA / "wikitext2-valid.txt", "shakespeare": DATA / "tinyshakespeare.txt"}
+BUDGET_32MIB = 32 << 20
+log = logging.getLogger("benchmarks.quality")
+
+
+def registry():
+    """Name → KVConfig of every configuration the study knows."""
+    from tqedge.runtime.eval_ppl import KVConfig as C
+
+    protect = {0: (8, 4), 1: (8, 4), 29: (8, 4)}  # first two and last layer (KIVI-style sensitivity)
+    cfgs = [
+        C("fp16", "fp16"),
+        C("K8V4", "8,4"), C("K4V4", "4,4"), C("K4V3", "4,3"), C("K4V2.5", "4,2.5"), C("K4V2", "4,2"),
+        C("K3.5V3", "3.5,3"), C("K3.5V2.5", "3.5,2.5"), C("K3V3", "3,3"), C("K3V2", "3,2"), C("K2V2", "2,2"),
+        C("K2V3", "2,3"), C("K8V2", "8,2"), C("K8V3", "8,3"),
+        C("K4V2+L0,1,29@K8V4", "4,2", layer_bits=protect),
+        C("K3V3+L0,1,29@K8V4", "3,3", layer_bits=protect),
+        C("K4V3-qjl", "4,3", qjl=True), C("K4V3-plain", "4,3", norm="plain"),
+        C("K4V3-dense", "4,3", rotation="dense"),
+        C("K4V4-w0", "4,4", window=0), C("K4V3-w0", "4,3", window=0), C("K4V3-w32", "4,3", window=32),
+        C("K4V3-s0", "4,3", sinks=0), C("K4V3-w0s0", "4,3", window=0, sinks=0),
+    ]
+    return {c.name: c for c in cfgs}
+
+
+TIERS = {
+    "decision": ["fp16", "K4V4", "K4V3", "K3.5V2.5", "K4V2", "K3V3", "K3V2", "K2V2", "K4V2+L0,1,29@K8V4"],
+    "ablation": ["K4V3-qjl", "K4V3-plain", "K4V3-dense", "K4V4-w0", "K4V3-w32", "K4V3-s0", "K8V2", "K2V3"],
+    "smoke": ["K4V4", "K2V2"],
+}
+
+
+def pick(spec: str) -> list:
+    reg, out = registry(), []
+    for name in spec.split(","):
+        names = TIERS.get(name, [name])
+        for n in names:
+            if n not in reg:
+                raise SystemExit(f"unknown config {n!r}; known: {', '.join(reg)} or tiers {', '.join(TIERS)}")
+            out.append(reg[n])
+    return out
+
+
+def merge(per_window: list[list[dict]]) -> list[dict]:
+    """Merge per-window results (same configs, equal-length windows) into one row per config."""
+    rows = []
+    for i, first in enumerate(per_window[0]):
+        ws = [w[i] for w in per_window]
+        tok = sum(w["tokens"] for w in ws)
+        avg = lambda key: sum(w[key] * w["tokens"] for w in ws) / tok  # noqa: E731
+        lq = math.exp(avg_log(ws, "ppl_last_quarter"))
+        lq_x = math.exp(avg_log(ws, "ppl_last_quarter_exact"))
+        ppl, ppl_x = math.exp(avg("nll")), math.exp(avg("nll_exact"))
+        rows.append({**{k: first[k] for k in ("config", "settings", "kv_bits", "bytes_per_token", "fixed_bytes")},
+                     "ppl": ppl, "ppl_exact": ppl_x, "delta_pct": 100 * (ppl / ppl_x - 1),
+                     "kl": avg("kl"), "top1_agree": avg("top1_agree"),
+                     "ppl_last_quarter": lq, "ppl_last_quarter_exact": lq_x,
+                     "delta_last_quarter_pct": 100 * (lq / lq_x - 1),
+                     "ppl_second_half": math.exp(avg_log(ws, "ppl_second_half")),
+                     "ppl_second_half_exact": math.exp(avg_log(ws, "ppl_second_half_exact")),
+                     "window_delta_pct": [w["delta_pct"] for w in ws],
+                     "tokens": tok, "windows": len(ws), **sizes(first)})
+    return rows
+
+
+def avg_log(ws: list[dict], key: str) -> float:
+    return sum(math.log(w[key]) for w in ws) / len(ws)
+
+
+def sizes(r: dict, head_dim: int = 64, layers: int = 30, kv_heads: int = 3) -> dict:
+    """Bits per stored value (scales included) and tokens that fit a 32 MiB budget."""
+    per, fixed = r["bytes_per_token"], r["fixed_bytes"]
+    values = 2 * layers * kv_heads * head_dim  # keys + values of one token
+    fp16_tokens = fixed // (2 * values)  # sinks + window held in fp16
+    return {"bits_per_value": 8 * per / values, "ratio_vs_fp16": 2 * values / per,
+            "tokens_in_32mib": int(fp16_tokens + (BUDGET_32MIB - fixed) // per)}
+
+
+def run(bundle: Path, text: str, ctx: int, windows: int, configs: list, out: Path | None, chunk: int) -> dict:
+    import tqedge
+    from tqedge.runtime.eval_ppl import evaluate, text_windows
+
+    model = tqedge.load(bundle, verify="none")
+    path = TEXTS.get(text, Path(text))
+    wins = text_windows(model, Path(path).read_text(encoding="utf-8"), ctx, windows)
+    meta = {"bundle": str(bundle), "text": text, "ctx": ctx, "windows_planned": len(wins),
+            "configs": [c.name for c in configs], "chunk": chunk}
+    per_window, t0 = [], time.perf_counter()
+    doc = {"meta": meta, "results": []}
+    for i, w in enumerate(wins):
+        per_window.append(evaluate(model, [w], configs, chunk=chunk))
+        doc = {"meta": {**meta, "windows_done": i + 1, "seconds": round(time.perf_counter() - t0, 1)},
+               "results": merge(per_window)}
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(doc, indent=1))
+        log.info("window %d/%d done (%.0fs)", i + 1, len(wins), time.perf_counter() - t0)
+    return doc
+
+
+def table(docs: list[dict]) -> str:
+    """Markdown table: one row per config, columns per text."""
+    texts = [d["meta"]["text"] for d in docs]
+    head = ("| config | bits/value | bytes/token | tokens in 32 MiB | " +
+            " | ".join(f"{t}: ΔPPL % | ΔPPL last ¼ % | KL | top-1" for t in texts) + " |")
+    sep = "|" + "---|" * (4 + 4 * len(texts))
+    names = list(dict.fromkeys(r["config"] for d in docs for r in d["results"]))
+    lines = [head, sep]
+    for n in names:
+        rs = [next((r for r in d["results"] if r["config"] == n), None) for d in docs]
+        r0 = next(r for r in rs if r)
+        cells = [n, f"{r0['bits_per_value']:.2f}", str(r0["bytes_per_token"]), str(r0["tokens_in_32mib"])]
+        for r in rs:
+            cells += (["–"] * 4 if r is None else
+                      [f"{r['delta_pct']:+.2f}", f"{r['delta_last_quarter_pct']:+.2f}", f"{r['kl']:.4f}",
+                       f"{100 * r['top1_agree']:.1f}%"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path)
+    ap.add_argument("--text", default="wikitext", help="wikitext | shakespeare | a file path")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--configs", default="decision", help="names and/or tiers, comma-separated")
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="1 window of 256 tokens, configs K4V4,K2V2, window 32")
+    ap.add_argument("--table", nargs="*", type=Path, help="print a markdown table of result files and exit")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if a.table is not None:
+        print(table([json.loads(p.read_text()) for p in a.table]))
+        return 0
+    if a.bundle is None:
+        ap.error("--bundle is required")
+    if a.smoke:
+        import dataclasses
+
+        configs = [dataclasses.replace(c, window=32) for c in pick("smoke")]
+        doc = run(a.bundle, a.text, 256, 1, configs, a.out, a.chunk)
+    else:
+        doc = run(a.bundle, a.text, a.ctx, a.windows, pick(a.configs), a.out, a.chunk)
+    print(json.dumps(doc if a.out is None else {"meta": doc["meta"]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

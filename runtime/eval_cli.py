@@ -1,0 +1,147 @@
+"""``tqedge eval ppl`` and ``tqedge eval needle`` (registered lazily in tqedge/cli.py).
+
+    tqedge eval ppl smollm2.tqe --text wikitext2-valid.txt --ctx 2048 --windows 16 --kv-bits 4,3
+    tqedge eval needle smollm2.tqe --ctx 1K,2K,4K,8K --depths 0,0.25,0.5,0.75,1 --haystack wiki.txt
+
+Both build the cache from the same KV options (``--kv-bits``, ``--window``, ``--sinks``,
+``--qjl/--no-qjl``, ``--norm``, ``--rotation``, ``--kv-budget``); ``--json`` prints one JSON
+object instead of the table. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from tqedge.errors import TqedgeError
+
+KV_EVAL_OPTIONS = [
+    click.option("--kv-bits", default=None,
+                 help="Key,value bits (e.g. 4,3 or 3.5,2.5), 'exact' (fp32) or 'fp16'; default: the bundle's."),
+    click.option("--window", type=int, default=None, help="Recent tokens kept in fp16 (default: the bundle's)."),
+    click.option("--sinks", type=int, default=None, help="First tokens kept in fp16 (default: the bundle's)."),
+    click.option("--qjl/--no-qjl", default=None, help="TurboQuant_prod keys (b-1 MSE bits + 1-bit QJL)."),
+    click.option("--norm", type=click.Choice(["corrected", "plain"]), default=None, help="Codec scale rule."),
+    click.option("--rotation", type=click.Choice(["hadamard", "dense"]), default=None, help="Codec rotation."),
+    click.option("--kv-budget", default=None,
+                 help="Cache byte budget (e.g. 8MiB; older tokens slide out). Default: fits the context."),
+]
+COMMON = [
+    click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
+    click.option("--threads", type=int, default=None, help="Backend intra-op threads."),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+]
+
+
+def _apply(options):
+    return lambda f: functools.reduce(lambda g, opt: opt(g), reversed(options), f)
+
+
+def _config(kw: dict):
+    from tqedge.runtime.eval_ppl import KVConfig
+
+    opts = {k: kw.pop(k) for k in ("kv_bits", "window", "sinks", "qjl", "norm", "rotation", "kv_budget")}
+    return KVConfig(name=opts["kv_bits"] or "default", **opts)
+
+
+def _load(bundle: Path, threads):
+    import tqedge
+
+    return tqedge.load(bundle, threads=threads, verify="size")
+
+
+def parse_tokens(value: str) -> list[int]:
+    """``"1K,2K,4096"`` → [1024, 2048, 4096]."""
+    out = []
+    for part in value.split(","):
+        p = part.strip().upper()
+        try:
+            n = int(float(p[:-1]) * 1024) if p.endswith("K") else int(p)
+        except ValueError:
+            raise TqedgeError(f"context lengths look like 1K,2K,4096, not {value!r}") from None
+        if n < 2:
+            raise TqedgeError(f"context length must be ≥ 2 tokens, got {part!r}")
+        out.append(n)
+    return out
+
+
+def parse_depths(value: str) -> list[float]:
+    """``"0,0.5,1"`` → [0.0, 0.5, 1.0], each in [0, 1]."""
+    try:
+        out = [float(p) for p in value.split(",")]
+    except ValueError:
+        raise TqedgeError(f"depths look like 0,0.25,0.5, not {value!r}") from None
+    if not out or any(not 0 <= d <= 1 for d in out):
+        raise TqedgeError(f"depths must lie in [0, 1], got {value!r}")
+    return out
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Quality evaluation of a bundle and its KV cache."""
+
+
+@eval_group.command("ppl")
+@_apply(COMMON)
+@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Evaluation text (UTF-8), e.g. wikitext2-valid.txt.")
+@click.option("--ctx", type=int, default=2048, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=None, help="Non-overlapping windows to score (default: all).")
+@click.option("--chunk", type=int, default=512, show_default=True, help="Tokens per forward call.")
+@_apply(KV_EVAL_OPTIONS)
+def ppl_cmd(bundle, threads, as_json, text_file, ctx, windows, chunk, **kw):
+    """Perplexity with the chosen KV cache, its delta, KL and top-1 agreement vs the exact cache."""
+    from tqedge.runtime.eval_ppl import evaluate, text_windows, work_tokens
+
+    cfg = _config(kw)
+    model = _load(bundle, threads)
+    wins = text_windows(model, text_file.read_text(encoding="utf-8"), ctx, windows)
+    with click.progressbar(length=work_tokens(wins, 1), label="tokens", file=sys.stderr) as bar:
+        (r,) = evaluate(model, wins, [cfg], chunk=chunk, progress=bar.update)
+    r.update(ctx=ctx, text=str(text_file))
+    if as_json:
+        click.echo(json.dumps(r))
+        return
+    click.echo(f"text        {text_file} ({r['windows']} windows × {ctx} tokens, {r['tokens']} scored)")
+    click.echo(f"kv          {r['kv_bits']} ({r['bytes_per_token']} bytes/token beyond the fp16 window)")
+    click.echo(f"ppl         {r['ppl']:.4f}   exact {r['ppl_exact']:.4f}   delta {r['delta_pct']:+.2f}%")
+    click.echo(f"last 1/4    {r['ppl_last_quarter']:.4f}   exact {r['ppl_last_quarter_exact']:.4f}   "
+               f"delta {r['delta_last_quarter_pct']:+.2f}%")
+    click.echo(f"KL          {r['kl']:.5f} nats/token   top-1 agreement {100 * r['top1_agree']:.2f}%")
+
+
+@eval_group.command("needle")
+@_apply(COMMON)
+@click.option("--ctx", "contexts", default="1K,2K,4K,8K", show_default=True, help="Prompt lengths in tokens.")
+@click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths in [0, 1].")
+@click.option("--haystack", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Filler text (default: ../shared/data/wikitext2-valid.txt next to the repo, if present).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the needle values.")
+@_apply(KV_EVAL_OPTIONS)
+def needle_cmd(bundle, threads, as_json, contexts, depths, haystack, seed, **kw):
+    """Needle in a haystack: depth × context grid of exact-match retrieval (greedy)."""
+    from tqedge.runtime.eval_needle import format_grid, run_needle
+
+    ctxs, ds = parse_tokens(contexts), parse_depths(depths)
+    haystack = haystack or _default_haystack()
+    cfg = _config(kw)
+    model = _load(bundle, threads)
+    with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
+        r = run_needle(model, haystack.read_text(encoding="utf-8"), ctxs, ds, cfg, seed=seed, progress=bar.update)
+    if as_json:
+        r["grid"] = {str(c): {str(d): v for d, v in row.items()} for c, row in r["grid"].items()}
+        click.echo(json.dumps(r))
+    else:
+        click.echo(format_grid(r))
+
+
+def _default_haystack() -> Path:
+    here = Path(__file__).resolve().parents[1]
+    p = here.parent / "shared" / "data" / "wikitext2-valid.txt"
+    if not p.exists():
+        raise TqedgeError("no --haystack given and ../shared/data/wikitext2-valid.txt not found")
+    return p
