@@ -31,15 +31,22 @@ from tqedge.runtime.cache import ExactKVCache  # noqa: E402
 VOCAB, HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 101, 64, 96, 2, 4, 2
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
 def _tiny(kind: str):
-    """A random tiny HF model, its ArchSpec and its canonical (HF-named) float32 weights."""
+    """A random tiny HF model, its ArchSpec and its canonical (HF-named) float32 weights.
+    ``kind``: "llama", "llama3rope" (Llama 3.1 rope scaling) or "qwen2"."""
     torch.manual_seed(0)
+    scaling = LLAMA3_ROPE if kind == "llama3rope" else None
+    kind = "llama" if kind == "llama3rope" else kind
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, rms_norm_eps=1e-5,
                   max_position_embeddings=512)
     theta = 10000.0 if kind == "llama" else 1e6
     if kind == "llama":
-        cfg = transformers.LlamaConfig(rope_theta=theta, tie_word_embeddings=True, **common)
+        cfg = transformers.LlamaConfig(rope_theta=theta, tie_word_embeddings=True, rope_scaling=scaling, **common)
         model = transformers.LlamaForCausalLM(cfg)
     else:
         cfg = transformers.Qwen2Config(rope_theta=theta, tie_word_embeddings=False, **common)
@@ -56,7 +63,8 @@ def _tiny(kind: str):
     arch = ArchSpec(name=kind, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_layers=LAYERS,
                     num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HIDDEN // HEADS, rms_norm_eps=1e-5,
                     rope_theta=theta, max_position_embeddings=512,
-                    tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=kind == "qwen2")
+                    tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=kind == "qwen2",
+                    rope_scaling=scaling)
     weights = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     if arch.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
@@ -97,12 +105,12 @@ def _reference(model, ids):
         return model(torch.tensor(ids)[None]).logits[0].numpy()  # (T, vocab)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "llama3rope", "qwen2"])
 def test_fp32_matches_transformers_prefill_and_decode(tmp_path, kind):
     model, arch, weights = _tiny(kind)
     backend, _ = _backend(tmp_path, arch, weights)
-    ids = np.random.default_rng(1).integers(0, VOCAB, 14)
-    got = _run(backend, arch, ids, [7, 3, 1, 1, 1, 1])  # prefill 7, chunk 3, 4 decode steps
+    ids = np.random.default_rng(1).integers(0, VOCAB, 40)
+    got = _run(backend, arch, ids, [17, 19, 1, 1, 1, 1])  # two prefill chunks, 4 decode steps
     ref = _reference(model, ids)
     assert np.abs(ref).max() > 0.5
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=0)
