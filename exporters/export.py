@@ -38,6 +38,23 @@ def _kv_bits(kv_bits) -> tuple[float, float]:
     return parts[0], parts[1]
 
 
+def _emit_tflite(spec, out_dir, fmt, progress=None):
+    from tqedge.exporters.tflite_emitter import emit_tflite  # needs ai-edge-litert (tflite extra)
+
+    return emit_tflite(spec, out_dir, fmt, progress=progress)
+
+
+EMITTERS = {"onnx": emit_onnx, "tflite": _emit_tflite}  # graph format -> emit(spec, dir, weights, progress)
+
+
+def _formats(formats) -> list[str]:
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    bad = [f for f in names if f not in EMITTERS]
+    if not names or bad:
+        raise TqedgeError(f"unknown graph format {bad[0] if bad else formats!r} (choose from {', '.join(EMITTERS)})")
+    return list(dict.fromkeys(names))
+
+
 def _weight_source(source: dict) -> str | None:
     if source.get("type") == "gguf":
         types = Counter(source.get("tensor_types", {}))
@@ -47,7 +64,7 @@ def _weight_source(source: dict) -> str | None:
 
 
 def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = False,
-           progress: Progress | None = None, name: str | None = None) -> Manifest:
+           progress: Progress | None = None, name: str | None = None, formats="onnx") -> Manifest:
     """Export a model to a tqedge bundle.
 
     Args:
@@ -59,6 +76,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
         overwrite: replace an existing ``out``.
         progress: optional ``callback(stage, done, total)``.
         name: bundle name (default: ``out``'s stem).
+        formats: graph formats to write, "onnx", "tflite" or both ("onnx,tflite" or a list).
 
     Returns:
         The written (validated) Manifest.
@@ -69,6 +87,9 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     if weights not in WEIGHT_FORMATS:
         raise TqedgeError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
     key_bits, value_bits = _kv_bits(kv_bits)
+    formats = _formats(formats)
+    if "tflite" in formats and weights == "int4":
+        raise TqedgeError("tflite graphs support fp32, fp16 and int8 weights; export int4 with --format onnx")
     out = Path(out)
     if out.exists() and not overwrite:
         raise TqedgeError(f"output exists: {out} (pass overwrite / --force to replace it)")
@@ -79,7 +100,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     if progress:
         progress("read", 1, 1)
     log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
-    n_seg = spec.arch.num_layers + 1
+    n_seg = (spec.arch.num_layers + 1) * len(formats)
     done = [0]
 
     def step(n: int) -> None:
@@ -88,14 +109,14 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
             progress("write", done[0], n_seg)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        graph = emit_onnx(spec, tmp, fmt=weights, progress=step)
+        graphs = {f: EMITTERS[f](spec, tmp, weights, progress=step) for f in formats}
         (tmp / spec.tokenizer.file).write_text(spec.tokenizer_json, encoding="utf-8")
         manifest = Manifest(
             name=name or out.name.removesuffix(".tqe"),
             architecture=spec.arch, tokenizer=spec.tokenizer,
             weights=WeightSpec(format=weights, block_size=BLOCK_SIZES.get(weights), source=_weight_source(spec.source)),
             kv=KVSpec(key_bits=key_bits, value_bits=value_bits), generation=spec.generation,
-            graphs={"onnx": graph}, source={**spec.source, "parameters": spec.num_parameters},
+            graphs=graphs, source={**spec.source, "parameters": spec.num_parameters},
             tqedge_version=__version__,
         )
         write_manifest(tmp, manifest)
