@@ -64,7 +64,7 @@ def distortion(n: int) -> dict:
         x = unit_vectors(n, d, seed=d)
         y = unit_vectors(n, d, seed=d + 1)
         for b in (1, 2, 3, 4):
-            opt = monte_carlo_lloyd(d, b, max(n, 20000))
+            opt = monte_carlo_lloyd(d, b, max(n, 5000 if n < 10000 else 20000))
             row = {"d": d, "bits": b, "paper": PAPER_MSE[b], "optimal_mc": opt}
             for norm in ("plain", "corrected"):
                 tq = TurboQuant(CodecConfig(dim=d, bits=b, norm=norm, seed=7))
@@ -220,9 +220,9 @@ def main() -> None:
         print(json.dumps(speed_child(*json.loads(a.child))))
         return
     kbits, vbits = (float(b) for b in a.bits.split(","))
-    ns = [1024, 4096, 16384] if a.quick else [1024, 4096, 16384, 65536]
+    ns = [1024, 4096] if a.quick else [1024, 4096, 16384, 65536]
     reps = 3 if a.quick else 7
-    max_ws = min(a.max_ws_gib, 0.4) if a.quick else a.max_ws_gib
+    max_ws = min(a.max_ws_gib, 0.25) if a.quick else a.max_ws_gib
     t0 = time.time()
     load0 = list(os.getloadavg())  # other jobs on the machine skew wall-clock speed numbers
     print("distortion ...", flush=True)
