@@ -72,6 +72,18 @@ def test_generate_raw_stream_and_stop(tiny):
     assert r.stdout == full[: full.index(stop)] + "\n"
 
 
+def test_generate_defaults_to_greedy_and_system_message(tiny):
+    lm, bundle, _ = tiny
+    r = _run(["generate", bundle, "-p", QUESTION, "--json", "--max-tokens", "6", "--system", "Be brief."])
+    out = json.loads(r.stdout)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    ids = lm.encode(render_for(lm.manifest, msgs), add_special_tokens=False)
+    assert out["prompt_tokens"] == ids  # bundle default temperature is 0.7; the CLI's is greedy
+    assert out["tokens"] == [x.token for x in G.stream_generate(lm, ids, max_tokens=6, temperature=0)]
+    r = _run(["generate", bundle, "-p", QUESTION, "--raw", "--system", "x"])
+    assert r.exit_code == 2 and "--system" in r.stderr
+
+
 def test_generate_prompt_from_stdin_and_errors(tiny):
     lm, bundle, _ = tiny
     r = _run(["generate", bundle, "--raw", "--temperature", "0", "--max-tokens", "5"], stdin=QUESTION)
@@ -103,6 +115,31 @@ def test_chat_scripted_error_exits_2(tiny):
     _, bundle, _ = tiny
     r = _run(["chat", bundle, "--kv-budget", "16KiB", "--kv-bits", "exact", "--policy", "error"], stdin="hi\n")
     assert r.exit_code == 2 and "KV cache full" in r.stderr
+
+
+def test_interactive_repl_survives_errors_and_interrupts(monkeypatch, capsys):
+    lm = TinyLM()
+    chat = Chat(lm, kv_bits="exact", kv_budget=120 * 256, policy="error", temperature=0, max_tokens=4)
+    lines = iter(["/help", "hi", "x " * 80, "/stats", "/exit", "unreached"])
+
+    def fake_input(prompt=""):
+        return next(lines)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    rcli.ChatRepl(chat, interactive=True).run(None)
+    out, err = capsys.readouterr()
+    assert "/reset" in out and "error: KV cache full" in err  # the error is shown, the loop goes on
+    assert "cache:" in out and next(lines) == "unreached"
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]  # the failed turn left no trace
+
+    def interrupting():
+        yield "partial"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(chat, "send", lambda text, stream: interrupting())
+    repl = rcli.ChatRepl(chat, interactive=True)
+    repl.handle("tell me")
+    assert "partial [interrupted]" in capsys.readouterr().out and repl.running
 
 
 # -- SmolLM2 end to end ----------------------------------------------------------------------
