@@ -255,7 +255,7 @@ class CompressedKVCache:
         h, n, d = k16.shape
         kc, ks = self.tq_k[layer].encode(k16.reshape(h * n, d).astype(np.float32))  # (Hkv*n, Bk), (Hkv*n, Pk)
         vc, vs = self.tq_v[layer].encode(v16.reshape(h * n, d).astype(np.float32))
-        return (kc.reshape(h, n, -1), ks.reshape(h, n, -1), vc.reshape(h, n, -1), vs.reshape(h, n, -1))
+        return tuple(a.reshape(h, n, a.shape[-1]) for a in (kc, ks, vc, vs))  # n may be 0 (all sinks)
 
     def _store_codes(self, layer: int, positions: np.ndarray, kc, ks, vc, vs) -> None:
         idx = (positions - self.sinks) % self.ring  # (n,) ring indices
