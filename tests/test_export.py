@@ -147,15 +147,22 @@ def _degrade(w: np.ndarray, fmt: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
-def test_weight_formats_compute_on_their_weights(tmp_path, fmt):
+def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
+    from tqedge.exporters import weights
+
+    # float activations (accuracy_level 0) so the graph must equal the dequantized weights;
+    # level 4 (int8 activations, the default) is covered by the SmolLM2 agreement test
+    monkeypatch.setattr(weights, "ACCURACY_LEVELS", {"int8": 0, "int4": 0})
     src = build_tiny_hf(tmp_path / "hf", "llama")
     ids = _prompt(64, seed=3)
     model_ref = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     clean = model_ref(torch.tensor([ids])).logits[0].detach().numpy()
     with torch.no_grad():
         for name, p in model_ref.named_parameters():
-            if name.endswith("proj.weight") or name == "lm_head.weight":
+            if name.endswith("proj.weight"):
                 p.copy_(torch.from_numpy(_degrade(p.numpy(), fmt)))
+            elif name == "lm_head.weight":
+                p.copy_(torch.from_numpy(_degrade(p.numpy(), weights.HEAD_FORMATS[fmt])))
             elif name == "model.embed_tokens.weight" and fmt != "fp32":
                 p.copy_(torch.from_numpy(p.numpy().astype(np.float16).astype(np.float32)))
         ref = model_ref(torch.tensor([ids])).logits[0].numpy()
@@ -164,6 +171,46 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt):
     got = model.forward(ids, model.new_cache(kv_bits="exact", kv_budget="1MiB"), logits="all")
     np.testing.assert_allclose(got, ref, atol=2e-3, rtol=0)
     assert np.abs(ref - clean).max() > 1e-3  # the format really changed the weights
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_carried_over_q4_1_blocks_are_exact(tmp_path, level):
+    """GGUF Q4_1 blocks (w = d*q + m, any m) → MatMulNBits + block-sum offset, vs NumPy."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from tqedge.exporters.onnx_emitter import GraphBuilder
+    from tqedge.exporters.spec import QuantBlocks
+    from tqedge.exporters.weights import LINEAR_FORMATS, LinearArgs, WeightStore
+
+    rng = np.random.default_rng(0)
+    n, k = 48, 96
+    qb = QuantBlocks(bits=4, block=32, q=rng.integers(0, 16, (n, k)).astype(np.uint8),
+                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32),
+                     min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float32))
+    qb.scale[0, 0] = 0.0  # a constant block
+    w = qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1)
+    store = WeightStore(tmp_path / "weights.bin", "weights.bin")
+    g = GraphBuilder(store)
+    import tqedge.exporters.weights as weights
+
+    old = dict(weights.ACCURACY_LEVELS)
+    weights.ACCURACY_LEVELS["int4"] = level
+    try:
+        y = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
+    finally:
+        weights.ACCURACY_LEVELS.update(old)
+    store.close()
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], list(g.inits.values())),
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    (got,) = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ref = x @ w.T
+    tol = 1e-4 if level == 0 else 0.02 * np.abs(ref).max()  # level 4 quantizes x to int8 per block
+    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
 def test_block_quantizer_error_bound():
