@@ -155,8 +155,10 @@ def test_recommendation_fits_and_says_when_capped():
         assert rec["tokens"] == min(plan.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
         assert ("model's max" in rec["line"]) == rec["capped"]
         assert rec["kv_budget_arg"] in rec["line"]
-        if mem < 4 * GiB:
-            assert rec["weights"] in ("int8", "int4")
+        # the most precise format that leaves room for the whole (8192-token) context
+        need = plan.kv_budget_for(8192, SMOL, m.kv, "K4V3")
+        fits = [f for f in ("fp32", "int8", "int4") if plan.weight_bytes(SMOL, f) + need <= room]
+        assert rec["weights"] == fits[0]
     tiny = plan.recommend(m, 400 * MiB)
     assert tiny["weights"] is None and "does not fit" in tiny["line"]
 
