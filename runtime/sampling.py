@@ -40,51 +40,54 @@ def _check_sampling(temperature: float, top_k: int, top_p: float, min_p: float) 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
     """Softmax in float64 of logits that may hold -inf."""
-    e = np.exp(x - x.max())  # (V,)
+    e = np.exp(x - x.max())  # (n,)
     return e / e.sum()
 
 
-def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """Mask (to -inf) every logit below the k-th largest; ties at the boundary are kept (HF)."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = np.partition(logits, -k)[-k]
-    return np.where(logits < kth, -np.inf, logits)
+# Each filter maps the surviving candidates (token ids ``idx`` (n,), their logits ``x`` (n,))
+# to a subset, so after top-k every later step works on k values, not the vocabulary.
+
+def _top_k(idx: np.ndarray, x: np.ndarray, k: int):
+    """Keep logits ≥ the k-th largest (ties at the boundary are kept, as in HF)."""
+    if k <= 0 or k >= len(x):
+        return idx, x
+    kth = np.partition(x, -k)[-k]
+    keep = np.flatnonzero(x >= kth)
+    return idx[keep], x[keep]
 
 
-def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """Nucleus filter: keep the most likely tokens whose cumulative probability reaches ``p``.
-
-    A token survives when the mass of the tokens more likely than it is below ``p`` (the most
-    likely token always survives), which is Hugging Face's ``TopPLogitsWarper`` rule.
-    """
+def _top_p(idx: np.ndarray, x: np.ndarray, p: float):
+    """Nucleus: keep a token when the mass of the tokens more likely than it is below ``p``
+    (the most likely token always survives); HF's ``TopPLogitsWarper`` rule. Sorts only the
+    :data:`TOP_P_CANDIDATES` most likely tokens unless the nucleus is wider than those."""
     if p >= 1.0:
-        return logits
-    probs = _softmax(logits)  # (V,)
-    v = probs.shape[-1]
-    m = min(TOP_P_CANDIDATES, v)
-    cand = np.argpartition(probs, v - m)[v - m:] if m < v else np.arange(v)  # (m,)
+        return idx, x
+    probs = _softmax(x)  # (n,)
+    n = len(probs)
+    m = min(TOP_P_CANDIDATES, n)
+    cand = np.argpartition(probs, n - m)[n - m:] if m < n else np.arange(n)  # (m,)
     if probs[cand].sum() < p:  # the nucleus is wider than the candidates: sort everything
-        cand = np.arange(v)
+        cand = np.arange(n)
     order = cand[np.argsort(-probs[cand], kind="stable")]  # (m,) descending
     before = np.cumsum(probs[order]) - probs[order]  # mass strictly above each token
     keep = order[before < p]
-    out = np.full_like(logits, -np.inf)
-    out[keep] = logits[keep]
-    return out
+    return idx[keep], x[keep]
 
 
-def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
-    """Mask tokens whose probability is below ``min_p`` × the top token's probability."""
+def _min_p(idx: np.ndarray, x: np.ndarray, min_p: float):
+    """Drop tokens whose probability is below ``min_p`` × the top token's probability."""
     if min_p <= 0.0:
-        return logits
-    probs = _softmax(logits)
-    return np.where(probs < min_p * probs.max(), -np.inf, logits)
+        return idx, x
+    probs = _softmax(x)
+    keep = np.flatnonzero(probs >= min_p * probs.max())
+    return idx[keep], x[keep]
 
 
-def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
-    """Temperature-scaled and filtered logits (float64, masked entries -inf).
+def candidates(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a sampler may draw and their temperature-scaled logits.
+
+    Filters run in Hugging Face's order: temperature → top-k → top-p → min-p.
 
     Args:
         logits: (V,) raw logits.
@@ -92,12 +95,40 @@ def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
         top_k, top_p, min_p: filters; 0 / 1.0 / 0.0 disable them.
 
     Returns:
-        (V,) float64 logits whose softmax is the sampling distribution.
+        (token ids (n,) int64, float64 logits (n,)); their softmax is the sampling distribution.
     """
     x = np.asarray(logits, dtype=np.float64) / temperature  # (V,)
-    x = apply_top_k(x, top_k)
-    x = apply_top_p(x, top_p)
-    return apply_min_p(x, min_p)
+    idx = np.arange(len(x))
+    idx, x = _top_k(idx, x, top_k)
+    idx, x = _top_p(idx, x, top_p)
+    return _min_p(idx, x, min_p)
+
+
+def _masked(logits: np.ndarray, idx: np.ndarray, x: np.ndarray) -> np.ndarray:
+    out = np.full(np.shape(logits), -np.inf)
+    out[idx] = x
+    return out
+
+
+def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """``logits`` with everything outside the top k set to -inf."""
+    return _masked(logits, *_top_k(np.arange(len(logits)), np.asarray(logits, np.float64), k))
+
+
+def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
+    """``logits`` with everything outside the nucleus of mass ``p`` set to -inf."""
+    return _masked(logits, *_top_p(np.arange(len(logits)), np.asarray(logits, np.float64), p))
+
+
+def apply_min_p(logits: np.ndarray, min_p: float) -> np.ndarray:
+    """``logits`` with tokens below ``min_p`` × the top probability set to -inf."""
+    return _masked(logits, *_min_p(np.arange(len(logits)), np.asarray(logits, np.float64), min_p))
+
+
+def filter_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0, min_p: float = 0.0) -> np.ndarray:
+    """Temperature-scaled, filtered (V,) float64 logits, masked entries -inf (see :func:`candidates`)."""
+    return _masked(logits, *candidates(logits, temperature, top_k, top_p, min_p))
 
 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -122,10 +153,10 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
-        probs = _softmax(filter_logits(logits, temperature, top_k, top_p, min_p))  # (V,)
-        cdf = np.cumsum(probs)
+        idx, x = candidates(logits, temperature, top_k, top_p, min_p)  # (n,), (n,)
+        cdf = np.cumsum(_softmax(x))
         i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-        return min(i, len(probs) - 1)
+        return int(idx[min(i, len(idx) - 1)])
 
     return sample
 
