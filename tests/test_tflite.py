@@ -240,3 +240,28 @@ def test_mapped_weights_released_after_first_step_and_results_unchanged(tmp_path
     again = _run(backend, arch, ids, [4, 1, 1, 1, 1])  # pages fault back in from the file
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(again, _reference(model, ids), atol=2e-4, rtol=0)
+
+
+def test_cli_export_both_formats_and_run_each(tmp_path):
+    """``tqedge export --format onnx,tflite``: one bundle, both graphs agree with transformers."""
+    from click.testing import CliRunner
+    from test_export import build_tiny_hf, hf_logits
+
+    from tqedge.cli import cli
+    from tqedge.runtime.model import load
+
+    src = build_tiny_hf(tmp_path / "hf", "qwen2")
+    out = tmp_path / "both.tqe"
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--format", "onnx,tflite"])
+    assert r.exit_code == 0, r.output
+    ids = np.random.default_rng(8).integers(3, 96, 9).tolist()
+    ref = hf_logits(src, ids)  # (T, vocab)
+    for backend in ("onnx", "tflite"):
+        model = load(out, backend=backend)  # full SHA-256 verification, tflite file included
+        got = model.forward(ids, model.new_cache(kv_bits="exact", kv_budget="1MiB"), logits="all")
+        np.testing.assert_allclose(got, ref, atol=3e-4, rtol=0, err_msg=backend)
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(tmp_path / "x.tqe"), "--format", "tflite",
+                                 "--weights", "int4"])
+    assert r.exit_code != 0 and "int4" in r.output and not (tmp_path / "x.tqe").exists()
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(tmp_path / "y.tqe"), "--format", "onnx,coreml"])
+    assert r.exit_code != 0 and "coreml" in r.output and not (tmp_path / "y.tqe").exists()

@@ -14,33 +14,20 @@ pytest.importorskip("ai_edge_litert")
 pytest.importorskip("onnx")
 
 import tqedge.runtime.model as runtime_model  # noqa: E402
-from tqedge import __version__  # noqa: E402
-from tqedge.bundle import Manifest, WeightSpec, write_manifest  # noqa: E402
 from tqedge.errors import TqedgeError  # noqa: E402
-from tqedge.exporters.onnx_emitter import emit_onnx  # noqa: E402
-from tqedge.exporters.sources import load_source  # noqa: E402
-from tqedge.exporters.tflite_emitter import emit_tflite  # noqa: E402
+from tqedge.exporters.export import export  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 STEPS = 32
 
 
-def _bundle(out, spec, graphs: dict) -> None:
-    (out / spec.tokenizer.file).write_text(spec.tokenizer_json, encoding="utf-8")
-    m = Manifest(name=out.name, architecture=spec.arch, tokenizer=spec.tokenizer, weights=WeightSpec("fp32"),
-                 generation=spec.generation, graphs=graphs, tqedge_version=__version__)
-    write_manifest(out, m, checksum=False)
-
-
 @pytest.fixture(scope="module")
 def bundles(smollm2_gguf, tmp_path_factory):
-    """fp32 bundle with both graphs, and an int8 tflite-only bundle, from one read of the GGUF."""
-    spec = load_source(smollm2_gguf)
-    fp32 = tmp_path_factory.mktemp("smol_fp32")
-    graphs = {"onnx": emit_onnx(spec, fp32, "fp32"), "tflite": emit_tflite(spec, fp32, "fp32")}
-    _bundle(fp32, spec, graphs)
-    int8 = tmp_path_factory.mktemp("smol_int8")
-    _bundle(int8, spec, {"tflite": emit_tflite(spec, int8, "int8")})
+    """An fp32 bundle with both graphs and an int8 tflite-only bundle (``export --format``)."""
+    root = tmp_path_factory.mktemp("smol")
+    fp32, int8 = root / "fp32.tqe", root / "int8.tqe"
+    export(smollm2_gguf, fp32, weights="fp32", formats="onnx,tflite")
+    export(smollm2_gguf, int8, weights="int8", formats="tflite")
     return fp32, int8
 
 
