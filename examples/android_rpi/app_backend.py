@@ -19,8 +19,8 @@ starts over (its history is dropped) and a log line says so.
 
 Run::
 
-    python app_backend.py smollm2-int8.tqe --kv-budget 32MiB --max-live 4 < requests.jsonl
-    python app_backend.py smollm2-int8.tqe --demo     # two interleaved conversations
+    python app_backend.py smollm2-fp32.tqe --kv-budget 32MiB --max-live 4 < requests.jsonl
+    python app_backend.py smollm2-fp32.tqe --demo     # two interleaved conversations
 """
 
 from __future__ import annotations

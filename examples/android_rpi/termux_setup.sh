@@ -34,7 +34,7 @@ if [ -n "$BUNDLE" ]; then
 fi
 cat <<'MSG'
 
-Done. Keep the phone awake while generating (termux-wake-lock), and prefer int8 bundles.
+Done. Keep the phone awake while generating (termux-wake-lock), and pick the weight format with `tqedge plan`.
 Chat:          tqedge chat BUNDLE --kv-budget 64MiB
 App backend:   tqedge serve BUNDLE --host 127.0.0.1 --port 8000   (an app on the phone calls it)
 MSG
