@@ -115,7 +115,11 @@ exec env -i PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.U
   NUMBA_CACHE_DIR=/root/.cache/numba chroot "$ROOT" "\$@"
 EOS
   chmod +x "$ROOT/armrun"
-  "$ROOT/armrun" update-ca-certificates >/dev/null 2>&1 || true
+  # (slow under emulation: openssl runs once per certificate; redo only when certs changed)
+  if ! cmp -s "$ROOT/etc/ssl/certs/ca-certificates.crt" "$ROOT/etc/.tqedge-ca-done" 2>/dev/null; then
+    "$ROOT/armrun" update-ca-certificates >/dev/null 2>&1 || true
+    cp "$ROOT/etc/ssl/certs/ca-certificates.crt" "$ROOT/etc/.tqedge-ca-done" 2>/dev/null || true
+  fi
   [ -x "$ROOT/opt/venv/bin/python" ] || "$ROOT/armrun" python3 -m venv /opt/venv
   "$ROOT/armrun" python -c 'import platform, sys; print("chroot:", platform.machine(), sys.version.split()[0])'
 }
