@@ -82,7 +82,7 @@ def _stats_line(stats) -> str:
 @click.option("-p", "--prompt", default=None, help="The prompt ('-' or omitted: read stdin).")
 @click.option("--chat/--raw", "chat", default=None,
               help="Wrap the prompt in the chat template (default when the bundle has one) or complete it raw.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, token ids, stats.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens (generated ids), prompt_ids, finish_reason, stats.")
 @_apply(SAMPLING_OPTIONS)
 @_apply(KV_OPTIONS)
 def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: bool, backend, threads,
@@ -98,6 +98,8 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise TqedgeError("the prompt is empty (use -p TEXT or pipe it on stdin)")
+    if system and chat is False:
+        raise TqedgeError("--system needs the chat template; drop --raw")
     model = _load(bundle, backend, threads, verify, cache_opts)
     use_chat = bool(model.manifest.tokenizer.chat_template) if chat is None else chat
     if use_chat:
@@ -105,7 +107,7 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
         ids = model.encode(render_for(model.manifest, messages), add_special_tokens=False)
     else:
         if system:
-            raise TqedgeError("--system needs the chat template; drop --raw")
+            raise TqedgeError("--system needs the chat template, and this bundle has none")
         ids = model.encode(prompt)
     tokens, texts, last = [], [], None
     for r in stream_generate(model, ids, **sampling):
@@ -116,7 +118,7 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
             click.echo(r.text, nl=False)
             sys.stdout.flush()
     if as_json:
-        click.echo(json.dumps({"text": "".join(texts), "tokens": tokens, "prompt_tokens": ids,
+        click.echo(json.dumps({"text": "".join(texts), "tokens": tokens, "prompt_ids": ids,
                                "finish_reason": last.finish_reason, "chat_template": use_chat,
                                "stats": last.stats.to_dict()}, ensure_ascii=False))
     else:

@@ -46,14 +46,14 @@ def test_generate_json_matches_python_api(tiny):
               "--kv-budget", "128KiB", "--kv-bits", "exact", "--threads", "1", "--policy", "error"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert set(out) == {"text", "tokens", "prompt_tokens", "finish_reason", "chat_template", "stats"}
+    assert set(out) == {"text", "tokens", "prompt_ids", "finish_reason", "chat_template", "stats"}
     assert {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "kv_bytes_used",
             "kv_capacity_bytes", "kv_tokens", "kv_capacity_tokens", "evicted"} <= set(out["stats"])
     assert seen == dict(backend=None, threads=1, verify="size", kv_budget="128KiB", kv_bits="exact",
                         window=None, sinks=None, policy="error")
     # chat template is the default for a bundle that has one
     ids = lm.encode(render_for(lm.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
-    assert out["chat_template"] is True and out["prompt_tokens"] == ids
+    assert out["chat_template"] is True and out["prompt_ids"] == ids
     rs = list(G.stream_generate(lm, ids, max_tokens=9, temperature=0))
     assert out["tokens"] == [x.token for x in rs] and out["text"] == "".join(x.text for x in rs)
     assert out["finish_reason"] == rs[-1].finish_reason == "length"
@@ -78,7 +78,7 @@ def test_generate_defaults_to_greedy_and_system_message(tiny):
     out = json.loads(r.stdout)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
     ids = lm.encode(render_for(lm.manifest, msgs), add_special_tokens=False)
-    assert out["prompt_tokens"] == ids  # bundle default temperature is 0.7; the CLI's is greedy
+    assert out["prompt_ids"] == ids  # bundle default temperature is 0.7; the CLI's is greedy
     assert out["tokens"] == [x.token for x in G.stream_generate(lm, ids, max_tokens=6, temperature=0)]
     r = _run(["generate", bundle, "-p", QUESTION, "--raw", "--system", "x"])
     assert r.exit_code == 2 and "--system" in r.stderr
@@ -157,7 +157,7 @@ def test_smollm2_generate_json_greedy_equals_python_api(smollm2_bundle, smollm2_
     m = smollm2_model
     ids = m.encode(render_for(m.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
     rs = list(G.stream_generate(m, ids, max_tokens=16, temperature=0, kv_bits="exact"))
-    assert out["prompt_tokens"] == ids and out["tokens"] == [r.token for r in rs]
+    assert out["prompt_ids"] == ids and out["tokens"] == [r.token for r in rs]
     assert "Paris" in out["text"] and out["finish_reason"] in ("eos", "length")
 
 
