@@ -114,14 +114,17 @@ def live_rows(cache, name: str, arr: np.ndarray) -> int:
 
     An exact cache holds its tokens in slots ``[0, length)``; a compressed cache's ring holds
     non-sink token ``p`` at ``(p - sinks) % ring``, so ``[0, length - sinks)`` (all of it once
-    it wrapped). Slots past those are dead (never read before being rewritten): they are not
+    it wrapped), and its fp16 sinks + window ``[0, sinks + offset)``. Slots past those are dead (never read before being rewritten): they are not
     saved and come back as zeros, which keeps the file proportional to the conversation, not
     to the budget.
     """
     if name in ("keys", "values"):
         return int(cache.length)
+    sinks = int(cache.slots.sinks)
     if name.split(".")[0] in _RING_ARRAYS:
-        return max(0, int(cache.length) - int(cache.slots.sinks))
+        return max(0, int(cache.length) - sinks)
+    if name in ("fp_k", "fp_v"):  # sinks at [0, S), token p ≥ S at S + p % W: [0, S + offset) until it wraps
+        return min(arr.shape[-2], sinks + int(cache.offset))
     return arr.shape[-2]
 
 

@@ -11,13 +11,11 @@ is recomputed; 400/401/413/429 bodies and headers; a client disconnect frees the
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 from _bundles import TinyLM
 

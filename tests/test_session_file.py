@@ -39,7 +39,9 @@ def _live(cache, name, arr):
         return arr[:, :, : cache.length]
     if name.split(".")[0] in ("k_codes", "k_scales", "v_codes", "v_scales"):  # (Hkv, R, B)
         return arr[:, : max(0, cache.length - cache.sinks)]
-    return arr  # fp16 sinks + window: saved whole
+    if name in ("fp_k", "fp_v"):  # (L, Hkv, S+W, D): sinks, then token p at S + p % W
+        return arr[:, :, : cache.sinks + cache.offset]
+    raise AssertionError(f"unexpected state array {name}")
 
 
 def _assert_same_live_state(c1, c2):

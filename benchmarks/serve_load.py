@@ -1,0 +1,236 @@
+"""Load test of ``tqedge serve`` over loopback: N concurrent streaming clients, a fixed number of requests.
+
+Starts the server in a subprocess on a free 127.0.0.1 port, waits for ``/health``, then runs
+``--clients`` threads with the official ``openai`` client. Each client holds multi-turn
+conversations (``--turns`` user turns each, the reply fed back), so prefix reuse and — with
+more conversations than ``--max-sessions`` — eviction to disk and restore are exercised. It
+stops by itself after ``--requests`` requests or ``--deadline`` seconds, whichever is first.
+
+Reported: requests/s, p50/p95 time to first token, tokens/s (all completion tokens / wall),
+errors (429s counted apart, and retried after ``Retry-After``), cached prompt tokens, server
+RSS at start (after load) and end, against the bound weights + KV budget + a fixed overhead.
+JSON to ``benchmarks/out/serve_load.json``.
+
+    python benchmarks/serve_load.py --bundle /tmp/smol.tqe [--clients 4] [--requests 16] \\
+        [--max-tokens 24] [--kv-budget 64MiB] [--max-sessions 2] [--turns 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.", "Why is the sky blue?",
+             "Give me a short tip for learning Python.", "What do bees make?", "How many legs does a spider have?"]
+FIXED_OVERHEAD_MIB = 400  # interpreter + onnxruntime + tokenizer + server; measured runtime overhead ≈ 360 MiB
+
+
+def rss_mib(pid: int) -> dict:
+    """RSS of process ``pid`` (Linux /proc), MiB: total, anonymous, file-backed, peak."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, rest = line.partition(":")
+        if k in keys:
+            out[keys[k]] = round(int(rest.split()[0]) / 1024, 1)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(a, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tqedge.cli", "serve", a.bundle, "--port", str(port), "--kv-budget", a.kv_budget,
+           "--max-sessions", str(a.max_sessions), "--max-queue", str(a.max_queue)]
+    if a.threads:
+        cmd += ["--threads", str(a.threads)]
+    if a.kv_bits:
+        cmd += ["--kv-bits", a.kv_bits]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_healthy(proc, base: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit("server did not become healthy in time")
+
+
+class Load:
+    """Shared counters of the client threads."""
+
+    def __init__(self, total: int, deadline: float):
+        self.lock = threading.Lock()
+        self.left, self.deadline = total, deadline
+        self.results: list[dict] = []
+        self.rejected = 0
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.left <= 0 or time.monotonic() > self.deadline:
+                return False
+            self.left -= 1
+            return True
+
+
+def one_request(c, messages, max_tokens: int) -> dict:
+    """Stream one completion; returns timings, text and usage."""
+    t0 = time.perf_counter()
+    ttft, text, use, finish = None, [], None, None
+    stream = c.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0.7,
+                                       seed=1, stream=True, stream_options={"include_usage": True})
+    for ch in stream:
+        if ch.choices:
+            piece = ch.choices[0].delta.content
+            if piece and ttft is None:
+                ttft = time.perf_counter() - t0
+            text.append(piece or "")
+            finish = ch.choices[0].finish_reason or finish
+        if ch.usage:
+            use = ch.usage
+    return {"ttft_s": ttft, "total_s": time.perf_counter() - t0, "text": "".join(text), "finish": finish,
+            "completion_tokens": use.completion_tokens if use else 0, "prompt_tokens": use.prompt_tokens if use else 0,
+            "cached_tokens": use.prompt_tokens_details.cached_tokens if use and use.prompt_tokens_details else 0}
+
+
+def client_loop(idx: int, base: str, load: Load, a) -> None:
+    import openai
+
+    c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=a.deadline)
+    conv, turn = 0, 0
+    messages = []
+    while load.take():
+        if turn == 0:
+            messages = [{"role": "system", "content": f"You are assistant number {idx}-{conv}. Be brief."}]
+        messages.append({"role": "user", "content": QUESTIONS[(idx + conv + turn) % len(QUESTIONS)]})
+        while True:
+            try:
+                r = one_request(c, messages, a.max_tokens)
+                r["ok"] = True
+                break
+            except openai.RateLimitError as e:  # 429: wait as told, retry (not an error)
+                with load.lock:
+                    load.rejected += 1
+                time.sleep(min(5.0, float(e.response.headers.get("retry-after", "1"))))
+                if time.monotonic() > load.deadline:
+                    r = {"ok": False, "error": "deadline while rate limited"}
+                    break
+            except openai.OpenAIError as e:
+                r = {"ok": False, "error": f"{type(e).__name__}: {e}"[:300]}
+                break
+        r.update(client=idx, conversation=conv, turn=turn)
+        with load.lock:
+            load.results.append(r)
+        if r["ok"]:
+            messages.append({"role": "assistant", "content": r["text"]})
+            turn += 1
+        if not r["ok"] or turn >= a.turns:
+            conv, turn = conv + 1, 0
+    c.close()
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--turns", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--kv-budget", default="64MiB")
+    p.add_argument("--max-sessions", type=int, default=2)
+    p.add_argument("--max-queue", type=int, default=2)
+    p.add_argument("--kv-bits", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole load phase")
+    p.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
+    a = p.parse_args()
+
+    import httpx
+
+    from tqedge.units import parse_bytes
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    t_launch = time.perf_counter()
+    proc = start_server(a, port)
+    try:
+        wait_healthy(proc, base, 300)
+        startup_s = time.perf_counter() - t_launch
+        rss_start = rss_mib(proc.pid)
+        load = Load(a.requests, time.monotonic() + a.deadline)
+        threads = [threading.Thread(target=client_loop, args=(i, base, load, a)) for i in range(a.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(a.deadline + 120)
+        wall = time.perf_counter() - t0
+        rss_end = rss_mib(proc.pid)
+        stats = httpx.get(base + "/v1/stats", timeout=10).json()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    ok = [r for r in load.results if r["ok"]]
+    errors = [r["error"] for r in load.results if not r["ok"]]
+    ttft = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
+    tokens = sum(r["completion_tokens"] for r in ok)
+    weights_mib = sum(f.stat().st_size for f in Path(a.bundle).rglob("*") if f.is_file()) / 2 ** 20
+    budget_mib = parse_bytes(a.kv_budget) / 2 ** 20
+    bound = weights_mib + budget_mib + FIXED_OVERHEAD_MIB
+    report = {
+        "config": {k: v for k, v in vars(a).items() if k != "out"},
+        "startup_s": round(startup_s, 2), "wall_s": round(wall, 2),
+        "requests_ok": len(ok), "errors_non_429": len(errors), "error_samples": errors[:5],
+        "rejected_429": load.rejected,
+        "requests_per_s": round(len(ok) / wall, 3) if wall else None,
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+        "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 2) if wall else None,
+        "cached_prompt_tokens": sum(r["cached_tokens"] for r in ok),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+        "rss_start_mib": rss_start, "rss_end_mib": rss_end,
+        "rss_growth_mib": round(rss_end["rss"] - rss_start["rss"], 1),
+        "bundle_mib": round(weights_mib, 1), "kv_budget_mib": budget_mib,
+        "rss_bound_mib": round(bound, 1), "rss_end_within_bound": rss_end["rss"] <= bound,
+        "server_stats": stats,
+        "requests": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "text"}
+                     for r in load.results],
+    }
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("server_stats", "config", "requests")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
