@@ -14,8 +14,10 @@ Speed: one decode step of GQA attention (H = 3 KV heads, G = 3 query heads each,
 N keys, compressed (project query, scores kernel, NumPy softmax, value-sum kernel, unproject)
 vs NumPy float32 dense attention (q @ K.T, softmax, p @ V), both cycling through a working set
 of layers the size of SmolLM2's cache at that context (30 layers × 3 KV heads, capped by
---max-ws-gib) so neither runs from CPU caches. Each thread count runs in its own subprocess with
-NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS set (threadpoolctl is not a dependency).
+--max-ws-gib) so neither runs from CPU caches. Each (path, thread count) runs in its own
+subprocess with NUMBA_NUM_THREADS / OPENBLAS_NUM_THREADS / OMP_NUM_THREADS set (threadpoolctl
+is not a dependency): dense gives BLAS the threads; compressed gives Numba the threads and keeps
+BLAS (tiny query projections only) at one, so idle BLAS workers do not spin against the kernels.
 Times are medians over repeats of a full sweep over the layers; the process CPU time is recorded
 too (with 1 thread it is robust to other jobs on a busy machine), and so is the load average.
 """
@@ -94,7 +96,8 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return p
 
 
-def speed_child(ns: list[int], reps: int, max_ws: float, kbits: float, vbits: float) -> list[dict]:
+def speed_child(which: str, ns: list[int], reps: int, max_ws: float, kbits: float, vbits: float) -> list[dict]:
+    """Time one path ("dense" or "compressed") for each N; runs in a child with fixed threads."""
     import numba
 
     from tqedge.codec import kernels
@@ -105,76 +108,87 @@ def speed_child(ns: list[int], reps: int, max_ws: float, kbits: float, vbits: fl
     rng = np.random.default_rng(0)
     results = []
     for n in ns:
-        per_layer = H * n * (2 * D * 4 + tk.bytes_per_vector + tv.bytes_per_vector)
+        per_layer = H * n * (2 * D * 4 + tk.bytes_per_vector + tv.bytes_per_vector)  # both paths' data
         layers = int(max(2, min(LAYERS, max_ws * 2**30 // per_layer)))
         k = rng.standard_normal((H, n, D)).astype(np.float32)  # (H, N, D)
         v = rng.standard_normal((H, n, D)).astype(np.float32)
-        kc, ks = tk.encode(k.reshape(-1, D))
-        vc, vs = tv.encode(v.reshape(-1, D))
-        dense = [(k.copy(), v.copy()) for _ in range(layers)]  # distinct memory per layer
-        comp = [(kc.reshape(H, n, -1).copy(), ks.reshape(H, n, -1).copy(),
-                 vc.reshape(H, n, -1).copy(), vs.reshape(H, n, -1).copy()) for _ in range(layers)]
         q = (rng.standard_normal((H, G, D)) / 8).astype(np.float32)  # (H, G, D)
-        pw = np.full((H, G, n), 1.0 / n, np.float32)
+        ref = np.matmul(_softmax(np.matmul(q, k.transpose(0, 2, 1))), v)  # (H, G, D)
+        if which == "dense":
+            data = [(k.copy(), v.copy()) for _ in range(layers)]  # distinct memory per layer
 
-        def run_dense(i):
-            kk, vv = dense[i]
-            return np.matmul(_softmax(np.matmul(q, kk.transpose(0, 2, 1))), vv)  # (H, G, D)
+            def run_dense(i):
+                kk, vv = data[i]
+                return np.matmul(_softmax(np.matmul(q, kk.transpose(0, 2, 1))), vv)  # (H, G, D)
 
-        def run_comp(i):
-            a, b, c, d = comp[i]
-            p = _softmax(tk.scores(tk.project_query(q), a, b))
-            return tv.unproject(tv.value_sum(p, c, d))  # (H, G, D)
+            fns = {"dense": run_dense}
+            rel_err = 0.0
+        else:
+            kc, ks = tk.encode(k.reshape(-1, D))
+            vc, vs = tv.encode(v.reshape(-1, D))
+            data = [(kc.reshape(H, n, -1).copy(), ks.reshape(H, n, -1).copy(),
+                     vc.reshape(H, n, -1).copy(), vs.reshape(H, n, -1).copy()) for _ in range(layers)]
+            pw = np.full((H, G, n), 1.0 / n, np.float32)
 
-        def run_scores(i):
-            return tk.scores(tk.project_query(q), comp[i][0], comp[i][1])
+            def run_comp(i):
+                a, b, c, d = data[i]
+                p = _softmax(tk.scores(tk.project_query(q), a, b))  # (H, G, N)
+                return tv.unproject(tv.value_sum(p, c, d))  # (H, G, D)
 
-        def run_values(i):
-            return tv.value_sum(pw, comp[i][2], comp[i][3])
+            def run_scores(i):
+                return tk.scores(tk.project_query(q), data[i][0], data[i][1])
 
-        fns = {"dense": run_dense, "compressed": run_comp, "scores": run_scores, "values": run_values}
+            def run_values(i):
+                return tv.value_sum(pw, data[i][2], data[i][3])
+
+            fns = {"compressed": run_comp, "scores": run_scores, "values": run_values}
+            rel_err = float(np.abs(run_comp(0) - ref).max() / np.abs(ref).max())
         for f in fns.values():
             f(0)  # compile / warm up
-        ref = run_dense(0)
-        rel_err = float(np.abs(run_comp(0) - ref).max() / np.abs(ref).max())
         times = {name: [] for name in fns}
         cpu = {name: [] for name in fns}
         for _ in range(reps):
-            for name, f in fns.items():  # interleaved, so load changes hit all alike
+            for name, f in fns.items():
                 t0, c0 = time.perf_counter(), time.process_time()
                 for i in range(layers):
                     f(i)
                 times[name].append((time.perf_counter() - t0) / layers)
                 cpu[name].append((time.process_time() - c0) / layers)
-        med = {name: float(np.median(t)) for name, t in times.items()}
-        cpu_med = {name: float(np.median(t)) for name, t in cpu.items()}
-        results.append({
-            "N": n, "layers_in_working_set": layers, "threads": numba.get_num_threads(), "backend": kernels.BACKEND,
-            "working_set_mib": round(layers * per_layer / 2**20, 1),
-            **{f"{name}_us": round(t * 1e6, 1) for name, t in med.items()},
-            **{f"{name}_ns_per_key": round(t * 1e9 / (H * n), 2) for name, t in med.items()},
-            **{f"{name}_cpu_ns_per_key": round(t * 1e9 / (H * n), 2) for name, t in cpu_med.items()},
-            "speedup_vs_dense": round(med["dense"] / med["compressed"], 3),
-            "cpu_time_ratio_dense_over_compressed": round(cpu_med["dense"] / cpu_med["compressed"], 3),
-            "output_rel_err_vs_dense": rel_err,
-        })
-        del dense, comp
+        row = {"N": n, "layers_in_working_set": layers, "working_set_mib": round(layers * per_layer / 2**20, 1)}
+        if which != "dense":
+            row.update(backend=kernels.BACKEND, numba_threads=numba.get_num_threads(), output_rel_err_vs_dense=rel_err)
+        for name in fns:
+            row[f"{name}_ns_per_key"] = round(float(np.median(times[name])) * 1e9 / (H * n), 2)
+            row[f"{name}_cpu_ns_per_key"] = round(float(np.median(cpu[name])) * 1e9 / (H * n), 2)
+        results.append(row)
+        del data
     return results
+
+
+def _child(which: str, t: int, args: list) -> list[dict]:
+    # dense: BLAS gets the threads. compressed: Numba gets them and BLAS (only the tiny query
+    # projections) stays single-threaded, so no idle BLAS worker spins against the kernels.
+    blas = t if which == "dense" else 1
+    env = {**os.environ, "NUMBA_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(blas),
+           "OMP_NUM_THREADS": str(blas), "MKL_NUM_THREADS": str(blas)}
+    cmd = [sys.executable, __file__, "--child", json.dumps([which, *args])]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def speed(ns, reps, threads, max_ws, kbits, vbits) -> list[dict]:
     out = []
     for t in threads:
-        env = {**os.environ, "NUMBA_NUM_THREADS": str(t), "OPENBLAS_NUM_THREADS": str(t), "OMP_NUM_THREADS": str(t),
-               "MKL_NUM_THREADS": str(t)}
-        args = [sys.executable, __file__, "--child", json.dumps([ns, reps, max_ws, kbits, vbits])]
-        res = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-        rows = json.loads(res.stdout.strip().splitlines()[-1])
+        args = [ns, reps, max_ws, kbits, vbits]
+        rows = [{**d, **c} for d, c in zip(_child("dense", t, args), _child("compressed", t, args))]
         for r in rows:
+            r["threads"] = t
+            r["speedup_vs_dense"] = round(r["dense_ns_per_key"] / r["compressed_ns_per_key"], 3)
+            r["cpu_time_ratio_dense_over_compressed"] = round(r["dense_cpu_ns_per_key"] / r["compressed_cpu_ns_per_key"], 3)
             print(f"  threads={t} N={r['N']:>6}  dense {r['dense_ns_per_key']:8.1f}  compressed "
                   f"{r['compressed_ns_per_key']:8.1f} ns/key-head  (scores {r['scores_ns_per_key']:.1f}, values "
                   f"{r['values_ns_per_key']:.1f})  speedup {r['speedup_vs_dense']:.2f}x (cpu time "
-              f"{r['cpu_time_ratio_dense_over_compressed']:.2f}x)  [{r['layers_in_working_set']} "
+                  f"{r['cpu_time_ratio_dense_over_compressed']:.2f}x)  [{r['layers_in_working_set']} "
                   f"layers, {r['working_set_mib']} MiB]", flush=True)
         out += rows
     return out
@@ -200,7 +214,8 @@ def plot(report: dict, path: Path) -> None:
     for t in sorted({r["threads"] for r in report["speed"]}):
         rows = [r for r in report["speed"] if r["threads"] == t]
         ax[1].loglog([r["N"] for r in rows], [r["dense_ns_per_key"] for r in rows], "x--", label=f"dense {t}t")
-        ax[1].loglog([r["N"] for r in rows], [r["compressed_ns_per_key"] for r in rows], "o-", label=f"TurboQuant {t}t")
+        ax[1].loglog([r["N"] for r in rows], [r["compressed_ns_per_key"] for r in rows], "o-",
+                     label=f"TurboQuant {t}t")
     ax[1].set(xlabel="keys N", ylabel="ns per key and KV head", title="decode attention")
     ax[1].legend()
     fig.tight_layout()

@@ -109,3 +109,19 @@ def test_import_tqedge_compiles_nothing():
     out = _run("import sys, tqedge, tqedge.codec, tqedge.codec.packing, tqedge.codec.config; "
                "print('numba' in sys.modules)")
     assert out.strip() == "False"
+
+
+def test_row_slices_of_a_ring_buffer_need_no_copy():
+    # the cache passes codes[:, a:b] of a larger buffer (not C-contiguous): same results
+    tq = TurboQuant(CodecConfig(dim=64, bits=3.5))
+    x = np.random.default_rng(9).standard_normal((2 * 700, 64)).astype(np.float32)
+    codes, scales = (a.reshape(2, 700, -1) for a in tq.encode(x))
+    sl = (codes[:, 50:650], scales[:, 50:650])
+    assert not sl[0].flags.c_contiguous
+    cont = (sl[0].copy(), sl[1].copy())
+    qp = tq.project_query(np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32))
+    p = np.random.default_rng(2).random((2, 3, 600)).astype(np.float32)
+    np.testing.assert_array_equal(tq.scores(qp, *sl), tq.scores(qp, *cont))
+    np.testing.assert_array_equal(tq.value_sum(p, *sl), tq.value_sum(p, *cont))
+    np.testing.assert_array_equal(tq.dequantize_projected(*sl), tq.dequantize_projected(*cont))
+

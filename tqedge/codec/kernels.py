@@ -9,6 +9,7 @@ which. Both expose the same functions with the same results:
 - ``scores(qp (H, G, Dp), codes (H, N, B), scales16 (H, N, P) uint16, table, cb, lut) -> (H, G, N)``
 - ``value_sum(p (H, G, N), codes, scales16, table, cb, lut, dp) -> (H, G, Dp)``
 - ``dequantize(codes, scales16, table, cb, lut, dp) -> (H, N, Dp)``
+- ``warmup()``: compile / load every kernel now (e.g. at model load) instead of at first use.
 
 ``table, cb, lut`` come from :class:`tqedge.codec.segments.SegmentTable`; ``scales16`` is the
 float16 scale array viewed as uint16. Importing this module imports Numba but compiles nothing:
@@ -41,5 +42,6 @@ pack_into = _impl.pack_into
 scores = _impl.scores
 value_sum = _impl.value_sum
 dequantize = _impl.dequantize
+warmup = _impl.warmup
 
-__all__ = ["BACKEND", "quantize", "pack_into", "scores", "value_sum", "dequantize"]
+__all__ = ["BACKEND", "quantize", "pack_into", "scores", "value_sum", "dequantize", "warmup"]

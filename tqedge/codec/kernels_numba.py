@@ -343,3 +343,25 @@ def half_to_float(h):
     for i in range(h.shape[0]):
         out[i] = _half(h[i])
     return out
+
+
+def warmup() -> None:
+    """Compile (or load from Numba's disk cache) every kernel for contiguous inputs and for
+    row slices of a larger buffer (what a ring cache passes), so the first decode step does not."""
+    from tqedge.codec.segments import Segment, build_table
+
+    cb = np.linspace(-0.3, 0.3, 16)
+    t = build_table([Segment(4, 8, 0, 0, 0, cb)])
+    lut64 = t.lut.view(np.uint64)
+    for h, n in ((1, 4), (1, PARALLEL_MIN)):  # serial and parallel twins
+        buf = np.zeros((h, n + 2, 4), np.uint8)
+        sbuf = np.zeros((h, n + 2, 1), np.uint16)
+        for codes, scales in ((buf[:, :n].copy(), sbuf[:, :n].copy()), (buf[:, 1 : n + 1], sbuf[:, 1 : n + 1])):
+            qp = np.zeros((h, 1, 8), np.float32)
+            p = np.zeros((h, 1, n), np.float32)
+            big = h * n >= PARALLEL_MIN
+            (_scores_par if big else _scores_ser)(qp, codes, scales, t.table, t.cb, lut64)
+            (_value_sum_par if big else _value_sum_ser)(p, codes, scales, t.table, t.cb, lut64, 8)
+            (_dequantize_par if big else _dequantize_ser)(codes, scales, t.table, t.cb, lut64, 8)
+    vals = np.zeros((1, 8), np.float32)
+    pack_into(quantize(vals, cb[:-1]), 4, np.zeros((1, 4), np.uint8), 0)
