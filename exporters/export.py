@@ -8,6 +8,7 @@ file and the manifest are written, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path

@@ -326,6 +326,24 @@ def test_tiny_gguf_exports_and_runs(tmp_path):
     assert logits.shape == (VOCAB,) and np.isfinite(logits).all()
 
 
+def test_gguf_inside_a_wheel(tmp_path):
+    import zipfile
+
+    gguf_file = build_tiny_gguf(tmp_path / "tiny.gguf")
+    whl = tmp_path / "llm_tiny-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.write(gguf_file, "llm_tiny/tiny.gguf")
+        z.writestr("llm_tiny/__init__.py", "")
+    m = tqedge.export(whl, tmp_path / "whl.tqe")
+    assert m.source["file"] == whl.name and m.architecture.num_layers == 1
+    empty = tmp_path / "empty-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("empty/__init__.py", "")
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(empty, tmp_path / "empty.tqe")
+    _assert_clean(e.value, tmp_path / "empty.tqe", "contains no .gguf")
+
+
 def test_gguf_unknown_architecture(tmp_path):
     src = build_tiny_gguf(tmp_path / "tiny.gguf", arch="gpt2")
     with pytest.raises(TqedgeError) as e:
