@@ -137,7 +137,7 @@ def _decode_generic(row, bo, bits, j0, nd, cb, co, tile, r, do):
 
 @njit(inline="always", **_OPTS)
 def _new_tile(dp):
-    width = (dp + 9) & ~1  # room for the overhang of a partial last byte, even for the uint64 view
+    width = (dp + 8 + 15) & ~15  # overhang room for a partial last byte; 64-byte rows
     tile = np.zeros((TILE, width), dtype=np.float32)
     return tile, tile.reshape(-1).view(np.uint64).reshape(TILE, width >> 1)
 
