@@ -215,6 +215,24 @@ def decode_session(data: bytes, where: str = "session file") -> SessionData:
         raise TqedgeError(f"{where}: malformed header ({type(e).__name__}: {e})") from None
 
 
+def read_header(path) -> dict:
+    """The JSON header of a session file, without reading or verifying its payload (cheap: for
+    indexing a folder; :func:`read_session` still verifies the whole file before use)."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(_PREFIX.size)
+            if len(prefix) < _PREFIX.size:
+                raise TqedgeError(f"session file {Path(path).name}: truncated")
+            magic, version, hlen = _PREFIX.unpack(prefix)
+            if magic != MAGIC or version != FORMAT_VERSION or hlen > MAX_HEADER:
+                raise TqedgeError(f"session file {Path(path).name}: not a version {FORMAT_VERSION} session file")
+            return json.loads(f.read(hlen))
+    except OSError as e:
+        raise TqedgeError(f"cannot read session file {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TqedgeError(f"session file {Path(path).name}: malformed header") from None
+
+
 def read_session(path) -> SessionData:
     """Read and verify a session file; raises TqedgeError (one line) when it is unusable."""
     try:

@@ -147,15 +147,33 @@ def test_evicted_conversation_restores_bit_exactly(lm, tmp_path):
             _conversation(c, "Bob")
             files = sorted(p.name for p in tmp_path.glob("*.tqs")) if session_dir else []
             r = c.chat.completions.create(model="tiny", messages=a, temperature=0, max_tokens=12)
-            return r, files, app.state.sessions.snapshot()
+            gone = session_dir is None or not (tmp_path / files[0]).exists()  # restored files are removed
+            return r, files, app.state.sessions.snapshot(), gone
 
-    evicted, files, st = run(1, str(tmp_path))
-    kept, _, st_kept = run(2)
-    assert len(files) == 1 and st["evicted"] == 2 and st["restored"] == 1 and st["discarded"] == 0
+    evicted, files, st, gone = run(1, str(tmp_path))
+    kept, _, st_kept, _ = run(2)
+    assert len(files) == 1 and st["evicted"] == 2 and st["restored"] == 1 and st["discarded"] == 0 and gone
     assert st_kept["evicted"] == 0
     assert evicted.choices[0].message.content == kept.choices[0].message.content
     assert evicted.usage.prompt_tokens_details.cached_tokens == kept.usage.prompt_tokens_details.cached_tokens > 0
-    assert (tmp_path / files[0]).exists() is False  # restored files are removed
+
+
+def test_conversations_survive_a_restart_with_a_session_dir(lm, tmp_path):
+    cfg = dict(kv_budget="128KiB", max_sessions=1, kv_bits="4,3")
+    with serve(lm, **cfg, session_dir=str(tmp_path)) as (base, app), client(base) as c:
+        a = _conversation(c, "Alice")
+    assert len(list(tmp_path.glob("*.tqs"))) == 1  # the idle conversation was saved at shutdown
+    (tmp_path / "junk.tqs").write_bytes(b"not a session")  # ignored by the index, left alone
+    with serve(lm, **cfg, session_dir=str(tmp_path)) as (base, app), client(base) as c:
+        assert app.state.sessions.snapshot()["on_disk"] == 1
+        r = c.chat.completions.create(model="tiny", messages=a, temperature=0, max_tokens=12)
+        assert app.state.sessions.snapshot()["restored"] == 1
+    with serve(lm, **cfg) as (base, app), client(base) as c:  # oracle: one server, never restarted
+        assert _conversation(c, "Alice") == a
+        want = c.chat.completions.create(model="tiny", messages=a, temperature=0, max_tokens=12)
+    assert r.choices[0].message.content == want.choices[0].message.content
+    assert r.usage.prompt_tokens_details.cached_tokens == want.usage.prompt_tokens_details.cached_tokens > 0
+    assert (tmp_path / "junk.tqs").exists()
 
 
 def test_corrupt_session_file_is_recomputed(lm, tmp_path, caplog):

@@ -81,7 +81,9 @@ class Engine:
         self.cv = threading.Condition()
         self._stop = False
         self.thread = threading.Thread(target=self._loop, name="tqedge-engine", daemon=True)
-        self.counts = collections.Counter()  # submitted, rejected, completed, cancelled, failed
+        # fixed keys, so /v1/stats can copy them from another thread while the worker counts
+        self.counts = dict.fromkeys(("submitted", "rejected", "completed", "cancelled", "failed"), 0)
+        self._rate_lock = threading.Lock()
         self.tokens = 0
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
         self._durations: collections.deque[float] = collections.deque(maxlen=32)
@@ -117,7 +119,8 @@ class Engine:
 
     def stats(self) -> dict:
         now = time.monotonic()
-        recent = sum(n for t, n in list(self._recent) if t >= now - RATE_WINDOW_S)
+        with self._rate_lock:
+            recent = sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S)
         return {"queue": {"pending": len(self.pending), "running": len(self.running), "max": self.max_queue},
                 "requests": dict(self.counts), "tokens_generated": self.tokens,
                 "tokens_per_second": round(recent / RATE_WINDOW_S, 2)}
@@ -188,9 +191,11 @@ class Engine:
             return
         job.out_ids.append(r.token)
         self.tokens += 1
-        self._recent.append((time.monotonic(), 1))
-        while self._recent and self._recent[0][0] < time.monotonic() - RATE_WINDOW_S:
-            self._recent.popleft()
+        now = time.monotonic()
+        with self._rate_lock:
+            self._recent.append((now, 1))
+            while self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
         if r.text:
             job.emit("text", r.text)
         if r.finish_reason:

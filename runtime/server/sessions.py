@@ -118,6 +118,8 @@ class SessionManager:
         self.max_disk = max_disk_sessions
         self.counters = dict(evicted=0, restored=0, discarded=0, reused=0, new=0)
         self.lock = threading.RLock()
+        if not self._own_dir:
+            self._index_dir()
 
     # -- public -----------------------------------------------------------------------------
     def can_admit(self) -> bool:
@@ -187,9 +189,31 @@ class SessionManager:
                 "kv_bytes_total": self.budget, "session_budget": self.session_budget, **counters}
 
     def close(self) -> None:
-        """Remove the session folder if the manager created it."""
-        if self._own_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Shut down: idle conversations go to a ``session_dir`` the user gave (so a restarted
+        server picks them up); a temp folder the manager created is removed."""
+        with self.lock:
+            if self._own_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
+                return
+            for s in [s for s in self.active.values() if not s.busy and s.prompt_len]:
+                self._evict(s)
+
+    def _index_dir(self) -> None:
+        """Pick up conversations a previous server left in ``session_dir`` (same bundle and
+        cache configuration only; other files are left alone), oldest first."""
+        for path in sorted(self.dir.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime):
+            try:
+                header = SF.read_header(path)
+                saved = header.get("meta", {}).get("server")
+                if header.get("fingerprint") != self.fingerprint or not isinstance(saved, dict):
+                    continue
+                s = Session(path.stem, [int(i) for i in saved["ids"]], int(saved["prompt_len"]))
+            except (TqedgeError, KeyError, TypeError, ValueError) as e:
+                log.warning("ignoring %s: %s", path.name, e)
+                continue
+            self.on_disk[s.sid] = s
+        if self.on_disk:
+            log.info("found %d saved conversations in %s", len(self.on_disk), self.dir)
 
     # -- internals --------------------------------------------------------------------------
     def _start(self, ids: list[int], cache=None) -> Acquired | None:
