@@ -220,10 +220,11 @@ def numba_cache() -> dict:
 
 # -- recommendation --------------------------------------------------------------------------
 # Without a bundle, the weight format follows the device's total memory: int4 below 1.5 GiB,
-# int8 below 4 GiB, fp16 below 8 GiB, fp32 above. With a bundle, runtime.plan.recommend uses
-# the model's real sizes (a small model gets int8 even on a 1 GiB board).
+# int8 below 4 GiB, fp32 above (fp16 is resident as fp32, so it never saves memory at run
+# time). With a bundle, runtime.plan.recommend uses the model's real sizes (SmolLM2-135M gets
+# fp32 on a 2 GiB board: fp32 is also the fastest format on onnxruntime 1.32).
 NO_MODEL_MAX_BUDGET = 1 * GiB  # a small model's whole context; a bundle gives the real need
-FORMAT_BY_TOTAL = ((1.5 * GiB, "int4"), (4 * GiB, "int8"), (8 * GiB, "fp16"), (float("inf"), "fp32"))
+FORMAT_BY_TOTAL = ((1.5 * GiB, "int4"), (4 * GiB, "int8"), (float("inf"), "fp32"))
 
 
 def recommend(mem: dict, bundle: str | None = None) -> dict:
