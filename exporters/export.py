@@ -28,15 +28,12 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def _kv_bits(kv_bits) -> tuple[float, float]:
-    try:
-        parts = [float(p) for p in (kv_bits.split(",") if isinstance(kv_bits, str) else kv_bits)]
-    except (TypeError, ValueError):
-        raise TqedgeError(f"kv bits must look like 4,3, not {kv_bits!r}") from None
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or not all(1 <= p <= 8 for p in parts):
-        raise TqedgeError(f"kv bits must be two numbers in 1..8 (keys,values), not {kv_bits!r}")
-    return parts[0], parts[1]
+    from tqedge.runtime.cache import parse_kv_bits
+
+    bits = parse_kv_bits(kv_bits)
+    if bits is None:
+        raise TqedgeError("the bundle's default kv bits must be numbers like 4,3 (exact is a runtime choice)")
+    return bits
 
 
 def _emit_tflite(spec, out_dir, fmt, progress=None):
@@ -110,6 +107,9 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
             progress("write", done[0], n_seg)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a bundle is an ordinary directory
         graphs = {f: EMITTERS[f](spec, tmp, weights, progress=step) for f in formats}
         (tmp / spec.tokenizer.file).write_text(spec.tokenizer_json, encoding="utf-8")
         manifest = Manifest(

@@ -8,7 +8,6 @@ format can carry them over without re-quantizing. No ``output.weight`` → tied 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
 import zipfile
@@ -18,6 +17,7 @@ import numpy as np
 
 from tqedge.bundle import TokenizerSpec
 from tqedge.errors import TqedgeError
+from tqedge.files import sha256_file
 from tqedge.exporters.architectures import from_gguf_arch
 from tqedge.exporters.architectures.llama import rename, unpermute
 from tqedge.exporters.sources.tokenizer import tokenizer_from_gguf
@@ -132,17 +132,9 @@ def load_gguf(path: str | Path) -> ModelSpec:
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         chat_template=meta.get("tokenizer.chat_template"),
     )
-    source = {"type": "gguf", "file": path.name, "sha256": _sha256(path),
+    source = {"type": "gguf", "file": path.name, "sha256": sha256_file(path),
               "tensor_types": types, "name": meta.get("general.name")}
     spec = ModelSpec(arch=args.arch_spec(arch.name), weights=weights, tokenizer_json=tok.to_str(),
                      tokenizer=tok_spec, source=source, quant=quant)
     spec.validate()
     return spec
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
