@@ -9,9 +9,9 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
 - ``fp16``: W.T stored float16, ``Cast`` to float32 in-graph (ORT folds the cast at load, so
   disk halves while compute stays fp32 MLAS).
 - ``int8`` / ``int4``: onnxruntime's ``com.microsoft.MatMulNBits`` (blockwise along the input
-  dimension, asymmetric, uint zero points). A GGUF Q4_1 weight (d*q + m, blocks of 32) is carried
-  over to int4 exactly — codes and scales as-is, zero point 0, plus ``blocksum(x) @ m.T`` — with
-  no re-quantization.
+  dimension, asymmetric, uint zero points, ``accuracy_level`` 4). A GGUF Q4_1 weight
+  (d*q + m, blocks of 32) is carried over to int4 exactly — codes and scales as-is, zero
+  point 0, plus ``blocksum(x) @ m.T`` — with no re-quantization.
 """
 
 from __future__ import annotations
@@ -202,9 +202,9 @@ def _nbits(bits: int, fmt: str) -> Callable:
 LINEAR_FORMATS: dict[str, Callable] = {
     "fp32": _fp32, "fp16": _fp16, "int8": _nbits(8, "int8"), "int4": _nbits(4, "int4"),
 }
-# The LM head's format per weight format: 4-bit logits cost too much top-1 agreement (SmolLM2:
-# 83% with a 4-bit head vs 9x% with an 8-bit one), so int4 bundles keep an 8-bit head, like
-# llama.cpp's Q4_K_M keeps output.weight at higher precision.
+# The LM head's format per weight format: 4-bit logits cost too much top-1 agreement (SmolLM2,
+# accuracy_level 0: 83 % with a 4-bit head vs 99 % with an 8-bit one), so int4 bundles keep an
+# 8-bit head, like llama.cpp's Q4_K_M keeps output.weight at higher precision.
 HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 # dtype of the embedding gather table per weight format (the LM head may be quantized)
 EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16}
