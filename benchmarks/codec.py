@@ -206,7 +206,7 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for d in (64, 128):
         rows = [r for r in report["distortion"]["mse"] if r["d"] == d]
-        ax[0].semilogy([r["bits"] for r in rows], [r["corrected"] for r in rows], "o-", label=f"ours d={d}")
+        ax[0].semilogy([r["bits"] for r in rows], [r["plain"] for r in rows], "o-", label=f"ours d={d}")
         ax[0].semilogy([r["bits"] for r in rows], [r["optimal_mc"] for r in rows], "x--", label=f"optimal d={d}")
     ax[0].semilogy(list(PAPER_MSE), list(PAPER_MSE.values()), "k:", label="paper")
     ax[0].set(xlabel="bits", ylabel="D_mse", title="MSE distortion")

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tqedge.codec import kernels as K
-from tqedge.codec.codebook import get_codebook
+from tqedge.codec.codebook import Codebook, get_codebook
 from tqedge.codec.config import CodecConfig, Part, bytes_per_token, select_outlier_channels
-from tqedge.codec.rotation import gaussian_sketch, make_rotation
+from tqedge.codec.rotation import Rotation, gaussian_sketch, make_rotation
 from tqedge.codec.segments import Segment, build_table
 from tqedge.errors import TqedgeError
 
@@ -53,8 +53,8 @@ class _PartCoder:
 
     spec: Part
     channels: np.ndarray  # (n,) int64
-    rotation: object
-    codebook: object | None  # MSE codebook, None for pure QJL (bits 1 with qjl)
+    rotation: Rotation
+    codebook: Codebook | None  # MSE codebook, None for pure QJL (bits 1 with qjl)
     sketch: np.ndarray | None  # (n, n) float32 S, prod only
     mse_seg: Segment | None
     qjl_seg: Segment | None
