@@ -1,7 +1,7 @@
 """Codec benchmark: distortion vs theory and the optimum, and decode-attention kernel speed.
 
     python benchmarks/codec.py --out benchmarks/out/codec.json          # full (several minutes)
-    python benchmarks/codec.py --quick --out benchmarks/out/codec.json  # < 60 s
+    python benchmarks/codec.py --quick --out benchmarks/out/codec.json  # < 60 s on an idle 2-core box
 
 Distortion (random unit vectors, independent of the codec's own numbers):
 - D_mse = E‖x − x̂‖² for b = 1..4 at d = 64 and 128, plain and corrected norm, next to the
@@ -237,7 +237,7 @@ def main() -> None:
     kbits, vbits = (float(b) for b in a.bits.split(","))
     ns = [1024, 4096] if a.quick else [1024, 4096, 16384, 65536]
     reps = 3 if a.quick else 7
-    max_ws = min(a.max_ws_gib, 0.25) if a.quick else a.max_ws_gib
+    max_ws = min(a.max_ws_gib, 0.1) if a.quick else a.max_ws_gib
     t0 = time.time()
     load0 = list(os.getloadavg())  # other jobs on the machine skew wall-clock speed numbers
     print("distortion ...", flush=True)
