@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tqedge.runtime import fp16_kernels
+
 # Upper bound on the score matrix of one prefill query block (elements), which sets the block size.
 BLOCK_ELEMENTS = 1 << 22
 MIN_BLOCK, MAX_BLOCK = 16, 256
@@ -88,8 +90,7 @@ def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias:
     h, _, d = kf.shape
     g = q.shape[0] // h
     qh = q.reshape(h, g, d) * np.float32(scale)  # (Hkv, G, D)
-    s_fp = np.matmul(qh, kf.astype(np.float32).transpose(0, 2, 1))  # (Hkv, G, Nf)
-    s_fp += fp_bias
+    s_fp = fp16_kernels.scores(qh, kf, fp_bias)  # (Hkv, G, Nf)
     m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)  # (Hkv, G, 1)
     s_c = []
     if parts:
@@ -100,7 +101,7 @@ def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias:
             m = np.maximum(m, s.max(axis=-1, keepdims=True))
     p_fp = np.exp(s_fp - m)  # (Hkv, G, Nf)
     denom = p_fp.sum(axis=-1, keepdims=True)
-    out = np.matmul(p_fp, vf.astype(np.float32))  # (Hkv, G, D)
+    out = fp16_kernels.weighted_sum(p_fp, vf)  # (Hkv, G, D)
     if parts:
         acc = None
         for s, (_, _, vc, vs) in zip(s_c, parts):
