@@ -94,7 +94,7 @@ def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias:
     m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)  # (Hkv, G, 1)
     s_c = []
     if parts:
-        qp = tq_k.project_query(qh)  # (Hkv, G, Dp)
+        qp = tq_k.project_query(qh.reshape(h * g, d)).reshape(h, g, -1)  # (Hkv, G, Dp)
         for kc, ks, _, _ in parts:
             s = tq_k.scores(qp, kc, ks)  # (Hkv, G, N)
             s_c.append(s)
@@ -109,7 +109,7 @@ def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias:
             denom += p.sum(axis=-1, keepdims=True)
             part = tq_v.value_sum(p.astype(np.float32, copy=False), vc, vs)  # (Hkv, G, Dp)
             acc = part if acc is None else acc + part
-        out += tq_v.unproject(acc)  # (Hkv, G, D)
+        out += tq_v.unproject(acc.reshape(h * g, -1)).reshape(h, g, d)  # (Hkv, G, D)
     out /= denom
     return out.reshape(h * g, d).astype(np.float32, copy=False)
 
@@ -135,8 +135,12 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
     T, hq, d = q.shape
     h = kf.shape[0]
     g = hq // h
-    qh = q.reshape(T, h, g, d).transpose(1, 2, 0, 3) * np.float32(scale)  # (Hkv, G, T, D)
-    qp = tq_k.project_query(qh) if len(pc) else None  # (Hkv, G, T, Dp)
+    # (Hkv, T, G, D): a block of rows is then one (Tb·G, D) matrix per KV head (3-D BLAS batches)
+    qh = np.ascontiguousarray((q * np.float32(scale)).reshape(T, h, g, d).transpose(1, 0, 2, 3))
+    qp = None
+    if len(pc):
+        qp = tq_k.project_query(qh.reshape(-1, d))  # (Hkv·T·G, Dp)
+        qp = qp.reshape(h, T, g, -1)  # (Hkv, T, G, Dp)
     n_sink = int(np.searchsorted(pf, rule.sinks))
     out = np.empty((T, hq, d), np.float32)
     block = int(np.clip(BLOCK_ELEMENTS // max(1, hq * (len(pf) + len(pc))), MIN_BLOCK, MAX_BLOCK))
@@ -150,7 +154,7 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
         lo = max(n_sink, int(np.searchsorted(pf, lo_p)))
         hi = int(np.searchsorted(pf, tb[-1], side="right"))
         idx = np.r_[0:n_sink, lo:hi]  # (Nb,)
-        s_fp = _masked_scores(qh[:, :, a:b], kf[:, idx], rule.fp_mask(tb, pf[idx]))  # (Hkv, G, Tb, Nb)
+        s_fp = _masked_scores(qh[:, a:b], kf[:, idx], rule.fp_mask(tb, pf[idx]))  # (Hkv, Tb, G, Nb)
         m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)
         s_c = None
         if qp is not None:
@@ -158,22 +162,25 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
             c_hi = int(np.searchsorted(pc, max(tb[-1] - rule.window, rule.fp_lo - 1), side="right"))
             if c_hi > c_lo:
                 sl = slice(c_lo, c_hi)
-                s_c = _masked_scores(qp[:, :, a:b], kc[:, sl], rule.compressed_mask(tb, pc[sl]))
+                s_c = _masked_scores(qp[:, a:b], kc[:, sl], rule.compressed_mask(tb, pc[sl]))
                 m = np.maximum(m, s_c.max(axis=-1, keepdims=True))
-        p_fp = np.exp(s_fp - m)  # (Hkv, G, Tb, Nb)
+        rows = (h, (b - a) * g, -1)
+        p_fp = np.exp(s_fp - m)  # (Hkv, Tb, G, Nb)
         denom = p_fp.sum(axis=-1, keepdims=True)
-        o = np.matmul(p_fp, vf[:, idx][:, None])  # (Hkv, G, Tb, D)
+        o = np.matmul(p_fp.reshape(rows), vf[:, idx])  # (Hkv, Tb·G, D)
         if s_c is not None:
-            p_c = np.exp(s_c - m)  # (Hkv, G, Tb, Nc')
+            p_c = np.exp(s_c - m)  # (Hkv, Tb, G, Nc')
             denom += p_c.sum(axis=-1, keepdims=True)
-            o += tq_v.unproject(np.matmul(p_c, vc[:, sl][:, None]))  # (Hkv, G, Tb, D)
-        o /= denom
-        out[a:b] = o.transpose(2, 0, 1, 3).reshape(b - a, hq, d)
+            acc = np.matmul(p_c.reshape(rows), vc[:, sl])  # (Hkv, Tb·G, Dp)
+            o += tq_v.unproject(acc.reshape(-1, acc.shape[-1])).reshape(o.shape)
+        o = o.reshape(h, b - a, g, d) / denom  # (Hkv, Tb, G, D)
+        out[a:b] = o.transpose(1, 0, 2, 3).reshape(b - a, hq, d)
     return out
 
 
 def _masked_scores(qb: np.ndarray, k: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Scores (Hkv, G, Tb, N) of queries ``qb`` (Hkv, G, Tb, D) against ``k`` (Hkv, N, D),
+    """Scores (Hkv, Tb, G, N) of queries ``qb`` (Hkv, Tb, G, D) against ``k`` (Hkv, N, D),
     -inf where ``mask`` (Tb, N) is False."""
-    s = np.matmul(qb, k[:, None].transpose(0, 1, 3, 2))  # (Hkv, G, Tb, N)
-    return np.where(mask, s, np.float32(-np.inf))
+    h, tb, g, d = qb.shape
+    s = np.matmul(qb.reshape(h, tb * g, d), k.transpose(0, 2, 1)).reshape(h, tb, g, -1)  # (Hkv, Tb, G, N)
+    return np.where(mask[:, None, :], s, np.float32(-np.inf))
