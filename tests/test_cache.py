@@ -226,3 +226,41 @@ def _manifest(**kv):
                     num_heads=HQ, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5, rope_theta=1e4,
                     max_position_embeddings=4096, tie_word_embeddings=True)
     return Manifest(name="t", architecture=arch, tokenizer=TokenizerSpec(), weights=WeightSpec(), kv=KVSpec(**kv))
+
+
+# -- the real model ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def smol_model(smollm2_gguf, tmp_path_factory):
+    from tqedge.exporters.export import export
+    from tqedge.runtime.model import load
+
+    out = tmp_path_factory.mktemp("bundle") / "smol.tqe"
+    export(smollm2_gguf, out, weights="fp32")
+    return load(out, verify="none")
+
+
+def _feed_all(model, cache, ids, chunk=256):
+    """Teacher-forced logits (n, vocab) of ``ids`` through ``cache`` in chunks."""
+    return np.concatenate([model.forward(ids[s:s + chunk], cache, logits="all")
+                           for s in range(0, len(ids), chunk)])
+
+
+@pytest.mark.slow
+def test_real_model_slides_through_3000_tokens_in_16mib(smol_model, wikitext):
+    ids = smol_model.encode(wikitext[:40000])[:3000]
+    assert len(ids) == 3000
+    cache = smol_model.new_cache(kv_budget="16MiB")
+    assert isinstance(cache, CompressedKVCache) and cache.nbytes <= 16 * 2**20
+    for s in range(0, 3000, 256):
+        logits = smol_model.forward(ids[s:s + 256], cache)
+    assert cache.offset == 3000 and cache.evicted == 3000 - cache.capacity > 0
+    assert np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_real_model_compressed_predictions_track_exact(smol_model, wikitext):
+    ids = smol_model.encode(wikitext[2000:8000])[:400]
+    exact = _feed_all(smol_model, smol_model.new_cache(kv_bits="exact"), ids)
+    tq = _feed_all(smol_model, smol_model.new_cache(window=16, sinks=4), ids)  # K4V3, most reads compressed
+    agree = np.mean(exact.argmax(-1) == tq.argmax(-1))
+    assert agree >= 0.9, agree
