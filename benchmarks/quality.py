@@ -147,6 +147,38 @@ def table(docs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(docs: list[dict], path: Path) -> bool:
+    """PNG: PPL delta (all and last quarter) vs bytes per token, one marker per text; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: no plot")
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
+    for ax, key, title in ((axes[0], "delta_pct", "all scored tokens"),
+                           (axes[1], "delta_last_quarter_pct", "last quarter of each window")):
+        for d, marker in zip(docs, "os^D"):
+            rs = [r for r in d["results"] if r["bytes_per_token"] < 20000]
+            ax.scatter([r["bytes_per_token"] for r in rs], [r[key] for r in rs], marker=marker,
+                       label=f"{d['meta']['text']} ({d['meta']['windows_done']}×{d['meta']['ctx']})")
+            for r in rs:
+                ax.annotate(r["config"], (r["bytes_per_token"], r[key]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        ax.axvline(5120, color="grey", ls=":", lw=0.8)
+        ax.set_xlabel("KV bytes per token beyond the fp16 window (fp16 = 23040)")
+        ax.set_ylabel("PPL delta vs exact fp32 KV (%)")
+        ax.set_title(f"SmolLM2-135M: {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path)
@@ -158,10 +190,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="1 window of 256 tokens, configs K4V4,K2V2, window 32")
     ap.add_argument("--table", nargs="*", type=Path, help="print a markdown table of result files and exit")
+    ap.add_argument("--plot", type=Path, default=None, help="with --table: also write this PNG")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if a.table is not None:
-        print(table([json.loads(p.read_text()) for p in a.table]))
+        docs = [json.loads(p.read_text()) for p in a.table]
+        print(table(docs))
+        if a.plot:
+            plot(docs, a.plot)
         return 0
     if a.bundle is None:
         ap.error("--bundle is required")

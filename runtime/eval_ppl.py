@@ -186,6 +186,7 @@ class Tally:
     nll_h2_exact: float = 0.0
     tokens_h2: int = 0
     per_window: list = field(default_factory=list)
+    token_nll: list = field(default_factory=list)  # per-position NLL arrays, in order
 
     def add(self, logits: np.ndarray, logits_exact: np.ndarray, targets: np.ndarray,
             last_quarter: np.ndarray, second_half: np.ndarray, block: int = 128) -> None:
@@ -200,6 +201,7 @@ class Tally:
         rows = np.arange(len(targets))
         nll = -lp[rows, targets]  # (T,)
         nll_x = -lp_exact[rows, targets]
+        self.token_nll.append(nll)
         self.nll += float(nll.sum())
         self.nll_exact += float(nll_x.sum())
         self.kl += float((np.exp(lp_exact) * (lp_exact - lp)).sum())
@@ -227,7 +229,8 @@ class Tally:
 
 
 def evaluate(model, windows: Sequence[Sequence[int]], configs: Sequence[KVConfig],
-             chunk: int = EVAL_CHUNK, progress: Callable[[int], None] | None = None) -> list[dict]:
+             chunk: int = EVAL_CHUNK, progress: Callable[[int], None] | None = None,
+             token_nll: bool = False) -> list[dict]:
     """Score ``configs`` against the exact cache over ``windows`` (see module docstring).
 
     Args:
@@ -236,6 +239,7 @@ def evaluate(model, windows: Sequence[Sequence[int]], configs: Sequence[KVConfig
         configs: configurations to score; an ``exact`` one is allowed (it scores 0 / 1).
         chunk: tokens per forward call; the compressed cache's result does not depend on it.
         progress: called with the number of tokens just processed (over all caches).
+        token_nll: also return ``token_nll``, every scored position's NLL (a list).
 
     Returns:
         One dict per config: :meth:`Tally.result` plus ``config``, ``kv_bits``,
@@ -281,6 +285,8 @@ def evaluate(model, windows: Sequence[Sequence[int]], configs: Sequence[KVConfig
         r = tally.result()
         r.update(config=cfg.name, settings=cfg.describe(), kv_bits=cfg.kv_bits or "default",
                  bytes_per_token=per, fixed_bytes=fixed, windows=len(windows))
+        if token_nll:
+            r["token_nll"] = np.concatenate(tally.token_nll).tolist()
         out.append(r)
     return out
 
