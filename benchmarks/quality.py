@@ -55,6 +55,8 @@ def registry():
 TIERS = {
     "decision": ["fp16", "K4V4", "K4V3", "K3.5V2.5", "K4V2", "K3V3", "K3V2", "K2V2", "K4V2+L0,1,29@K8V4"],
     "ablation": ["K4V3-qjl", "K4V3-plain", "K4V3-dense", "K4V4-w0", "K4V3-w32", "K4V3-s0", "K8V2", "K2V3"],
+    "finalists": ["K4V3", "K4V2", "K3.5V2.5", "K4V2+L0,1,29@K8V4", "K3V3"],
+    "ablation-short": ["K4V3-qjl", "K4V3-plain", "K4V3-dense", "K4V4-w0", "K4V3-w32", "K4V3-s0"],
     "smoke": ["K4V4", "K2V2"],
 }
 
@@ -105,14 +107,15 @@ def sizes(r: dict, head_dim: int = 64, layers: int = 30, kv_heads: int = 3) -> d
             "tokens_in_32mib": int(fp16_tokens + (BUDGET_32MIB - fixed) // per)}
 
 
-def run(bundle: Path, text: str, ctx: int, windows: int, configs: list, out: Path | None, chunk: int) -> dict:
+def run(bundle: Path, text: str, ctx: int, windows: int, configs: list, out: Path | None, chunk: int,
+        skip: int = 0) -> dict:
     import tqedge
     from tqedge.runtime.eval_ppl import evaluate, text_windows
 
     model = tqedge.load(bundle, verify="none")
     path = TEXTS.get(text, Path(text))
-    wins = text_windows(model, Path(path).read_text(encoding="utf-8"), ctx, windows)
-    meta = {"bundle": str(bundle), "text": text, "ctx": ctx, "windows_planned": len(wins),
+    wins = text_windows(model, Path(path).read_text(encoding="utf-8"), ctx, skip + windows)[skip:]
+    meta = {"bundle": str(bundle), "text": text, "ctx": ctx, "windows_planned": len(wins), "first_window": skip,
             "configs": [c.name for c in configs], "chunk": chunk}
     per_window, t0 = [], time.perf_counter()
     doc = {"meta": meta, "results": []}
@@ -127,6 +130,35 @@ def run(bundle: Path, text: str, ctx: int, windows: int, configs: list, out: Pat
     return doc
 
 
+def combine(docs: list[dict]) -> list[dict]:
+    """Merge result files of the same text and ctx (e.g. a run and its ``--skip`` extension):
+    rows of the same config are averaged weighted by tokens (PPLs in the log domain)."""
+    groups: dict = {}
+    for d in docs:
+        groups.setdefault((d["meta"]["text"], d["meta"]["ctx"]), []).append(d)
+    out = []
+    for (text, ctx), ds in groups.items():
+        rows: dict = {}
+        for d in ds:
+            for r in d["results"]:
+                rows.setdefault(r["config"], []).append(r)
+        merged = []
+        for name, rs in rows.items():
+            tok = sum(r["tokens"] for r in rs)
+            w = lambda key, log_=False: sum((math.log(r[key]) if log_ else r[key]) * r["tokens"] for r in rs) / tok  # noqa: E731
+            m = {**rs[0], "tokens": tok, "windows": sum(r["windows"] for r in rs), "kl": w("kl"),
+                 "top1_agree": w("top1_agree"), "window_delta_pct": sum((r["window_delta_pct"] for r in rs), [])}
+            for key in ("ppl", "ppl_exact", "ppl_last_quarter", "ppl_last_quarter_exact", "ppl_second_half",
+                        "ppl_second_half_exact"):
+                m[key] = math.exp(w(key, True))
+            m["delta_pct"] = 100 * (m["ppl"] / m["ppl_exact"] - 1)
+            m["delta_last_quarter_pct"] = 100 * (m["ppl_last_quarter"] / m["ppl_last_quarter_exact"] - 1)
+            merged.append(m)
+        out.append({"meta": {**ds[0]["meta"], "windows_done": max(r["windows"] for r in merged),
+                             "files": len(ds)}, "results": merged})
+    return out
+
+
 def table(docs: list[dict]) -> str:
     """Markdown table: one row per config, columns per text."""
     texts = [d["meta"]["text"] for d in docs]
@@ -138,7 +170,8 @@ def table(docs: list[dict]) -> str:
     for n in names:
         rs = [next((r for r in d["results"] if r["config"] == n), None) for d in docs]
         r0 = next(r for r in rs if r)
-        cells = [n, f"{r0['bits_per_value']:.2f}", str(r0["bytes_per_token"]), str(r0["tokens_in_32mib"])]
+        cells = [f"{n} ({'/'.join(str(r['windows']) if r else '0' for r in rs)} win)", f"{r0['bits_per_value']:.2f}",
+                 str(r0["bytes_per_token"]), str(r0["tokens_in_32mib"])]
         for r in rs:
             cells += (["–"] * 4 if r is None else
                       [f"{r['delta_pct']:+.2f}", f"{r['delta_last_quarter_pct']:+.2f}", f"{r['kl']:.4f}",
@@ -157,20 +190,25 @@ def plot(docs: list[dict], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib not installed: no plot")
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
-    for ax, key, title in ((axes[0], "delta_pct", "all scored tokens"),
-                           (axes[1], "delta_last_quarter_pct", "last quarter of each window")):
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=False)
+    panels = ((axes[0], "delta_pct", "PPL delta, all scored tokens", "PPL delta vs exact fp32 KV (%)"),
+              (axes[1], "delta_last_quarter_pct", "PPL delta, last quarter of each window", "%"),
+              (axes[2], "kl", "mean KL(exact ‖ config)", "nats / token (log scale)"))
+    for ax, key, title, ylabel in panels:
         for d, marker in zip(docs, "os^D"):
-            rs = [r for r in d["results"] if r["bytes_per_token"] < 20000]
+            rs = [r for r in d["results"] if r["bytes_per_token"] < 20000 and (key != "kl" or r["kl"] > 0)]
             ax.scatter([r["bytes_per_token"] for r in rs], [r[key] for r in rs], marker=marker,
                        label=f"{d['meta']['text']} ({d['meta']['windows_done']}×{d['meta']['ctx']})")
             for r in rs:
                 ax.annotate(r["config"], (r["bytes_per_token"], r[key]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-        ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+        if key == "kl":
+            ax.set_yscale("log")
+        else:
+            ax.axhline(1.0, color="grey", ls="--", lw=0.8)
         ax.axvline(5120, color="grey", ls=":", lw=0.8)
         ax.set_xlabel("KV bytes per token beyond the fp16 window (fp16 = 23040)")
-        ax.set_ylabel("PPL delta vs exact fp32 KV (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(f"SmolLM2-135M: {title}")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -186,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--configs", default="decision", help="names and/or tiers, comma-separated")
+    ap.add_argument("--skip", type=int, default=0, help="start after this many windows (to extend a run)")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="1 window of 256 tokens, configs K4V4,K2V2, window 32")
@@ -194,7 +233,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if a.table is not None:
-        docs = [json.loads(p.read_text()) for p in a.table]
+        docs = combine([json.loads(p.read_text()) for p in a.table])
         print(table(docs))
         if a.plot:
             plot(docs, a.plot)
@@ -207,7 +246,7 @@ def main(argv=None) -> int:
         configs = [dataclasses.replace(c, window=32) for c in pick("smoke")]
         doc = run(a.bundle, a.text, 256, 1, configs, a.out, a.chunk)
     else:
-        doc = run(a.bundle, a.text, a.ctx, a.windows, pick(a.configs), a.out, a.chunk)
+        doc = run(a.bundle, a.text, a.ctx, a.windows, pick(a.configs), a.out, a.chunk, a.skip)
     print(json.dumps(doc if a.out is None else {"meta": doc["meta"]}, indent=1))
     return 0
 

@@ -60,8 +60,8 @@ def nll_stats(logprob_rows, targets) -> tuple[float, float, int]:
 
     lp = np.asarray(logprob_rows, dtype=np.float64)  # (T-1, V)
     nll = -lp[np.arange(len(targets)), targets]
-    half = (len(targets) + 1) // 2
-    return float(nll.sum()), float(nll[half - 1:].sum()), len(nll[half - 1:])
+    first = (len(targets) + 1) // 2  # llama-perplexity: logits from position n_ctx/2 on
+    return float(nll.sum()), float(nll[first:].sum()), len(nll[first:])
 
 
 def _log_softmax(x):

@@ -268,7 +268,7 @@ def evaluate(model, windows: Sequence[Sequence[int]], configs: Sequence[KVConfig
             b = min(a + chunk, n - 1)  # positions a..b-1 predict tokens a+1..b
             targets = ids[a + 1:b + 1]  # (T,)
             tpos = np.arange(a + 1, b + 1)  # (T,) positions of the targets
-            lq, h2 = tpos >= n - n // 4, tpos >= n // 2  # last quarter; second half (llama.cpp scores that)
+            lq, h2 = tpos >= n - n // 4, tpos > n // 2  # last quarter; what llama-perplexity scores
             logits_x = model.forward(ids[a:b], exact, logits="all")  # (T, V)
             if progress:
                 progress(b - a)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from _bundles import smollm2_bundle  # noqa: F401  (fixture)
@@ -55,3 +56,25 @@ def test_quality_smoke(smollm2_bundle, tmp_path):
     assert 0 < k4["kl"] < k2["kl"]
     assert k4["delta_pct"] > -0.5 and k2["delta_pct"] > k4["delta_pct"] - 0.5
     assert k4["bytes_per_token"] > k2["bytes_per_token"]
+
+
+def test_vs_llamacpp_dry_run(tmp_path, capsys):
+    """The llama.cpp comparison is runnable without llama-cpp-python: --dry-run checks inputs."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import vs_llamacpp
+    finally:
+        sys.path.pop(0)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--dry-run",
+                             "--llama-python", str(tmp_path / "missing" / "python")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [j["kv"] for j in plan["jobs"] if j["side"] == "llama"] == ["f16", "q8_0", "q4_0"]
+    assert any(j["side"] == "tqedge" and j["kv"] == "exact" for j in plan["jobs"])
+    assert len(plan["problems"]) == 1 and "--llama-python" in plan["problems"][0]
+    assert "llama_cpp" not in sys.modules  # nothing imported from llama.cpp at import time
+    # second-half NLL as llama-perplexity counts it: targets from the middle of the window on
+    lp = -np.arange(12, dtype=float).reshape(4, 3)  # 4 positions, 3-token vocabulary
+    total, half, n = vs_llamacpp.nll_stats(lp, [0, 1, 2, 0])
+    assert total == 0 + 4 + 8 + 9 and half == 8 + 9 and n == 2
