@@ -197,11 +197,10 @@ class CompressedKVCache:
             self.fp_v[layer][:, slot] = v16
         if t0 >= S and not W:
             self._store_codes(layer, np.array([t0]), *self._encode(layer, k16[:, None], v16[:, None]))
-        l_ = layer
-        parts = [(self.k_codes[l_][:, a:b], self.k_scales[l_][:, a:b], self.v_codes[l_][:, a:b],
-                  self.v_scales[l_][:, a:b]) for a, b in self._plan[1]]
-        out = attention.decode(q[0], scale, self.fp_k[l_], self.fp_v[l_], self._fp_bias,
-                               self.tq_k[l_], self.tq_v[l_], parts)  # (Hq, D)
+        kc, ks, vc, vs = self.k_codes[layer], self.k_scales[layer], self.v_codes[layer], self.v_scales[layer]
+        parts = [(kc[:, a:b], ks[:, a:b], vc[:, a:b], vs[:, a:b]) for a, b in self._plan[1]]  # ring ranges
+        out = attention.decode(q[0], scale, self.fp_k[layer], self.fp_v[layer], self._fp_bias,
+                               self.tq_k[layer], self.tq_v[layer], parts)  # (Hq, D)
         return out[None]
 
     # -- prefill ----------------------------------------------------------------------------
