@@ -49,16 +49,19 @@ def test_runtime_imports_without_exporter_dependencies():
     assert r.stdout.strip() == "ok"
 
 
-def test_cli_without_export_extra_names_the_extra():
-    r = _run("""
+def test_cli_without_export_extra_names_the_extra(tmp_path):
+    src = tmp_path / "x.gguf"
+    src.write_bytes(b"GGUF")
+    r = _run(f"""
         import sys
         from tqedge.cli import cli
-        sys.argv = ["tqedge", "export", "x.gguf", "-o", "y"]
+        sys.argv = ["tqedge", "export", {str(src)!r}, "-o", {str(tmp_path / "y.tqe")!r}]
         cli(prog_name="tqedge")
     """)
     assert r.returncode == 2
     assert "tqedge[export]" in r.stderr
-    assert r.stderr.strip().count("\\n") == 0, r.stderr
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "y.tqe").exists()
 
 
 def test_import_is_cheap():

@@ -41,11 +41,7 @@ class LazyGroup(click.Group):
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as e:
-            missing = e.name or "?"
-            extra = {"onnx": "export", "gguf": "export", "safetensors": "export",
-                     "starlette": "server", "uvicorn": "server", "ai_edge_litert": "tflite"}.get(missing.split(".")[0])
-            hint = f" (pip install 'tqedge[{extra}]')" if extra else ""
-            return _unavailable(name, f"needs the module {missing!r}{hint}")
+            return _unavailable(name, _missing_module(e))
         return getattr(mod, attr)
 
     def format_commands(self, ctx, formatter):
@@ -59,6 +55,23 @@ class LazyGroup(click.Group):
         except TqedgeError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except ModuleNotFoundError as e:  # an optional extra, imported lazily by the command
+            if _EXTRAS.get((e.name or "").split(".")[0]) is None:
+                raise
+            click.echo(f"error: {_missing_module(e)}", err=True)
+            ctx.exit(2)
+
+
+# top-level module → the extra that installs it
+_EXTRAS = {"onnx": "export", "gguf": "export", "safetensors": "export", "starlette": "server",
+           "uvicorn": "server", "ai_edge_litert": "tflite", "flatbuffers": "tflite"}
+
+
+def _missing_module(e: ModuleNotFoundError) -> str:
+    missing = e.name or "?"
+    extra = _EXTRAS.get(missing.split(".")[0])
+    hint = f" (pip install 'tqedge[{extra}]')" if extra else ""
+    return f"needs the module {missing!r}{hint}"
 
 
 def _unavailable(name: str, why: str) -> click.Command:
