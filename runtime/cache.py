@@ -84,6 +84,16 @@ class SlotRing:
         self.length = min(self.capacity, self.length + t)
         self.new_slots = None
 
+    def state(self) -> dict:
+        """The counters, as plain ints (the slot contents live in the cache's arrays)."""
+        return {"offset": self.offset, "length": self.length, "evicted": self.evicted, "ptr": self._ptr}
+
+    def load_state(self, state: dict) -> None:
+        """Restore the counters saved by :meth:`state`."""
+        self.offset, self.length, self.evicted, self._ptr = (
+            int(state[k]) for k in ("offset", "length", "evicted", "ptr"))
+        self.new_slots, self.old_valid = None, 0
+
     def trim(self, n: int) -> None:
         """Forget the last ``n`` tokens (only possible before anything was evicted)."""
         if n < 0 or n > self.length:
@@ -148,19 +158,12 @@ class ExactKVCache:
 
     def state(self) -> dict:
         """Arrays and counters that fully describe the cache (for save/restore)."""
-        s = self.slots
-        return {"keys": self.keys, "values": self.values, "offset": s.offset,
-                "length": s.length, "evicted": s.evicted, "ptr": s._ptr}
+        return {"keys": self.keys, "values": self.values, **self.slots.state()}
 
     def load_state(self, state: dict) -> None:
         """Restore from :meth:`state` of a cache with the same shape and dtype (bit-exact)."""
-        for key, arr in (("keys", self.keys), ("values", self.values)):
-            src = np.asarray(state[key])
-            if src.shape != arr.shape or src.dtype != arr.dtype:
-                raise TqedgeError(f"saved cache array {key} is {src.dtype}{src.shape}, expected {arr.dtype}{arr.shape}")
-            arr[...] = src
-        s = self.slots
-        s.offset, s.length, s.evicted, s._ptr = (int(state[k]) for k in ("offset", "length", "evicted", "ptr"))
+        copy_state_arrays(state, {"keys": self.keys, "values": self.values})
+        self.slots.load_state(state)
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
         """Store this layer's new keys/values and attend causally (GQA).
@@ -192,6 +195,15 @@ class ExactKVCache:
         self.keys[layer][:, s.new_slots] = kn
         self.values[layer][:, s.new_slots] = vn
         return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, hq, d)
+
+
+def copy_state_arrays(state: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Copy saved arrays into a cache's preallocated ones, refusing any shape or dtype mismatch."""
+    for key, arr in arrays.items():
+        src = np.asarray(state[key])
+        if src.shape != arr.shape or src.dtype != arr.dtype:
+            raise TqedgeError(f"saved cache array {key} is {src.dtype}{src.shape}, expected {arr.dtype}{arr.shape}")
+        arr[...] = src
 
 
 def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from tqedge.errors import TqedgeError
 from tqedge.runtime import attention
-from tqedge.runtime.cache import SlotRing
+from tqedge.runtime.cache import SlotRing, copy_state_arrays
 from tqedge.units import format_bytes
 
 MIN_COMPRESSED = 32  # ring slots beyond the window that any budget must afford
@@ -285,10 +285,8 @@ class CompressedKVCache:
     # -- save / restore ---------------------------------------------------------------------
     def state(self) -> dict:
         """Plain arrays and ints that fully describe the cache (no pickle needed)."""
-        s = self.slots
-        out = {"fp_k": self.fp_k, "fp_v": self.fp_v, "offset": s.offset, "length": s.length,
-               "evicted": s.evicted, "ptr": s._ptr, "encoded": self.encoded, "fp_lo": self.fp_lo,
-               "sinks": self.sinks, "window": self.window, "ring": self.ring}
+        out = {"fp_k": self.fp_k, "fp_v": self.fp_v, **self.slots.state(), "encoded": self.encoded,
+               "fp_lo": self.fp_lo, "sinks": self.sinks, "window": self.window, "ring": self.ring}
         for l_ in range(self.num_layers):
             out[f"k_codes.{l_}"], out[f"k_scales.{l_}"] = self.k_codes[l_], self.k_scales[l_]
             out[f"v_codes.{l_}"], out[f"v_scales.{l_}"] = self.v_codes[l_], self.v_scales[l_]
@@ -299,12 +297,6 @@ class CompressedKVCache:
         for key in ("sinks", "window", "ring"):
             if int(state.get(key, -1)) != getattr(self, key):
                 raise TqedgeError(f"saved cache has {key}={state.get(key)}, this cache {getattr(self, key)}")
-        for key, arr in self.state().items():
-            if isinstance(arr, np.ndarray):
-                src = np.asarray(state[key])
-                if src.shape != arr.shape or src.dtype != arr.dtype:
-                    raise TqedgeError(f"saved cache array {key} is {src.dtype}{src.shape}, expected {arr.dtype}{arr.shape}")
-                arr[...] = src
-        s = self.slots
-        s.offset, s.length, s.evicted, s._ptr = (int(state[k]) for k in ("offset", "length", "evicted", "ptr"))
+        copy_state_arrays(state, {k: a for k, a in self.state().items() if isinstance(a, np.ndarray)})
+        self.slots.load_state(state)
         self.encoded, self.fp_lo, self._plan = int(state["encoded"]), int(state["fp_lo"]), None
