@@ -8,7 +8,7 @@ peak RSS (``psutil`` if installed, else ``resource``). The parent prints a table
 ``benchmarks/out/decode.json`` with speed ratios against ``exact`` and, if matplotlib imports,
 a PNG plot next to it.
 
-    python benchmarks/decode.py --bundle /tmp/h4/smol.tqe [--contexts 512,2048,8192] [--repeats 3]
+    python benchmarks/decode.py --bundle models/smollm2.tqe [--backends onnx,tflite] [--contexts 512,2048,8192] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -93,19 +93,19 @@ def synthetic_fill(cache, arch, n: int, rng) -> None:
 
 
 def worker(bundle: str, name: str, contexts: list[int], repeats: int, steps: int, threads: int | None,
-           model_fill: int) -> dict:
+           model_fill: int, backend: str = "onnx") -> dict:
     """Measure one config; returns a JSON-able dict. Contexts beyond ``model_fill`` tokens are
     filled with the model up to ``model_fill`` and with random keys/values beyond."""
     from tqedge.runtime.model import load
 
-    model = load(bundle, verify="none", threads=threads)
+    model = load(bundle, verify="none", threads=threads, backend=backend)
     kv_bits = CONFIGS[name]
     total = max(contexts) + repeats * steps * len(contexts) + 8
     cache = model.new_cache(kv_bits=kv_bits, kv_budget=budget_for(model.manifest, kv_bits, total))
     timer = CacheTimer(cache)
     text = DATA.read_text(encoding="utf-8")
     ids = model.encode(text[: 12 * total])[:total]
-    result = {"config": name, "kv_bits": kv_bits, "kv_nbytes": cache.nbytes, "capacity": cache.capacity,
+    result = {"config": name, "backend": backend, "kv_bits": kv_bits, "kv_nbytes": cache.nbytes, "capacity": cache.capacity,
               "contexts": {}}
     fed = 0
     logits = None
@@ -145,19 +145,22 @@ def worker(bundle: str, name: str, contexts: list[int], repeats: int, steps: int
 
 def run_all(args) -> dict:
     results = {}
-    for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--worker", name, "--bundle", args.bundle, "--contexts", args.contexts,
-               "--repeats", str(args.repeats), "--steps", str(args.steps), "--model-fill", str(args.model_fill)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results.get("exact")
-    ratios = {}
-    if base:
-        for name, r in results.items():
-            ratios[name] = {c: r["contexts"][c]["decode_tok_s"] / base["contexts"][c]["decode_tok_s"]
-                            for c in r["contexts"]}
+    for backend in args.backends.split(","):
+        for name in args.configs.split(","):
+            cmd = [sys.executable, __file__, "--worker", name, "--bundle", args.bundle, "--contexts", args.contexts,
+                   "--repeats", str(args.repeats), "--steps", str(args.steps), "--model-fill", str(args.model_fill),
+                   "--backends", backend]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            key = name if backend == "onnx" else f"{name}@{backend}"
+            results[key] = json.loads(out.stdout.strip().splitlines()[-1])
+    ratios = {}  # decode speed vs the exact cache on the same backend
+    for key, r in results.items():
+        base = results.get("exact" if r["backend"] == "onnx" else f"exact@{r['backend']}")
+        if base:
+            ratios[key] = {c: r["contexts"][c]["decode_tok_s"] / base["contexts"][c]["decode_tok_s"]
+                           for c in r["contexts"]}
     kernels = os.environ.get("TQEDGE_KERNELS", "numba")
     return {"bundle": args.bundle, "machine": platform.platform(), "cpus": os.cpu_count(),
             "kernels": kernels, "repeats": args.repeats, "steps": args.steps, "results": results,
@@ -200,7 +203,8 @@ def plot(data: dict, path: Path) -> bool:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", default="/tmp/h4/smol.tqe")
+    p.add_argument("--bundle", default="models/smollm2.tqe", help="bundle to run (README's export)")
+    p.add_argument("--backends", default="onnx", help="comma list: onnx,tflite (needs a bundle with both)")
     p.add_argument("--contexts", default="512,2048,8192")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--repeats", type=int, default=3)
@@ -215,7 +219,7 @@ def main(argv=None) -> None:
     contexts = sorted(int(c) for c in args.contexts.split(","))
     if args.worker:
         print(json.dumps(worker(args.bundle, args.worker, contexts, args.repeats, args.steps, args.threads,
-                                args.model_fill)))
+                                args.model_fill, backend=args.backends)))
         return
     data = run_all(args)
     out = Path(args.out)
