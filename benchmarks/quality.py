@@ -58,6 +58,7 @@ TIERS = {
     "finalists": ["K4V3", "K4V2", "K3.5V2.5", "K4V2+L0,1,29@K8V4", "K3V3"],
     "ablation-short": ["K4V3-qjl", "K4V3-plain", "K4V3-dense", "K4V4-w0", "K4V3-w32", "K4V3-s0"],
     "smoke": ["K4V4", "K2V2"],
+    "headline": ["K4V4", "K4V3", "K4V2+L0,1,29@K8V4"],
 }
 
 
