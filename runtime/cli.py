@@ -22,7 +22,7 @@ from tqedge.errors import TqedgeError
 
 KV_OPTIONS = [
     click.option("--kv-budget", default="64MiB", show_default=True, help="KV-cache byte budget, e.g. 16MiB."),
-    click.option("--kv-bits", default=None, help="Key,value bits (e.g. 4,3) or 'exact' (default: the bundle's)."),
+    click.option("--kv-bits", default=None, help="Key,value bits (e.g. 4,3), a preset (quality|balanced|tiny) or 'exact' (default: the bundle's)."),
     click.option("--window", type=int, default=None, help="Recent tokens kept in fp16 (default: the bundle's)."),
     click.option("--sinks", type=int, default=None, help="First tokens kept forever (default: the bundle's)."),
     click.option("--policy", type=click.Choice(["slide", "error"]), default="slide", show_default=True,

@@ -264,3 +264,17 @@ def test_real_model_compressed_predictions_track_exact(smol_model, wikitext):
     tq = _feed_all(smol_model, smol_model.new_cache(window=16, sinks=4), ids)  # K4V3, most reads compressed
     agree = np.mean(exact.argmax(-1) == tq.argmax(-1))
     assert agree >= 0.9, agree
+
+
+def test_kv_presets_are_named_bit_pairs():
+    from tqedge.runtime.cache import KV_PRESETS, parse_kv_bits
+
+    assert parse_kv_bits("balanced") == (4.0, 3.0)
+    assert parse_kv_bits(" Quality ") == (4.0, 4.0)
+    assert parse_kv_bits("tiny") == (3.0, 2.0)
+    assert parse_kv_bits("exact") is None
+    # presets are ordered by size: quality ≥ balanced ≥ tiny in total bits
+    sizes = [sum(KV_PRESETS[n]) for n in ("quality", "balanced", "tiny")]
+    assert sizes == sorted(sizes, reverse=True)
+    with pytest.raises(TqedgeError, match="preset"):
+        parse_kv_bits("huge")
