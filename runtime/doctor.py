@@ -224,7 +224,7 @@ def numba_cache() -> dict:
 # time). With a bundle, runtime.plan.recommend uses the model's real sizes (SmolLM2-135M gets
 # fp32 on a 2 GiB board: fp32 is also the fastest format on onnxruntime 1.32).
 NO_MODEL_MAX_BUDGET = 1 * GiB  # a small model's whole context; a bundle gives the real need
-FORMAT_BY_TOTAL = ((1.5 * GiB, "int4"), (4 * GiB, "int8"), (float("inf"), "fp32"))
+FORMAT_BY_TOTAL = ((1.5 * GiB, "int4"), (float("inf"), "int8"))  # see plan.choose_format
 
 
 def recommend(mem: dict, bundle: str | None = None) -> dict:

@@ -122,8 +122,8 @@ def test_kernel_path_rule(env, numba, path):
     assert doctor.kernel_path(env, numba_installed=numba)["path"] == path
 
 
-@pytest.mark.parametrize("total, fmt", [(1 * GiB, "int4"), (2 * GiB, "int8"), (4 * GiB, "fp32"),
-                                        (8 * GiB, "fp32"), (16 * GiB, "fp32")])
+@pytest.mark.parametrize("total, fmt", [(1 * GiB, "int4"), (2 * GiB, "int8"), (4 * GiB, "int8"),
+                                        (8 * GiB, "int8"), (16 * GiB, "int8")])
 def test_recommend_without_model_follows_the_documented_rule(total, fmt):
     avail = int(total * 0.8)
     rec = doctor.recommend({"total": total, "available": avail})

@@ -155,10 +155,11 @@ def test_recommendation_fits_and_says_when_capped():
         assert rec["tokens"] == min(plan.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
         assert ("model's max" in rec["line"]) == rec["capped"]
         assert rec["kv_budget_arg"] in rec["line"]
-        # the most precise format that leaves room for the whole (8192-token) context
+        # the first recommended format that leaves room for the whole (8192-token) context
         need = plan.kv_budget_for(8192, SMOL, m.kv, "K4V3")
-        fits = [f for f in ("fp32", "int8", "int4") if plan.weight_bytes(SMOL, f) + need <= room]
+        fits = [f for f in plan.FORMAT_ORDER if plan.weight_bytes(SMOL, f) + need <= room]
         assert rec["weights"] == fits[0]
+    assert plan.FORMAT_ORDER == ("int8", "int4")  # int8 decodes faster than fp32 at half the memory
     tiny = plan.recommend(m, 400 * MiB)
     assert tiny["weights"] is None and "does not fit" in tiny["line"]
 
