@@ -49,7 +49,8 @@ def test_chunked_prefill_equals_token_by_token(smollm2_model, wikitext):
     """chunk=1 runs every position through the decode path, chunk=40 through blocked prefill.
 
     Both read the same positions compressed, so per-token NLLs agree up to float noise (a
-    ~1e-7 difference in the dense graph can flip a 2-bit code); a read rule off by one token
+    ~1e-6 difference between the dense graph's T=1 and T=40 kernels can flip a 2-bit code);
+    a read rule off by one token
     (window 17 instead of 16) moves them several times more: the control that keeps this
     test able to fail."""
     (ids,) = text_windows(smollm2_model, wikitext[5000:], 72, 1)
@@ -59,8 +60,13 @@ def test_chunked_prefill_equals_token_by_token(smollm2_model, wikitext):
     (b,) = evaluate(smollm2_model, [ids], [cfg], chunk=1, token_nll=True)
     chunking = np.abs(np.subtract(a["token_nll"], b["token_nll"])).mean()
     control = np.abs(np.subtract(a["token_nll"], off["token_nll"])).mean()
-    assert chunking < 0.25 * control
-    assert abs(a["nll"] - b["nll"]) < 0.1 * (a["nll"] - a["nll_exact"])  # vs the compression effect
+    # Measured: the noise floor is 0.26–0.34 of the control (Numba vs NumPy kernels alone move
+    # it by 0.003 nats; the op itself is chunk-invariant to 1e-4 on identical inputs, see
+    # tests/test_attention.py); a read rule off by one token gives about 1.0 of the control.
+    assert chunking < 0.5 * control
+    # vs the compression effect: measured 0.14 of it with Numba kernels, < 0.1 with NumPy (float
+    # summation order alone); a wrong read rule costs a multiple of the effect
+    assert abs(a["nll"] - b["nll"]) < 0.3 * (a["nll"] - a["nll_exact"])
     assert a["nll_exact"] == pytest.approx(b["nll_exact"], abs=1e-5)
     assert a["kl"] > 1e-3  # 72 tokens with a 16-token window: compression is really read
     assert a["bytes_per_token"] == 30 * 3 * (24 + 2 + 16 + 2)
