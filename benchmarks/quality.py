@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,14 +63,29 @@ TIERS = {
 }
 
 
+def parse_name(name: str):
+    """A KVConfig from a name like ``K4V3`` or ``K4V3+L2,5,9@K4V2+L0@K8V4`` (per-layer overrides,
+    the grammar of ``--kv-bits``: :func:`tqedge.runtime.cache.parse_kv_spec`), or None."""
+    from tqedge.runtime.cache import KV_SPEC, parse_kv_spec
+    from tqedge.runtime.eval_ppl import KVConfig
+
+    if KV_SPEC.fullmatch(name) is None:
+        return None
+    (k, v), layers = parse_kv_spec(name)
+    layer_bits = {int(layer): tuple(b) for layer, b in layers.items()} if layers else None
+    return KVConfig(name, f"{k:g},{v:g}", layer_bits=layer_bits)
+
+
 def pick(spec: str) -> list:
+    """Configs from comma-free names and tiers separated by ``;`` (or ``,`` when no name has a comma)."""
     reg, out = registry(), []
-    for name in spec.split(","):
-        names = TIERS.get(name, [name])
-        for n in names:
-            if n not in reg:
-                raise SystemExit(f"unknown config {n!r}; known: {', '.join(reg)} or tiers {', '.join(TIERS)}")
-            out.append(reg[n])
+    for name in re.split(r";|,(?![\d,]*@)", spec):
+        for n in TIERS.get(name, [name]):
+            cfg = reg.get(n) or parse_name(n)
+            if cfg is None:
+                raise SystemExit(f"unknown config {n!r}; known: {', '.join(reg)}, tiers {', '.join(TIERS)} "
+                                 "or a name like K4V3+L0,1@K8V4")
+            out.append(cfg)
     return out
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
 LLAMA_KV = {"f16": (1, 2.0), "q8_0": (8, 34 / 32), "q4_0": (2, 18 / 32)}  # ggml type id, bytes per value
-TQEDGE_KV = {"exact": "exact", "tqedge-default": None, "K4V2": "4,2"}
+TQEDGE_KV = ["exact", "tqedge-default", "K4V2"]  # default --tqedge-kv; any quality.py name works too
 DECODE_STEPS = 16
 
 
@@ -73,43 +73,83 @@ def _log_softmax(x):
 
 
 # -- workers (each runs in its own process) ---------------------------------------------------
+def ids_digest(ids) -> str:
+    """Short hash of token ids, so the table can show both sides scored the same tokens."""
+    import hashlib
+
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:12]
+
+
+def timed_contexts(prefill, step, ids: list[int], contexts: list[int]) -> dict:
+    """Prefill ``c`` tokens (timed), then decode DECODE_STEPS tokens one by one (each timed).
+
+    Args:
+        prefill: ``prefill(c)`` resets the state and feeds ``ids[:c]``.
+        step: ``step(token)`` feeds one token.
+
+    Returns:
+        {"prefill_tok_s": {c: ...}, "decode_tok_s": {c: 1 / median step time}, "decode_ms": {c: [...]}}.
+    """
+    import statistics
+
+    out: dict = {"prefill_tok_s": {}, "decode_tok_s": {}, "decode_ms": {}}
+    for c in contexts:
+        t = time.perf_counter()
+        prefill(c)
+        out["prefill_tok_s"][str(c)] = c / (time.perf_counter() - t)
+        steps = []
+        for tok in ids[c:c + DECODE_STEPS]:
+            t = time.perf_counter()
+            step(tok)
+            steps.append(time.perf_counter() - t)
+        out["decode_tok_s"][str(c)] = 1 / statistics.median(steps)
+        out["decode_ms"][str(c)] = [round(1000 * s, 2) for s in steps]
+    return out
+
+
 def llama_worker(args) -> dict:
-    """llama.cpp side for one KV type (runs inside the llama-cpp-python venv)."""
+    """llama.cpp side for one KV type (runs inside the llama-cpp-python venv).
+
+    ``--phase ppl`` scores the windows (logits for every position); ``--phase speed`` times
+    prefill and decode at each context with logits for the last position only, so its peak RSS
+    is what a chat at that context costs.
+    """
     import inspect
 
     import llama_cpp
 
     type_id, per_value = LLAMA_KV[args.kv]
-    n_ctx = max(args.ctx, max(args.contexts) + DECODE_STEPS + 8)
-    kw = dict(model_path=str(args.gguf), n_ctx=n_ctx, n_batch=512, n_threads=args.threads, logits_all=True,
-              type_k=type_id, type_v=type_id, flash_attn=True, verbose=False)
+    speed = args.phase == "speed"
+    n_ctx = max(args.contexts) + DECODE_STEPS + 8 if speed else args.ctx
+    kw = dict(model_path=str(args.gguf), n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
+              n_threads_batch=args.threads, logits_all=not speed, type_k=type_id, type_v=type_id,
+              flash_attn=True, verbose=False)
     if "use_extra_bufts" in inspect.signature(llama_cpp.Llama.__init__).parameters:
         kw["use_extra_bufts"] = False
     llm = llama_cpp.Llama(**kw)
     text = Path(args.text).read_text(encoding="utf-8")
-    ids = llm.tokenize(text[: args.ctx * args.windows * 8].encode(), add_bos=False, special=False)
-    tot = tot_h = 0.0
-    n = n_h = 0
-    for w in windows_of(ids, args.ctx, args.windows):
-        llm.reset()
-        llm.eval(w)
-        lp = _log_softmax(llm.scores[: len(w) - 1])  # (T-1, V)
-        a, h, c = nll_stats(lp, w[1:])
-        tot, tot_h, n, n_h = tot + a, tot_h + h, n + len(w) - 1, n_h + c
-    out = {"side": "llama.cpp", "kv": args.kv, "ppl": math.exp(tot / n), "ppl_second_half": math.exp(tot_h / n_h),
-           "kv_bytes_per_token": _kv_values(llm) * per_value}
-    llm.reset()
-    t = time.perf_counter()
-    llm.eval(ids[:512])
-    out["prefill_tok_s"] = 512 / (time.perf_counter() - t)
-    out["decode_tok_s"] = {}
-    for c in args.contexts:
-        llm.reset()
-        llm.eval(ids[:c])
-        t = time.perf_counter()
-        for tok in ids[c:c + DECODE_STEPS]:
-            llm.eval([tok])
-        out["decode_tok_s"][str(c)] = DECODE_STEPS / (time.perf_counter() - t)
+    out = {"side": "llama.cpp", "kv": args.kv, "phase": args.phase, "kv_bytes_per_token": _kv_values(llm) * per_value}
+    if speed:
+        ids = llm.tokenize(text[: max(args.contexts) * 8].encode(), add_bos=False, special=False)
+
+        def prefill(c):
+            llm.reset()
+            llm.eval(ids[:c])
+
+        out.update(timed_contexts(prefill, lambda tok: llm.eval([tok]), ids, args.contexts))
+    else:
+        ids = llm.tokenize(text[: args.ctx * args.windows * 8].encode(), add_bos=False, special=False)
+        tot = tot_h = 0.0
+        n = n_h = 0
+        wins = windows_of(ids, args.ctx, args.windows)
+        for w in wins:
+            llm.reset()
+            llm.eval(w)
+            lp = _log_softmax(llm.scores[: len(w) - 1])  # (T-1, V)
+            a, h, c = nll_stats(lp, w[1:])
+            tot, tot_h, n, n_h = tot + a, tot_h + h, n + len(w) - 1, n_h + c
+        out.update({"ppl": math.exp(tot / n), "ppl_second_half": math.exp(tot_h / n_h),
+                    "ids": ids_digest(sum(wins, []))})
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
@@ -123,41 +163,57 @@ def _kv_values(llm) -> int:
     return 2 * int(md[f"{arch}.block_count"]) * int(md[f"{arch}.embedding_length"]) // heads * kv_heads
 
 
+def tqedge_config(name: str):
+    """KVConfig of a tqedge KV name: ``exact``, ``tqedge-default`` or a quality.py name (``K4V3+L0@K8V4``)."""
+    from tqedge.runtime.eval_ppl import KVConfig
+
+    if name in ("exact", "tqedge-default"):
+        return KVConfig(name, "exact" if name == "exact" else None)
+    sys.path.insert(0, str(HERE))
+    import quality
+
+    cfg = quality.parse_name(name)
+    if cfg is None:
+        raise SystemExit(f"unknown tqedge KV config {name!r}")
+    return cfg
+
+
 def tqedge_worker(args) -> dict:
-    """tqedge side for one KV config (runs in the tqedge venv)."""
+    """tqedge side for one KV config (runs in the tqedge venv); phases as in :func:`llama_worker`."""
     import tqedge
-    from tqedge.runtime.eval_ppl import KVConfig, build_cache, evaluate, text_windows
+    from tqedge.runtime.eval_ppl import build_cache, evaluate, text_windows
 
     model = tqedge.load(args.bundle, threads=args.threads, verify="none")
-    kv_bits = TQEDGE_KV[args.kv]
-    cfg = KVConfig(args.kv, kv_bits)
+    cfg = tqedge_config(args.kv)
     text = Path(args.text).read_text(encoding="utf-8")
-    (r,) = evaluate(model, text_windows(model, text, args.ctx, args.windows), [cfg])
-    out = {"side": "tqedge", "kv": args.kv, "ppl": r["ppl"], "ppl_second_half": r["ppl_second_half"],
-           "kv_bytes_per_token": r["bytes_per_token"]}
-    ids = model.tokenizer.encode(text[: max(args.contexts) * 8], add_special_tokens=False).ids
-    cache, _ = build_cache(model, cfg, 600)
-    t = time.perf_counter()
-    model.forward(ids[:512], cache)
-    out["prefill_tok_s"] = 512 / (time.perf_counter() - t)
-    out["decode_tok_s"] = {}
-    for c in args.contexts:
-        cache, _ = build_cache(model, cfg, c + DECODE_STEPS + 1)
-        for a in range(0, c, 512):
-            model.forward(ids[a:min(c, a + 512)], cache)
-        t = time.perf_counter()
-        for tok in ids[c:c + DECODE_STEPS]:
-            model.forward([tok], cache)
-        out["decode_tok_s"][str(c)] = DECODE_STEPS / (time.perf_counter() - t)
+    out = {"side": "tqedge", "kv": args.kv, "phase": args.phase}
+    if args.phase == "speed":
+        ids = model.tokenizer.encode(text[: max(args.contexts) * 8], add_special_tokens=False).ids
+        cache, out["kv_bytes_per_token"] = build_cache(model, cfg, max(args.contexts) + DECODE_STEPS + 1)
+
+        def prefill(c):
+            cache.reset()
+            for a in range(0, c, 512):
+                model.forward(ids[a:min(c, a + 512)], cache)
+
+        out.update(timed_contexts(prefill, lambda tok: model.forward([tok], cache), ids, args.contexts))
+        out["kv_cache_mib"] = cache.nbytes / 2**20
+    else:
+        wins = text_windows(model, text, args.ctx, args.windows)
+        (r,) = evaluate(model, wins, [cfg])
+        out.update({"ppl": r["ppl"], "ppl_second_half": r["ppl_second_half"], "kv_bytes_per_token": r["bytes_per_token"],
+                    "ids": ids_digest(sum(wins, []))})
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
 # -- parent -----------------------------------------------------------------------------------
 def plan(args) -> list[dict]:
-    """The worker runs: (python executable, side, kv)."""
-    jobs = [{"python": str(args.llama_python), "side": "llama", "kv": kv} for kv in LLAMA_KV]
-    jobs += [{"python": sys.executable, "side": "tqedge", "kv": kv} for kv in TQEDGE_KV]
+    """The worker runs, one process each: (python executable, side, kv, phase)."""
+    jobs = []
+    for phase in args.phases:
+        jobs += [{"python": str(args.llama_python), "side": "llama", "kv": kv, "phase": phase} for kv in LLAMA_KV]
+        jobs += [{"python": sys.executable, "side": "tqedge", "kv": kv, "phase": phase} for kv in args.tqedge_kv]
     return jobs
 
 
@@ -169,15 +225,51 @@ def check_inputs(args) -> list[str]:
     return problems
 
 
-def table(rows: list[dict]) -> str:
-    base = next((r for r in rows if r["side"] == "llama.cpp" and r["kv"] == "f16"), None)
-    lines = ["| side | KV | PPL | PPL 2nd half | KV bytes/token | prefill tok/s | decode tok/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
+def merge_rows(results: list[dict]) -> list[dict]:
+    """One row per (side, kv): the ppl and speed phases' fields together (peak RSS from speed)."""
+    rows: dict = {}
+    for r in results:
+        row = rows.setdefault((r["side"], r["kv"]), {})
+        rss = r.pop("peak_rss_mib", None)
+        row.update({k: v for k, v in r.items() if k != "phase"})
+        row[f"peak_rss_mib_{r['phase']}"] = rss
+    return list(rows.values())
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """tqedge speed / llama.cpp's fastest KV type, per context, for decode and prefill.
+
+    Returns:
+        one dict per tqedge row: {"kv", "decode": {ctx: ratio}, "prefill": {ctx: ratio}}.
+    """
+    llama = [r for r in rows if r["side"] == "llama.cpp" and "decode_tok_s" in r]
+    out = []
     for r in rows:
-        dec = " / ".join(f"{k}: {v:.1f}" for k, v in r["decode_tok_s"].items())
-        ratio = f" ({r['ppl'] / base['ppl']:.3f}×)" if base else ""
-        lines.append(f"| {r['side']} | {r['kv']} | {r['ppl']:.3f}{ratio} | {r['ppl_second_half']:.3f} | "
-                     f"{r['kv_bytes_per_token']} | {r['prefill_tok_s']:.1f} | {dec} | {r['peak_rss_mib']:.0f} |")
+        if r["side"] != "tqedge" or "decode_tok_s" not in r or not llama:
+            continue
+        entry = {"kv": r["kv"]}
+        for key in ("decode", "prefill"):
+            entry[key] = {c: v / max(lr[f"{key}_tok_s"][c] for lr in llama)
+                          for c, v in r[f"{key}_tok_s"].items()}
+        out.append(entry)
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one row per side × KV type, speed columns per context, then the ratio rows."""
+    ctxs = list(next((r["decode_tok_s"] for r in rows if "decode_tok_s" in r), {}))
+    head = ("| side | KV | PPL | PPL 2nd half | KV bytes/token | " + " | ".join(f"prefill {c}" for c in ctxs) +
+            " | " + " | ".join(f"decode {c}" for c in ctxs) + " | peak RSS MiB |")
+    lines = [head, "|" + "---|" * (6 + 2 * len(ctxs))]
+    f = lambda r, k, fmt: format(r[k], fmt) if k in r else "–"  # noqa: E731
+    for r in rows:
+        speed = [f"{r[key][c]:.1f}" if key in r else "–" for key in ("prefill_tok_s", "decode_tok_s") for c in ctxs]
+        lines.append(f"| {r['side']} | {r['kv']} | {f(r, 'ppl', '.3f')} | {f(r, 'ppl_second_half', '.3f')} | "
+                     f"{r['kv_bytes_per_token']:.0f} | " + " | ".join(speed) +
+                     f" | {r.get('peak_rss_mib_speed') or r.get('peak_rss_mib_ppl') or 0:.0f} |")
+    for q in ratios(rows):
+        cells = [f"{q['prefill'][c]:.2f}x" for c in ctxs] + [f"{q['decode'][c]:.2f}x" for c in ctxs]
+        lines.append(f"| ratio vs llama.cpp's fastest | {q['kv']} | | | | " + " | ".join(cells) + " | |")
     return "\n".join(lines)
 
 
@@ -191,10 +283,14 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 8192])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tqedge-kv", type=lambda s: s.split(";"), default=TQEDGE_KV,
+                    help="tqedge KV configs, ';'-separated (exact, tqedge-default, K4V2, K4V3+L3,4@K4V2, ...)")
+    ap.add_argument("--phases", type=lambda s: s.split(","), default=["ppl", "speed"], help="ppl,speed")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "vs_llamacpp.json")
     ap.add_argument("--dry-run", action="store_true", help="check inputs and print the plan; run nothing")
     ap.add_argument("--worker", choices=["llama", "tqedge"], help=argparse.SUPPRESS)
     ap.add_argument("--kv", help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["ppl", "speed"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -207,20 +303,23 @@ def main(argv=None) -> int:
         return 0
     if problems:
         raise SystemExit("; ".join(problems))
-    rows = []
+    results = []
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     common = ["--gguf", str(args.gguf), "--bundle", str(args.bundle), "--text", str(args.text), "--ctx",
               str(args.ctx), "--windows", str(args.windows), "--contexts", ",".join(map(str, args.contexts)),
               "--threads", str(args.threads)]
     for job in jobs:
-        cmd = [job["python"], str(Path(__file__).resolve()), "--worker", job["side"], "--kv", job["kv"], *common]
+        cmd = [job["python"], str(Path(__file__).resolve()), "--worker", job["side"], "--kv", job["kv"],
+               "--phase", job["phase"], *common]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if res.returncode:
-            raise SystemExit(f"{job['side']} {job['kv']} failed:\n{res.stderr[-2000:]}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"done {job['side']} {job['kv']}", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows, "ctx": args.ctx, "windows": args.windows}, indent=1))
+            raise SystemExit(f"{job['side']} {job['kv']} {job['phase']} failed:\n{res.stderr[-2000:]}")
+        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"done {job['side']} {job['kv']} {job['phase']}", file=sys.stderr)
+        rows = merge_rows([dict(r) for r in results])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"rows": rows, "ratios": ratios(rows), "ctx": args.ctx,
+                                        "windows": args.windows, "threads": args.threads}, indent=1))
     print(table(rows))
     return 0
 

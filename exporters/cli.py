@@ -20,12 +20,20 @@ def kv_bytes_per_token(manifest) -> tuple[int, str]:
         from tqedge.runtime.cache import build_codecs
         from tqedge.runtime.compressed_cache import CompressedKVCache
 
-        keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits=(kv.key_bits, kv.value_bits))
+        keys, values = build_codecs(kv, a.num_layers, a.head_dim)  # with the per-layer overrides
         _, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, kv.sinks, kv.window)
-        return per, f"TurboQuant keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits"
+        return per, f"TurboQuant keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits{_layers(kv)}"
     except (ImportError, TqedgeError):
         fp16 = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 2
         return fp16, "exact fp16; the TurboQuant codec is not available in this build"
+
+
+def _layers(kv) -> str:
+    """``, layers 4,7 at K4V2`` for a KVSpec's per-layer overrides ('' without)."""
+    groups: dict[tuple, list[str]] = {}
+    for layer, (k, v) in (kv.layer_bits or {}).items():
+        groups.setdefault((k, v), []).append(layer)
+    return "".join(f", layers {','.join(ls)} at K{k:g}V{v:g}" for (k, v), ls in groups.items())
 
 
 def _summary(out: Path, manifest) -> None:
@@ -46,7 +54,8 @@ def _summary(out: Path, manifest) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="fp32", show_default=True,
               help="Dense weight format.")
-@click.option("--kv-bits", default="4,3", show_default=True, help="Default KV bits (keys,values) in the manifest.")
+@click.option("--kv-bits", default="4,3", show_default=True,
+              help="Default KV bits (keys,values) in the manifest; per-layer overrides as K4V3+L4,7@K4V2.")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Graph formats, comma-separated: onnx, tflite.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -82,7 +91,7 @@ def inspect_cmd(bundle: Path, verify: bool) -> None:
     manifest = read_manifest(bundle, verify="full" if verify else "size")
     _summary(bundle, manifest)
     kv = manifest.kv
-    click.echo(f"kv default  keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits, {kv.rotation} rotation, "
+    click.echo(f"kv default  keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits{_layers(kv)}, {kv.rotation} rotation, "
                f"window {kv.window}, sinks {kv.sinks}")
     for kind, g in manifest.graphs.items():
         click.echo(f"graph       {kind}: {len(g.segments)} segments, {len(g.attention)} attention nodes, file {g.file}")

@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-def _kv_bits(kv_bits) -> tuple[float, float]:
-    from tqedge.runtime.cache import parse_kv_bits
+def _kv_bits(kv_bits) -> tuple[tuple[float, float], dict | None]:
+    from tqedge.runtime.cache import parse_kv_spec
 
-    bits = parse_kv_bits(kv_bits)
+    bits, layer_bits = parse_kv_spec(kv_bits)
     if bits is None:
         raise TqedgeError("the bundle's default kv bits must be numbers like 4,3 (exact is a runtime choice)")
-    return bits
+    return bits, layer_bits
 
 
 def _emit_tflite(spec, out_dir, fmt, progress=None):
@@ -70,7 +70,8 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
             (``config.json`` + safetensors + ``tokenizer.json``).
         out: bundle directory to create.
         weights: dense weight format: fp32 | fp16 | int8 | int4.
-        kv_bits: default TurboQuant (key_bits, value_bits) recorded in the manifest.
+        kv_bits: default TurboQuant (key_bits, value_bits) recorded in the manifest, or a
+            spec with per-layer overrides such as ``"K4V3+L4,7@K4V2"``.
         overwrite: replace an existing ``out``.
         progress: optional ``callback(stage, done, total)``.
         name: bundle name (default: ``out``'s stem).
@@ -84,7 +85,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     """
     if weights not in WEIGHT_FORMATS:
         raise TqedgeError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
-    key_bits, value_bits = _kv_bits(kv_bits)
+    (key_bits, value_bits), layer_bits = _kv_bits(kv_bits)
     formats = _formats(formats)
     if "tflite" in formats and weights == "int4":
         raise TqedgeError("tflite graphs support fp32, fp16 and int8 weights; export int4 with --format onnx")
@@ -97,6 +98,9 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     spec = load_source(src)
     if progress:
         progress("read", 1, 1)
+    bad = [k for k in (layer_bits or {}) if int(k) >= spec.arch.num_layers]
+    if bad:
+        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{spec.arch.num_layers - 1}")
     log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
     n_seg = (spec.arch.num_layers + 1) * len(formats)
     done = [0]
@@ -116,7 +120,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
             name=name or out.name.removesuffix(".tqe"),
             architecture=spec.arch, tokenizer=spec.tokenizer,
             weights=WeightSpec(format=weights, block_size=BLOCK_SIZES.get(weights), source=_weight_source(spec.source)),
-            kv=KVSpec(key_bits=key_bits, value_bits=value_bits), generation=spec.generation,
+            kv=KVSpec(key_bits=key_bits, value_bits=value_bits, layer_bits=layer_bits), generation=spec.generation,
             graphs=graphs, source={**spec.source, "parameters": spec.num_parameters},
             tqedge_version=__version__,
         )

@@ -17,6 +17,8 @@ Keys arrive with RoPE applied at their absolute positions, so relative distances
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from tqedge.errors import TqedgeError
@@ -264,6 +266,31 @@ def parse_kv_bits(kv_bits) -> tuple[float, float] | None:
     return parts[0], parts[1]
 
 
+KV_SPEC = re.compile(r"K([\d.]+)V([\d.]+)((?:\+L[\d,]+@K[\d.]+V[\d.]+)*)", re.IGNORECASE)
+LAYER_OVERRIDE = re.compile(r"\+L([\d,]+)@K([\d.]+)V([\d.]+)", re.IGNORECASE)
+
+
+def parse_kv_spec(kv_bits) -> tuple[tuple[float, float] | None, dict[str, list[float]] | None]:
+    """Like :func:`parse_kv_bits`, plus per-layer overrides written ``K4V3+L4,7,12@K4V2+L0@K8V4``
+    (keys 4 / values 3 bits, layers 4, 7 and 12 at K4V2, layer 0 at K8V4).
+
+    Returns:
+        ((key_bits, value_bits) or None for exact, {"layer": [key_bits, value_bits]} or None).
+    """
+    m = KV_SPEC.fullmatch(kv_bits.strip()) if isinstance(kv_bits, str) else None
+    if m is None:
+        return parse_kv_bits(kv_bits), None
+    base = parse_kv_bits(f"{m.group(1)},{m.group(2)}")
+    layers: dict[str, list[float]] = {}
+    for ls, k, v in LAYER_OVERRIDE.findall(m.group(3)):
+        kb, vb = parse_kv_bits(f"{k},{v}")
+        for layer in ls.split(","):
+            if layer == "" or str(int(layer)) in layers:
+                raise TqedgeError(f"kv bits {kv_bits!r}: empty or repeated layer {layer!r}")
+            layers[str(int(layer))] = [kb, vb]
+    return base, layers or None
+
+
 def layer_seed(seed: int, layer: int, kind: str) -> int:
     """Deterministic codec seed of one layer's keys (``kind="k"``) or values (``"v"``)."""
     return int(np.random.SeedSequence([seed, layer, 0 if kind == "k" else 1]).generate_state(1)[0])
@@ -271,7 +298,7 @@ def layer_seed(seed: int, layer: int, kind: str) -> int:
 
 def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
                  rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
-                 seed: int | None = None) -> tuple[list, list]:
+                 seed: int | None = None, layer_bits: dict | None = None) -> tuple[list, list]:
     """One key and one value ``TurboQuant`` per layer.
 
     Args:
@@ -280,6 +307,8 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
         bits: (key_bits, value_bits) for every layer; None = the KVSpec's, with its
             ``layer_bits`` overrides.
         rotation, norm, qjl, seed: override the KVSpec's.
+        layer_bits: ``{"layer": [key_bits, value_bits]}`` overrides on top of ``bits``
+            (None = the KVSpec's when ``bits`` is None, else none).
 
     Returns:
         (key_codecs, value_codecs), lists of length ``num_layers``.
@@ -290,7 +319,10 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
     norm = norm or kv.norm
     qjl = kv.qjl if qjl is None else qjl
     seed = kv.seed if seed is None else seed
-    overrides = (kv.layer_bits or {}) if bits is None else {}
+    overrides = layer_bits if layer_bits is not None else (kv.layer_bits or {}) if bits is None else {}
+    bad = [k for k in overrides if not (k.isdigit() and int(k) < num_layers)]
+    if bad:
+        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{num_layers - 1}")
     keys, values = [], []
     for layer in range(num_layers):
         kb, vb = overrides.get(str(layer), bits or (kv.key_bits, kv.value_bits))
@@ -310,7 +342,8 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
         manifest: the bundle manifest (architecture + KVSpec defaults).
         kv_budget: bytes or a size string ("32MiB"); all cache buffers fit in it.
         kv_bits: None = the bundle's TurboQuant default; "exact" = the fp32 cache;
-            "4,3" / (4, 3) / 3.5 = TurboQuant with those key,value bits on every layer.
+            "4,3" / (4, 3) / 3.5 = TurboQuant with those key,value bits on every layer;
+            "K4V3+L4,7@K4V2" adds per-layer overrides (:func:`parse_kv_spec`).
         window: recent tokens kept in fp16 (None = bundle default).
         sinks: first tokens kept in full precision (None = bundle default).
         policy: "slide" or "error" when the cache is full.
@@ -328,11 +361,11 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
     window = kv.window if window is None else int(window)
     if policy not in POLICIES:
         raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
-    bits = None if kv_bits is None else parse_kv_bits(kv_bits)
+    bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
     if kv_bits is not None and bits is None:
         return ExactKVCache.from_budget(budget, a.num_layers, a.num_kv_heads, a.head_dim, sinks, policy)
     from tqedge.runtime.compressed_cache import CompressedKVCache
 
-    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl)
+    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl, layer_bits=layer_bits)
     return CompressedKVCache.from_budget(budget, keys, values, a.num_kv_heads, a.head_dim, sinks, window,
                                          policy, exact_prefill)

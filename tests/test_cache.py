@@ -278,3 +278,25 @@ def test_kv_presets_are_named_bit_pairs():
     assert sizes == sorted(sizes, reverse=True)
     with pytest.raises(TqedgeError, match="preset"):
         parse_kv_bits("huge")
+
+
+def test_kv_spec_with_per_layer_overrides():
+    from tqedge.runtime.cache import parse_kv_spec
+
+    assert parse_kv_spec("4,3") == ((4.0, 3.0), None)
+    assert parse_kv_spec("exact") == (None, None)
+    assert parse_kv_spec("k4v3+L1,2@K4V2+L0@k8v4") == ((4.0, 3.0), {"1": [4.0, 2.0], "2": [4.0, 2.0], "0": [8.0, 4.0]})
+    for bad in ("K4V3+L1@K4V2+L1@K8V4", "K4V3+L1@K9V2", "K4V3+L@K4V2"):
+        with pytest.raises(TqedgeError):
+            parse_kv_spec(bad)
+    m = _manifest()
+    spec = make_cache(m, "4MiB", kv_bits="K4V3+L1@K2V2")
+    uniform = make_cache(m, "4MiB", kv_bits="4,3")
+    low = make_cache(m, "4MiB", kv_bits="2,2")
+    # layer 1 stores exactly what a uniform K2V2 cache stores per token; the others K4V3's
+    assert spec.k_codes[1].shape[-1] == low.k_codes[1].shape[-1] < spec.k_codes[0].shape[-1]
+    assert spec.v_codes[0].shape[-1] == uniform.v_codes[0].shape[-1]
+    per = [c.bytes_per_token for c in (spec, uniform, low)]
+    assert per[0] == per[1] - (per[1] - per[2]) // L  # one of L layers at the low rate
+    with pytest.raises(TqedgeError, match="layer"):
+        make_cache(m, "4MiB", kv_bits=f"K4V3+L{L}@K2V2")

@@ -70,7 +70,8 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--dry-run",
                              "--llama-python", str(tmp_path / "missing" / "python")]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert [j["kv"] for j in plan["jobs"] if j["side"] == "llama"] == ["f16", "q8_0", "q4_0"]
+    assert [j["kv"] for j in plan["jobs"] if j["side"] == "llama" and j["phase"] == "ppl"] == ["f16", "q8_0", "q4_0"]
+    assert {j["phase"] for j in plan["jobs"]} == {"ppl", "speed"}
     assert any(j["side"] == "tqedge" and j["kv"] == "exact" for j in plan["jobs"])
     assert len(plan["problems"]) == 1 and "--llama-python" in plan["problems"][0]
     assert "llama_cpp" not in sys.modules  # nothing imported from llama.cpp at import time
@@ -78,3 +79,16 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     lp = -np.arange(12, dtype=float).reshape(4, 3)  # 4 positions, 3-token vocabulary
     total, half, n = vs_llamacpp.nll_stats(lp, [0, 1, 2, 0])
     assert total == 0 + 4 + 8 + 9 and half == 8 + 9 and n == 2
+    # speed ratios are against llama.cpp's fastest KV type at each context, per phase row merged
+    rows = vs_llamacpp.merge_rows([
+        {"side": "llama.cpp", "kv": "f16", "phase": "speed", "decode_tok_s": {"512": 40.0, "2048": 10.0},
+         "prefill_tok_s": {"512": 100.0, "2048": 80.0}, "peak_rss_mib": 300},
+        {"side": "llama.cpp", "kv": "q8_0", "phase": "speed", "decode_tok_s": {"512": 20.0, "2048": 20.0},
+         "prefill_tok_s": {"512": 50.0, "2048": 40.0}, "peak_rss_mib": 290},
+        {"side": "tqedge", "kv": "exact", "phase": "ppl", "ppl": 13.0, "peak_rss_mib": 700},
+        {"side": "tqedge", "kv": "exact", "phase": "speed", "decode_tok_s": {"512": 20.0, "2048": 30.0},
+         "prefill_tok_s": {"512": 100.0, "2048": 40.0}, "peak_rss_mib": 500}])
+    (q,) = vs_llamacpp.ratios(rows)
+    assert q["decode"] == {"512": 0.5, "2048": 1.5} and q["prefill"] == {"512": 1.0, "2048": 0.5}
+    tq = rows[-1]
+    assert tq["ppl"] == 13.0 and tq["peak_rss_mib_speed"] == 500 and tq["peak_rss_mib_ppl"] == 700

@@ -397,3 +397,25 @@ def test_cli_export_and_inspect(tmp_path):
     shutil.rmtree(out)
     r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--kv-bits", "9,9"])
     assert r.exit_code == 2 and "kv bits" in r.output and not out.exists()
+
+
+def test_export_records_per_layer_kv_bits(tmp_path):
+    """A per-layer spec lands in the manifest and the bundle's default cache follows it."""
+    from click.testing import CliRunner
+
+    from tqedge.cli import cli
+
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "layers.tqe"
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(out), "--kv-bits", "K4V3+L0@K2V2"])
+    assert r.exit_code == 0, r.output
+    model = tqedge.load(out)  # the tiny GGUF has one layer
+    assert (model.manifest.kv.key_bits, model.manifest.kv.layer_bits) == (4.0, {"0": [2.0, 2.0]})
+    cache = model.new_cache(kv_budget="1MiB")
+    low = model.new_cache(kv_bits="2,2", kv_budget="1MiB")
+    base = model.new_cache(kv_bits="4,3", kv_budget="1MiB")
+    assert cache.k_codes[0].shape == low.k_codes[0].shape != base.k_codes[0].shape
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "layers 0 at K2V2" in r.output, r.output
+    r = CliRunner().invoke(cli, ["export", str(src), "-o", str(tmp_path / "bad.tqe"), "--kv-bits", "K4V3+L99@K2V2"])
+    assert r.exit_code == 2 and "layer 99" in r.output and not (tmp_path / "bad.tqe").exists()
