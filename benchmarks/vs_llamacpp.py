@@ -230,9 +230,8 @@ def merge_rows(results: list[dict]) -> list[dict]:
     rows: dict = {}
     for r in results:
         row = rows.setdefault((r["side"], r["kv"]), {})
-        rss = r.pop("peak_rss_mib", None)
-        row.update({k: v for k, v in r.items() if k != "phase"})
-        row[f"peak_rss_mib_{r['phase']}"] = rss
+        row.update({k: v for k, v in r.items() if k not in ("phase", "peak_rss_mib")})
+        row[f"peak_rss_mib_{r['phase']}"] = r.get("peak_rss_mib")
     return list(rows.values())
 
 
@@ -316,7 +315,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{job['side']} {job['kv']} {job['phase']} failed:\n{res.stderr[-2000:]}")
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"done {job['side']} {job['kv']} {job['phase']}", file=sys.stderr)
-        rows = merge_rows([dict(r) for r in results])
+        rows = merge_rows(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows, "ratios": ratios(rows), "ctx": args.ctx,
                                         "windows": args.windows, "threads": args.threads}, indent=1))

@@ -98,9 +98,9 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     spec = load_source(src)
     if progress:
         progress("read", 1, 1)
-    bad = [k for k in (layer_bits or {}) if int(k) >= spec.arch.num_layers]
-    if bad:
-        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{spec.arch.num_layers - 1}")
+    from tqedge.runtime.cache import check_layer_bits
+
+    check_layer_bits(layer_bits, spec.arch.num_layers)
     log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
     n_seg = (spec.arch.num_layers + 1) * len(formats)
     done = [0]

@@ -291,6 +291,13 @@ def parse_kv_spec(kv_bits) -> tuple[tuple[float, float] | None, dict[str, list[f
     return base, layers or None
 
 
+def check_layer_bits(layer_bits: dict | None, num_layers: int) -> None:
+    """Refuse per-layer overrides naming a layer the model does not have."""
+    bad = [k for k in (layer_bits or {}) if not (str(k).isdigit() and int(k) < num_layers)]
+    if bad:
+        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{num_layers - 1}")
+
+
 def layer_seed(seed: int, layer: int, kind: str) -> int:
     """Deterministic codec seed of one layer's keys (``kind="k"``) or values (``"v"``)."""
     return int(np.random.SeedSequence([seed, layer, 0 if kind == "k" else 1]).generate_state(1)[0])
@@ -320,9 +327,7 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
     qjl = kv.qjl if qjl is None else qjl
     seed = kv.seed if seed is None else seed
     overrides = layer_bits if layer_bits is not None else (kv.layer_bits or {}) if bits is None else {}
-    bad = [k for k in overrides if not (k.isdigit() and int(k) < num_layers)]
-    if bad:
-        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{num_layers - 1}")
+    check_layer_bits(overrides, num_layers)
     keys, values = [], []
     for layer in range(num_layers):
         kb, vb = overrides.get(str(layer), bits or (kv.key_bits, kv.value_bits))

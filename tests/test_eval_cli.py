@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -15,6 +16,15 @@ from tqedge.cli import cli
 ROOT = Path(__file__).resolve().parents[1]
 PPL_FIELDS = {"ppl", "ppl_exact", "delta_pct", "kl", "top1_agree", "tokens", "kv_bits", "bytes_per_token",
               "ppl_last_quarter"}
+
+
+def _bench(name: str):
+    """Import benchmarks/<name>.py (a script directory, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def test_eval_ppl_json(smollm2_bundle, wikitext, tmp_path):
@@ -42,11 +52,7 @@ def test_eval_errors(smollm2_bundle, tmp_path):
 
 def test_quality_smoke(smollm2_bundle, tmp_path):
     """The study's CI smoke run: exact ≤ K4V4 ≤ K2V2 (NLL within noise, KL strictly), JSON fields."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import quality
-    finally:
-        sys.path.pop(0)
+    quality = _bench("quality")
     out = tmp_path / "q.json"
     assert quality.main(["--smoke", "--bundle", str(smollm2_bundle), "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
@@ -60,11 +66,7 @@ def test_quality_smoke(smollm2_bundle, tmp_path):
 
 def test_vs_llamacpp_dry_run(tmp_path, capsys):
     """The llama.cpp comparison is runnable without llama-cpp-python: --dry-run checks inputs."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import vs_llamacpp
-    finally:
-        sys.path.pop(0)
+    vs_llamacpp = _bench("vs_llamacpp")
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--dry-run",
@@ -92,3 +94,17 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     assert q["decode"] == {"512": 0.5, "2048": 1.5} and q["prefill"] == {"512": 1.0, "2048": 0.5}
     tq = rows[-1]
     assert tq["ppl"] == 13.0 and tq["peak_rss_mib_speed"] == 500 and tq["peak_rss_mib_ppl"] == 700
+
+
+def test_layer_allocation_lowers_the_cheapest_layers():
+    """allocate: fewest lowered layers that meet the byte target, cheapest KL cost first."""
+    layer_bits = _bench("layer_bits")
+    kl = {0: 0.5, 1: 0.1, 2: 0.9, 3: 0.2}  # per-layer KL when lowered; base KL 0.05
+    rows = [{"config": "K4V3", "kl": 0.05, "bytes_per_token": 400, "settings": {}}]
+    rows += [{"config": f"K4V3+L{i}@K4V2", "kl": 0.05 + c, "bytes_per_token": 376,
+              "settings": {"layer_bits": {str(i): [4.0, 2.0]}}} for i, c in kl.items()]
+    got = layer_bits.allocate([{"results": rows}], max_bytes=360)  # needs 40 bytes: two layers of 24
+    assert got["lowered"] == [1, 3] and got["bytes_per_token"] == 352
+    assert got["config"] == "K4V3+L1,3@K4V2" and abs(got["predicted_kl_cost"] - 0.3) < 1e-12
+    assert layer_bits.allocate([{"results": rows}], max_bytes=400)["config"] == "K4V3"
+    assert [c.name for c in layer_bits.sweep_configs("4,3", "4,2", 2)] == ["K4V3", "K4V3+L0@K4V2", "K4V3+L1@K4V2"]
