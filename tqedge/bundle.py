@@ -21,7 +21,7 @@ from tqedge.errors import TqedgeError
 from tqedge.files import atomic_write_bytes, sha256_file
 
 FORMAT = "tqedge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: native-op graph, sliding-window layers (Gemma 3), nf4 weights, dropped layers
 MANIFEST = "manifest.json"
 
 # Segment protocol (docs/FORMAT.md): names of the graph-level tensors.
