@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 _CANDIDATES = [
     os.environ.get("TQEDGE_SMOLLM2", ""),
     str(ROOT / "models"),
@@ -62,7 +61,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def wikitext() -> str:
-    p = DATA / "wikitext2-valid.txt"
-    if not p.exists():
-        pytest.skip("../shared/data/wikitext2-valid.txt not found")
-    return p.read_text(encoding="utf-8")
+    """The WikiText-2 excerpt shipped in the package (tqedge/data, licence notes there)."""
+    from tqedge.data import read_text
+
+    return read_text("wikitext2")
