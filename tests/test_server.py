@@ -104,7 +104,7 @@ def test_chat_json_and_stream_match_direct_generation(lm):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
         # the same prompt again reuses the conversation: all but the last prompt token are cached
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens == n_prompt - 1
-        assert [m.id for m in c.models.list()] == ["tiny"]
+        assert [m.id for m in c.models.list()] == ["tiny", "default"]  # the bundle name and the alias
         assert httpx.get(base + "/health").json()["status"] == "ok"
         st = httpx.get(base + "/v1/stats").json()
         assert st["requests"]["completed"] == 2 and st["tokens_generated"] >= 2
@@ -297,3 +297,27 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(lm):
         assert st["requests"]["cancelled"] == 1 and st["tokens_generated"] < 500
         r = httpx.post(base + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 3}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+class Broken(Gated):
+    """TinyLM whose tokenizer call fails on "boom": an unexpected server-side error."""
+
+    def encode(self, text, **kw):
+        if "boom" in text:
+            raise RuntimeError("boom")
+        return self.lm.encode(text, **kw)
+
+
+def test_unexpected_error_is_a_logged_500_that_keeps_the_connection(lm, caplog):
+    model = Broken(lm)
+    model.gate.set()
+    with serve(model, **CFG) as (base, app), httpx.Client(base_url=base, timeout=30) as c, \
+            caplog.at_level("ERROR", logger="tqedge"):
+        bad = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "boom"}]})
+        assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+        good = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert good.status_code == 200
+        port = [r.extensions["network_stream"].get_extra_info("client_addr")[1] for r in (bad, good)]
+        assert port[0] == port[1]  # the same keep-alive connection
+    errors = [r for r in caplog.records if "unhandled error" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].exc_info[0] is RuntimeError

@@ -49,11 +49,17 @@ def test_serve_cli_restores_an_evicted_conversation_like_the_python_api(bundle, 
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         c = openai.OpenAI(base_url=base + "/v1", api_key="k3y", max_retries=0, timeout=60)
+        names = [m.id for m in c.models.list()]  # the bundle's name, then its folder stem and "default"
+        assert names == list(dict.fromkeys([tqedge.load(bundle, verify="size").manifest.name, "tiny", "default"]))
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="x", messages=[{"role": "user", "content": A1}], **GREEDY)
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
         a = [{"role": "user", "content": A1}]
-        r1 = c.chat.completions.create(model="x", messages=a, **GREEDY)
-        c.chat.completions.create(model="x", messages=[{"role": "user", "content": B1}], **GREEDY)  # evicts A
+        r1 = c.chat.completions.create(model="tiny", messages=a, **GREEDY)
+        assert r1.model == names[0]
+        c.chat.completions.create(model="default", messages=[{"role": "user", "content": B1}], **GREEDY)  # evicts A
         a += [{"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": A2}]
-        r2 = c.chat.completions.create(model="x", messages=a, **GREEDY)
+        r2 = c.chat.completions.create(model=names[0], messages=a, **GREEDY)
         st = httpx.get(base + "/v1/stats", headers={"Authorization": "Bearer k3y"}).json()
         assert st["sessions"]["restored"] == 1 and st["sessions"]["evicted"] == 2
         assert r2.usage.prompt_tokens_details.cached_tokens > 0

@@ -5,7 +5,9 @@ Routes: ``POST /v1/chat/completions`` (JSON or SSE stream), ``GET /v1/models``,
 :class:`~tqedge.runtime.server.engine.Engine` worker thread; handlers only validate, enqueue and
 relay events, so the event loop stays responsive. Errors are OpenAI-shaped
 ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad request), 401 (key),
-404/405, 413 (body too large), 429 (queue full, with ``Retry-After``) or 500.
+404 (route, or ``model_not_found``), 405, 413 (body too large), 429 (queue full, with
+``Retry-After``) or 500; an unexpected error is logged once and answered with a 500 without
+closing the client's keep-alive connection.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -68,6 +71,42 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
+class CatchAllMiddleware:
+    """Answer an unhandled error with an OpenAI-shaped 500 and log it once. Unlike Starlette's
+    ServerErrorMiddleware this does not re-raise, so uvicorn keeps the connection open; an error
+    after the response started (mid-stream) still propagates and closes it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if started:
+                raise
+            await _error_response(S.APIError(500, "internal server error", "server_error"))(scope, receive, send)
+
+
+def model_names(model, model_id: str | None = None) -> list[str]:
+    """The names a request's ``model`` may use: the id (``model_id`` or the bundle's name), the
+    bundle folder's stem (``smol`` for ``smol.tqe``) and :data:`~schema.DEFAULT_MODEL`."""
+    path = getattr(model, "path", None)
+    names = [model_id or model.manifest.name, Path(path).stem if path else None, S.DEFAULT_MODEL]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def _error_response(e: S.APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
@@ -81,7 +120,8 @@ class ChatAPI:
 
     def __init__(self, model, engine: Engine, sessions: SessionManager, config: ServerConfig):
         self.model, self.engine, self.sessions, self.cfg = model, engine, sessions, config
-        self.model_id = config.model_id or model.manifest.name
+        self.names = model_names(model, config.model_id)
+        self.model_id = self.names[0]
         self.created = int(time.time())
 
     # -- helpers ----------------------------------------------------------------------------
@@ -94,10 +134,7 @@ class ChatAPI:
             data += part
             if len(data) > self.cfg.max_body_bytes:
                 raise S.APIError(413, f"request body over {self.cfg.max_body_bytes} bytes", code="request_too_large")
-        try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise S.bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+        return S.decode_json(bytes(data))
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
         try:
@@ -130,7 +167,9 @@ class ChatAPI:
 
     # -- routes -----------------------------------------------------------------------------
     async def chat_completions(self, request: Request):
-        req = S.parse_chat_request(await self._body(request), self.cfg.max_tokens_limit,
+        body = await self._body(request)
+        S.check_model(body, self.names)
+        req = S.parse_chat_request(body, self.cfg.max_tokens_limit,
                                    int(self.model.manifest.generation.max_tokens))
         ids = self._prompt_ids(req.messages)
         job, queue = self._job(ids, req.sampling)
@@ -184,7 +223,7 @@ class ChatAPI:
 
     async def models(self, request: Request):
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "tqedge"}]})
+            {"id": name, "object": "model", "created": self.created, "owned_by": "tqedge"} for name in self.names]})
 
     async def health(self, request: Request):
         return JSONResponse({"status": "ok", "model": self.model_id})
@@ -232,16 +271,13 @@ def create_app(model, config: ServerConfig | None = None) -> Starlette:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(S.APIError(exc.status_code, str(exc.detail), kind))
 
-    async def server_error(request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return _error_response(S.APIError(500, "internal server error", "server_error"))
-
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/v1/stats", api.stats, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={S.APIError: api_error, HTTPException: http_error, Exception: server_error})
+                    exception_handlers={S.APIError: api_error, HTTPException: http_error})
     app.state.engine, app.state.sessions, app.state.config = engine, sessions, cfg
     app.add_middleware(AuthMiddleware, api_key=cfg.api_key)
+    app.add_middleware(CatchAllMiddleware)  # added last = outermost: also covers the auth check
     return app

@@ -7,6 +7,7 @@ OpenAI-style error body, so a client never gets a reply computed differently fro
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ _NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logpro
             "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
             "parallel_tool_calls": (False, True), "functions": ([],)}
 _IGNORED = {"model", "user", "metadata", "store", "service_tier", "stream_options", "reasoning_effort"}
+MAX_DEPTH = 64  # JSON nesting accepted in a request body (a chat request needs about 5)
+DEFAULT_MODEL = "default"  # the model alias every server answers to (besides the bundle's names)
 
 
 class APIError(Exception):
@@ -47,6 +50,54 @@ class APIError(Exception):
 def bad(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     """A 400 invalid_request_error naming ``param``."""
     return APIError(400, message, "invalid_request_error", param, code)
+
+
+def decode_json(data: bytes):
+    """Parse a request body: JSON text nested at most :data:`MAX_DEPTH` deep whose strings are
+    valid Unicode (no lone UTF-16 surrogates such as ``"\\ud800"``, which no tokenizer or UTF-8
+    encoder accepts).
+
+    Raises:
+        APIError: 400 ``invalid_json`` naming the problem.
+    """
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over 4300 digits
+        raise bad(f"the request body is not valid JSON ({e})", code="invalid_json") from None
+    stack = [(obj, 0)]
+    while stack:  # iterative: a deep body must not recurse here either
+        o, depth = stack.pop()
+        if isinstance(o, str):
+            if not o.isascii():
+                try:
+                    o.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise bad(f"the request body has a string with a lone UTF-16 surrogate "
+                              f"({o[e.start]!r}), which is not valid Unicode", code="invalid_json") from None
+        elif isinstance(o, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise bad(f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_json")
+            items = [*o.keys(), *o.values()] if isinstance(o, dict) else o
+            stack.extend((x, depth + 1) for x in items)
+    return obj
+
+
+def check_model(body, names: list[str]) -> None:
+    """``model``, when given, must be one of ``names`` (the OpenAI API answers others with 404).
+
+    Raises:
+        APIError: 400 when ``model`` is not a string, 404 ``model_not_found`` for another name.
+    """
+    if not isinstance(body, dict) or body.get("model") is None:
+        return
+    name = body["model"]
+    if not isinstance(name, str):
+        raise bad("model must be a string", "model")
+    if name not in names:
+        raise APIError(404, f"the model {name!r} does not exist on this server (it serves {', '.join(names)})",
+                       "invalid_request_error", "model", "model_not_found")
 
 
 @dataclass
@@ -122,7 +173,7 @@ def parse_chat_request(body, max_tokens_limit: int, default_max_tokens: int) -> 
     """
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    if "model" in body and not isinstance(body["model"], str):
+    if body.get("model") is not None and not isinstance(body["model"], str):
         raise bad("model must be a string", "model")
     n = body.get("n")
     if n is not None and n != 1:
