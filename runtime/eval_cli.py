@@ -3,6 +3,8 @@
     tqedge eval ppl smollm2.tqe --text wikitext2-valid.txt --ctx 2048 --windows 16 --kv-bits 4,3
     tqedge eval needle smollm2.tqe --ctx 1K,2K,4K,8K --depths 0,0.25,0.5,0.75,1 --haystack wiki.txt
 
+Without ``--text`` / ``--haystack`` both read the WikiText-2 excerpt shipped in ``tqedge.data``.
+
 Both build the cache from the same KV options (``--kv-bits``, ``--window``, ``--sinks``,
 ``--qjl/--no-qjl``, ``--norm``, ``--rotation``, ``--kv-budget``); ``--json`` prints one JSON
 object instead of the table. Progress goes to stderr.
@@ -87,8 +89,8 @@ def eval_group() -> None:
 
 @eval_group.command("ppl")
 @_apply(COMMON)
-@click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Evaluation text (UTF-8), e.g. wikitext2-valid.txt.")
+@click.option("--text", "text_file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Evaluation text (UTF-8) [default: the WikiText-2 excerpt shipped with tqedge].")
 @click.option("--ctx", type=int, default=2048, show_default=True, help="Tokens per window.")
 @click.option("--windows", type=int, default=None, help="Non-overlapping windows to score (default: all).")
 @click.option("--chunk", type=int, default=512, show_default=True, help="Tokens per forward call.")
@@ -97,6 +99,7 @@ def ppl_cmd(bundle, threads, as_json, text_file, ctx, windows, chunk, **kw):
     """Perplexity with the chosen KV cache, its delta, KL and top-1 agreement vs the exact cache."""
     from tqedge.runtime.eval_ppl import evaluate, text_windows, work_tokens
 
+    text_file = text_file or default_text()
     cfg = _config(kw)
     model = _load(bundle, threads)
     wins = text_windows(model, text_file.read_text(encoding="utf-8"), ctx, windows)
@@ -119,7 +122,7 @@ def ppl_cmd(bundle, threads, as_json, text_file, ctx, windows, chunk, **kw):
 @click.option("--ctx", "contexts", default="1K,2K,4K,8K", show_default=True, help="Prompt lengths in tokens.")
 @click.option("--depths", default="0,0.25,0.5,0.75,1", show_default=True, help="Needle depths in [0, 1].")
 @click.option("--haystack", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Filler text (default: ../shared/data/wikitext2-valid.txt next to the repo, if present).")
+              help="Filler text (UTF-8) [default: the WikiText-2 excerpt shipped with tqedge].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the needle values.")
 @_apply(KV_EVAL_OPTIONS)
 def needle_cmd(bundle, threads, as_json, contexts, depths, haystack, seed, **kw):
@@ -127,7 +130,7 @@ def needle_cmd(bundle, threads, as_json, contexts, depths, haystack, seed, **kw)
     from tqedge.runtime.eval_needle import format_grid, run_needle
 
     ctxs, ds = parse_tokens(contexts), parse_depths(depths)
-    haystack = haystack or _default_haystack()
+    haystack = haystack or default_text()
     cfg = _config(kw)
     model = _load(bundle, threads)
     with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
@@ -139,9 +142,8 @@ def needle_cmd(bundle, threads, as_json, contexts, depths, haystack, seed, **kw)
         click.echo(format_grid(r))
 
 
-def _default_haystack() -> Path:
-    here = Path(__file__).resolve().parents[1]
-    p = here.parent / "shared" / "data" / "wikitext2-valid.txt"
-    if not p.exists():
-        raise TqedgeError("no --haystack given and ../shared/data/wikitext2-valid.txt not found")
-    return p
+def default_text() -> Path:
+    """The text ``eval ppl`` / ``eval needle`` use without ``--text`` / ``--haystack``."""
+    from tqedge.data import text_path
+
+    return text_path()

@@ -8,7 +8,7 @@
 * ``tiny_tokenizer`` — a byte-level BPE trained here on a small corpus (small vocab, so emoji
   and CJK characters are split across several tokens).
 * ``smollm2_tokenizer`` — SmolLM2's tokenizer and chat template via ``transformers`` (GGUF).
-* ``smollm2_bundle`` — SmolLM2 exported once per session (skips while no exporter exists).
+* ``smollm2_bundle`` — SmolLM2 exported once per session.
 """
 
 from __future__ import annotations
@@ -167,11 +167,8 @@ def smollm2_tokenizer(smollm2_gguf):
 
 @pytest.fixture(scope="session")
 def smollm2_bundle(smollm2_gguf, tmp_path_factory):
-    """A SmolLM2 bundle exported once per test session (skips while the exporter is missing)."""
-    try:
-        from tqedge.exporters.export import export
-    except ImportError as e:
-        pytest.skip(f"exporter not available yet ({e})")
+    """A SmolLM2 bundle exported once per test session."""
+    from tqedge.exporters.export import export
 
     def make():
         out = tmp_path_factory.mktemp("bundles") / "smollm2.tqe"

