@@ -77,3 +77,14 @@ def test_the_shipped_allow_list(reason, allowed):
     from conftest import allowed_skips
 
     assert any(p.search(reason) for p in allowed_skips()) == allowed
+
+
+def test_ci_runs_the_readme_test_command_and_prints_skip_reasons():
+    root = HERE.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
+    assert "python -m pytest" in block and block in (root / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    import tomllib
+
+    addopts = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["addopts"]
+    assert "-ra" in addopts.split() or "-rs" in addopts.split()
