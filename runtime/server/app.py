@@ -93,9 +93,9 @@ class CatchAllMiddleware:
         try:
             await self.app(scope, receive, send_)
         except Exception:
-            log.exception("unhandled error on %s", scope.get("path"))
             if started:
-                raise
+                raise  # mid-response: uvicorn logs it and closes the connection
+            log.exception("unhandled error on %s", scope.get("path"))
             await _error_response(S.APIError(500, "internal server error", "server_error"))(scope, receive, send)
 
 
