@@ -170,6 +170,8 @@ def test_raw_bad_requests_are_4xx_and_keep_the_connection(server):
         for method, path, status in [("GET", URL, 405), ("POST", "/v1/models", 405), ("GET", "/v1/nothing", 404),
                                      ("DELETE", "/health", 405)]:
             assert_openai_error(c.request(method, base + path), status)
+        assert_openai_error(c.get("/v1/models/gpt-4o"), 404, "model")
+        assert c.get("/v1/models/default").json()["id"] == "default"
     assert "Traceback" not in log.read_text()
 
 

@@ -105,6 +105,13 @@ def test_chat_json_and_stream_match_direct_generation(lm):
         # the same prompt again reuses the conversation: all but the last prompt token are cached
         assert chunks[-1].usage.prompt_tokens_details.cached_tokens == n_prompt - 1
         assert [m.id for m in c.models.list()] == ["tiny", "default"]  # the bundle name and the alias
+        assert c.models.retrieve("default").id == "default"
+        with pytest.raises(openai.NotFoundError) as e:
+            c.models.retrieve("gpt-4o")
+        assert e.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.NotFoundError) as e:
+            c.chat.completions.create(model="tiny2", messages=msgs, max_tokens=2)
+        assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
         assert httpx.get(base + "/health").json()["status"] == "ok"
         st = httpx.get(base + "/v1/stats").json()
         assert st["requests"]["completed"] == 2 and st["tokens_generated"] >= 2

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API over one model (Starlette; run with uvicorn).
 
-Routes: ``POST /v1/chat/completions`` (JSON or SSE stream), ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions`` (JSON or SSE stream), ``GET /v1/models[/{name}]``,
 ``GET /health`` (never needs a key), ``GET /v1/stats``. Generation runs in the
 :class:`~tqedge.runtime.server.engine.Engine` worker thread; handlers only validate, enqueue and
 relay events, so the event loop stays responsive. Errors are OpenAI-shaped
@@ -221,9 +221,16 @@ class ChatAPI:
         finally:
             job.cancel()  # the client went away (or we are done): stop generating, free the slot
 
+    def _model(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tqedge"}
+
     async def models(self, request: Request):
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": self.created, "owned_by": "tqedge"} for name in self.names]})
+        return JSONResponse({"object": "list", "data": [self._model(name) for name in self.names]})
+
+    async def model_info(self, request: Request):
+        name = request.path_params["name"]
+        S.check_model({"model": name}, self.names)
+        return JSONResponse(self._model(name))
 
     async def health(self, request: Request):
         return JSONResponse({"status": "ok", "model": self.model_id})
@@ -273,6 +280,7 @@ def create_app(model, config: ServerConfig | None = None) -> Starlette:
 
     routes = [Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
               Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{name:path}", api.model_info, methods=["GET"]),
               Route("/v1/stats", api.stats, methods=["GET"]),
               Route("/health", api.health, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
