@@ -9,6 +9,8 @@
   and CJK characters are split across several tokens).
 * ``smollm2_tokenizer`` — SmolLM2's tokenizer and chat template via ``transformers`` (GGUF).
 * ``smollm2_bundle`` — SmolLM2 exported once per session.
+* ``tiny_bundle`` — a tiny random Llama (tests/test_export.py) exported to ``tiny.tqe`` once per
+  session; read-only (the server tests share it).
 """
 
 from __future__ import annotations
@@ -176,6 +178,20 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory):
         return out
 
     return _once(("bundle", str(smollm2_gguf)), make)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """A tiny random Llama exported once per session to ``<tmp>/tiny.tqe`` (do not modify it)."""
+    import tqedge
+    from test_export import build_tiny_hf
+
+    def make():
+        d = tmp_path_factory.mktemp("tiny_bundle")
+        tqedge.export(build_tiny_hf(d / "hf"), d / "tiny.tqe")
+        return d / "tiny.tqe"
+
+    return _once("tiny_bundle", make)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import tqedge
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-from test_export import build_tiny_hf  # noqa: E402
+from _bundles import tiny_bundle  # noqa: E402, F401  (fixture)
 from test_server import free_port  # noqa: E402
 
 MiB = 1 << 20
@@ -109,13 +109,10 @@ def assert_openai_error(r: httpx.Response, status: int, param=...):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tiny_bundle, tmp_path_factory):
     """``tqedge serve`` on an exported tiny bundle; yields (base URL, log path, bundle); on exit
     stops it with SIGINT and checks it shut down cleanly."""
-    d = tmp_path_factory.mktemp("fuzz")
-    bundle = d / "tiny.tqe"
-    tqedge.export(build_tiny_hf(d / "hf"), bundle)
-    port, log = free_port(), d / "server.log"
+    bundle, port, log = tiny_bundle, free_port(), tmp_path_factory.mktemp("fuzz") / "server.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "tqedge.cli", "serve", str(bundle), "--port", str(port),
                                  "--kv-budget", "1MiB", "--max-sessions", "1", "--kv-bits", "4,3", "--threads", "1"],

@@ -16,18 +16,11 @@ import tqedge
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-from test_export import build_tiny_hf  # noqa: E402
+from _bundles import tiny_bundle as bundle  # noqa: E402, F401  (fixture)
 from test_server import free_port  # noqa: E402
 
 A1, A2, B1 = "hello world the cat ", " the dog sat on a mat", "a dog ran"  # the template only concatenates
 GREEDY = dict(temperature=0, max_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    tqedge.export(build_tiny_hf(d / "hf"), d / "tiny.tqe")
-    return d / "tiny.tqe"
 
 
 def test_serve_cli_restores_an_evicted_conversation_like_the_python_api(bundle, tmp_path):
