@@ -102,12 +102,17 @@ def _skip_reason(report) -> str:
 
 
 _SKIPS: list[tuple[str, str, bool]] = []  # (node id, reason, allowed)
+_ALLOWED: list[re.Pattern] = []
+
+
+def pytest_configure(config):
+    _ALLOWED[:] = allowed_skips()  # a malformed allow-list is a usage error before any test runs
 
 
 def _note_skip(report):
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = _skip_reason(report).removeprefix("Skipped: ")
-        _SKIPS.append((report.nodeid, reason, any(p.search(reason) for p in allowed_skips())))
+        _SKIPS.append((report.nodeid, reason, any(p.search(reason) for p in _ALLOWED)))
 
 
 def pytest_runtest_logreport(report):
