@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pytest
 
+from tqedge.codec import kernels_numba as knb  # numba is a base dependency: no skip without it
 from tqedge.codec import kernels_numpy as knp
 from tqedge.codec.quantizer import CodecConfig, TurboQuant
-
-knb = pytest.importorskip("tqedge.codec.kernels_numba")
 
 CONFIGS = [
     dict(dim=64, bits=1), dict(dim=64, bits=2), dict(dim=64, bits=3), dict(dim=64, bits=4),
