@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -224,7 +225,8 @@ def ray_serve(bundle, store, port):
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120)
 
 
 @pytest.mark.slow
