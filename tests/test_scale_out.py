@@ -253,3 +253,14 @@ def test_ray_replicas_kill_the_warm_one_between_turns(smollm2_bundle, smollm2_mo
     assert replies == [r for r, _ in ref]
     assert served[1][0] != served[0][0]  # turn 2 answered by the other replica …
     assert served[1][1] == cached(ref[1][1]) > 0  # … from the stored state, not recomputed
+
+
+def test_app_builder_refuses_unknown_options():
+    from tqedge.errors import TqedgeError
+    from tqedge.runtime.server.ray_app import app_builder
+
+    pytest.importorskip("ray")
+    with pytest.raises(TqedgeError, match="needs args.bundle"):
+        app_builder({"replicas": 2})
+    with pytest.raises(TqedgeError, match="unknown server option.*kv_budgett"):
+        app_builder({"bundle": "x.tqe", "kv_budgett": "1MiB"})

@@ -201,6 +201,31 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
     return Router.bind(Replica.bind())
 
 
+def app_builder(args: dict):
+    """Application builder for ``serve run`` / KubeRay ``serveConfigV2`` (``import_path:
+    tqedge.runtime.server.ray_app:app_builder``): ``args`` = ``bundle``, optional ``replicas``,
+    ``max_replicas``, ``threads``, ``backend``, and any :class:`ServerConfig` field (``store``,
+    ``kv_budget``, ``max_sessions``, …)."""
+    from dataclasses import fields
+
+    from tqedge.runtime.server.app import ServerConfig
+
+    args = dict(args)
+    own = {k: args.pop(k) for k in ("replicas", "max_replicas", "threads", "backend") if k in args}
+    bundle = args.pop("bundle", None)
+    if not bundle:
+        raise TqedgeError("app_builder needs args.bundle (the bundle directory)")
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise TqedgeError(f"unknown server option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    def num(k):
+        return None if own.get(k) is None else int(own[k])
+
+    return build_app(bundle, asdict(ServerConfig(**args)), num("replicas") or 1, num("max_replicas"),
+                     num("threads"), own.get("backend"))
+
+
 def run(bundle: str, config, host: str, port: int, replicas: int, max_replicas: int | None,
         threads: int | None, backend: str | None, ray_address: str | None) -> None:
     """Start (or join) Ray, deploy the app on ``host:port`` and block until interrupted."""
