@@ -51,6 +51,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1 << 20
     model_id: str | None = None
+    store: str | None = None  # redis://HOST:PORT: write-through conversation state shared by replicas
 
 
 class AuthMiddleware:
@@ -236,7 +237,9 @@ class ChatAPI:
         return JSONResponse({"status": "ok", "model": self.model_id})
 
     async def stats(self, request: Request):
-        return JSONResponse({"model": self.model_id, "sessions": self.sessions.snapshot(), **self.engine.stats()})
+        store = self.sessions.store
+        extra = {"store": dict(store.counters)} if store is not None else {}
+        return JSONResponse({"model": self.model_id, "sessions": self.sessions.snapshot(), **self.engine.stats(), **extra})
 
 
 def create_app(model, config: ServerConfig | None = None) -> Starlette:
@@ -256,7 +259,7 @@ def create_app(model, config: ServerConfig | None = None) -> Starlette:
 
     cfg = config or ServerConfig()
     sessions = SessionManager(model, cfg.kv_budget, cfg.max_sessions, cfg.session_budget, cfg.kv_bits,
-                              cfg.session_dir)
+                              cfg.session_dir, store=cfg.store)
     engine = Engine(model, sessions, cfg.max_queue)
     api = ChatAPI(model, engine, sessions, cfg)
 

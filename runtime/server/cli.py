@@ -36,8 +36,15 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
 @click.option("--backend", default=None, help="onnx or tflite [default: the first the bundle has].")
+@click.option("--store", default=None, help="redis://HOST:PORT: write each turn's compressed KV through to "
+              "Redis so any replica continues any conversation (docs/SCALE.md).")
+@click.option("--replicas", default=None, type=click.IntRange(1, 1024),
+              help="Run N replicas behind one endpoint on Ray Serve (the 'scale' extra).")
+@click.option("--max-replicas", default=None, type=click.IntRange(1, 1024),
+              help="With --replicas: autoscale up to this many on ongoing requests.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster [default: start a local Ray].")
 def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bits, session_dir, api_key,
-              max_queue, max_tokens_limit, max_body, threads, backend):
+              max_queue, max_tokens_limit, max_body, threads, backend, store, replicas, max_replicas, ray_address):
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
     /v1/stats, /health)."""
     import uvicorn
@@ -48,10 +55,22 @@ def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bi
 
     if not _is_loopback(host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
-    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+    if store:
+        from tqedge.runtime.server.store import check_url
+
+        check_url(store)
     cfg = ServerConfig(kv_budget=kv_budget, session_budget=session_budget, max_sessions=max_sessions,
                        kv_bits=kv_bits, session_dir=session_dir, api_key=api_key, max_queue=max_queue,
-                       max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body))
+                       max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body), store=store)
+    if replicas or max_replicas or ray_address:
+        from tqedge.runtime.server import ray_app
+
+        n = replicas or 1
+        click.echo(f"tqedge serve: http://{host}:{port}/v1  ({n}{f'..{max_replicas}' if max_replicas else ''} "
+                   f"replicas on Ray Serve, store {store or 'none'})", err=True)
+        ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend, ray_address)
+        return
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
     app = create_app(model, cfg)
     click.echo(f"tqedge serve: http://{host}:{port}/v1  ({app.state.sessions.slots} conversations, "
                f"{kv_budget} KV)", err=True)

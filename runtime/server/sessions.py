@@ -7,6 +7,11 @@ token ids start with the ids of that conversation's previous prompt: the convers
 is reused, trimmed back to the common prefix if the reply re-tokenized differently, and only
 the new tokens are prefilled.
 
+With a shared store (:mod:`tqedge.runtime.server.store`, Redis), every finished turn is also
+written through as a compressed blob, and a request that extends a conversation held by
+another replica (or by a replica that died) is continued from the longest stored prefix
+instead of recomputed.
+
 When a new conversation needs a cache and all are taken, the least recently used idle one is
 written to disk in compressed form (:mod:`tqedge.runtime.session_file`: the TurboQuant codes
 as stored) and its cache handed over. When that conversation comes back, its file is loaded
@@ -91,10 +96,11 @@ class SessionManager:
         kv_bits: cache bits ("4,3", "exact", None = the bundle default).
         session_dir: folder for evicted conversations (default: a temp folder, removed on close).
         max_disk_sessions: evicted conversations kept on disk; the oldest files are deleted.
+        store: a shared store URL (``redis://host:port``) for write-through conversation state.
     """
 
     def __init__(self, model, kv_budget="256MiB", max_sessions: int = 4, session_budget=None,
-                 kv_bits=None, session_dir=None, max_disk_sessions: int = 256):
+                 kv_bits=None, session_dir=None, max_disk_sessions: int = 256, store: str | None = None):
         self.model = model
         self.budget = parse_bytes(kv_budget)
         if max_sessions < 1:
@@ -116,8 +122,13 @@ class SessionManager:
         self.dir = Path(tempfile.mkdtemp(prefix="tqedge-sessions-") if session_dir is None else session_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_disk = max_disk_sessions
-        self.counters = dict(evicted=0, restored=0, discarded=0, reused=0, new=0)
+        self.counters = dict(evicted=0, restored=0, discarded=0, reused=0, new=0, from_store=0)
         self.lock = threading.RLock()
+        self.store = None
+        if store:
+            from tqedge.runtime.server.store import RedisStore
+
+            self.store = RedisStore(store, self.fingerprint)
         if not self._own_dir:
             self._index_dir()
 
@@ -141,6 +152,10 @@ class SessionManager:
             n = -1 if s.busy else s.match(ids)
             if n > best_n:
                 best, best_n = s, n
+        if self.store is not None:
+            got = self._from_store(ids, best_n)
+            if got is not None:
+                return got
         if best is None or best_n < 0:
             return self._start(ids)
         restored = False
@@ -164,6 +179,11 @@ class SessionManager:
             session.busy, session.last_used = False, time.monotonic()
             if session.sid in self.active:
                 self.active.move_to_end(session.sid)
+            if self.store is not None and session.cache is not None:
+                cache = session.cache
+                held = session.ids[: cache.offset]
+                meta = {"server": {"prompt_len": prompt_len, "ids": [int(i) for i in session.ids]}}
+                self.store.put(held, SF.encode_session(self.fingerprint, cache, meta))
 
     def drop(self, session: Session) -> None:
         """Forget ``session`` (after a failed generation); its cache becomes free."""
@@ -191,6 +211,8 @@ class SessionManager:
     def close(self) -> None:
         """Shut down: idle conversations go to a ``session_dir`` the user gave (so a restarted
         server picks them up); a temp folder the manager created is removed."""
+        if self.store is not None:
+            self.store.close()
         with self.lock:
             if self._own_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
@@ -216,6 +238,34 @@ class SessionManager:
             log.info("found %d saved conversations in %s", len(self.on_disk), self.dir)
 
     # -- internals --------------------------------------------------------------------------
+    def _from_store(self, ids: list[int], local_n: int) -> Acquired | None:
+        """Continue ``ids`` from the shared store when it holds a longer prefix than any local
+        conversation (``local_n``); a blob that does not verify is refused and logged."""
+        hit = self.store.longest_prefix(ids)
+        if hit is None or hit[0] <= local_n:
+            return None
+        n, blob = hit
+        cache = self._take_cache()
+        if cache is None:
+            return None
+        try:
+            data = SF.decode_session(blob, where="stored conversation")
+            SF.restore_cache(cache, data, self.model.manifest, where="stored conversation")
+            saved = data.meta.get("server") or {}
+            s_ids, prompt_len = [int(i) for i in saved.get("ids", [])], int(saved.get("prompt_len", 0))
+            if s_ids[:n] != list(ids[:n]) or cache.offset != n:
+                raise TqedgeError("stored conversation: holds other tokens than its key says")
+        except (TqedgeError, ValueError, TypeError) as e:
+            log.warning("%s; recomputing the conversation", e)
+            self.counters["discarded"] += 1
+            cache.reset()
+            self.free.append(cache)
+            return None
+        s = Session(uuid.uuid4().hex, s_ids, prompt_len, cache=cache, busy=True)
+        self.active[s.sid] = s
+        self.counters["from_store"] += 1
+        return self._sync(s, ids, True)
+
     def _start(self, ids: list[int], cache=None) -> Acquired | None:
         cache = cache if cache is not None else self._take_cache()
         if cache is None:
