@@ -23,6 +23,12 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_BUDGET = "64MiB"
 
 
+def check_threads(threads) -> None:
+    """Raise TqedgeError unless ``threads`` is None or an integer >= 1."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+        raise TqedgeError(f"threads must be an integer >= 1, not {threads!r}")
+
+
 class Model:
     """A bundle ready to run.
 
@@ -39,6 +45,7 @@ class Model:
                  window: int | None = None, sinks: int | None = None, policy: str = "slide"):
         from tokenizers import Tokenizer
 
+        check_threads(threads)
         self.path, self.manifest = Path(path), manifest
         self.arch = manifest.architecture
         self.backend_name = choose_backend(manifest, backend)
@@ -131,15 +138,17 @@ class Model:
         return load_chat(self, path, **sampling)
 
 
-def load(path, backend: str | None = None, threads: int | None = None, verify: str = "full",
+def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
          **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
         path: bundle directory (made by ``tqedge export``).
         backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
-        threads: backend intra-op threads.
-        verify: "full" (SHA-256 of every file), "size" or "none".
+        threads: backend intra-op threads (>= 1; None = the backend's default).
+        verify: "auto" (SHA-256 of every file the first time this device loads the bundle and
+            whenever a file's size or mtime changes, sizes otherwise: see tqedge/verified.py),
+            "full" (SHA-256 of every file), "size" or "none".
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -147,6 +156,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
         A :class:`Model`.
     """
     t0 = time.perf_counter()
+    check_threads(threads)
     manifest = read_manifest(path, verify=verify)
     model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)

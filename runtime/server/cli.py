@@ -7,6 +7,8 @@ import logging
 
 import click
 
+from tqedge.runtime.cli import VERIFY_OPTION
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,9 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
 @click.option("--backend", default=None, help="onnx or tflite [default: the first the bundle has].")
+@VERIFY_OPTION
 def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bits, session_dir, api_key,
-              max_queue, max_tokens_limit, max_body, threads, backend):
+              max_queue, max_tokens_limit, max_body, threads, backend, verify):
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
     /v1/stats, /health)."""
     import uvicorn
@@ -48,7 +51,7 @@ def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bi
 
     if not _is_loopback(host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
-    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify)
     cfg = ServerConfig(kv_budget=kv_budget, session_budget=session_budget, max_sessions=max_sessions,
                        kv_bits=kv_bits, session_dir=session_dir, api_key=api_key, max_queue=max_queue,
                        max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body))
