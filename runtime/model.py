@@ -122,20 +122,25 @@ class Model:
 
         return Chat(self, system=system, **kwargs)
 
-    def chat_from(self, path, **sampling):
+    def chat_from(self, path, kv_bits=None, **options):
         """Restore a :class:`~tqedge.runtime.chat.Chat` saved with ``chat.save(path)``.
 
         Args:
-            path: the session file (refused with a one-line error if corrupt or saved for
-                another bundle or cache configuration).
-            **sampling: overrides of the saved sampling defaults.
+            path: the session file (refused with a one-line error if corrupt, saved for
+                another bundle, or saved with another cache configuration than this model's
+                default cache changed by ``kv_bits`` and the cache ``options``, as for
+                :meth:`chat`; the message names both configurations).
+            kv_bits: as for :meth:`chat`, or ``"saved"``: rebuild the cache the way the file
+                says (its bits, budget, window, sinks, policy), whatever this model's defaults.
+            **options: cache options (``kv_budget``, ``window``, ``sinks``, ``policy``) and
+                overrides of the saved sampling defaults.
 
         Returns:
             The chat, its cache restored bit-exactly.
         """
         from tqedge.runtime.session_file import load_chat
 
-        return load_chat(self, path, **sampling)
+        return load_chat(self, path, kv_bits=kv_bits, **options)
 
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
