@@ -50,7 +50,11 @@ class Model:
         self.arch = manifest.architecture
         self.backend_name = choose_backend(manifest, backend)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
-        self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+            raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         self.cache_defaults = dict(kv_budget=kv_budget, kv_bits=kv_bits, window=window,
                                    sinks=sinks, policy=policy)
 
