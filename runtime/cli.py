@@ -20,6 +20,7 @@ import click
 
 from tqedge.bundle import VERIFY_MODES
 from tqedge.errors import TqedgeError
+from tqedge.runtime.model import MAX_THREADS
 
 _warned_utf8 = False
 
@@ -78,7 +79,7 @@ SAMPLING_OPTIONS = [
 MODEL_OPTIONS = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
     click.option("--backend", type=click.Choice(["onnx", "tflite"]), default=None, help="Default: first available."),
-    click.option("--threads", type=click.IntRange(min=1), default=None, help="Backend intra-op threads."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
     click.option("--system", default=None, help="System message (chat template)."),
     VERIFY_OPTION,
 ]

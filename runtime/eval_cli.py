@@ -19,6 +19,7 @@ import click
 
 from tqedge.errors import TqedgeError
 from tqedge.runtime.cli import VERIFY_OPTION
+from tqedge.runtime.model import MAX_THREADS
 
 KV_EVAL_OPTIONS = [
     click.option("--kv-bits", default=None,
@@ -33,7 +34,7 @@ KV_EVAL_OPTIONS = [
 ]
 COMMON = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--threads", type=click.IntRange(min=1), default=None, help="Backend intra-op threads."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
     VERIFY_OPTION,
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
 ]
@@ -54,6 +55,16 @@ def _load(bundle: Path, threads, verify):
     import tqedge
 
     return tqedge.load(bundle, threads=threads, verify=verify)
+
+
+def read_text_file(path: Path, option: str) -> str:
+    """A UTF-8 text file given as ``option``; TqedgeError (one line) if it is not text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TqedgeError(f"{option} {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise TqedgeError(f"{option} {path}: cannot read ({e.strerror or e})") from None
 
 
 def parse_tokens(value: str) -> list[int]:
@@ -101,7 +112,7 @@ def ppl_cmd(bundle, threads, verify, as_json, text_file, ctx, windows, chunk, **
 
     cfg = _config(kw)
     model = _load(bundle, threads, verify)
-    wins = text_windows(model, text_file.read_text(encoding="utf-8"), ctx, windows)
+    wins = text_windows(model, read_text_file(text_file, "--text"), ctx, windows)
     with click.progressbar(length=work_tokens(wins, 1), label="tokens", file=sys.stderr) as bar:
         (r,) = evaluate(model, wins, [cfg], chunk=chunk, progress=bar.update)
     r.update(ctx=ctx, text=str(text_file))
@@ -130,10 +141,11 @@ def needle_cmd(bundle, threads, verify, as_json, contexts, depths, haystack, see
 
     ctxs, ds = parse_tokens(contexts), parse_depths(depths)
     haystack = haystack or _default_haystack()
+    text = read_text_file(haystack, "--haystack")
     cfg = _config(kw)
     model = _load(bundle, threads, verify)
     with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
-        r = run_needle(model, haystack.read_text(encoding="utf-8"), ctxs, ds, cfg, seed=seed, progress=bar.update)
+        r = run_needle(model, text, ctxs, ds, cfg, seed=seed, progress=bar.update)
     if as_json:
         r["grid"] = {str(c): {str(d): v for d, v in row.items()} for c, row in r["grid"].items()}
         click.echo(json.dumps(r))

@@ -21,12 +21,14 @@ from tqedge.runtime.backends import choose_backend, get_backend
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_BUDGET = "64MiB"
+MAX_THREADS = 1024  # a larger intra-op thread count is a typo (and overflows onnxruntime's int)
 
 
 def check_threads(threads) -> None:
-    """Raise TqedgeError unless ``threads`` is None or an integer >= 1."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
-        raise TqedgeError(f"threads must be an integer >= 1, not {threads!r}")
+    """Raise TqedgeError unless ``threads`` is None or an integer in 1..MAX_THREADS."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or not 1 <= threads <= MAX_THREADS):
+        raise TqedgeError(f"threads must be an integer >= 1 (at most {MAX_THREADS}), not {threads!r}")
 
 
 class Model:
