@@ -68,6 +68,8 @@ def check_writable_output(out: str | os.PathLike, overwrite: bool = False) -> Pa
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume it runs
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
