@@ -17,7 +17,7 @@ from typing import Callable
 from tqedge import __version__
 from tqedge.bundle import WEIGHT_FORMATS, KVSpec, Manifest, WeightSpec, write_manifest
 from tqedge.errors import TqedgeError
-from tqedge.files import atomic_directory
+from tqedge.files import atomic_directory, check_writable_output
 from tqedge.exporters.onnx_emitter import emit_onnx
 from tqedge.exporters.sources import load_source
 from tqedge.exporters.weights import BLOCK_SIZES
@@ -90,8 +90,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     if "tflite" in formats and weights == "int4":
         raise TqedgeError("tflite graphs support fp32, fp16 and int8 weights; export int4 with --format onnx")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise TqedgeError(f"output exists: {out} (pass overwrite / --force to replace it)")
+    check_writable_output(out, overwrite)  # before minutes of parsing
     t0 = time.perf_counter()
     if progress:
         progress("read", 0, 1)

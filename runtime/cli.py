@@ -18,8 +18,45 @@ from pathlib import Path
 
 import click
 
+from tqedge.bundle import VERIFY_MODES
 from tqedge.errors import TqedgeError
+from tqedge.runtime.model import MAX_THREADS
 
+_warned_utf8 = False
+
+
+def input_text(data: str | bytes) -> str:
+    """Text typed or piped by the user, as valid Unicode: bytes that are not UTF-8 (read from
+    stdin, or carried as lone surrogates in ``sys.argv`` by Python's surrogateescape) become
+    U+FFFD, and the first time per process one warning line goes to stderr."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+            return data
+        except UnicodeEncodeError:  # the bytes Python escaped, or lone surrogates
+            try:
+                data = data.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                data = data.encode("utf-8", "surrogatepass")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    _warn_utf8()
+    return data.decode("utf-8", "replace")
+
+
+def _warn_utf8() -> None:
+    global _warned_utf8
+    if not _warned_utf8:
+        _warned_utf8 = True
+        click.echo("warning: input is not valid UTF-8; undecodable bytes were replaced with U+FFFD", err=True)
+
+
+VERIFY_OPTION = click.option(
+    "--verify", type=click.Choice(VERIFY_MODES), default="auto", show_default=True,
+    help="Bundle check at load: auto = SHA-256 of every file the first time on this device and after a "
+         "file's size or mtime changes, else sizes; full = SHA-256 every time; size; none.")
 KV_OPTIONS = [
     click.option("--kv-budget", default="64MiB", show_default=True, help="KV-cache byte budget, e.g. 16MiB."),
     click.option("--kv-bits", default=None, help="Key,value bits (e.g. 4,3), a preset (quality|balanced|tiny) or 'exact' (default: the bundle's)."),
@@ -42,10 +79,9 @@ SAMPLING_OPTIONS = [
 MODEL_OPTIONS = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
     click.option("--backend", type=click.Choice(["onnx", "tflite"]), default=None, help="Default: first available."),
-    click.option("--threads", type=int, default=None, help="Backend intra-op threads."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
     click.option("--system", default=None, help="System message (chat template)."),
-    click.option("--verify", type=click.Choice(["full", "size", "none"]), default="size", show_default=True,
-                 help="Bundle check at load: sizes, or also SHA-256 of every file (full)."),
+    VERIFY_OPTION,
 ]
 _KV = ("kv_budget", "kv_bits", "window", "sinks", "policy")
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
@@ -94,8 +130,8 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
     cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
     if sampling["temperature"] is None:  # one-shot answers default to greedy, as in mlx-lm
         sampling["temperature"] = 0.0
-    if prompt is None or prompt == "-":
-        prompt = sys.stdin.read()
+    prompt = input_text(sys.stdin.buffer.read() if prompt is None or prompt == "-" else prompt)
+    system = input_text(system) if system else system
     if not prompt.strip():
         raise TqedgeError("the prompt is empty (use -p TEXT or pipe it on stdin)")
     if system and chat is False:
@@ -185,8 +221,12 @@ class ChatRepl:
                 line = input(">>> ") if self.interactive else stream.readline()
             except EOFError:
                 break
-            if not self.interactive and line == "":
+            except UnicodeDecodeError:  # a terminal whose encoding is not UTF-8: the line is dropped
+                _warn_utf8()
+                continue
+            if not self.interactive and not line:
                 break
+            line = input_text(line)
             try:
                 self.handle(line)
             except TqedgeError as e:
@@ -205,5 +245,6 @@ def chat_cmd(bundle: Path, backend, threads, system, verify, **kw) -> None:
 
     cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
     model = _load(bundle, backend, threads, verify, cache_opts)
-    chat = Chat(model, system=system, **sampling)
-    ChatRepl(chat, interactive=sys.stdin.isatty()).run(sys.stdin)
+    chat = Chat(model, system=input_text(system) if system else system, **sampling)
+    interactive = sys.stdin.isatty()
+    ChatRepl(chat, interactive).run(None if interactive else sys.stdin.buffer)  # bytes: decoded per line

@@ -20,6 +20,8 @@ from pathlib import Path
 import click
 
 from tqedge.errors import TqedgeError
+from tqedge.runtime.cli import VERIFY_OPTION
+from tqedge.runtime.model import MAX_THREADS
 
 KV_EVAL_OPTIONS = [
     click.option("--kv-bits", default=None,
@@ -34,7 +36,8 @@ KV_EVAL_OPTIONS = [
 ]
 COMMON = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--threads", type=int, default=None, help="Backend intra-op threads."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
+    VERIFY_OPTION,
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
 ]
 
@@ -50,10 +53,20 @@ def _config(kw: dict):
     return KVConfig(name=opts["kv_bits"] or "default", **opts)
 
 
-def _load(bundle: Path, threads):
+def _load(bundle: Path, threads, verify):
     import tqedge
 
-    return tqedge.load(bundle, threads=threads, verify="size")
+    return tqedge.load(bundle, threads=threads, verify=verify)
+
+
+def read_text_file(path: Path, option: str) -> str:
+    """A UTF-8 text file given as ``option``; TqedgeError (one line) if it is not text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TqedgeError(f"{option} {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise TqedgeError(f"{option} {path}: cannot read ({e.strerror or e})") from None
 
 
 def parse_tokens(value: str) -> list[int]:
@@ -95,14 +108,14 @@ def eval_group() -> None:
 @click.option("--windows", type=int, default=None, help="Non-overlapping windows to score (default: all).")
 @click.option("--chunk", type=int, default=512, show_default=True, help="Tokens per forward call.")
 @_apply(KV_EVAL_OPTIONS)
-def ppl_cmd(bundle, threads, as_json, text_file, ctx, windows, chunk, **kw):
+def ppl_cmd(bundle, threads, verify, as_json, text_file, ctx, windows, chunk, **kw):
     """Perplexity with the chosen KV cache, its delta, KL and top-1 agreement vs the exact cache."""
     from tqedge.runtime.eval_ppl import evaluate, text_windows, work_tokens
 
     text_file = text_file or default_text()
     cfg = _config(kw)
-    model = _load(bundle, threads)
-    wins = text_windows(model, text_file.read_text(encoding="utf-8"), ctx, windows)
+    model = _load(bundle, threads, verify)
+    wins = text_windows(model, read_text_file(text_file, "--text"), ctx, windows)
     with click.progressbar(length=work_tokens(wins, 1), label="tokens", file=sys.stderr) as bar:
         (r,) = evaluate(model, wins, [cfg], chunk=chunk, progress=bar.update)
     r.update(ctx=ctx, text=str(text_file))
@@ -125,16 +138,17 @@ def ppl_cmd(bundle, threads, as_json, text_file, ctx, windows, chunk, **kw):
               help="Filler text (UTF-8) [default: the WikiText-2 excerpt shipped with tqedge].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the needle values.")
 @_apply(KV_EVAL_OPTIONS)
-def needle_cmd(bundle, threads, as_json, contexts, depths, haystack, seed, **kw):
+def needle_cmd(bundle, threads, verify, as_json, contexts, depths, haystack, seed, **kw):
     """Needle in a haystack: depth × context grid of exact-match retrieval (greedy)."""
     from tqedge.runtime.eval_needle import format_grid, run_needle
 
     ctxs, ds = parse_tokens(contexts), parse_depths(depths)
     haystack = haystack or default_text()
+    text = read_text_file(haystack, "--haystack")
     cfg = _config(kw)
-    model = _load(bundle, threads)
+    model = _load(bundle, threads, verify)
     with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
-        r = run_needle(model, haystack.read_text(encoding="utf-8"), ctxs, ds, cfg, seed=seed, progress=bar.update)
+        r = run_needle(model, text, ctxs, ds, cfg, seed=seed, progress=bar.update)
     if as_json:
         r["grid"] = {str(c): {str(d): v for d, v in row.items()} for c, row in r["grid"].items()}
         click.echo(json.dumps(r))

@@ -21,6 +21,14 @@ from tqedge.runtime.backends import choose_backend, get_backend
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_BUDGET = "64MiB"
+MAX_THREADS = 1024  # a larger intra-op thread count is a typo (and overflows onnxruntime's int)
+
+
+def check_threads(threads) -> None:
+    """Raise TqedgeError unless ``threads`` is None or an integer in 1..MAX_THREADS."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                or not 1 <= threads <= MAX_THREADS):
+        raise TqedgeError(f"threads must be an integer >= 1 (at most {MAX_THREADS}), not {threads!r}")
 
 
 class Model:
@@ -39,11 +47,16 @@ class Model:
                  window: int | None = None, sinks: int | None = None, policy: str = "slide"):
         from tokenizers import Tokenizer
 
+        check_threads(threads)
         self.path, self.manifest = Path(path), manifest
         self.arch = manifest.architecture
         self.backend_name = choose_backend(manifest, backend)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
-        self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
+        except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
+            raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         self.cache_defaults = dict(kv_budget=kv_budget, kv_bits=kv_bits, window=window,
                                    sinks=sinks, policy=policy)
 
@@ -115,31 +128,38 @@ class Model:
 
         return Chat(self, system=system, **kwargs)
 
-    def chat_from(self, path, **sampling):
+    def chat_from(self, path, kv_bits=None, **options):
         """Restore a :class:`~tqedge.runtime.chat.Chat` saved with ``chat.save(path)``.
 
         Args:
-            path: the session file (refused with a one-line error if corrupt or saved for
-                another bundle or cache configuration).
-            **sampling: overrides of the saved sampling defaults.
+            path: the session file (refused with a one-line error if corrupt, saved for
+                another bundle, or saved with another cache configuration than this model's
+                default cache changed by ``kv_bits`` and the cache ``options``, as for
+                :meth:`chat`; the message names both configurations).
+            kv_bits: as for :meth:`chat`, or ``"saved"``: rebuild the cache the way the file
+                says (its bits, budget, window, sinks, policy), whatever this model's defaults.
+            **options: cache options (``kv_budget``, ``window``, ``sinks``, ``policy``) and
+                overrides of the saved sampling defaults.
 
         Returns:
             The chat, its cache restored bit-exactly.
         """
         from tqedge.runtime.session_file import load_chat
 
-        return load_chat(self, path, **sampling)
+        return load_chat(self, path, kv_bits=kv_bits, **options)
 
 
-def load(path, backend: str | None = None, threads: int | None = None, verify: str = "full",
+def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
          **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
         path: bundle directory (made by ``tqedge export``).
         backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
-        threads: backend intra-op threads.
-        verify: "full" (SHA-256 of every file), "size" or "none".
+        threads: backend intra-op threads (>= 1; None = the backend's default).
+        verify: "auto" (SHA-256 of every file the first time this device loads the bundle and
+            whenever a file's size or mtime changes, sizes otherwise: see tqedge/verified.py),
+            "full" (SHA-256 of every file), "size" or "none".
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -147,6 +167,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
         A :class:`Model`.
     """
     t0 = time.perf_counter()
+    check_threads(threads)
     manifest = read_manifest(path, verify=verify)
     model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)

@@ -273,26 +273,49 @@ def save_chat(chat, path) -> int:
         raise TqedgeError(f"cannot save chat: {e}") from None
 
 
-def load_chat(model, path, **sampling):
+def describe_options(opts: dict) -> str:
+    """``kv_bits=4,3 kv_budget=65536 window=128 sinks=4 policy=slide``: a cache configuration as
+    the keyword arguments that rebuild it (see :func:`cache_options`)."""
+    keys = ("kv_bits", "kv_budget", "window", "sinks", "policy", "rotation", "norm", "qjl")
+    return " ".join(f"{k}={opts.get(k, 'bundle default') if k == 'kv_bits' else opts[k]}"
+                    for k in keys if k in opts or k == "kv_bits")
+
+
+def load_chat(model, path, kv_bits=None, **options):
     """Restore a chat saved by :func:`save_chat`; the next turn reuses the restored cache.
 
     Args:
         model: the model the chat was saved from (same bundle; checked by fingerprint).
         path: the session file.
-        **sampling: overrides of the saved sampling defaults.
+        kv_bits: ``None`` (the model's default cache, optionally changed by the cache
+            options below) or any ``kv_bits`` value ``model.chat`` takes: the file must have
+            been saved with exactly that cache configuration, else it is refused naming both.
+            ``"saved"``: rebuild the cache with the configuration stored in the file.
+        **options: cache options (``kv_budget``, ``window``, ``sinks``, ``policy``; not with
+            ``"saved"``) and overrides of the saved sampling defaults.
 
     Returns:
         A :class:`~tqedge.runtime.chat.Chat`.
     """
-    from tqedge.runtime.chat import Chat
+    from tqedge.runtime.chat import _CACHE_OPTIONS, Chat
 
     where = f"session file {Path(path).name}"
+    cache_opts = {k: options.pop(k) for k in _CACHE_OPTIONS if k in options}
     session = read_session(path)
     saved = session.meta.get("chat")
     if not isinstance(saved, dict):
         raise TqedgeError(f"{where}: holds no chat (saved by a server?)")
-    cache = model.new_cache(**session.cache_options)
-    chat = Chat(model, system=saved.get("system"), cache=cache, **{**saved.get("sampling", {}), **sampling})
+    if kv_bits == "saved":
+        if cache_opts:
+            raise TqedgeError(f"kv_bits='saved' restores the file's whole cache configuration; drop {sorted(cache_opts)[0]}")
+        cache = model.new_cache(**session.cache_options)
+    else:
+        cache = model.new_cache(kv_bits=kv_bits, **cache_opts)
+        mine = cache_options(cache)
+        if fingerprint(model.manifest, cache) != session.fingerprint and mine != session.cache_options:
+            raise TqedgeError(f"{where} was saved with the cache {describe_options(session.cache_options)}; this "
+                              f"model's is {describe_options(mine)} (pass kv_bits='saved' to restore it as saved)")
+    chat = Chat(model, system=saved.get("system"), cache=cache, **{**saved.get("sampling", {}), **options})
     chat._messages = [dict(m) for m in saved.get("messages", [])]
     chat._ids = [int(i) for i in saved.get("ids", [])]
     restore_cache(cache, session, model.manifest, where)  # after Chat(), which resets the cache

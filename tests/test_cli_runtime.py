@@ -49,7 +49,7 @@ def test_generate_json_matches_python_api(tiny):
     assert set(out) == {"text", "tokens", "prompt_ids", "finish_reason", "chat_template", "stats"}
     assert {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "kv_bytes_used",
             "kv_capacity_bytes", "kv_tokens", "kv_capacity_tokens", "evicted"} <= set(out["stats"])
-    assert seen == dict(backend=None, threads=1, verify="size", kv_budget="128KiB", kv_bits="exact",
+    assert seen == dict(backend=None, threads=1, verify="auto", kv_budget="128KiB", kv_bits="exact",
                         window=None, sinks=None, policy="error")
     # chat template is the default for a bundle that has one
     ids = lm.encode(render_for(lm.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
@@ -142,6 +142,48 @@ def test_interactive_repl_survives_errors_and_interrupts(monkeypatch, capsys):
     assert "partial [interrupted]" in capsys.readouterr().out and repl.running
 
 
+UTF8_WARNING = "warning: input is not valid UTF-8; undecodable bytes were replaced with U+FFFD"
+
+
+def test_invalid_utf8_in_prompt_argument_becomes_fffd_with_one_warning(tiny, monkeypatch):
+    """Python hands undecodable argv bytes over as lone surrogates (surrogateescape)."""
+    lm, bundle, _ = tiny
+    monkeypatch.setattr(rcli, "_warned_utf8", False)
+    r = _run(["generate", bundle, "-p", "Hi \udcff there", "--raw", "--json", "--max-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["prompt_ids"] == lm.encode("Hi \ufffd there")
+    assert r.stderr.count("warning:") == 1 and UTF8_WARNING in r.stderr
+    r = _run(["generate", bundle, "--raw", "--json", "--max-tokens", "3"], stdin=b"caf\xc3 \xff\xfe")
+    assert r.exit_code == 0 and json.loads(r.stdout)["prompt_ids"] == lm.encode("caf\ufffd \ufffd\ufffd")
+    assert "warning:" not in r.stderr  # once per process
+
+
+def test_invalid_utf8_on_chat_stdin_keeps_the_conversation_going(tiny, monkeypatch):
+    lm, bundle, _ = tiny
+    monkeypatch.setattr(rcli, "_warned_utf8", False)
+    ref = Chat(lm, kv_bits="exact", temperature=0, max_tokens=8)
+    want = [ref.send("Hi \ufffd"), ref.send("And \ufffd\ufffd then?"), ref.send("Bye")]
+    stdin = b"Hi \xff\nAnd \xed\xa0 then?\nBye\n"
+    r = _run(["chat", bundle, "--temperature", "0", "--max-tokens", "8", "--kv-bits", "exact"], stdin=stdin)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == want
+    assert r.stderr.count("warning:") == 1 and r.stderr.count("[prompt") == 3
+
+
+def test_threads_must_be_at_least_one(tiny):
+    _, bundle, _ = tiny
+    for bad in ("0", "-3", "two"):
+        for cmd in (["generate", bundle, "-p", "x"], ["chat", bundle], ["eval", "needle", bundle]):
+            r = _run([*cmd, "--threads", bad])
+            assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--threads" in r.stderr, r.output
+    import tqedge
+    from tqedge.errors import TqedgeError
+
+    for bad in (0, -3, 1.5, True, "2"):
+        with pytest.raises(TqedgeError, match="threads must be an integer >= 1"):
+            tqedge.load("/no/such/bundle", threads=bad)  # checked before anything is read
+
+
 # -- SmolLM2 end to end ----------------------------------------------------------------------
 
 def _tqedge(*args, stdin=None, timeout=300):
@@ -177,3 +219,21 @@ def test_smollm2_generate_stop_string(smollm2_bundle):
                 "--max-tokens", "20", "--kv-bits", "exact", "--stop", "Paris", "--json")
     out = json.loads(p.stdout)
     assert out["finish_reason"] == "stop" and "Paris" not in out["text"] and out["text"].strip() == ""
+
+
+def test_smollm2_invalid_utf8_on_stdin_and_in_argv(smollm2_bundle):
+    """The reported case: `printf 'Hi \\xff\\n...' | tqedge chat B` died with a traceback."""
+    cmd = [sys.executable, "-m", "tqedge.cli", "chat", str(smollm2_bundle), "--temperature", "0",
+           "--max-tokens", "20", "--kv-budget", "16MiB"]
+    p = subprocess.run(cmd, input=b"Hi \xff\nWhat is the capital of France?\n", capture_output=True, timeout=300)
+    err = p.stderr.decode()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    lines = p.stdout.decode().splitlines()
+    assert len(lines) == 2 and "Paris" in lines[1]
+    assert err.count("warning:") == 1 and UTF8_WARNING in err and err.count("[prompt") == 2
+    p = subprocess.run([sys.executable.encode(), b"-m", b"tqedge.cli", b"generate", bytes(smollm2_bundle),
+                        b"-p", b"What is the capital of France? \xff", b"--max-tokens", b"20"],
+                       capture_output=True, timeout=300)
+    err = p.stderr.decode()
+    assert p.returncode == 0 and "Traceback" not in err and err.count("warning:") == 1, err
+    assert "Paris" in p.stdout.decode()

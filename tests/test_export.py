@@ -7,6 +7,7 @@ The tiny builders (``build_tiny_hf``, ``build_tiny_gguf``) are reused by test_on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -419,3 +420,121 @@ def test_export_records_per_layer_kv_bits(tmp_path):
     assert r.exit_code == 0 and "layers 0 at K2V2" in r.output, r.output
     r = CliRunner().invoke(cli, ["export", str(src), "-o", str(tmp_path / "bad.tqe"), "--kv-bits", "K4V3+L99@K2V2"])
     assert r.exit_code == 2 and "layer 99" in r.output and not (tmp_path / "bad.tqe").exists()
+
+
+# -- output directory, killed exports, broken sources (issue 12) -----------------------------
+def _unwritable_outputs(tmp_path: Path) -> list[Path]:
+    """Outputs that cannot be created, whoever runs the tests (root ignores permission bits)."""
+    (tmp_path / "a-file").write_text("x")
+    outs = [tmp_path / "a-file" / "out.tqe", tmp_path / "a-file" / "deeper" / "out.tqe"]
+    if Path("/sys/kernel").is_dir():  # a read-only file system, for root too
+        outs.append(Path("/sys/tqedge-test/out.tqe"))
+    if os.geteuid() != 0:
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o500)
+        outs.append(ro / "out.tqe")
+    return outs
+
+
+def test_unwritable_output_is_refused_before_parsing(tmp_path, monkeypatch):
+    import tqedge.exporters.export as E
+
+    src = build_tiny_gguf(tmp_path / "tiny.gguf")
+    parsed = []
+    monkeypatch.setattr(E, "load_source", lambda p: parsed.append(p))
+    for out in _unwritable_outputs(tmp_path):
+        with pytest.raises(TqedgeError) as e:
+            tqedge.export(src, out)
+        msg = str(e.value)
+        assert msg.startswith(f"cannot write {out}") and "\n" not in msg and not out.exists()
+    assert parsed == []  # refused before reading the model
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["a-file", "tiny.gguf"],
+                                                           ["a-file", "read-only", "tiny.gguf"])
+
+
+_KILLED_EXPORT = """
+import os, signal, sys
+from tqedge.files import atomic_directory
+with atomic_directory(sys.argv[1]) as tmp:
+    (tmp / "weights.bin").write_bytes(b"half of a bundle")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_exports_partial_is_removed_by_the_next_export(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.tqe"
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, str(out)])
+    assert p.wait(120) == -9
+    (stale,) = [q for q in tmp_path.iterdir() if q.name.endswith(".partial")]
+    assert stale.name.startswith(f".out.tqe.{p.pid}.") and (stale / "weights.bin").is_file()
+    # a concurrent export (its process alive) keeps its partial
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".out.tqe.{live.pid}.abcd1234.partial"
+        running.mkdir()
+        tqedge.export(build_tiny_gguf(tmp_path / "tiny.gguf"), out)
+        assert not stale.exists() and running.is_dir()
+    finally:
+        live.kill()
+        live.wait()
+    assert tqedge.load(out).manifest.architecture.num_layers == 1
+    tqedge.export(tmp_path / "tiny.gguf", out, overwrite=True)  # its process is gone now
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["out.tqe", "tiny.gguf"]
+
+
+@pytest.mark.parametrize("kind", ["truncated-1MiB", "truncated-header", "empty", "random", "text"])
+def test_broken_gguf_is_one_line_naming_the_file(tmp_path, kind, smollm2_gguf_or_tiny):
+    cut = min(1 << 20, smollm2_gguf_or_tiny.stat().st_size // 2)  # 1 MiB of the real model
+    with open(smollm2_gguf_or_tiny, "rb") as f:
+        data = f.read(cut)
+    src = tmp_path / "model.gguf"
+    src.write_bytes({"truncated-1MiB": data, "truncated-header": data[:64], "empty": b"",
+                     "random": np.random.default_rng(0).bytes(50_000), "text": b"GGUF is a format\n"}[kind])
+    before = src.read_bytes()
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    words = {"empty": ["model.gguf", "empty"], "random": ["model.gguf", "not a GGUF file"]}.get(
+        kind, ["model.gguf", "truncated or corrupt"])
+    _assert_clean(e.value, tmp_path / "out.tqe", *words)
+    assert "out of bounds" not in str(e.value) and src.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_or_tiny(tmp_path_factory):
+    """The real GGUF when present (its 1 MiB prefix is the reported case), else a tiny one
+    (cut in half)."""
+    from conftest import _find_gguf
+
+    p = _find_gguf()
+    if p is not None:
+        return p
+    return build_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": "gpt2"}, ["unsupported architecture 'gpt2'", "LlamaForCausalLM"]),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, ["unsupported architecture 'GPT2LMHeadModel'"]),
+    ({}, ["unsupported architecture None"]),
+    ({"model_type": "llama"}, ["config.json is missing 'num_attention_heads'"]),
+    ({"architectures": ["LlamaForCausalLM"], "num_attention_heads": "four"}, ["config.json has a malformed value"]),
+    ([1, 2], ["config.json: top level is not an object"]),
+])
+def test_bad_hf_config_is_one_line(tmp_path, config, words):
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", *words)
+
+
+def test_hf_folder_without_tokenizer(tmp_path):
+    src = build_tiny_hf(tmp_path / "hf")
+    (src / "tokenizer.json").unlink()
+    with pytest.raises(TqedgeError) as e:
+        tqedge.export(src, tmp_path / "out.tqe")
+    _assert_clean(e.value, tmp_path / "out.tqe", "tokenizer.json is missing")

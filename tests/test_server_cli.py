@@ -70,5 +70,5 @@ def test_serve_cli_restores_an_evicted_conversation_like_the_python_api(bundle, 
     chat = model.chat(kv_bits="4,3", kv_budget="1MiB", **GREEDY)
     assert chat.send(A1) == r1.choices[0].message.content
     chat.save(tmp_path / "a.tqs")
-    restored = model.chat_from(tmp_path / "a.tqs")
+    restored = model.chat_from(tmp_path / "a.tqs", kv_bits="4,3", kv_budget="1MiB")  # the chat's own cache
     assert restored.send(A2) == r2.choices[0].message.content == chat.send(A2)

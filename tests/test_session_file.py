@@ -61,7 +61,7 @@ def test_round_trip_is_bit_exact_and_continues_identically(lm, tmp_path, kv_bits
     path = tmp_path / "c.tqs"
     n = chat.save(path)
     assert path.stat().st_size == n
-    restored = Model.chat_from(lm, path)  # TinyLM borrows Model's methods; chat_from is new
+    restored = Model.chat_from(lm, path, kv_bits="saved")  # TinyLM borrows Model's methods
     assert type(restored.cache) is type(chat.cache)
     _assert_same_live_state(chat.cache, restored.cache)
     assert restored.messages == chat.messages and restored.cached_ids == chat.cached_ids
@@ -175,3 +175,38 @@ def test_dead_slots_are_not_saved_and_not_needed(lm, tmp_path, trim):
     b = [lm.forward([t], other) for t in nxt[:5]] + [lm.forward(nxt[5:], other)]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+
+
+def test_chat_from_refuses_another_cache_configuration_naming_both(lm, tmp_path):
+    """A file saved with K4V3 / 64 KiB is refused by a model whose cache is exact / 256 KiB
+    (TinyLM's defaults), the message naming both; kv_bits="saved" restores it as saved, and
+    the same explicit configuration restores it too."""
+    chat = _chat(lm, "4,3")
+    path = tmp_path / "c.tqs"
+    chat.save(path)
+    msg = _one_line_error(lambda: Model.chat_from(lm, path))
+    assert "kv_bits=4,3 kv_budget=65536" in msg and "kv_bits=exact kv_budget=262144" in msg
+    assert "kv_bits='saved'" in msg
+    # another exact-vs-compressed mismatch the other way round, and a budget-only mismatch
+    exact = _chat(lm, "exact")
+    exact.save(tmp_path / "e.tqs")
+    assert "kv_bits=exact kv_budget=65536" in _one_line_error(
+        lambda: Model.chat_from(lm, tmp_path / "e.tqs", kv_bits="4,3", kv_budget="64KiB"))
+    assert "kv_budget=65536" in _one_line_error(lambda: Model.chat_from(lm, path, kv_bits="4,3"))
+    assert "drop kv_budget" in _one_line_error(
+        lambda: Model.chat_from(lm, path, kv_bits="saved", kv_budget="64KiB"))
+    # the oracle for what follows: the original chat, continuing in memory
+    for restored in (Model.chat_from(lm, path, kv_bits="saved"),
+                     Model.chat_from(lm, path, kv_bits="4,3", kv_budget="64KiB")):
+        assert type(restored.cache) is type(chat.cache) and restored.cache.nbytes == chat.cache.nbytes
+        _assert_same_live_state(chat.cache, restored.cache)
+        assert restored.send("And Spain?") == _continued(lm, "4,3")
+    # a file saved with the model's own default configuration needs no argument
+    default = lm.chat(system="Be brief.", **GREEDY)
+    default.send("Hello there, how are you today?")
+    default.save(tmp_path / "d.tqs")
+    assert Model.chat_from(lm, tmp_path / "d.tqs").cached_ids == default.cached_ids
+
+
+def _continued(lm, kv_bits) -> str:
+    return _chat(lm, kv_bits).send("And Spain?")

@@ -33,6 +33,7 @@ LOGITS = "logits"  # float32 (n, vocab)
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 ROTATIONS = ("hadamard", "dense")
 NORMS = ("corrected", "plain")
+VERIFY_MODES = ("auto", "full", "size", "none")  # read_manifest(verify=...); "auto": see tqedge/verified.py
 
 
 @dataclass
@@ -272,8 +273,9 @@ def read_manifest(bundle_dir: str | Path, verify: str = "full") -> Manifest:
 
     Args:
         bundle_dir: the bundle directory.
-        verify: ``"full"`` checks every file's size and SHA-256, ``"size"`` only sizes,
-            ``"none"`` nothing beyond the manifest itself.
+        verify: ``"full"`` checks every file's size and SHA-256, ``"auto"`` sizes, and SHA-256
+            only of files not yet verified on this device with their current size and mtime
+            (tqedge/verified.py), ``"size"`` only sizes, ``"none"`` nothing beyond the manifest.
 
     Returns:
         The validated :class:`Manifest`.
@@ -287,15 +289,22 @@ def read_manifest(bundle_dir: str | Path, verify: str = "full") -> Manifest:
         raise TqedgeError(f"not a bundle directory: {bundle_dir}")
     if not path.is_file():
         raise TqedgeError(f"not a tqedge bundle (no {MANIFEST}): {bundle_dir}")
+    if verify not in VERIFY_MODES:
+        raise TqedgeError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = path.read_bytes()
+        data = json.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise TqedgeError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise TqedgeError(f"{path}: manifest is not valid JSON ({e})") from None
     manifest = Manifest.from_dict(data)
-    if verify not in ("full", "size", "none"):
-        raise TqedgeError(f"verify must be full, size or none, not {verify!r}")
-    if verify != "none":
-        verify_files(bundle_dir, manifest, full=verify == "full")
+    if verify == "size":
+        verify_files(bundle_dir, manifest, full=False)
+    elif verify in ("auto", "full"):
+        from tqedge.verified import verify_auto
+
+        verify_auto(bundle_dir, manifest, raw, full=verify == "full")
     return manifest
 
 

@@ -55,6 +55,10 @@ class LazyGroup(click.Group):
         except TqedgeError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(2)
+        except click.UsageError as e:  # a bad option or argument: one line too, with where to look
+            where = e.ctx.command_path if e.ctx else ctx.command_path
+            click.echo(f"error: {' '.join(e.format_message().split())} (see '{where} --help')", err=True)
+            ctx.exit(e.exit_code)
         except ModuleNotFoundError as e:  # an optional extra, imported lazily by the command
             if _EXTRAS.get((e.name or "").split(".")[0]) is None:
                 raise

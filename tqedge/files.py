@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import os
 import shutil
@@ -37,9 +38,66 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def check_writable_output(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check, before any work, that directory ``out`` can be created (or replaced).
+
+    Probes the nearest existing ancestor by creating and removing a temp directory in it, so
+    read-only file systems and permissions are caught for any user (root included).
+
+    Returns:
+        ``out`` resolved.
+
+    Raises:
+        TqedgeError: ``out`` exists (without ``overwrite``) or cannot be written.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise TqedgeError(f"output exists: {out} (pass overwrite / --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise TqedgeError(f"output {out} is a file, not a bundle directory")
+    base = out.parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise TqedgeError(f"cannot write {out}: {base} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tqedge-probe.", dir=base))
+    except OSError as e:
+        raise TqedgeError(f"cannot write {out}: {base} is not writable ({e.strerror or e})") from None
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):  # another user's process (or not ours to ask)
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove ``.<name>.<pid>.*.partial`` siblings of ``out`` left by exports that died (their
+    process is gone); partials of running exports are kept. Returns what was removed."""
+    removed = []
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*.partial"):
+        pid = p.name[len(out.name) + 2:].split(".", 1)[0]
+        if p.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     """Build a directory in a temp sibling and rename it into place only if the block succeeds.
+
+    The temp sibling is ``.<name>.<pid>.<random>.partial``: if the process is killed, the next
+    ``atomic_directory`` for the same ``out`` removes it (its pid is dead); a concurrent one
+    (pid alive) is left alone.
 
     Args:
         out: the final directory path.
@@ -48,11 +106,10 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False):
     Yields:
         The temp directory (a ``Path``) to fill.
     """
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise TqedgeError(f"output exists: {out} (pass overwrite / --force to replace it)")
+    out = check_writable_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
         if out.exists():

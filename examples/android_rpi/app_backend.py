@@ -86,7 +86,7 @@ class Conversations:
     def _open(self, conversation: str):
         path = self._path(conversation)
         if path.exists() and hasattr(self.model, "chat_from"):
-            return self.model.chat_from(path)  # resume with its compressed cache
+            return self.model.chat_from(path, kv_budget=self.kv_budget)  # resume with its compressed cache
         return self.model.chat(system=SYSTEM, kv_budget=self.kv_budget)
 
     def _park(self, conversation: str, chat) -> None:

@@ -20,14 +20,18 @@ def get_architecture(name: str) -> Architecture:
     return ARCHITECTURES[name]
 
 
-def from_hf_class(classes: list[str] | None) -> Architecture:
-    """The architecture whose HF class name appears in a ``config.json``'s ``architectures``."""
-    for cls in classes or []:
+def from_hf_class(classes: list[str] | None, model_type: str | None = None) -> Architecture:
+    """The architecture whose HF class name appears in a ``config.json``'s ``architectures``
+    (or, when that list is absent, whose name is its ``model_type``)."""
+    for cls in classes if isinstance(classes, list) else []:
         for arch in ARCHITECTURES.values():
             if cls in arch.hf_classes:
                 return arch
+    if not classes and model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
     known = sorted(c for a in ARCHITECTURES.values() for c in a.hf_classes)
-    raise TqedgeError(f"unsupported architecture {classes!r} in config.json (supported: {', '.join(known)})")
+    named = classes[0] if isinstance(classes, list) and len(classes) == 1 else classes or model_type
+    raise TqedgeError(f"unsupported architecture {named!r} in config.json (supported: {', '.join(known)})")
 
 
 def from_gguf_arch(name: str) -> Architecture:

@@ -133,6 +133,8 @@ def args_from_hf(cfg: dict, attention_bias: bool = False) -> LlamaArgs:
         )
     except KeyError as e:
         raise TqedgeError(f"config.json is missing {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+        raise TqedgeError(f"config.json has a malformed value ({e})") from None
     if cfg.get("hidden_act", "silu") != "silu":
         raise TqedgeError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     if cfg.get("mlp_bias"):

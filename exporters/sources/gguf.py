@@ -31,10 +31,19 @@ _ARRAY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.
 def _open(path: Path):
     import gguf
 
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if size == 0:
+        raise TqedgeError(f"{path.name}: empty file, not a GGUF model")
+    if magic != b"GGUF":
+        raise TqedgeError(f"{path.name}: not a GGUF file (it does not start with the GGUF magic)")
     try:
         return gguf.GGUFReader(str(path))
-    except (ValueError, IndexError, KeyError, OSError, EOFError) as e:
-        raise TqedgeError(f"{path.name}: not a readable GGUF file (truncated or corrupt: {e})") from None
+    except (ValueError, IndexError, KeyError, OSError, EOFError, TypeError, OverflowError, MemoryError) as e:
+        log.debug("GGUFReader(%s) failed: %r", path, e)
+        raise TqedgeError(f"{path.name}: truncated or corrupt GGUF file ({size:,} bytes; its header and "
+                          f"tensor tables do not describe a complete model)") from None
 
 
 def _metadata(reader) -> dict:

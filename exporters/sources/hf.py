@@ -137,7 +137,9 @@ def load_hf(folder: str | Path) -> ModelSpec:
 
     folder = Path(folder)
     cfg = _read_json(folder / "config.json")
-    arch = from_hf_class(cfg.get("architectures"))
+    if not isinstance(cfg, dict):
+        raise TqedgeError(f"{folder.name}/config.json: top level is not an object")
+    arch = from_hf_class(cfg.get("architectures"), cfg.get("model_type"))
     args = arch.args_from_hf(cfg)
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():

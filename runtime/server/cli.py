@@ -7,6 +7,8 @@ import logging
 
 import click
 
+from tqedge.runtime.cli import VERIFY_OPTION
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
 @click.option("--backend", default=None, help="onnx or tflite [default: the first the bundle has].")
+@VERIFY_OPTION
 @click.option("--store", default=None, help="redis://HOST:PORT: write each turn's compressed KV through to "
               "Redis so any replica continues any conversation (docs/SCALE.md).")
 @click.option("--replicas", default=None, type=click.IntRange(1, 1024),
@@ -44,7 +47,8 @@ def _is_loopback(host: str) -> bool:
               help="With --replicas: autoscale up to this many on ongoing requests.")
 @click.option("--ray-address", default=None, help="Join this Ray cluster [default: start a local Ray].")
 def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bits, session_dir, api_key,
-              max_queue, max_tokens_limit, max_body, threads, backend, store, replicas, max_replicas, ray_address):
+              max_queue, max_tokens_limit, max_body, threads, backend, verify, store, replicas, max_replicas,
+              ray_address):
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
     /v1/stats, /health)."""
     import uvicorn
@@ -68,9 +72,9 @@ def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bi
         n = replicas or 1
         click.echo(f"tqedge serve: http://{host}:{port}/v1  ({n}{f'..{max_replicas}' if max_replicas else ''} "
                    f"replicas on Ray Serve, store {store or 'none'})", err=True)
-        ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend, ray_address)
+        ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend, ray_address, verify)
         return
-    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify)
     app = create_app(model, cfg)
     click.echo(f"tqedge serve: http://{host}:{port}/v1  ({app.state.sessions.slots} conversations, "
                f"{kv_budget} KV)", err=True)

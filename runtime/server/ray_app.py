@@ -107,7 +107,7 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list, bo
 
 
 def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | None = None,
-              threads: int | None = None, backend: str | None = None):
+              threads: int | None = None, backend: str | None = None, verify: str = "auto"):
     """The Ray Serve application (``serve.run(build_app(...))``).
 
     Args:
@@ -117,6 +117,7 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
         max_replicas: autoscale up to this many on ongoing requests (None: fixed ``replicas``).
         threads: backend intra-op threads per replica (also the CPUs Ray reserves for it).
         backend: "onnx" | "tflite" | None.
+        verify: bundle verification on each replica's load (see :func:`tqedge.load`).
     """
     try:
         from ray import serve
@@ -141,7 +142,7 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
             import tqedge
             from tqedge.runtime.server.app import ServerConfig, create_app
 
-            model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+            model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify)
             self.app = create_app(model, ServerConfig(**config))
             self.engine = self.app.state.engine
             self.engine.start()  # no ASGI lifespan here: the replica owns the engine
@@ -227,7 +228,7 @@ def app_builder(args: dict):
 
 
 def run(bundle: str, config, host: str, port: int, replicas: int, max_replicas: int | None,
-        threads: int | None, backend: str | None, ray_address: str | None) -> None:
+        threads: int | None, backend: str | None, ray_address: str | None, verify: str = "auto") -> None:
     """Start (or join) Ray, deploy the app on ``host:port`` and block until interrupted."""
     try:
         import ray
@@ -236,5 +237,5 @@ def run(bundle: str, config, host: str, port: int, replicas: int, max_replicas: 
         raise TqedgeError('--replicas needs the "scale" extra: pip install "tqedge[scale]"') from None
     ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(bundle, asdict(config), replicas, max_replicas, threads, backend),
+    serve.run(build_app(bundle, asdict(config), replicas, max_replicas, threads, backend, verify),
               name="tqedge", route_prefix="/", blocking=True)
