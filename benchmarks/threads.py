@@ -12,7 +12,9 @@ alternate, so machine drift hits both sides alike; the figure is busy / idle.
 Workers run in the *default environment*: ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``,
 ``NUMBA_THREADING_LAYER`` and ``NUMBA_NUM_THREADS`` are removed unless a variant sets them.
 A variant is ``label=SRC[:VAR=VALUE,...]``: the source tree to import tqedge from (e.g. an
-exported copy of an older commit, for before/after) and extra environment.
+exported copy of an older commit, for before/after) and extra environment;
+``BENCH_KERNEL_THREADS=1`` runs the attention kernels on one thread while onnxruntime keeps
+``--threads`` (serial decode kernels, for the "parallel at decode or not" comparison).
 
     python benchmarks/threads.py --bundle /tmp/int4.tqe --variant now=. \\
         --variant before=/tmp/base --variant passive=/tmp/base:OMP_WAIT_POLICY=PASSIVE
@@ -47,6 +49,11 @@ def worker(bundle: str, context: int, steps: int, repeats: int, threads: int | N
     from decode import synthetic_fill
 
     model = tqedge.load(bundle, threads=threads, verify="none")
+    kernel_threads = os.environ.get("BENCH_KERNEL_THREADS")
+    if kernel_threads:
+        from tqedge.codec import kernels
+
+        model._set_kernel_threads = lambda _: kernels.set_threads(int(kernel_threads))
     ids = model.encode(read_text("wikitext2"))[:REAL_PREFILL]
     cache = model.new_cache(kv_budget="128MiB")
     t0 = time.perf_counter()

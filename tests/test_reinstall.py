@@ -6,7 +6,8 @@ install: ``cannot import name '__version__'``).
 
 Fast and offline: a fresh venv whose dependencies are the running interpreter's (linked in
 through a ``.pth`` file, without this environment's own tqedge), ``--no-deps
---no-build-isolation --no-index`` installs of a copy of the repository.
+--no-build-isolation --no-index`` installs of a copy of the repository (setuptools, the build
+backend, comes from the ``test`` extra).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ def _snapshot(d: Path) -> dict[str, int]:
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX venv layout")
 def test_install_run_then_editable_install_keeps_every_command_working(tmp_path):
-    pytest.importorskip("setuptools")  # the build backend, used without build isolation (offline)
     src = tmp_path / "src"
     src.mkdir()
     for name in SOURCES:
