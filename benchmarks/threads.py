@@ -91,7 +91,7 @@ def run_worker(src: str, env_extra: dict, args, busy: bool) -> dict:
         cmd += ["--threads", str(args.threads)]
     hog = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
-        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=3600)
     finally:
         if hog is not None:
             hog.kill()
@@ -123,6 +123,9 @@ def main(argv=None) -> None:
         return
     variants = [parse_variant(v) for v in args.variant] or [("now", ".", {})]
     runs = {label: {"idle": [], "busy": []} for label, _, _ in variants}
+    for label, src, env in variants:  # untimed: compiles (or loads) each tree's kernels first
+        res = run_worker(src, env, argparse.Namespace(**{**vars(args), "steps": 2, "repeats": 1}), False)
+        print(f"{label:12s} warm-up run done (layer {res['numba_layer']})", flush=True)
     load_before = os.getloadavg()
     for r in range(args.rounds):
         for label, src, env in variants:
