@@ -70,11 +70,6 @@ def set_threads(n: int | None) -> None:
     _tls.threads = MAX_THREADS if n is None else max(1, min(int(n), MAX_THREADS))
 
 
-def get_threads() -> int:
-    """Threads the kernels may use in this thread (see :func:`set_threads`)."""
-    return getattr(_tls, "threads", MAX_THREADS)
-
-
 def launch(parallel, serial, *args):
     """Run ``parallel(*args)`` on this thread's thread count if it is > 1 and no other parallel
     kernel is running in the process, else ``serial(*args)`` (same results)."""
