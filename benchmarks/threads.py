@@ -60,15 +60,16 @@ def worker(bundle: str, context: int, steps: int, repeats: int, threads: int | N
     logits = model.forward(ids, cache)
     prefill_s = time.perf_counter() - t0
     synthetic_fill(cache, model.arch, context - cache.offset, np.random.default_rng(0))
-    per_run, worst = [], 0.0
+    per_run, cpu_per_tok, worst = [], [], 0.0
     tok = int(np.argmax(logits))
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(steps):
             s = time.perf_counter()
             tok = int(np.argmax(model.forward([tok], cache)))
             worst = max(worst, time.perf_counter() - s)
         per_run.append(steps / (time.perf_counter() - t))
+        cpu_per_tok.append((time.process_time() - c) / steps)
     layer = None
     try:
         import numba
@@ -77,7 +78,8 @@ def worker(bundle: str, context: int, steps: int, repeats: int, threads: int | N
     except (ImportError, ValueError):  # no parallel kernel ran, or no numba
         pass
     return {"context": context, "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": statistics.median(per_run),
-            "decode_tok_s_runs": per_run, "worst_step_ms": worst * 1e3, "numba_layer": layer,
+            "decode_tok_s_runs": per_run, "worst_step_ms": worst * 1e3,
+            "decode_cpu_ms_per_token": 1e3 * statistics.median(cpu_per_tok), "numba_layer": layer,
             "threads_after": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None}
 
 
@@ -132,14 +134,18 @@ def main(argv=None) -> None:
             for cond in (("idle", "busy") if r % 2 == 0 else ("busy", "idle")):
                 res = run_worker(src, env, args, cond == "busy")
                 runs[label][cond].append(res)
-                print(f"{label:12s} {cond:4s} decode {res['decode_tok_s']:6.2f} tok/s  worst step "
+                print(f"{label:12s} {cond:4s} decode {res['decode_tok_s']:6.2f} tok/s  "
+                      f"CPU {res.get('decode_cpu_ms_per_token', float('nan')):6.1f} ms/tok  worst step "
                       f"{res['worst_step_ms']:7.1f} ms  prefill {res['prefill_tok_s']:6.1f} tok/s  "
                       f"layer {res['numba_layer']}  threads {res['threads_after']}", flush=True)
     summary = {}
     for label, src, env in variants:
         idle = statistics.median(x["decode_tok_s"] for x in runs[label]["idle"])
         busy = statistics.median(x["decode_tok_s"] for x in runs[label]["busy"])
-        summary[label] = {"src": src, "env": env, "idle_tok_s": idle, "busy_tok_s": busy, "busy_over_idle": busy / idle}
+        cpu = {c: statistics.median(x.get("decode_cpu_ms_per_token", float("nan")) for x in runs[label][c])
+               for c in ("idle", "busy")}
+        summary[label] = {"src": src, "env": env, "idle_tok_s": idle, "busy_tok_s": busy, "busy_over_idle": busy / idle,
+                          "idle_cpu_ms_per_token": cpu["idle"], "busy_cpu_ms_per_token": cpu["busy"]}
         print(f"{label:12s} idle {idle:6.2f}  busy {busy:6.2f} tok/s  busy/idle {busy / idle:.2f}")
     data = {"bundle": args.bundle, "machine": platform.platform(), "cpus": os.cpu_count(),
             "context": args.context, "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds,
