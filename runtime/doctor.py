@@ -195,24 +195,13 @@ def kernel_path(env: str | None = None, numba_installed: bool | None = None) -> 
 
 
 def numba_cache() -> dict:
-    """Where Numba keeps compiled tqedge kernels and whether it already holds some.
+    """Where tqedge keeps its compiled kernels (:func:`tqedge.paths.numba_cache_dir`: the user's
+    cache directory, or ``NUMBA_CACHE_DIR``; never site-packages) and how many it holds."""
+    from tqedge.paths import numba_cache_dir
 
-    Numba writes next to the source (``tqedge/codec/__pycache__``) when that is writable and
-    otherwise to the user cache (``$XDG_CACHE_HOME/numba``, ``~/.cache/numba``), unless
-    ``NUMBA_CACHE_DIR`` says where.
-    """
-    env = os.environ.get("NUMBA_CACHE_DIR")
-    if env:
-        where, how = Path(env), "NUMBA_CACHE_DIR"
-    else:
-        spec = importlib.util.find_spec("tqedge.codec")
-        src = Path(next(iter(spec.submodule_search_locations))) if spec else None
-        if src is not None and os.access(src, os.W_OK):
-            where, how = src / "__pycache__", "default (next to the source)"
-        else:
-            base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-            where, how = base / "numba", "default (user cache)"
-    probe = where if where.exists() else where.parent
+    where = numba_cache_dir()
+    how = "NUMBA_CACHE_DIR" if os.environ.get("NUMBA_CACHE_DIR") else "user cache"
+    probe = next((p for p in (where, *where.parents) if p.exists()), where)
     entries = len(list(where.rglob("*.nbi"))) if where.is_dir() else 0
     return {"dir": str(where), "how": how, "writable": os.access(probe, os.W_OK),
             "compiled_entries": entries}
@@ -313,8 +302,8 @@ def _warnings(r: dict) -> list[str]:
         out.append(f"NumPy kernels ({r['kernels']['reason']}): the compressed cache is slower than with numba")
     nc = r["numba_cache"]
     if r["kernels"]["path"] == "numba" and not nc["writable"]:
-        out.append(f"Numba cache dir {nc['dir']} is not writable: kernels recompile in every process "
-                   "(set NUMBA_CACHE_DIR)")
+        out.append(f"kernel cache dir {nc['dir']} is not writable: kernels are cached in a temporary "
+                   "directory (set TQEDGE_CACHE_DIR or NUMBA_CACHE_DIR to a writable one)")
     rec = r["recommendation"]
     if rec.get("bundle_weights") and not rec["weights"]:
         out.append(f"this bundle's {rec['bundle_weights']} weights do not fit in the available memory"
@@ -354,6 +343,9 @@ def format_report(r: dict) -> str:
         else f"recommended  nothing: {rec.get('line', '')}",
         f"  why        {rec['why']}",
     ]
+    if "warmup_seconds" in r:
+        sec = r["warmup_seconds"]
+        lines.append(f"warmup       {'nothing to compile (NumPy kernels)' if sec is None else f'kernels compiled in {sec:.1f}s'}")
     lines += [f"warning      {w}" for w in r["warnings"]]
     return "\n".join(lines)
 
@@ -362,7 +354,17 @@ def format_report(r: dict) -> str:
 @click.option("--model", "bundle", type=click.Path(exists=True, file_okay=False),
               help="A bundle, for a recommendation from its real sizes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor_cmd(bundle: str | None, as_json: bool) -> None:
+@click.option("--warmup", is_flag=True,
+              help="Compile the attention kernels for this device now, for --model's shape if given "
+                   "(else the first load does).")
+def doctor_cmd(bundle: str | None, as_json: bool, warmup: bool) -> None:
     """Check this device and recommend a weight format and --kv-budget."""
     report = diagnose(bundle)
+    if warmup:
+        from tqedge.bundle import read_manifest
+        from tqedge.runtime.warmup import ensure_warm
+
+        seconds = ensure_warm(read_manifest(bundle, verify="none") if bundle else None, force=True)
+        report["warmup_seconds"] = seconds
+        report["numba_cache"] = numba_cache()
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -29,13 +29,13 @@ def _weighted_sum_numpy(p, v16):
 
 
 if BACKEND == "numba":
-    from numba import njit
+    from tqedge.codec.numba_runtime import njit  # cached in the user's cache dir
 
     # no nnan/ninf: the bias holds -inf for slots not to read
     _FLAGS = {"reassoc", "contract", "nsz", "arcp", "afn"}
     _MAGIC = np.float32(2.0 ** 112)  # float16 → float32 exponent re-bias (2^(127-15))
 
-    @njit(inline="always", cache=True, fastmath=_FLAGS)
+    @njit(inline="always", fastmath=_FLAGS)
     def _row(src, bits, buf):
         """Decode one float16 row (uint16 bit patterns) into ``buf`` float32 (finite values,
         subnormals included): move exponent+mantissa into float32 position, re-bias by ×2^112."""
@@ -47,7 +47,7 @@ if BACKEND == "numba":
             v = f[j] * _MAGIC
             buf[j] = -v if src[j] & 0x8000 else v
 
-    @njit(cache=True, fastmath=_FLAGS, nogil=True)
+    @njit(fastmath=_FLAGS, nogil=True)
     def _scores_numba(qh, k16u, bias):
         nh, ng, d = qh.shape
         n = k16u.shape[1]
@@ -68,7 +68,7 @@ if BACKEND == "numba":
                     out[h, g, i] = acc + bias[i]
         return out
 
-    @njit(cache=True, fastmath=_FLAGS, nogil=True)
+    @njit(fastmath=_FLAGS, nogil=True)
     def _weighted_sum_numba(p, v16u):
         nh, ng, n = p.shape
         d = v16u.shape[2]

@@ -38,7 +38,8 @@ class Model:
         path: bundle directory.
         manifest: its validated manifest.
         backend: backend name ("onnx" | "tflite") or None to choose.
-        threads: intra-op threads for the backend (None = backend default).
+        threads: threads for the backend's intra-op pool and the attention kernels (None: the
+            backend's default and every usable core for the kernels; 1: one thread).
         kv_budget / kv_bits / window / sinks / policy: defaults for :meth:`new_cache`.
     """
 
@@ -47,7 +48,11 @@ class Model:
                  window: int | None = None, sinks: int | None = None, policy: str = "slide"):
         from tokenizers import Tokenizer
 
+        from tqedge.codec import kernels
+
         check_threads(threads)
+        self.threads = threads
+        self._set_kernel_threads = kernels.set_threads
         self.path, self.manifest = Path(path), manifest
         self.arch = manifest.architecture
         self.backend_name = choose_backend(manifest, backend)
@@ -92,6 +97,7 @@ class Model:
             raise TqedgeError(f"token id out of range 0..{self.arch.vocab_size - 1}")
         positions = np.arange(cache.offset, cache.offset + t, dtype=np.int64)
         index = np.array([t - 1], np.int64) if logits == "last" else np.arange(t, dtype=np.int64)
+        self._set_kernel_threads(self.threads)  # per calling thread: chats may run in several
         cache.prepare(t)
         out = self.backend.forward(ids, positions, index, cache)
         cache.commit()
@@ -156,19 +162,25 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     Args:
         path: bundle directory (made by ``tqedge export``).
         backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
-        threads: backend intra-op threads (>= 1; None = the backend's default).
+        threads: threads for onnxruntime's intra-op pool and the attention kernels (≥ 1;
+            None: onnxruntime's default and every usable core).
         verify: "auto" (SHA-256 of every file the first time this device loads the bundle and
             whenever a file's size or mtime changes, sizes otherwise: see tqedge/verified.py),
             "full" (SHA-256 of every file), "size" or "none".
+            The first load on a device also compiles the attention kernels (see
+            :mod:`tqedge.runtime.warmup`; ``tqedge doctor --warmup`` does it ahead).
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
     Returns:
         A :class:`Model`.
     """
+    from tqedge.runtime.warmup import ensure_warm
+
     t0 = time.perf_counter()
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
     model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
+    ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

@@ -21,3 +21,10 @@ def user_cache_dir() -> Path:
         return Path(os.environ["LOCALAPPDATA"]) / "tqedge"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tqedge"
+
+
+def numba_cache_dir() -> Path:
+    """Where tqedge's compiled kernels are cached: ``$NUMBA_CACHE_DIR`` if the user set it, else
+    ``user_cache_dir() / "numba"`` (see :mod:`tqedge.codec.numba_runtime`)."""
+    env = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(env).expanduser() if env else user_cache_dir() / "numba"

@@ -9,11 +9,13 @@ which. Both expose the same functions with the same results:
 - ``scores(qp (H, G, Dp), codes (H, N, B), scales16 (H, N, P) uint16, table, cb, lut) -> (H, G, N)``
 - ``value_sum(p (H, G, N), codes, scales16, table, cb, lut, dp) -> (H, G, Dp)``
 - ``dequantize(codes, scales16, table, cb, lut, dp) -> (H, N, Dp)``
-- ``warmup()``: compile / load every kernel now (e.g. at model load) instead of at first use.
+- ``set_threads(n)``: threads the kernels may use when called from this thread (None: all
+  usable cores; 1: serial). ``Model.forward`` sets it from ``load(threads=)``.
 
 ``table, cb, lut`` come from :class:`tqedge.codec.segments.SegmentTable`; ``scales16`` is the
 float16 scale array viewed as uint16. Importing this module imports Numba but compiles nothing:
-each kernel compiles (or loads from Numba's on-disk cache) at its first call.
+each kernel compiles (or loads from the on-disk cache) at its first call. How Numba is set up
+(threading layer, parallel launches, cache directory): :mod:`tqedge.codec.numba_runtime`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if _wanted == "numpy":
     from tqedge.codec import kernels_numpy as _impl
 else:
     try:
+        from tqedge.codec import numba_runtime  # before any kernel: layer, cache dir
         from tqedge.codec import kernels_numba as _impl
     except ImportError as exc:  # numba missing or broken on this platform
         if _wanted == "numba":
@@ -42,6 +45,12 @@ pack_into = _impl.pack_into
 scores = _impl.scores
 value_sum = _impl.value_sum
 dequantize = _impl.dequantize
-warmup = _impl.warmup
 
-__all__ = ["BACKEND", "quantize", "pack_into", "scores", "value_sum", "dequantize", "warmup"]
+
+def set_threads(n: int | None) -> None:
+    """Threads the kernels may use when called from this thread (None: all usable cores)."""
+    if BACKEND == "numba":
+        numba_runtime.set_threads(n)
+
+
+__all__ = ["BACKEND", "quantize", "pack_into", "scores", "value_sum", "dequantize", "set_threads"]

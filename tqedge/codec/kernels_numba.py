@@ -16,16 +16,21 @@ unpacks 8 codes from a 24-bit window of 3 bytes, other widths read a 16-bit wind
 
 Work is split over ``heads × key blocks`` with ``prange`` when the call is large enough to pay
 for the thread pool; small calls (a decode step at short context) run a serial twin compiled
-from the same source. ``scales`` arrive as float16 bit patterns (uint16): Numba has no float16,
-so :func:`_half` converts them. Nothing compiles at import; ``cache=True`` keeps the machine code
-on disk after the first call.
+from the same source, and so does any call while another thread's parallel kernel runs or when
+the calling thread's thread count is 1 (:func:`tqedge.codec.numba_runtime.launch`). ``scales``
+arrive as float16 bit patterns (uint16): Numba has no float16, so :func:`_half` converts them.
+Nothing compiles at import; the machine code is cached on disk in the user's cache directory
+after the first call (:mod:`tqedge.codec.numba_runtime`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import types
 
+import numpy as np
+from numba import prange
+
+from tqedge.codec.numba_runtime import launch, njit
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
 BACKEND = "numba"
@@ -33,7 +38,7 @@ BLOCK = 256  # keys per parallel work item
 TILE = 64  # keys decoded at a time into a small L1-resident tile
 PARALLEL_MIN = 4096  # H·N below which the serial kernels are used
 
-_OPTS = dict(cache=True, fastmath=True, nogil=True)
+_OPTS = dict(fastmath=True, nogil=True)
 _POW2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)  # float16 exponent table
 
 
@@ -306,12 +311,21 @@ def pack_into(codes, bits, out, byte_off):
                 out[i, byte_off + byte + 1] |= np.uint8(v >> 8)
 
 
+def _serial_twin(fn):
+    """A copy of ``fn`` under its own name. Numba's disk cache keys entries by the function's
+    name, line and bytecode, not by ``parallel``: compiled from one function object, the serial
+    twin would load the parallel machine code from the cache (or the reverse)."""
+    name = fn.__name__ + "_serial"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 _scores_par = njit(parallel=True, **_OPTS)(_scores_impl)
-_scores_ser = njit(**_OPTS)(_scores_impl)
+_scores_ser = njit(**_OPTS)(_serial_twin(_scores_impl))
 _value_sum_par = njit(parallel=True, **_OPTS)(_value_sum_impl)
-_value_sum_ser = njit(**_OPTS)(_value_sum_impl)
+_value_sum_ser = njit(**_OPTS)(_serial_twin(_value_sum_impl))
 _dequantize_par = njit(parallel=True, **_OPTS)(_dequantize_impl)
-_dequantize_ser = njit(**_OPTS)(_dequantize_impl)
+_dequantize_ser = njit(**_OPTS)(_serial_twin(_dequantize_impl))
 
 
 def _big(codes) -> bool:
@@ -320,20 +334,20 @@ def _big(codes) -> bool:
 
 def scores(qp, codes, scales16, table, cb, lut):
     """<qp[h, g], decoded[h, n]>: (H, G, Dp) f32, (H, N, B) u8, (H, N, P) u16 → (H, G, N) float32."""
-    fn = _scores_par if _big(codes) else _scores_ser
-    return fn(qp, codes, scales16, table, cb, lut.view(np.uint64))
+    args = (qp, codes, scales16, table, cb, lut.view(np.uint64))
+    return launch(_scores_par, _scores_ser, *args) if _big(codes) else _scores_ser(*args)
 
 
 def value_sum(p, codes, scales16, table, cb, lut, dp):
     """sum_n p[h, g, n] · decoded[h, n]: (H, G, N) f32, (H, N, B), (H, N, P) → (H, G, Dp) float32."""
-    fn = _value_sum_par if _big(codes) else _value_sum_ser
-    return fn(p, codes, scales16, table, cb, lut.view(np.uint64), dp)
+    args = (p, codes, scales16, table, cb, lut.view(np.uint64), dp)
+    return launch(_value_sum_par, _value_sum_ser, *args) if _big(codes) else _value_sum_ser(*args)
 
 
 def dequantize(codes, scales16, table, cb, lut, dp):
     """Decoded rows in the projected domain: (H, N, B), (H, N, P) → (H, N, Dp) float32."""
-    fn = _dequantize_par if _big(codes) else _dequantize_ser
-    return fn(codes, scales16, table, cb, lut.view(np.uint64), dp)
+    args = (codes, scales16, table, cb, lut.view(np.uint64), dp)
+    return launch(_dequantize_par, _dequantize_ser, *args) if _big(codes) else _dequantize_ser(*args)
 
 
 @njit(**_OPTS)
@@ -343,25 +357,3 @@ def half_to_float(h):
     for i in range(h.shape[0]):
         out[i] = _half(h[i])
     return out
-
-
-def warmup() -> None:
-    """Compile (or load from Numba's disk cache) every kernel for contiguous inputs and for
-    row slices of a larger buffer (what a ring cache passes), so the first decode step does not."""
-    from tqedge.codec.segments import Segment, build_table
-
-    cb = np.linspace(-0.3, 0.3, 16)
-    t = build_table([Segment(4, 8, 0, 0, 0, cb)])
-    lut64 = t.lut.view(np.uint64)
-    for h, n in ((1, 4), (1, PARALLEL_MIN)):  # serial and parallel twins
-        buf = np.zeros((h, n + 2, 4), np.uint8)
-        sbuf = np.zeros((h, n + 2, 1), np.uint16)
-        for codes, scales in ((buf[:, :n].copy(), sbuf[:, :n].copy()), (buf[:, 1 : n + 1], sbuf[:, 1 : n + 1])):
-            qp = np.zeros((h, 1, 8), np.float32)
-            p = np.zeros((h, 1, n), np.float32)
-            big = h * n >= PARALLEL_MIN
-            (_scores_par if big else _scores_ser)(qp, codes, scales, t.table, t.cb, lut64)
-            (_value_sum_par if big else _value_sum_ser)(p, codes, scales, t.table, t.cb, lut64, 8)
-            (_dequantize_par if big else _dequantize_ser)(codes, scales, t.table, t.cb, lut64, 8)
-    vals = np.zeros((1, 8), np.float32)
-    pack_into(quantize(vals, cb[:-1]), 4, np.zeros((1, 4), np.uint8), 0)

@@ -54,7 +54,3 @@ def value_sum(p: np.ndarray, codes: np.ndarray, scales16: np.ndarray, table: np.
     """sum_n p[h, g, n] · decoded[h, n]: (H, G, N), (H, N, B), (H, N, P) → (H, G, Dp) float32."""
     x = dequantize(codes, scales16, table, cb, lut, dp)  # (H, N, Dp)
     return np.matmul(p.astype(np.float32, copy=False), x)  # (H, G, Dp)
-
-
-def warmup() -> None:
-    """Nothing to compile for NumPy."""

@@ -1,0 +1,162 @@
+"""Cold start: compile the attention kernels once per install and device, not in a user's chat.
+
+A Numba kernel compiles at its first call (seconds to minutes on a small board: the first
+decode steps after a fresh install took 64 s, 15 s and 6 s) unless its machine code is in the
+on-disk cache (:mod:`tqedge.codec.numba_runtime`). :func:`warmup` runs a one-layer compressed
+cache through the calls a chat makes — chunked prefill past the parallel threshold, decode on
+short and long contexts, across a window backlog encode and after a trim — so every signature
+the runtime uses is compiled and cached at once: dtypes *and* array layouts (the cache passes
+ring slices, fancy-indexed copies and, with one scale per vector, Fortran-ordered scale arrays;
+serial and parallel twins). Driving the cache's own API rather than a list of signatures keeps
+it exact as the cache changes; ``tests/test_warmup.py`` checks that a real generate afterwards
+compiles nothing new.
+
+The layouts depend on the model's shape (one KV head or several; one scale per vector or
+more), so the warm-up uses the bundle's KV heads, head size and bit widths. :func:`ensure_warm`
+runs it when no marker says this was done (``tqedge.load`` calls it; ``tqedge doctor --warmup``
+forces it). The marker is a file in the kernel cache directory named by a hash of what Numba's
+cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
+directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256  # prefill chunk of the warm-up
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the kernels' argument layouts depend on: KV heads, head size, the (key, value) bit
+    widths to run (one per distinct scale-count combination), QJL keys, rotation."""
+
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    bits: tuple[tuple[float, float], ...] = ((4.0, 3.0),)
+    qjl: bool = False
+    rotation: str = "hadamard"
+
+    @classmethod
+    def of(cls, manifest) -> "Shape":
+        """The shape of a bundle's default KV cache (every per-layer bit width it uses)."""
+        kv, a = manifest.kv, manifest.architecture
+        pairs = {(float(kv.key_bits), float(kv.value_bits))}
+        pairs |= {(float(k), float(v)) for k, v in (kv.layer_bits or {}).values()}
+        return cls(a.num_kv_heads, a.head_dim, tuple(sorted(pairs)), bool(kv.qjl), kv.rotation)
+
+    def kv_spec(self):
+        from tqedge.bundle import KVSpec
+
+        return KVSpec(qjl=self.qjl, rotation=self.rotation)
+
+
+def _layouts(shape: Shape) -> list[tuple[float, float]]:
+    """One bit pair per distinct (key scales, value scales) count: the rest compile the same."""
+    from tqedge.runtime.cache import build_codecs
+
+    seen, out = set(), []
+    for bits in shape.bits:
+        keys, values = build_codecs(shape.kv_spec(), 1, shape.head_dim, bits)
+        key = (keys[0].num_scales == 1, values[0].num_scales == 1)
+        if key not in seen:
+            seen.add(key)
+            out.append(bits)
+    return out
+
+
+def marker_path(shape: Shape = Shape()) -> Path | None:
+    """The marker of a completed warm-up for this install, device and shape (None without Numba)."""
+    from tqedge.codec import kernels
+
+    if kernels.BACKEND != "numba":
+        return None
+    import llvmlite.binding as ll
+    import numba
+
+    from tqedge.codec import numba_runtime
+    from tqedge.runtime import compressed_cache  # noqa: F401  (imports every kernel module it uses)
+
+    sources = sorted({d.py_func.__code__.co_filename for d in numba_runtime.DISPATCHERS})
+    key = {"numba": numba.__version__, "python": sys.version, "machine": platform.machine(),
+           "cpu": [ll.get_process_triple(), ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten()],
+           "sources": [[f, Path(f).stat().st_mtime_ns, Path(f).stat().st_size] for f in sources],
+           "shape": [shape.num_kv_heads == 1, _layouts(shape), shape.qjl, shape.rotation]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return numba_runtime.cache_dir() / f"warm-{digest}.json"
+
+
+def warmup(shape: Shape = Shape()) -> float:
+    """Compile (or load from the disk cache) every kernel signature the runtime uses for ``shape``.
+
+    Returns:
+        Seconds it took.
+    """
+    from tqedge.codec import kernels
+    from tqedge.codec.kernels_numba import PARALLEL_MIN
+    from tqedge.runtime.cache import build_codecs
+    from tqedge.runtime.compressed_cache import CompressedKVCache
+
+    t0 = time.perf_counter()
+    kv, h, d = shape.kv_spec(), shape.num_kv_heads, shape.head_dim
+    rng = np.random.default_rng(0)
+    kernels.set_threads(None)  # the parallel twins too (where there is more than one core)
+    for bits in _layouts(shape):
+        keys, values = build_codecs(kv, 1, d, bits)
+        long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
+        cache = CompressedKVCache(keys, values, h, d, ring=long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+
+        def step(t: int) -> None:
+            cache.prepare(t)
+            q = rng.standard_normal((t, 2 * h, d), dtype=np.float32)  # 2 query heads per KV head
+            k = rng.standard_normal((t, h, d), dtype=np.float32)
+            v = rng.standard_normal((t, h, d), dtype=np.float32)
+            cache.attend(0, q, k, v, d ** -0.5)
+            cache.commit()
+
+        step(CHUNK)  # short prefill, then short decode (serial twins)
+        for _ in range(kv.window + 2):  # crosses a window backlog encode
+            step(1)
+        while cache.offset < long:  # long prefill (parallel dequantize), then long decode
+            step(min(CHUNK, long - cache.offset))
+        for _ in range(2):
+            step(1)
+        cache.trim(3)  # a regenerated reply: reads compressed keys that lost their fp16 copy
+        step(2)
+        step(1)
+    return time.perf_counter() - t0
+
+
+def ensure_warm(manifest=None, force: bool = False) -> float | None:
+    """Run :func:`warmup` for ``manifest``'s shape (default: a generic one) unless its marker
+    exists (or ``force``), then write the marker.
+
+    Returns:
+        Seconds spent, or None when already warm (or there is nothing to compile).
+    """
+    from tqedge.files import atomic_write_bytes
+
+    shape = Shape.of(manifest) if manifest is not None else Shape()
+    path = marker_path(shape)
+    if path is None or (path.is_file() and not force):
+        return None
+    log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
+    seconds = warmup(shape)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps({"seconds": round(seconds, 2), "time": time.time()}) + "\n").encode())
+    except OSError as e:  # a read-only cache: warm for this process only
+        log.warning("cannot write %s: %s", path, e)
+    log.info("kernels compiled in %.1fs", seconds)
+    return seconds

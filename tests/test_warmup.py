@@ -1,0 +1,114 @@
+"""Cold start: the warm-up compiles every kernel signature a real generate uses, its marker
+makes later loads skip it, ``tqedge doctor --warmup`` runs it, and compiled kernels are cached
+in the user's cache directory, never next to the installed sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("numba")
+ROOT = Path(__file__).resolve().parents[1]
+
+_GENERATE = r"""
+import json, sys
+import tqedge
+from tqedge.bundle import read_manifest
+from tqedge.codec import numba_runtime
+from tqedge.data import read_text
+from tqedge.runtime.warmup import Shape, warmup
+
+def signatures():
+    return {f"{d.py_func.__module__}.{d.py_func.__name__}": set(map(str, d.signatures))
+            for d in numba_runtime.DISPATCHERS}
+
+warmup(Shape.of(read_manifest(sys.argv[1], verify="none")))
+before = signatures()
+model = tqedge.load(sys.argv[1], verify="none")
+ids = model.encode(read_text())[:2000]  # 4 prefill chunks: the last dequantizes > 4096 head·keys
+model.generate(ids, max_tokens=40, temperature=0, window=16)  # backlog encodes every 16 steps
+chat = model.chat()  # short context: the serial twins; a second turn reuses the cache
+chat.send("Name a colour.", max_tokens=20, temperature=0)
+chat.send("And another one?", max_tokens=20, temperature=0)
+after = signatures()
+print(json.dumps({"new": {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]},
+                  "warm": sorted(k for k, v in before.items() if v)}))
+"""
+
+
+@pytest.mark.slow
+def test_warmup_compiles_every_signature_a_real_generate_uses(smollm2_bundle):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _GENERATE, str(smollm2_bundle)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["new"] == {}  # the generate and chat compiled nothing the warm-up had not
+    entry_points = {"quantize", "pack_into", "_scores_impl_serial", "_value_sum_impl_serial",
+                    "_dequantize_impl_serial", "_scores_numba", "_weighted_sum_numba"}
+    if len(os.sched_getaffinity(0)) > 1:
+        entry_points |= {"_scores_impl", "_value_sum_impl", "_dequantize_impl"}  # the parallel twins
+    assert entry_points <= {k.rsplit(".", 1)[1] for k in out["warm"]}
+
+
+@pytest.fixture
+def marker_dir(tmp_path, monkeypatch):
+    from tqedge.codec import numba_runtime
+
+    monkeypatch.setattr(numba_runtime, "_CACHE_DIR", tmp_path)  # markers only: kernels keep their cache
+    return tmp_path
+
+
+def test_ensure_warm_runs_once_per_shape(marker_dir):
+    from tqedge.runtime.warmup import Shape, ensure_warm, marker_path
+
+    shape = Shape()
+    assert not marker_path(shape).exists()
+    first = ensure_warm()
+    assert isinstance(first, float) and first > 0
+    assert marker_path(shape).is_file() and marker_path(shape).parent == marker_dir
+    assert ensure_warm() is None  # warm: nothing to do
+    assert isinstance(ensure_warm(force=True), float)
+    one_head = Shape(num_kv_heads=1)
+    assert marker_path(one_head) != marker_path(shape)  # other layouts, another warm-up
+    marker_path(shape).unlink()  # a cleared cache directory warms up again
+    assert isinstance(ensure_warm(), float)
+
+
+def test_doctor_warmup(marker_dir):
+    from tqedge.runtime.doctor import doctor_cmd
+
+    r = CliRunner().invoke(doctor_cmd, ["--warmup", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["warmup_seconds"] > 0
+    assert any(marker_dir.glob("warm-*.json"))
+    text = CliRunner().invoke(doctor_cmd, ["--warmup"]).output
+    assert "kernels compiled in" in text
+
+
+_COMPILE = ("import numpy as np; from tqedge.codec import kernels_numba as k; "
+            "print(k.half_to_float(np.array([15360], np.uint16))[0])")
+
+
+def test_kernels_are_cached_in_the_user_cache_dir_not_beside_the_sources(tmp_path):
+    sources = ROOT / "tqedge" / "codec"
+    before = {p: p.stat().st_mtime_ns for p in sources.rglob("*.nb[ic]")}
+    env = {**{k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"},
+           "TQEDGE_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "1.0"
+    assert any((tmp_path / "numba").rglob("kernels_numba.half_to_float-*.nbi"))
+    assert {p: p.stat().st_mtime_ns for p in sources.rglob("*.nb[ic]")} == before
+    # a user-set NUMBA_CACHE_DIR wins
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
+    r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any((tmp_path / "mine").rglob("kernels_numba.half_to_float-*.nbi"))

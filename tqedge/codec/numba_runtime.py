@@ -1,0 +1,138 @@
+"""How tqedge runs Numba: threading layer, parallel launches, thread count, on-disk cache.
+
+Imported by :mod:`tqedge.codec.kernels` before any kernel is defined, so everything here is
+settled before Numba compiles or launches anything:
+
+- **Threading layer: ``workqueue``**, unless the user set ``NUMBA_THREADING_LAYER``. It ships
+  inside Numba on every platform (no system libgomp, which a bare arm64 Debian lacks; TBB has
+  no aarch64 wheel) and its workers block on a condition variable between kernels: no spinning
+  pool steals the core onnxruntime or another process needs (GNU OpenMP spins by default
+  unless ``OMP_WAIT_POLICY=PASSIVE``, which users don't set). Its one flaw, aborting the
+  process when two threads launch parallel kernels at once, is removed by :func:`launch`:
+  a parallel kernel runs only while holding one process-wide lock, and a thread that finds it
+  held runs the kernel's serial twin instead (same results) rather than waiting.
+- **Thread count**: :func:`set_threads` (per calling thread, like ``numba.set_num_threads``;
+  ``Model.forward`` sets it from ``load(threads=)`` / ``--threads``). With 1 thread the
+  parallel twins never run, so Numba's pool is never even started.
+- **Cache**: compiled kernels go to ``tqedge.paths.numba_cache_dir()`` (``user_cache_dir() /
+  "numba"`` unless the user set ``NUMBA_CACHE_DIR``) — never into
+  site-packages, where stale cache files outlive a ``pip uninstall`` and turn ``tqedge/`` into
+  a namespace package that shadows a later editable install. :func:`njit` scopes Numba's
+  ``CACHE_DIR`` to the decoration of tqedge's own kernels (Numba binds a function's cache
+  location when it is decorated), so other Numba code in the process keeps its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqedge.paths import numba_cache_dir
+
+log = logging.getLogger(__name__)
+
+LAYER = "workqueue"
+if "NUMBA_THREADING_LAYER" not in os.environ:  # read by numba at import and at config reload
+    os.environ["NUMBA_THREADING_LAYER"] = LAYER
+
+import numba  # noqa: E402  (after the threading layer is chosen)
+from numba.np.ufunc import parallel as _parallel  # noqa: E402
+
+if os.environ["NUMBA_THREADING_LAYER"] == LAYER and numba.config.THREADING_LAYER != LAYER:
+    numba.config.THREADING_LAYER = LAYER  # numba was imported before tqedge set the variable
+if _parallel._is_initialized and numba.threading_layer() != numba.config.THREADING_LAYER:
+    log.warning("Numba's thread pool already runs the %s layer (started before tqedge was imported)",
+                numba.threading_layer())
+
+_LOCK = threading.Lock()  # held while a parallel kernel runs (workqueue is not thread-safe)
+_tls = threading.local()
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+#: threads a parallel kernel may use: Numba's pool size, at most the cores this process may run on
+MAX_THREADS = max(1, min(numba.config.NUMBA_NUM_THREADS, _usable_cores()))
+
+
+def set_threads(n: int | None) -> None:
+    """Threads the kernels may use when called from this thread (None: :data:`MAX_THREADS`).
+
+    Values above :data:`MAX_THREADS` are clamped; 1 runs every kernel serially."""
+    _tls.threads = MAX_THREADS if n is None else max(1, min(int(n), MAX_THREADS))
+
+
+def launch(parallel, serial, *args):
+    """Run ``parallel(*args)`` on this thread's thread count if it is > 1 and no other parallel
+    kernel is running in the process, else ``serial(*args)`` (same results)."""
+    n = getattr(_tls, "threads", MAX_THREADS)
+    if n > 1 and _LOCK.acquire(blocking=False):
+        try:
+            if getattr(_tls, "numba_threads", 0) != n:  # numba's count is per thread, too
+                numba.set_num_threads(n)
+                _tls.numba_threads = n
+            return parallel(*args)
+        finally:
+            _LOCK.release()
+    return serial(*args)
+
+
+# -- the on-disk cache ---------------------------------------------------------------------
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError:
+        return False
+    return True
+
+
+def cache_dir() -> Path:
+    """Where tqedge's compiled kernels are cached: :func:`tqedge.paths.numba_cache_dir`, or a
+    per-user temporary directory if that is not writable (never next to the installed sources)."""
+    return _CACHE_DIR
+
+
+def _choose_cache_dir() -> Path:
+    want = numba_cache_dir()
+    if _writable(want):
+        return want
+    fallback = Path(tempfile.gettempdir()) / f"tqedge-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    log.warning("cannot write the kernel cache to %s; using %s", want, fallback)
+    return fallback
+
+
+_CACHE_DIR = _choose_cache_dir()
+
+
+@contextmanager
+def _cache_dir_scope():
+    old = numba.config.CACHE_DIR
+    numba.config.CACHE_DIR = str(cache_dir())
+    try:
+        yield
+    finally:
+        numba.config.CACHE_DIR = old
+
+
+#: every kernel made by :func:`njit`, in definition order (warm-up and its test enumerate them)
+DISPATCHERS: list = []
+
+
+def njit(*, parallel: bool = False, **opts):
+    """``numba.njit(cache=True, **opts)`` whose cache lives in :func:`cache_dir` (the cache
+    location is bound when the function is decorated); registered in :data:`DISPATCHERS`."""
+    def decorate(fn):
+        with _cache_dir_scope():
+            disp = numba.njit(cache=True, parallel=parallel, **opts)(fn)
+        DISPATCHERS.append(disp)
+        return disp
+    return decorate
