@@ -24,13 +24,14 @@ from typing import Callable
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from tqedge.bundle import WEIGHT_BLOCK_SIZES
 from tqedge.exporters.spec import QuantBlocks
 
 log = logging.getLogger(__name__)
 
 ALIGN = 64
 SMALL = 256  # initializers up to this many bytes stay inside the .onnx file
-BLOCK_SIZES = {"int8": 16, "int4": 32}  # int8: 16 measured +2.5 points top-1 over 32 at equal speed
+BLOCK_SIZES = WEIGHT_BLOCK_SIZES  # the one home is tqedge/bundle.py (the planner sizes from it too)
 # MatMulNBits accuracy_level: 4 = activations quantized to int8 per block, integer dot products.
 # On x86 (AVX2) that is onnxruntime's fast path for both widths; 8-bit weights at level 0 fall
 # back to dequantize-per-call (~50x slower).

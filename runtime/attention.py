@@ -12,8 +12,10 @@ Keys at distance ``≥ ring`` (the cache's ring of non-sink slots) are no longer
 The compressed part never materializes a dequantized cache in decode: the query is rotated once
 (``project_query``), scores come from the codec kernel on the packed codes, the probabilities
 are accumulated over the packed values in the projected domain (``value_sum``) and unprojected
-once. Prefill of many query rows is blocked: per block of rows, only the key range it can see
-is scored, with the compressed keys dequantized in the projected domain (one BLAS matmul).
+once. Prefill of many query rows is flash-style: the compressed keys are streamed in tiles,
+each dequantized once in the projected domain and scored for every row that can see it (BLAS
+matmuls) under an online softmax, so temporaries are bounded by the chunk and the tile, never
+by the context.
 All heads of a GQA group share one read of their KV head's keys.
 """
 
@@ -25,8 +27,10 @@ import numpy as np
 
 from tqedge.runtime import fp16_kernels
 
-# Upper bound on the score matrix of one prefill query block (elements), which sets the block size.
-BLOCK_ELEMENTS = 1 << 22
+# Prefill tiles: compressed keys dequantized at once, and the upper bound on one score tile
+# (elements, float32), which sets how many query rows are scored together.
+KEY_TILE = 256
+TILE_ELEMENTS = 1 << 20
 MIN_BLOCK, MAX_BLOCK = 16, 256
 
 
@@ -115,9 +119,15 @@ def decode(q: np.ndarray, scale: float, kf: np.ndarray, vf: np.ndarray, fp_bias:
 
 
 def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
-            kf: np.ndarray, vf: np.ndarray, pf: np.ndarray,
-            kc: np.ndarray, vc: np.ndarray, pc: np.ndarray, tq_k, tq_v) -> np.ndarray:
-    """Many query rows (a prompt chunk), blocked over rows, each block over its visible key range.
+            kf: np.ndarray, vf: np.ndarray, pf: np.ndarray, pc: np.ndarray, load_compressed,
+            tq_k, tq_v) -> np.ndarray:
+    """Many query rows (a prompt chunk): flash-style, online softmax over bounded tiles.
+
+    The fp16 keys (sinks + window + this step's tokens, a set bounded by the chunk) are scored
+    per block of rows; the compressed keys are then streamed in tiles of :data:`KEY_TILE`
+    positions, each dequantized once (``load_compressed``) and folded into every row's running
+    max, denominator and sums. No temporary grows with the context: the largest are the
+    per-row accumulators (bounded by the chunk) and one score tile (:data:`TILE_ELEMENTS`).
 
     Args:
         q: (T, Hq, D) float32 queries at positions ``t`` (T,), ascending.
@@ -125,8 +135,9 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
         rule: the read rule of this step.
         kf, vf: (Hkv, Nf, D) float32 full-precision keys / values at positions ``pf`` (Nf,),
             ascending (sinks first).
-        kc, vc: (Hkv, Nc, Dp) float32 compressed keys / values dequantized in the projected
-            domain, at positions ``pc`` (Nc,), ascending.
+        pc: (Nc,) ascending positions of the compressed keys some row reads.
+        load_compressed: ``(a, b) -> (keys, values)``, entries ``a:b`` of ``pc`` dequantized in
+            the projected domain, float32 (Hkv, b - a, Dp) each.
         tq_k, tq_v: the layer's key / value codecs (query projection, value unprojection).
 
     Returns:
@@ -137,13 +148,11 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
     g = hq // h
     # (Hkv, T, G, D): a block of rows is then one (Tb·G, D) matrix per KV head (3-D BLAS batches)
     qh = np.ascontiguousarray((q * np.float32(scale)).reshape(T, h, g, d).transpose(1, 0, 2, 3))
-    qp = None
-    if len(pc):
-        qp = tq_k.project_query(qh.reshape(-1, d))  # (Hkv·T·G, Dp)
-        qp = qp.reshape(h, T, g, -1)  # (Hkv, T, G, Dp)
+    m = np.empty((h, T, g, 1), np.float32)  # running max, denominator and fp-domain sums per row
+    denom = np.empty((h, T, g, 1), np.float32)
+    o = np.empty((h, T, g, d), np.float32)
     n_sink = int(np.searchsorted(pf, rule.sinks))
-    out = np.empty((T, hq, d), np.float32)
-    block = int(np.clip(BLOCK_ELEMENTS // max(1, hq * (len(pf) + len(pc))), MIN_BLOCK, MAX_BLOCK))
+    block = int(np.clip(TILE_ELEMENTS // max(1, hq * len(pf)), MIN_BLOCK, MAX_BLOCK))
     for a in range(0, T, block):
         b = min(T, a + block)
         tb = t[a:b]  # (Tb,)
@@ -154,28 +163,44 @@ def prefill(q: np.ndarray, t: np.ndarray, scale: float, rule: ReadRule,
         lo = max(n_sink, int(np.searchsorted(pf, lo_p)))
         hi = int(np.searchsorted(pf, tb[-1], side="right"))
         idx = np.r_[0:n_sink, lo:hi]  # (Nb,)
-        s_fp = _masked_scores(qh[:, a:b], kf[:, idx], rule.fp_mask(tb, pf[idx]))  # (Hkv, Tb, G, Nb)
-        m = s_fp.max(axis=-1, keepdims=True, initial=-np.inf)
-        s_c = None
-        if qp is not None:
-            c_lo = int(np.searchsorted(pc, tb[0] - rule.ring + 1))
-            c_hi = int(np.searchsorted(pc, max(tb[-1] - rule.window, rule.fp_lo - 1), side="right"))
-            if c_hi > c_lo:
-                sl = slice(c_lo, c_hi)
-                s_c = _masked_scores(qp[:, a:b], kc[:, sl], rule.compressed_mask(tb, pc[sl]))
-                m = np.maximum(m, s_c.max(axis=-1, keepdims=True))
-        rows = (h, (b - a) * g, -1)
-        p_fp = np.exp(s_fp - m)  # (Hkv, Tb, G, Nb)
-        denom = p_fp.sum(axis=-1, keepdims=True)
-        o = np.matmul(p_fp.reshape(rows), vf[:, idx])  # (Hkv, Tb·G, D)
-        if s_c is not None:
-            p_c = np.exp(s_c - m)  # (Hkv, Tb, G, Nc')
-            denom += p_c.sum(axis=-1, keepdims=True)
-            acc = np.matmul(p_c.reshape(rows), vc[:, sl])  # (Hkv, Tb·G, Dp)
-            o += tq_v.unproject(acc.reshape(-1, acc.shape[-1])).reshape(o.shape)
-        o = o.reshape(h, b - a, g, d) / denom  # (Hkv, Tb, G, D)
-        out[a:b] = o.transpose(1, 0, 2, 3).reshape(b - a, hq, d)
-    return out
+        s = _masked_scores(qh[:, a:b], kf[:, idx], rule.fp_mask(tb, pf[idx]))  # (Hkv, Tb, G, Nb)
+        mb = s.max(axis=-1, keepdims=True, initial=-np.inf)
+        p = np.exp(s - _finite(mb))
+        m[:, a:b], denom[:, a:b] = mb, p.sum(axis=-1, keepdims=True)
+        o[:, a:b] = np.matmul(p.reshape(h, (b - a) * g, -1), vf[:, idx]).reshape(h, b - a, g, d)
+    if len(pc):
+        qp = tq_k.project_query(qh.reshape(-1, d)).reshape(h, T, g, -1)  # (Hkv, T, G, Dp)
+        acc = np.zeros_like(qp)  # compressed values' sums, projected domain
+        for ka in range(0, len(pc), KEY_TILE):
+            kb = min(len(pc), ka + KEY_TILE)
+            pt = pc[ka:kb]  # (n,)
+            # rows that can see some key of the tile: causal, and within the ring
+            r_lo = int(np.searchsorted(t, pt[0]))
+            r_hi = int(np.searchsorted(t, pt[-1] + rule.ring - 1, side="right"))
+            if r_hi <= r_lo:
+                continue
+            kd, vd = load_compressed(ka, kb)  # (Hkv, n, Dp) each
+            rows = max(1, TILE_ELEMENTS // (hq * (kb - ka)))
+            for a in range(r_lo, r_hi, rows):
+                b = min(r_hi, a + rows)
+                s = _masked_scores(qp[:, a:b], kd, rule.compressed_mask(t[a:b], pt))  # (Hkv, Tb, G, n)
+                m_new = np.maximum(m[:, a:b], s.max(axis=-1, keepdims=True))
+                shift = _finite(m_new)
+                alpha = np.exp(m[:, a:b] - shift)  # rescales what was summed under the old max
+                p = np.exp(s - shift)
+                denom[:, a:b] = denom[:, a:b] * alpha + p.sum(axis=-1, keepdims=True)
+                o[:, a:b] *= alpha
+                acc[:, a:b] *= alpha
+                acc[:, a:b] += np.matmul(p.reshape(h, (b - a) * g, -1), vd).reshape(h, b - a, g, -1)
+                m[:, a:b] = m_new
+        o += tq_v.unproject(acc.reshape(-1, acc.shape[-1])).reshape(o.shape)
+    o /= denom
+    return o.transpose(1, 0, 2, 3).reshape(T, hq, d)
+
+
+def _finite(m: np.ndarray) -> np.ndarray:
+    """The softmax shift: the running max, 0 where a row has seen no key yet (max = -inf)."""
+    return np.where(np.isfinite(m), m, np.float32(0.0))
 
 
 def _masked_scores(qb: np.ndarray, k: np.ndarray, mask: np.ndarray) -> np.ndarray:

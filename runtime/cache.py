@@ -187,13 +187,8 @@ class ExactKVCache:
         qh = q.reshape(t, hkv, g, d).transpose(1, 2, 0, 3).reshape(hkv, g * t, d)  # (Hkv, G*T, D)
         kn = k.transpose(1, 0, 2)  # (Hkv, T, D)
         vn = v.transpose(1, 0, 2)  # (Hkv, T, D)
-        if isinstance(s.old_valid, (int, np.integer)):
-            ko = self.keys[layer, :, : s.old_valid]  # (Hkv, N, D)
-            vo = self.values[layer, :, : s.old_valid]
-        else:
-            ko = self.keys[layer][:, s.old_valid]
-            vo = self.values[layer][:, s.old_valid]
-        out = exact_attention(qh, ko, vo, kn, vn, scale, g)  # (Hkv, G*T, D)
+        old = int(s.old_valid) if isinstance(s.old_valid, (int, np.integer)) else np.flatnonzero(s.old_valid)
+        out = exact_attention(qh, self.keys[layer], self.values[layer], old, kn, vn, scale)  # (Hkv, G*T, D)
         self.keys[layer][:, s.new_slots] = kn
         self.values[layer][:, s.new_slots] = vn
         return out.reshape(hkv, g, t, d).transpose(2, 0, 1, 3).reshape(t, hq, d)
@@ -208,30 +203,46 @@ def copy_state_arrays(state: dict, arrays: dict[str, np.ndarray]) -> None:
         arr[...] = src
 
 
-def exact_attention(qh, ko, vo, kn, vn, scale: float, g: int) -> np.ndarray:
-    """Softmax attention of grouped queries over old keys (all visible) and new keys (causal).
+def exact_attention(qh, keys, values, old, kn, vn, scale: float) -> np.ndarray:
+    """Softmax attention of grouped queries over cached keys (all visible) and new keys (causal),
+    the cached ones streamed in tiles under an online softmax: temporaries are bounded by the
+    step and the tile (:data:`tqedge.runtime.attention.TILE_ELEMENTS`), not the context.
 
     Args:
         qh: (Hkv, G*T, D) queries, grouped per KV head, query-head-major then token.
-        ko, vo: (Hkv, N, D) cached keys/values every new token may see.
+        keys, values: (Hkv, C, D) one layer's cache slots.
+        old: the slots every new token may see: a count ``n`` (slots ``[0, n)``) or an index array.
         kn, vn: (Hkv, T, D) the new tokens' keys/values (causal among themselves).
         scale: softmax scale.
-        g: query heads per KV head.
 
     Returns:
         (Hkv, G*T, D) float32.
     """
+    from tqedge.runtime.attention import KEY_TILE, TILE_ELEMENTS
+
+    h, gt, _ = qh.shape
     t = kn.shape[1]
-    s_old = np.matmul(qh, ko.transpose(0, 2, 1).astype(np.float32, copy=False)) * scale  # (Hkv, G*T, N)
-    s_new = np.matmul(qh, kn.transpose(0, 2, 1)) * scale  # (Hkv, G*T, T)
+    s = np.matmul(qh, kn.transpose(0, 2, 1)) * np.float32(scale)  # (Hkv, G*T, T)
     causal = np.triu(np.ones((t, t), dtype=bool), k=1)  # True = masked
-    s_new = np.where(np.tile(causal, (g, 1))[None], -np.inf, s_new)
-    m = np.maximum(s_old.max(axis=-1, initial=-np.inf), s_new.max(axis=-1))[..., None]
-    p_old = np.exp(s_old - m)
-    p_new = np.exp(s_new - m)
-    denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
-    out = np.matmul(p_old, vo.astype(np.float32, copy=False)) + np.matmul(p_new, vn)
-    return (out / denom).astype(np.float32)
+    s = np.where(np.tile(causal, (gt // t, 1))[None], np.float32(-np.inf), s)
+    m = s.max(axis=-1, keepdims=True)  # finite: every token sees itself
+    p = np.exp(s - m)
+    denom = p.sum(axis=-1, keepdims=True)
+    out = np.matmul(p, vn)  # (Hkv, G*T, D)
+    n = old if isinstance(old, int) else len(old)
+    tile = max(KEY_TILE, TILE_ELEMENTS // max(1, h * gt))
+    for a in range(0, n, tile):
+        sl = slice(a, min(n, a + tile)) if isinstance(old, int) else old[a:a + tile]
+        k = keys[:, sl].astype(np.float32, copy=False)  # (Hkv, n', D)
+        s = np.matmul(qh, k.transpose(0, 2, 1)) * np.float32(scale)  # (Hkv, G*T, n')
+        m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+        alpha = np.exp(m - m_new)
+        p = np.exp(s - m_new)
+        denom = denom * alpha + p.sum(axis=-1, keepdims=True)
+        out *= alpha
+        out += np.matmul(p, values[:, sl].astype(np.float32, copy=False))
+        m = m_new
+    return (out / denom).astype(np.float32, copy=False)
 
 
 # Named KV configurations, chosen from the quality study (docs/RESULTS.md, SmolLM2, ctx 1024):

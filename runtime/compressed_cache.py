@@ -17,7 +17,8 @@ the same in decode and prefill, so the result does not depend on chunking.
 The byte budget pays for the fixed fp16 buffers first; the rest becomes ring slots at the
 codec's exact bytes per token (all layers, keys and values, codes and scales). Nothing grows
 after construction; ``nbytes`` (all buffers) never exceeds the budget. Transient work arrays of
-a prefill step (dequantized key blocks) are not part of the budget.
+a prefill step (one dequantized tile of keys and values, per-row accumulators) are bounded by the
+prefill chunk and the tile, not the context, and are not part of the budget.
 """
 
 from __future__ import annotations
@@ -230,13 +231,25 @@ class CompressedKVCache:
         vf = np.concatenate([self.fp_v[L][:, fp_slots], v16], axis=1).astype(np.float32)
         n_sink_new = t - len(new_c)
         kc_new, ks_new, vc_new, vs_new = self._encode(L, k16[:, n_sink_new:], v16[:, n_sink_new:])
-        r = slice(0, n_new_read)
-        kc = np.concatenate([tq_k.dequantize_projected(self.k_codes[L][:, old_idx], self.k_scales[L][:, old_idx]),
-                             tq_k.dequantize_projected(kc_new[:, r], ks_new[:, r])], axis=1)  # (Hkv, Nc, Dp)
-        vc = np.concatenate([tq_v.dequantize_projected(self.v_codes[L][:, old_idx], self.v_scales[L][:, old_idx]),
-                             tq_v.dequantize_projected(vc_new[:, r], vs_new[:, r])], axis=1)
-        out = attention.prefill(q, pos, scale, self._rule, kf, vf, pf, kc.astype(np.float32, copy=False),
-                                vc.astype(np.float32, copy=False), pc, tq_k, tq_v)
+        n_old = len(old_idx)
+
+        def load_compressed(a: int, b: int):
+            """Entries a:b of this step's compressed reads (old ring slots, then new tokens),
+            dequantized in the projected domain: one tile, never the whole context."""
+            out = []
+            for tq, codes, scales, c_new, s_new in ((tq_k, self.k_codes[L], self.k_scales[L], kc_new, ks_new),
+                                                    (tq_v, self.v_codes[L], self.v_scales[L], vc_new, vs_new)):
+                parts = []
+                if a < n_old:
+                    ring = old_idx[a:min(b, n_old)]
+                    parts.append(tq.dequantize_projected(codes[:, ring], scales[:, ring]))
+                if b > n_old:
+                    new = slice(max(a, n_old) - n_old, b - n_old)
+                    parts.append(tq.dequantize_projected(c_new[:, new], s_new[:, new]))
+                out.append(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1))  # (Hkv, b-a, Dp)
+            return out
+
+        out = attention.prefill(q, pos, scale, self._rule, kf, vf, pf, pc, load_compressed, tq_k, tq_v)
         # store after attending: the new tokens overwrite slots earlier rows of this step read
         sink_new = pos[pos < S]
         self.fp_k[L][:, sink_new] = k16[:, :len(sink_new)]

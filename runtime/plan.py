@@ -13,7 +13,7 @@ The memory model (all terms in bytes)::
   measured on the reference machine (see the constant), plus :data:`MARGIN` for allocator
   slack and the app around it.
 - **resident weights**: from the architecture's parameter counts and each format's bytes per
-  weight as the exporter writes them (``MatMulNBits`` blocks of 32 with fp32 scales and uint8
+  weight as the exporter writes them (``MatMulNBits`` blocks of :data:`~tqedge.bundle.WEIGHT_BLOCK_SIZES` with fp32 scales and uint8
   zero points for int8/int4; fp16 weights are cast to fp32 when onnxruntime loads them, so
   they halve the disk size but not the resident size). The bundle's own format is also
   reported from its files.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import click
 
-from tqedge.bundle import ArchSpec, KVSpec, Manifest, read_manifest
+from tqedge.bundle import WEIGHT_BLOCK_SIZES, ArchSpec, KVSpec, Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.units import format_bytes, parse_bytes
 
@@ -53,7 +53,6 @@ OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 M
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
 DEVICES = (1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB)
 TARGET_CONTEXT = 8192  # tokens of context the format choice protects (see choose_format)
-BLOCK = 32  # MatMulNBits block size of the int8 / int4 formats (exporters/weights.py)
 
 # KV configurations: name → (key_bits, value_bits), or the dtype bytes of an exact cache.
 KV_CONFIGS: dict[str, tuple[float, float] | int] = {
@@ -63,11 +62,11 @@ KV_CONFIGS: dict[str, tuple[float, float] | int] = {
 
 # Weight formats, most precise first: bytes of one (N, K) linear weight on disk and resident,
 # and bytes per element of the embedding table (exporters/weights.py: EMBED_DTYPES).
-def _nbits(bits: int):
+def _nbits(bits: int, block: int):
     def size(n: int, k: int) -> int:
-        nb = -(-k // BLOCK)  # blocks per row (K padded to a multiple of BLOCK)
+        nb = -(-k // block)  # blocks per row (K padded to a multiple of the block)
         zp = n * nb if bits == 8 else n * -(-nb // 2)  # uint8 zero points, 4-bit ones packed in pairs
-        return n * nb * BLOCK * bits // 8 + n * nb * 4 + zp  # codes + fp32 scales + zero points
+        return n * nb * block * bits // 8 + n * nb * 4 + zp  # codes + fp32 scales + zero points
     return size
 
 
@@ -75,8 +74,8 @@ WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
-    "int8": {"disk": _nbits(8), "resident": _nbits(8), "embed": 2},
-    "int4": {"disk": _nbits(4), "resident": _nbits(4), "embed": 2},
+    "int8": {"disk": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "resident": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "embed": 2},
+    "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "embed": 2},
 }
 
 

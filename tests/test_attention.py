@@ -82,9 +82,10 @@ def test_decode_over_packed_codes_matches_dense_reference():
         np.testing.assert_allclose(out[hq], ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("block_elements", [1, 1 << 22])
-def test_blocked_prefill_matches_dense_reference(monkeypatch, block_elements):
-    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", block_elements)
+@pytest.mark.parametrize("tile_elements,key_tile", [(1, 7), (1 << 22, 1 << 20)])
+def test_tiled_prefill_matches_dense_reference(monkeypatch, tile_elements, key_tile):
+    monkeypatch.setattr(attention, "TILE_ELEMENTS", tile_elements)
+    monkeypatch.setattr(attention, "KEY_TILE", key_tile)
     rng = np.random.default_rng(1)
     tk, tv = _codecs((3.0, 3.0))
     h, g, T, t0 = 2, 2, 90, 60
@@ -100,7 +101,7 @@ def test_blocked_prefill_matches_dense_reference(monkeypatch, block_elements):
     kd, vd = tk.decode(kc, ks).reshape(h, -1, D), tv.decode(vc, vs).reshape(h, -1, D)
     kp = tk.dequantize_projected(kc.reshape(h, len(pc), -1), ks.reshape(h, len(pc), -1))
     vp = tv.dequantize_projected(vc.reshape(h, len(pc), -1), vs.reshape(h, len(pc), -1))
-    out = attention.prefill(q, pos, 0.2, rule, kf, vf, pf, kp, vp, pc, tk, tv)
+    out = attention.prefill(q, pos, 0.2, rule, kf, vf, pf, pc, lambda a, b: (kp[:, a:b], vp[:, a:b]), tk, tv)
     fpm, cm = rule.fp_mask(pos, pf), rule.compressed_mask(pos, pc)
     for i in range(0, T, 7):
         for hq in range(h * g):

@@ -31,6 +31,9 @@ LOGITS_INDEX = "logits_index"  # int64 (n,): which of the T positions get logits
 LOGITS = "logits"  # float32 (n, vocab)
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+# MatMulNBits block size (weights along the input dimension) of the quantized formats: written by
+# the exporter, sized by the planner. int8: 16 measured +2.5 points top-1 over 32 at equal speed.
+WEIGHT_BLOCK_SIZES = {"int8": 16, "int4": 32}
 ROTATIONS = ("hadamard", "dense")
 NORMS = ("corrected", "plain")
 VERIFY_MODES = ("auto", "full", "size", "none")  # read_manifest(verify=...); "auto": see tqedge/verified.py
