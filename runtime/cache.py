@@ -167,6 +167,12 @@ class ExactKVCache:
         copy_state_arrays(state, {"keys": self.keys, "values": self.values})
         self.slots.load_state(state)
 
+    def descriptor(self) -> np.ndarray:
+        """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
+        from tqedge.runtime import kv_descriptor
+
+        return kv_descriptor.exact(self)
+
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
         """Store this layer's new keys/values and attend causally (GQA).
 

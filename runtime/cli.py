@@ -41,7 +41,7 @@ SAMPLING_OPTIONS = [
 ]
 MODEL_OPTIONS = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--backend", type=click.Choice(["onnx", "tflite"]), default=None, help="Default: first available."),
+    click.option("--backend", type=click.Choice(["native", "onnx", "tflite"]), default=None, help="Default: first available."),
     click.option("--threads", type=int, default=None, help="Backend intra-op threads."),
     click.option("--system", default=None, help="System message (chat template)."),
     click.option("--verify", type=click.Choice(["full", "size", "none"]), default="size", show_default=True,

@@ -174,6 +174,12 @@ class CompressedKVCache:
             return self._attend_decode(layer, q, k, v, scale)
         return self._attend_prefill(layer, q, k, v, scale)
 
+    def descriptor(self) -> np.ndarray:
+        """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
+        from tqedge.runtime import kv_descriptor
+
+        return kv_descriptor.turboquant(self)
+
     # -- decode -----------------------------------------------------------------------------
     def _plan_decode(self, t0: int) -> None:
         S, W, R = self.sinks, self.window, self.ring
