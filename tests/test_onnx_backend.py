@@ -28,7 +28,7 @@ def bundle(request, tmp_path_factory) -> Path:
 
 
 def test_segments_follow_the_protocol(bundle):
-    model = tqedge.load(bundle)
+    model = tqedge.load(bundle, backend="onnx")
     g, be = model.manifest.graphs["onnx"], model.backend
     assert len(g.segments) == 4 and [n.layer for n in g.attention] == [0, 1, 2]
     available = {"input_ids", "positions", "logits_index"}

@@ -13,6 +13,7 @@ struct, its callbacks and strings, the per-layer scales, the session and its opt
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -24,6 +25,43 @@ from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS
 from tqedge.errors import TqedgeError
 
 log = logging.getLogger(__name__)
+FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
+FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
+
+
+def _step_fn():
+    """The per-step Run in nopython code: wrap the four int64 inputs and the caller's logits
+    buffer as OrtValues, Run, release them. Returns the ``OrtStatus*`` of the first failure."""
+    from numba import njit
+
+    from tqedge.runtime.ort_capi import FLOAT, INT64
+    from tqedge.runtime.ort_numba import ccall
+
+    @njit(nogil=True, cache=True)
+    def step(fns, session, memory_info, names, ids, positions, index, desc, logits):
+        # one buffer: OrtValue* slots [0, 5), shapes [5, 11); read at the end, so it stays alive
+        buf = np.zeros(11, np.int64)
+        buf[5], buf[6], buf[7], buf[8] = ids.shape[0], positions.shape[0], index.shape[0], desc.shape[0]
+        buf[9], buf[10] = logits.shape[0], logits.shape[1]
+        va = buf.ctypes.data
+        sa = va + 40
+        st = ccall(fns[0], (memory_info, ids.ctypes.data, 8 * ids.shape[0], sa, 1, INT64, va))
+        if st == 0:
+            st = ccall(fns[0], (memory_info, positions.ctypes.data, 8 * positions.shape[0], sa + 8, 1, INT64, va + 8))
+        if st == 0:
+            st = ccall(fns[0], (memory_info, index.ctypes.data, 8 * index.shape[0], sa + 16, 1, INT64, va + 16))
+        if st == 0:
+            st = ccall(fns[0], (memory_info, desc.ctypes.data, 8 * desc.shape[0], sa + 24, 1, INT64, va + 24))
+        if st == 0:
+            st = ccall(fns[0], (memory_info, logits.ctypes.data, 4 * logits.size, sa + 32, 2, FLOAT, va + 32))
+        if st == 0:
+            st = ccall(fns[1], (session, 0, names.ctypes.data, va, 4, names.ctypes.data + 32, 1, va + 32))
+        for i in range(5):
+            if buf[i] != 0:
+                ccall(fns[2], (buf[i],))
+        return st
+
+    return step
 
 
 def supports(manifest: Manifest) -> bool:
@@ -57,16 +95,23 @@ class NativeBackend:
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
         self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=threads,
                                         config={"session.intra_op.allow_spinning": "0"})
-        missing = {INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC} - set(self.session.inputs)
+        missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:
             raise TqedgeError(f"{graph.file} does not have the graph inputs/outputs of the native protocol "
                               f"(missing {', '.join(sorted(missing)) or LOGITS})")
+        self.vocab = manifest.architecture.vocab_size
+        self._names = [ctypes.create_string_buffer(n.encode()) for n in (*FEEDS, LOGITS)]
+        self._name_ptrs = np.array([ctypes.addressof(b) for b in self._names], np.int64)
+        self._fns = np.array([self.lib.addr(f) for f in FNS], np.int64)
+        self._step = _step_fn()
         log.info("native: one session (onnxruntime %s C API) in %.2fs", self.lib.version, time.perf_counter() - t0)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:
         """One step over ``cache`` (prepared for ``len(input_ids)`` tokens); float32 logits (n, vocab)."""
-        feeds = {INPUT_IDS: input_ids, POSITIONS: positions, LOGITS_INDEX: logits_index, KV_DESC: cache.descriptor()}
-        (logits,) = self.session.run(feeds, [LOGITS])
+        logits = np.empty((len(logits_index), self.vocab), np.float32)
+        st = self._step(self._fns, self.session.session, self.session.memory_info, self._name_ptrs,
+                        input_ids, positions, logits_index, cache.descriptor(), logits)
+        self.lib.check(st, "onnxruntime run failed")
         return logits
 
     def close(self) -> None:
