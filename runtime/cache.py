@@ -119,6 +119,7 @@ class ExactKVCache:
         shape = (num_layers, num_kv_heads, capacity, head_dim)
         self.keys = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
         self.values = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
+        self._native_desc = None  # the native op's descriptor, built at the first descriptor() call
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:

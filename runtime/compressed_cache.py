@@ -73,6 +73,7 @@ class CompressedKVCache:
         self.k_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in key_codecs]  # (Hkv, R, Pk)
         self.v_codes = [np.zeros((h, ring, c.code_bytes), np.uint8) for c in value_codecs]
         self.v_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in value_codecs]
+        self._native_desc = None  # the native op's descriptor, built at the first descriptor() call
         self.reset()
 
     # -- sizing -----------------------------------------------------------------------------

@@ -44,24 +44,38 @@ def header(out: np.ndarray, kind: int, t: int, layers: int, hkv: int, d: int, t0
         DESCRIPTOR_VERSION, kind, t, layers, hkv, d, t0)
 
 
+def _addr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+_I64 = np.dtype(np.int64)
+
+# The builders below run once per step: they fill a descriptor preallocated per cache
+# (``cache._native_desc``) with item assignments and attribute reads only, so a decode step
+# costs a handful of Python-level calls.
+
+
 def exact(cache) -> np.ndarray:
     """Descriptor of an :class:`~tqedge.runtime.cache.ExactKVCache` for the prepared step."""
     s = cache.slots
-    if s.new_slots is None:
+    new = s.new_slots
+    if new is None:
         raise TqedgeError("cache.descriptor() called outside prepare()/commit()")
-    if cache.dtype != np.float32:
-        raise TqedgeError(f"the native backend needs a float32 exact cache, not {cache.dtype}")
-    new = np.ascontiguousarray(s.new_slots, dtype=np.int64)
-    d = np.zeros(EXACT_WORDS, np.int64)
-    header(d, KIND_EXACT, len(new), cache.num_layers, cache.num_kv_heads, cache.head_dim, s.offset)
-    d[X_CAP] = s.capacity
-    d[X_KEYS], d[X_VALUES], d[X_NEW_SLOTS] = cache.keys.ctypes.data, cache.values.ctypes.data, new.ctypes.data
-    if isinstance(s.old_valid, (int, np.integer)):
-        d[X_N_OLD], mask = int(s.old_valid), None
+    d = cache._native_desc
+    if d is None:
+        if cache.dtype != np.float32:
+            raise TqedgeError(f"the native backend needs a float32 exact cache, not {cache.dtype}")
+        d = cache._native_desc = np.zeros(EXACT_WORDS, np.int64)
+        header(d, KIND_EXACT, 0, cache.num_layers, cache.num_kv_heads, cache.head_dim, 0)
+        d[X_CAP], d[X_KEYS], d[X_VALUES] = s.capacity, _addr(cache.keys), _addr(cache.values)
+    if new.dtype != _I64 or not new.flags.c_contiguous:
+        new = s.new_slots = np.ascontiguousarray(new, dtype=np.int64)
+    d[T], d[T0], d[X_NEW_SLOTS] = new.shape[0], s.offset, _addr(new)
+    valid = s.old_valid  # a visible-slot count, or a bool mask (C,) the kernel reads as bytes
+    if valid.__class__ is np.ndarray:
+        d[X_N_OLD], d[X_MASK] = -1, _addr(valid)
     else:
-        mask = np.ascontiguousarray(s.old_valid, dtype=np.uint8)
-        d[X_N_OLD], d[X_MASK] = -1, mask.ctypes.data
-    cache._native_keep = (d, new, mask)  # alive until the next step
+        d[X_N_OLD], d[X_MASK] = valid, 0
     return d
 
 
@@ -117,29 +131,31 @@ def turboquant(cache) -> np.ndarray:
     plan = cache._plan
     if plan is None:
         raise TqedgeError("cache.descriptor() called outside prepare()/commit()")
-    if getattr(cache, "_native_layers", None) is None:
-        cache._native_layers = layer_table(cache)
-    rule, s = cache._rule, cache.slots
-    d = np.zeros(TQ_WORDS, np.int64)
-    keep: list = [d]
-    t = 1 if plan[0] == "decode" else len(plan[3])
-    header(d, KIND_TURBOQUANT, t, cache.num_layers, cache.num_kv_heads, cache.head_dim, s.offset)
-    d[TQ_S], d[TQ_W], d[TQ_R], d[TQ_FP_LO] = cache.sinks, cache.window, cache.ring, rule.fp_lo
-    d[TQ_EXACT_PREFILL] = int(rule.exact_prefill)
-    d[TQ_FP_K], d[TQ_FP_V] = cache.fp_k.ctypes.data, cache.fp_v.ctypes.data
-    d[TQ_LAYERS], d[TQ_LW] = cache._native_layers[0].ctypes.data, LAYER_WORDS
+    d = cache._native_desc
+    if d is None:
+        table, keep = layer_table(cache)
+        d = np.zeros(TQ_WORDS, np.int64)
+        header(d, KIND_TURBOQUANT, 0, cache.num_layers, cache.num_kv_heads, cache.head_dim, 0)
+        d[TQ_S], d[TQ_W], d[TQ_R] = cache.sinks, cache.window, cache.ring
+        d[TQ_FP_K], d[TQ_FP_V] = _addr(cache.fp_k), _addr(cache.fp_v)
+        d[TQ_LAYERS], d[TQ_LW] = _addr(table), LAYER_WORDS
+        cache._native_static, cache._native_desc = (table, keep), d
+    rule = cache._rule
+    d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     if plan[0] == "decode":
-        bias = np.ascontiguousarray(cache._fp_bias, dtype=np.float32)
-        keep.append(bias)
-        d[TQ_MODE], d[TQ_BIAS], d[TQ_NR] = MODE_DECODE, bias.ctypes.data, len(plan[1])
-        for i, (a, b) in enumerate(plan[1]):
-            d[TQ_RANGES + 2 * i], d[TQ_RANGES + 2 * i + 1] = a, b
-    else:
-        _, fp_slots, pf, _pos, old_idx, pc, new_c, n_new_read = plan
-        d[TQ_MODE], d[TQ_N_NEW_READ] = MODE_PREFILL, n_new_read
-        for word, arr in ((TQ_FP_SLOTS, fp_slots), (TQ_PF, pf), (TQ_OLD_IDX, old_idx), (TQ_PC, pc), (TQ_NEW_C, new_c)):
-            a = np.ascontiguousarray(arr, dtype=np.int64)
-            keep.append(a)
-            d[word], d[word + 1] = a.ctypes.data, len(a)
+        ranges = plan[1]
+        d[T], d[TQ_MODE], d[TQ_BIAS], d[TQ_NR] = 1, MODE_DECODE, _addr(cache._fp_bias), len(ranges)
+        if ranges:
+            d[TQ_RANGES], d[TQ_RANGES + 1] = ranges[0]
+        if len(ranges) > 1:
+            d[TQ_RANGES + 2], d[TQ_RANGES + 3] = ranges[1]
+        return d
+    _, fp_slots, pf, pos, old_idx, pc, new_c, n_new_read = plan
+    d[T], d[TQ_MODE], d[TQ_N_NEW_READ] = len(pos), MODE_PREFILL, n_new_read
+    keep = []
+    for word, arr in ((TQ_FP_SLOTS, fp_slots), (TQ_PF, pf), (TQ_OLD_IDX, old_idx), (TQ_PC, pc), (TQ_NEW_C, new_c)):
+        a = np.ascontiguousarray(arr, dtype=np.int64)
+        keep.append(a)
+        d[word], d[word + 1] = _addr(a), len(a)
     cache._native_keep = keep  # alive until the next step
     return d

@@ -140,9 +140,12 @@ def test_missing_segment_is_a_clear_error(tmp_path):
     tqedge.export(src, tmp_path / "b.tqe")
     (tmp_path / "b.tqe" / "onnx" / "segment_001.onnx").unlink()
     with pytest.raises(TqedgeError, match="segment_001.onnx"):
-        tqedge.load(tmp_path / "b.tqe", verify="none")
+        tqedge.load(tmp_path / "b.tqe", verify="none", backend="onnx")
     with pytest.raises(TqedgeError, match="segment_001.onnx"):
         tqedge.load(tmp_path / "b.tqe")
+    (tmp_path / "b.tqe" / "onnx" / "model.onnx").unlink()  # what the native backend runs
+    with pytest.raises(TqedgeError, match="model.onnx"):
+        tqedge.load(tmp_path / "b.tqe", verify="none", backend="native")
 
 
 def test_threads_option(bundle):

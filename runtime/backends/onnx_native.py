@@ -108,10 +108,11 @@ class NativeBackend:
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:
         """One step over ``cache`` (prepared for ``len(input_ids)`` tokens); float32 logits (n, vocab)."""
-        logits = np.empty((len(logits_index), self.vocab), np.float32)
+        logits = np.empty((logits_index.shape[0], self.vocab), np.float32)
         st = self._step(self._fns, self.session.session, self.session.memory_info, self._name_ptrs,
                         input_ids, positions, logits_index, cache.descriptor(), logits)
-        self.lib.check(st, "onnxruntime run failed")
+        if st:
+            self.lib.check(st, "onnxruntime run failed")
         return logits
 
     def close(self) -> None:
