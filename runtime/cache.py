@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from tqedge.errors import TqedgeError
+from tqedge.runtime import kv_descriptor
 from tqedge.units import format_bytes
 
 POLICIES = ("slide", "error")
@@ -170,8 +171,6 @@ class ExactKVCache:
 
     def descriptor(self) -> np.ndarray:
         """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
-        from tqedge.runtime import kv_descriptor
-
         return kv_descriptor.exact(self)
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:

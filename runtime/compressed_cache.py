@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from tqedge.errors import TqedgeError
-from tqedge.runtime import attention
+from tqedge.runtime import attention, kv_descriptor
 from tqedge.runtime.cache import SlotRing, copy_state_arrays
 from tqedge.units import format_bytes
 
@@ -177,8 +177,6 @@ class CompressedKVCache:
 
     def descriptor(self) -> np.ndarray:
         """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
-        from tqedge.runtime import kv_descriptor
-
         return kv_descriptor.turboquant(self)
 
     # -- decode -----------------------------------------------------------------------------

@@ -70,10 +70,10 @@ def exact(cache) -> np.ndarray:
         d[X_CAP], d[X_KEYS], d[X_VALUES] = s.capacity, _addr(cache.keys), _addr(cache.values)
     if new.dtype != _I64 or not new.flags.c_contiguous:
         new = s.new_slots = np.ascontiguousarray(new, dtype=np.int64)
-    d[T], d[T0], d[X_NEW_SLOTS] = new.shape[0], s.offset, _addr(new)
+    d[T], d[T0], d[X_NEW_SLOTS] = new.shape[0], s.offset, new.__array_interface__["data"][0]
     valid = s.old_valid  # a visible-slot count, or a bool mask (C,) the kernel reads as bytes
     if valid.__class__ is np.ndarray:
-        d[X_N_OLD], d[X_MASK] = -1, _addr(valid)
+        d[X_N_OLD], d[X_MASK] = -1, valid.__array_interface__["data"][0]
     else:
         d[X_N_OLD], d[X_MASK] = valid, 0
     return d
@@ -144,7 +144,8 @@ def turboquant(cache) -> np.ndarray:
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     if plan[0] == "decode":
         ranges = plan[1]
-        d[T], d[TQ_MODE], d[TQ_BIAS], d[TQ_NR] = 1, MODE_DECODE, _addr(cache._fp_bias), len(ranges)
+        d[T], d[TQ_MODE], d[TQ_NR] = 1, MODE_DECODE, len(ranges)
+        d[TQ_BIAS] = cache._fp_bias.__array_interface__["data"][0]
         if ranges:
             d[TQ_RANGES], d[TQ_RANGES + 1] = ranges[0]
         if len(ranges) > 1:
