@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode, GraphSpec
+from tqedge.bundle import (DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode,
+                           GraphSpec)
 from tqedge.exporters.plan import ROPE_COS, ROPE_SIN, Segment, attention_scale, attn_name, resid, rope_inv_freq, segment_plan
 from tqedge.exporters.spec import ModelSpec
 from tqedge.exporters.weights import EMBED_DTYPES, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs, WeightStore
@@ -165,7 +166,7 @@ class LayerEmitter:
 
 def _value_infos(a) -> dict[str, TensorProto]:
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
-    infos = {INPUT_IDS: (i64, ["T"]), POSITIONS: (i64, ["T"]), LOGITS_INDEX: (i64, ["n"]),
+    infos = {INPUT_IDS: (i64, ["T"]), POSITIONS: (i64, ["T"]), LOGITS_INDEX: (i64, ["n"]), KV_DESC: (i64, ["desc"]),
              LOGITS: (f, ["n", a.vocab_size]), ROPE_COS: (f, ["T", 1, a.head_dim]), ROPE_SIN: (f, ["T", 1, a.head_dim])}
     for i in range(a.num_layers + 1):
         infos[resid(i)] = (f, ["T", a.hidden_size])
@@ -219,15 +220,16 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
                                      out=attn_name(i, "out"), scale=scale)
                 attention.append(node)
                 whole.nodes.append(helper.make_node(
-                    "TurboQuantAttention", [node.q, node.k, node.v], [node.out], name=f"layers.{i}.attn.core",
+                    "TurboQuantAttention", [node.q, node.k, node.v, KV_DESC], [node.out], name=f"layers.{i}.attn.core",
                     domain=CUSTOM_DOMAIN, layer=i, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                     head_dim=a.head_dim, scale=scale))
             if progress:
                 progress(1)
-        model = _model(whole, spec.source.get("name") or "tqedge", [INPUT_IDS, POSITIONS, LOGITS_INDEX], [LOGITS],
-                       infos, custom=True)
+        model = _model(whole, spec.source.get("name") or "tqedge", [INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC],
+                       [LOGITS], infos, custom=True)
         (out_dir / DIR / "model.onnx").write_bytes(model.SerializeToString())
     finally:
         store.close()
     log.info("onnx: %d segments, weights.bin %.1f MB", len(files), store.nbytes / 1e6)
-    return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/weights.bin"])
+    return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/weights.bin"],
+                     descriptor=DESCRIPTOR_VERSION)

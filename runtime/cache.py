@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from tqedge.errors import TqedgeError
+from tqedge.runtime import kv_descriptor
 from tqedge.units import format_bytes
 
 POLICIES = ("slide", "error")
@@ -119,6 +120,7 @@ class ExactKVCache:
         shape = (num_layers, num_kv_heads, capacity, head_dim)
         self.keys = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
         self.values = np.zeros(shape, self.dtype)  # (L, Hkv, C, D)
+        self._native_desc = None  # the native op's descriptor, built at the first descriptor() call
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype=np.float32) -> int:
@@ -166,6 +168,10 @@ class ExactKVCache:
         """Restore from :meth:`state` of a cache with the same shape and dtype (bit-exact)."""
         copy_state_arrays(state, {"keys": self.keys, "values": self.values})
         self.slots.load_state(state)
+
+    def descriptor(self) -> np.ndarray:
+        """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
+        return kv_descriptor.exact(self)
 
     def attend(self, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float) -> np.ndarray:
         """Store this layer's new keys/values and attend causally (GQA).

@@ -78,8 +78,9 @@ SAMPLING_OPTIONS = [
 ]
 MODEL_OPTIONS = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--backend", type=click.Choice(["onnx", "tflite"]), default=None, help="Default: first available."),
-    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
+    click.option("--backend", type=click.Choice(["native", "onnx", "tflite"]), default=None, help="Default: first available."),
+    click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                 help="Threads for onnxruntime and the attention kernels."),
     click.option("--system", default=None, help="System message (chat template)."),
     VERIFY_OPTION,
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from tqedge.errors import TqedgeError
-from tqedge.runtime import attention
+from tqedge.runtime import attention, kv_descriptor
 from tqedge.runtime.cache import SlotRing, copy_state_arrays
 from tqedge.units import format_bytes
 
@@ -74,6 +74,7 @@ class CompressedKVCache:
         self.k_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in key_codecs]  # (Hkv, R, Pk)
         self.v_codes = [np.zeros((h, ring, c.code_bytes), np.uint8) for c in value_codecs]
         self.v_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in value_codecs]
+        self._native_desc = None  # the native op's descriptor, built at the first descriptor() call
         self.reset()
 
     # -- sizing -----------------------------------------------------------------------------
@@ -174,6 +175,10 @@ class CompressedKVCache:
         if q.shape[0] == 1:
             return self._attend_decode(layer, q, k, v, scale)
         return self._attend_prefill(layer, q, k, v, scale)
+
+    def descriptor(self) -> np.ndarray:
+        """This step's int64 descriptor for the native op (runtime/kv_descriptor.py); after prepare()."""
+        return kv_descriptor.turboquant(self)
 
     # -- decode -----------------------------------------------------------------------------
     def _plan_decode(self, t0: int) -> None:

@@ -28,7 +28,7 @@ def bundle(request, tmp_path_factory) -> Path:
 
 
 def test_segments_follow_the_protocol(bundle):
-    model = tqedge.load(bundle)
+    model = tqedge.load(bundle, backend="onnx")
     g, be = model.manifest.graphs["onnx"], model.backend
     assert len(g.segments) == 4 and [n.layer for n in g.attention] == [0, 1, 2]
     available = {"input_ids", "positions", "logits_index"}
@@ -94,7 +94,8 @@ def test_model_onnx_is_the_uncut_graph(bundle):
         if n.op_type != "TurboQuantAttention":
             nodes.append(n)
             continue
-        q, k, v = n.input
+        q, k, v, desc = n.input
+        assert desc == "kv_desc"  # the cache descriptor (runtime/kv_descriptor.py); unused by standard Attention
         p = n.name
         nodes += [helper.make_node("Transpose", [x], [f"{p}.{x}.t"], perm=[1, 0, 2]) for x in (q, k, v)]
         nodes += [helper.make_node("Unsqueeze", [f"{p}.{x}.t", "zero_axis"], [f"{p}.{x}.4d"]) for x in (q, k, v)]
@@ -105,6 +106,9 @@ def test_model_onnx_is_the_uncut_graph(bundle):
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "zero_axis"))
+    inputs = [i for i in m.graph.input if i.name != "kv_desc"]
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
     keep = [o for o in m.opset_import if o.domain != "ai.tqedge"]
     del m.opset_import[:]
     m.opset_import.extend(keep)
@@ -136,9 +140,12 @@ def test_missing_segment_is_a_clear_error(tmp_path):
     tqedge.export(src, tmp_path / "b.tqe")
     (tmp_path / "b.tqe" / "onnx" / "segment_001.onnx").unlink()
     with pytest.raises(TqedgeError, match="segment_001.onnx"):
-        tqedge.load(tmp_path / "b.tqe", verify="none")
+        tqedge.load(tmp_path / "b.tqe", verify="none", backend="onnx")
     with pytest.raises(TqedgeError, match="segment_001.onnx"):
         tqedge.load(tmp_path / "b.tqe")
+    (tmp_path / "b.tqe" / "onnx" / "model.onnx").unlink()  # what the native backend runs
+    with pytest.raises(TqedgeError, match="model.onnx"):
+        tqedge.load(tmp_path / "b.tqe", verify="none", backend="native")
 
 
 def test_threads_option(bundle):

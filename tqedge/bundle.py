@@ -29,6 +29,8 @@ INPUT_IDS = "input_ids"  # int64 (T,)
 POSITIONS = "positions"  # int64 (T,)
 LOGITS_INDEX = "logits_index"  # int64 (n,): which of the T positions get logits
 LOGITS = "logits"  # float32 (n, vocab)
+KV_DESC = "kv_desc"  # int64 (n,): the KV cache descriptor of model.onnx (runtime/kv_descriptor.py)
+DESCRIPTOR_VERSION = 1  # layout of KV_DESC this build writes and reads
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 # MatMulNBits block size (weights along the input dimension) of the quantized formats: written by
@@ -130,6 +132,7 @@ class GraphSpec:
     attention: list[AttentionNode]
     file: str | None = None  # the whole graph in one file with the custom nodes (model.onnx / model.tflite)
     data: list[str] = field(default_factory=list)  # external weight files the graph reads
+    descriptor: int = 0  # KV_DESC layout version the uncut graph's attention nodes take (0: none)
 
 
 @dataclass
@@ -199,6 +202,8 @@ class Manifest:
                 )
             if [n.layer for n in g.attention] != list(range(a.num_layers)):
                 raise TqedgeError(f"manifest.json: graphs.{kind} attention layers are not 0..{a.num_layers - 1}")
+            if g.descriptor < 0 or (g.descriptor and not g.file):
+                raise TqedgeError(f"manifest.json: graphs.{kind}.descriptor needs a whole-graph file and must be ≥ 0")
 
 
 def _build(tp, value, where: str):

@@ -1,23 +1,35 @@
-"""Graph backends, by name. Each backend runs a bundle's dense segments and calls the cache's
-attention between them: ``Backend(bundle_dir, manifest, threads).forward(ids, positions,
-logits_index, cache) -> logits``. Imported lazily so a missing optional runtime costs nothing.
+"""Graph backends, by name: ``Backend(bundle_dir, manifest, threads).forward(ids, positions,
+logits_index, cache) -> logits``. ``native`` runs the uncut ``model.onnx`` in one onnxruntime
+session with the attention op in Numba (chosen first when Numba is there and the bundle's graph
+carries the cache descriptor); ``onnx`` / ``tflite`` run the dense segments and call the cache's
+attention between them (the fallback: NumPy kernels, LiteRT). Imported lazily so a missing
+optional runtime costs nothing.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 
 from tqedge.errors import TqedgeError
 
+# name -> (class, packages it needs, the manifest graph it runs)
 BACKENDS = {
-    "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime"),
-    "tflite": ("tqedge.runtime.backends.litert:LiteRTBackend", "ai-edge-litert"),
+    "native": ("tqedge.runtime.backends.onnx_native:NativeBackend", "onnxruntime and numba", "onnx"),
+    "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime", "onnx"),
+    "tflite": ("tqedge.runtime.backends.litert:LiteRTBackend", "ai-edge-litert", "tflite"),
 }
 
 
 def available(name: str) -> bool:
-    """True when the backend's runtime package imports."""
-    target, _ = BACKENDS[name]
+    """True when the backend's runtime packages are there (native: found, not imported;
+    ``TQEDGE_KERNELS=numpy`` turns it off)."""
+    target, _, _ = BACKENDS[name]
+    if name == "native":
+        if os.environ.get("TQEDGE_KERNELS", "").strip().lower() == "numpy":
+            return False
+        return all(importlib.util.find_spec(m) is not None for m in ("numba", "onnxruntime"))
     try:
         importlib.import_module(target.split(":")[0])
     except ImportError:
@@ -25,11 +37,23 @@ def available(name: str) -> bool:
     return True
 
 
+def runs(name: str, manifest) -> bool:
+    """True when the bundle has what backend ``name`` runs."""
+    graph = manifest.graphs.get(BACKENDS[name][2])
+    if graph is None:
+        return False
+    if name == "native":
+        from tqedge.bundle import DESCRIPTOR_VERSION
+
+        return bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION
+    return True
+
+
 def get_backend(name: str):
     """Return the backend class registered as ``name``."""
     if name not in BACKENDS:
         raise TqedgeError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
-    target, package = BACKENDS[name]
+    target, package, _ = BACKENDS[name]
     mod_name, attr = target.split(":")
     try:
         mod = importlib.import_module(mod_name)
@@ -41,10 +65,13 @@ def get_backend(name: str):
 def choose_backend(manifest, requested: str | None = None) -> str:
     """Pick a backend: the requested one, else the first the bundle has and this device can run."""
     if requested:
-        if requested not in manifest.graphs:
-            raise TqedgeError(f"this bundle has no {requested!r} graph (it has: {', '.join(manifest.graphs) or 'none'})")
+        if requested not in BACKENDS:
+            raise TqedgeError(f"unknown backend {requested!r} (choose from {', '.join(BACKENDS)})")
+        if not runs(requested, manifest):
+            raise TqedgeError(f"this bundle has no graph the {requested!r} backend runs "
+                              f"(it has: {', '.join(manifest.graphs) or 'none'}; native needs a re-export)")
         return requested
     for name in BACKENDS:
-        if name in manifest.graphs and available(name):
+        if runs(name, manifest) and available(name):
             return name
     raise TqedgeError(f"no installed backend can run this bundle (graphs: {', '.join(manifest.graphs) or 'none'})")

@@ -326,6 +326,8 @@ _value_sum_par = njit(parallel=True, **_OPTS)(_value_sum_impl)
 _value_sum_ser = njit(**_OPTS)(_serial_twin(_value_sum_impl))
 _dequantize_par = njit(parallel=True, **_OPTS)(_dequantize_impl)
 _dequantize_ser = njit(**_OPTS)(_serial_twin(_dequantize_impl))
+# the serial twins, for callers that must not start Numba's thread pool (the native op)
+scores_serial, value_sum_serial, dequantize_serial = _scores_ser, _value_sum_ser, _dequantize_ser
 
 
 def _big(codes) -> bool:

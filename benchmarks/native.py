@@ -1,0 +1,158 @@
+"""Native backend (model.onnx in one onnxruntime session, attention op in Numba) vs the segment
+backend, side by side in one run: decode / prefill speed and peak RSS of ``tqedge generate``,
+and Python-level calls per decode step.
+
+Speed and memory: for each context length, a child process per backend runs
+``python -m tqedge.cli generate BUNDLE --raw -p <ctx tokens of WikiText> --max-tokens N --json
+--backend B --threads T`` (default environment, default compressed KV cache); its JSON stats give
+decode / prefill tok/s, ``os.wait4`` its peak RSS (ru_maxrss) and CPU seconds. Backends alternate
+within each repeat; medians over repeats. The machine's load average is recorded before and
+after (on a shared machine wall-clock speeds move with it; CPU seconds much less).
+
+Calls: a child loads the bundle, prefills a short prompt and counts ``sys.setprofile`` events
+(``call`` and ``c_call``: Python functions and builtins, ctypes calls included) during
+``model.forward`` of single decode steps, and separately inside ``backend.forward``.
+
+    python benchmarks/native.py --bundle models/smollm2-int4.tqe [--contexts 512,2048] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BACKENDS = ("native", "onnx")
+
+
+def prompt_text(bundle: str, ctx: int) -> str:
+    """About ``ctx`` tokens of the shipped WikiText excerpt (cut by the bundle's tokenizer)."""
+    from tokenizers import Tokenizer
+
+    from tqedge.bundle import read_manifest
+    from tqedge.data import read_text
+
+    m = read_manifest(bundle, verify="none")
+    tok = Tokenizer.from_file(str(Path(bundle) / m.tokenizer.file))
+    ids = tok.encode(read_text("wikitext2")[: ctx * 12], add_special_tokens=False).ids[:ctx]
+    return tok.decode(ids)
+
+
+def _run_with_rusage(cmd, env):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    return status, out, err, ru
+
+
+def generate_child(bundle: str, backend: str, prompt: str, max_tokens: int, threads: int) -> dict:
+    """One ``tqedge generate --json`` child: speeds from its stats, peak RSS (MiB) and CPU seconds."""
+    cmd = [sys.executable, "-m", "tqedge.cli", "generate", bundle, "--raw", "-p", prompt, "--max-tokens",
+           str(max_tokens), "--json", "--backend", backend, "--threads", str(threads), "--verify", "none"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    status, out, err, ru = _run_with_rusage(cmd, env)
+    if status != 0:
+        raise RuntimeError(f"{backend} generate failed: {err.decode()[-2000:]}")
+    stats = json.loads(out.decode().strip().splitlines()[-1])["stats"]
+    return {"decode_tps": stats["decode_tps"], "prefill_tps": stats["prefill_tps"],
+            "prompt_tokens": stats["prompt_tokens"], "generation_tokens": stats["generation_tokens"],
+            "peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+
+
+def count_calls(bundle: str, backend: str, threads: int, steps: int = 8) -> dict:
+    """Python-level calls (call + c_call events) per decode step inside model.forward and inside
+    backend.forward (run in this process: call from a child)."""
+    import tqedge
+
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify="none")
+    cache = model.new_cache()
+    logits = model.forward(model.encode("The history of the city begins"), cache)
+    counts = {"forward": [], "backend": []}
+    inner = model.backend.forward
+    n = [0]
+
+    def prof(frame, event, arg):
+        if event in ("call", "c_call"):
+            n[0] += 1
+
+    def wrapped(*a):
+        before = n[0]
+        sys.setprofile(prof)
+        try:
+            return inner(*a)
+        finally:
+            sys.setprofile(None)
+            counts["backend"].append(n[0] - before)
+
+    tok = int(logits.argmax())
+    for _ in range(steps):  # model.forward, backend not wrapped
+        n[0] = 0
+        sys.setprofile(prof)
+        logits = model.forward([tok], cache)
+        sys.setprofile(None)
+        counts["forward"].append(n[0] - 1)  # minus the setprofile(None) c_call
+        tok = int(logits.argmax())
+    model.backend.forward = wrapped
+    for _ in range(steps):
+        n[0] = 0
+        logits = model.forward([tok], cache)
+        tok = int(logits.argmax())
+    return {k: statistics.median(v) for k, v in counts.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--contexts", default="512,2048")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "out" / "native.json"))
+    p.add_argument("--count-calls", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.count_calls:
+        print(json.dumps(count_calls(args.bundle, args.count_calls, args.threads)))
+        return
+    load_before = os.getloadavg()
+    results: dict = {}
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        prompt = prompt_text(args.bundle, ctx)
+        runs = {b: [] for b in BACKENDS}
+        for _ in range(args.repeats):
+            for b in BACKENDS:
+                runs[b].append(generate_child(args.bundle, b, prompt, args.max_tokens, args.threads))
+                print(ctx, b, runs[b][-1], flush=True)
+        med = {b: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for b, rs in runs.items()}
+        med["native_vs_onnx"] = {k: med["native"][k] / med["onnx"][k] for k in
+                                 ("decode_tps", "prefill_tps", "peak_rss_mib", "cpu_s")}
+        results[str(ctx)] = {"median": med, "runs": runs}
+    calls = {}
+    for b in BACKENDS:
+        out = subprocess.run([sys.executable, __file__, "--bundle", args.bundle, "--threads", str(args.threads),
+                              "--count-calls", b], capture_output=True, text=True, check=True, cwd=str(ROOT),
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        calls[b] = json.loads(out.stdout.strip().splitlines()[-1])
+    data = {"bundle": args.bundle, "machine": platform.platform(), "cpus": os.cpu_count(),
+            "threads": args.threads, "repeats": args.repeats, "max_tokens": args.max_tokens,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "results": results,
+            "python_calls_per_decode_step": calls}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    for ctx, r in results.items():
+        for b in (*BACKENDS, "native_vs_onnx"):
+            print(ctx, b, {k: round(v, 3) for k, v in r["median"][b].items()})
+    print("calls per decode step:", calls)
+    print(f"json: {out}")
+
+
+if __name__ == "__main__":
+    main()

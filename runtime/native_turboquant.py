@@ -1,0 +1,379 @@
+"""The compressed-cache branch of the native TurboQuantAttention op (nopython, serial, no GIL).
+
+Reads a TurboQuant descriptor (:mod:`tqedge.runtime.kv_descriptor`) and does, inside the graph,
+what ``CompressedKVCache._attend_decode`` / ``_attend_prefill`` do between segments: store the
+step's keys/values (fp16 sinks and window ring; TurboQuant codes of the new tokens a prefill
+step holds) and attend under the same :class:`~tqedge.runtime.attention.ReadRule` — fp16 keys
+where the rule says so, compressed keys from the packed codes elsewhere. The window backlog is
+encoded by the cache in ``prepare`` (once per ``W`` decode steps, all layers), not here.
+
+:func:`compute` returns 0, 1 (descriptor out of range) or 2 (unsupported codec); it checks every
+count and index against the descriptor's geometry before touching a buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit
+
+from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16
+from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
+from tqedge.runtime import kv_descriptor as KD
+from tqedge.runtime.ort_numba import as_ptr
+
+_OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
+F16_MAX = 65504.0
+
+
+@njit(**_OPTS)
+def _codec(row, hkv, ring, d, keys):
+    codes = carray(as_ptr(row[KD.C_CODES], np.uint8), (hkv, ring, row[KD.C_B]))
+    scales = carray(as_ptr(row[KD.C_SCALES], np.uint16), (hkv, ring, row[KD.C_P]))
+    table = carray(as_ptr(row[KD.C_TABLE], np.int64), (row[KD.C_NSEG], 7))
+    cb = carray(as_ptr(row[KD.C_CB], np.float32), (row[KD.C_NCB],))
+    lut = carray(as_ptr(row[KD.C_LUT], np.uint64), (row[KD.C_NLUT] // 2,))
+    dp = row[KD.C_DP]
+    proj = carray(as_ptr(row[KD.C_PROJ], np.float32), (d, dp) if keys else (dp, d))
+    rot = carray(as_ptr(row[KD.C_ROT], np.float32), (d, d))
+    bounds = carray(as_ptr(row[KD.C_BOUNDS], np.float64), (row[KD.C_NB],))
+    cent = carray(as_ptr(row[KD.C_CENT], np.float64), (row[KD.C_NB] + 1,))
+    return codes, scales, table, cb, lut, dp, proj, rot, bounds, cent, row[KD.C_BITS], row[KD.C_CORR]
+
+
+@njit(**_OPTS)
+def encode_row(x, rot, bounds, cent, bits, corrected, codes_out, scales_out):
+    """TurboQuant (one part, MSE) of one float16-valued vector ``x`` (D,) f32 into a code row
+    and its float16 scale (bit pattern), as ``TurboQuant.encode``."""
+    d = x.shape[0]
+    y = np.zeros(d, np.float32)
+    for i in range(d):
+        xi = x[i]
+        for j in range(d):
+            y[j] += xi * rot[i, j]
+    norm = 0.0
+    for j in range(d):
+        norm += np.float64(y[j]) * np.float64(y[j])
+    norm = np.sqrt(norm)
+    den = norm if norm > 0 else 1.0
+    for b in range(codes_out.shape[0]):
+        codes_out[b] = 0
+    cn = 0.0
+    mask = (1 << bits) - 1
+    for j in range(d):
+        u = np.float64(np.float32(np.float64(y[j]) / den))
+        idx = np.searchsorted(bounds, u, side="right")
+        cn += cent[idx] * cent[idx]
+        bit = j * bits
+        byte = bit >> 3
+        sh = bit & 7
+        val = (np.int64(idx) & mask) << sh
+        codes_out[byte] |= np.uint8(val & 0xFF)
+        if sh + bits > 8:
+            codes_out[byte + 1] |= np.uint8(val >> 8)
+    scale = norm / np.sqrt(cn) if corrected else norm
+    scales_out[0] = f32_to_f16(min(scale, F16_MAX))
+
+
+@njit(**_OPTS)
+def _matvec(x, m, out):
+    """out (N,) = x (K,) @ m (K, N)."""
+    out[:] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i]
+        for j in range(m.shape[1]):
+            out[j] += xi * m[i, j]
+
+
+@njit(**_OPTS)
+def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
+    """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges."""
+    hkv, nf, d = fpk.shape
+    hq = q.shape[0]
+    g = hq // hkv
+    kcodes, kscales, ktab, kcb, klut, dpk, pq = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6]
+    vcodes, vscales, vtab, vcb, vlut, dpv, um = vc[0], vc[1], vc[2], vc[3], vc[4], vc[5], vc[6]
+    qh = np.empty((hkv, g, d), np.float32)
+    for h in range(hkv):
+        for gg in range(g):
+            for x in range(d):
+                qh[h, gg, x] = q[h * g + gg, x] * scale
+    s_fp = np.full((hkv, g, nf), -np.inf, np.float32)
+    row = np.empty(d, np.float32)
+    m = np.full((hkv, g), -np.inf, np.float32)
+    for h in range(hkv):
+        for n in range(nf):
+            if bias[n] == -np.inf:
+                continue
+            for x in range(d):
+                row[x] = f16_to_f32(fpk[h, n, x])
+            for gg in range(g):
+                a = np.float32(0.0)
+                for x in range(d):
+                    a += qh[h, gg, x] * row[x]
+                a += bias[n]
+                s_fp[h, gg, n] = a
+                m[h, gg] = max(m[h, gg], a)
+    qp = np.empty((hkv, g, dpk), np.float32)
+    for h in range(hkv):
+        for gg in range(g):
+            _matvec(qh[h, gg], pq, qp[h, gg])
+    s_c = []
+    for r in range(nr):
+        a, b = ranges[2 * r], ranges[2 * r + 1]
+        s = scores_serial(qp, kcodes[:, a:b], kscales[:, a:b], ktab, kcb, klut)  # (Hkv, G, n)
+        for h in range(hkv):
+            for gg in range(g):
+                for n in range(b - a):
+                    m[h, gg] = max(m[h, gg], s[h, gg, n])
+        s_c.append(s)
+    den = np.zeros((hkv, g), np.float32)
+    acc = np.zeros((hkv, g, d), np.float32)
+    for h in range(hkv):
+        for n in range(nf):
+            if bias[n] == -np.inf:
+                continue
+            for x in range(d):
+                row[x] = f16_to_f32(fpv[h, n, x])
+            for gg in range(g):
+                p = np.exp(s_fp[h, gg, n] - m[h, gg])
+                den[h, gg] += p
+                for x in range(d):
+                    acc[h, gg, x] += p * row[x]
+    accp = np.zeros((hkv, g, dpv), np.float32)
+    for r in range(nr):
+        a, b = ranges[2 * r], ranges[2 * r + 1]
+        s = s_c[r]
+        for h in range(hkv):
+            for gg in range(g):
+                for n in range(b - a):
+                    p = np.exp(s[h, gg, n] - m[h, gg])
+                    s[h, gg, n] = p
+                    den[h, gg] += p
+        accp += value_sum_serial(s, vcodes[:, a:b], vscales[:, a:b], vtab, vcb, vlut, dpv)
+    tmp = np.empty(d, np.float32)
+    for h in range(hkv):
+        for gg in range(g):
+            _matvec(accp[h, gg], um, tmp)
+            inv = np.float32(1.0) / den[h, gg]
+            for x in range(d):
+                out[h * g + gg, x] = (acc[h, gg, x] + tmp[x]) * inv
+
+
+@njit(**_OPTS)
+def _gather_deq(codec, idx, extra_c, extra_s, n_extra):
+    """Dequantized (projected domain) rows: ring rows ``idx`` then the first ``n_extra`` of
+    ``extra_c``/``extra_s`` (the step's new codes): (Hkv, len(idx) + n_extra, Dp) float32."""
+    codes, scales, tab, cb, lut, dp = codec[0], codec[1], codec[2], codec[3], codec[4], codec[5]
+    hkv, _, nb = codes.shape
+    npar = scales.shape[2]
+    n_old = idx.shape[0]
+    c = np.empty((hkv, n_old + n_extra, nb), np.uint8)
+    s = np.empty((hkv, n_old + n_extra, npar), np.uint16)
+    for h in range(hkv):
+        for j in range(n_old):
+            c[h, j] = codes[h, idx[j]]
+            s[h, j] = scales[h, idx[j]]
+        for j in range(n_extra):
+            c[h, n_old + j] = extra_c[h, j]
+            s[h, n_old + j] = extra_s[h, j]
+    return dequantize_serial(c, s, tab, cb, lut, dp)
+
+
+@njit(**_OPTS)
+def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
+             fp_slots, pf, old_idx, pc, new_c, n_new_read, out):
+    t, hq, d = q.shape
+    hkv, nfs, _ = fpk.shape
+    g = hq // hkv
+    nfo = fp_slots.shape[0]
+    nf = nfo + t
+    n_new = new_c.shape[0]
+    n_sink_new = t - n_new
+    k16 = np.empty((t, hkv, d), np.uint16)
+    v16 = np.empty((t, hkv, d), np.uint16)
+    kf = np.empty((hkv, nf, d), np.float32)
+    vf = np.empty((hkv, nf, d), np.float32)
+    for h in range(hkv):
+        for j in range(nfo):
+            for x in range(d):
+                kf[h, j, x] = f16_to_f32(fpk[h, fp_slots[j], x])
+                vf[h, j, x] = f16_to_f32(fpv[h, fp_slots[j], x])
+        for i in range(t):
+            for x in range(d):
+                k16[i, h, x] = f32_to_f16(k[i, h, x])
+                v16[i, h, x] = f32_to_f16(v[i, h, x])
+                kf[h, nfo + i, x] = f16_to_f32(k16[i, h, x])
+                vf[h, nfo + i, x] = f16_to_f32(v16[i, h, x])
+    # codes of the new non-sink tokens
+    kcn = np.empty((hkv, n_new, kc[0].shape[2]), np.uint8)
+    ksn = np.empty((hkv, n_new, kc[1].shape[2]), np.uint16)
+    vcn = np.empty((hkv, n_new, vc[0].shape[2]), np.uint8)
+    vsn = np.empty((hkv, n_new, vc[1].shape[2]), np.uint16)
+    for j in range(n_new):
+        for h in range(hkv):
+            encode_row(kf[h, nfo + n_sink_new + j], kc[7], kc[8], kc[9], kc[10], kc[11], kcn[h, j], ksn[h, j])
+            encode_row(vf[h, nfo + n_sink_new + j], vc[7], vc[8], vc[9], vc[10], vc[11], vcn[h, j], vsn[h, j])
+    kd = _gather_deq(kc, old_idx, kcn, ksn, n_new_read)  # (Hkv, Nc, Dpk)
+    vd = _gather_deq(vc, old_idx, vcn, vsn, n_new_read)  # (Hkv, Nc, Dpv)
+    nc = kd.shape[1]
+    dpk, dpv = kc[5], vc[5]
+    pq, um = kc[6], vc[6]
+    qs = np.empty(d, np.float32)
+    qp = np.empty(dpk, np.float32)
+    sf = np.empty(nf, np.float32)
+    sc = np.empty(nc, np.float32)
+    acc = np.empty(d, np.float32)
+    accp = np.empty(dpv, np.float32)
+    tmp = np.empty(d, np.float32)
+    for i in range(t):
+        tp = t0 + i
+        for hh in range(hq):
+            h = hh // g
+            for x in range(d):
+                qs[x] = q[i, hh, x] * scale
+            _matvec(qs, pq, qp)
+            m = -np.inf
+            for j in range(nf):
+                p = pf[j]
+                dist = tp - p
+                ok = dist >= 0 and (p < sinks or dist < window or (exact and p >= t0))
+                if ok:
+                    a = np.float32(0.0)
+                    for x in range(d):
+                        a += qs[x] * kf[h, j, x]
+                    sf[j] = a
+                    m = max(m, a)
+                else:
+                    sf[j] = -np.inf
+            for j in range(nc):
+                p = pc[j]
+                dist = tp - p
+                ok = dist >= 0 and dist < ring and p >= sinks and (dist >= window or p < fp_lo) and \
+                    (not exact or p < t0)
+                if ok:
+                    a = np.float32(0.0)
+                    for x in range(dpk):
+                        a += qp[x] * kd[h, j, x]
+                    sc[j] = a
+                    m = max(m, a)
+                else:
+                    sc[j] = -np.inf
+            den = np.float32(0.0)
+            acc[:] = 0.0
+            accp[:] = 0.0
+            for j in range(nf):
+                if sf[j] != -np.inf:
+                    p = np.exp(sf[j] - m)
+                    den += p
+                    for x in range(d):
+                        acc[x] += p * vf[h, j, x]
+            for j in range(nc):
+                if sc[j] != -np.inf:
+                    p = np.exp(sc[j] - m)
+                    den += p
+                    for x in range(dpv):
+                        accp[x] += p * vd[h, j, x]
+            _matvec(accp, um, tmp)
+            inv = np.float32(1.0) / den
+            for x in range(d):
+                out[i, hh, x] = (acc[x] + tmp[x]) * inv
+    # store after attending: the new tokens overwrite slots earlier rows of this step read
+    for i in range(t):
+        p = t0 + i
+        if p < sinks:
+            for h in range(hkv):
+                fpk[h, p] = k16[i, h]
+                fpv[h, p] = v16[i, h]
+    if window > 0:
+        for j in range(max(0, n_new - window), n_new):
+            slot = sinks + new_c[j] % window
+            for h in range(hkv):
+                fpk[h, slot] = k16[n_sink_new + j, h]
+                fpv[h, slot] = v16[n_sink_new + j, h]
+    for j in range(n_new):
+        r = (new_c[j] - sinks) % ring
+        for h in range(hkv):
+            kc[0][h, r] = kcn[h, j]
+            kc[1][h, r] = ksn[h, j]
+            vc[0][h, r] = vcn[h, j]
+            vc[1][h, r] = vsn[h, j]
+
+
+@njit(**_OPTS)
+def _in_range(a, lo, hi):
+    for i in range(a.shape[0]):
+        if a[i] < lo or a[i] >= hi:
+            return False
+    return True
+
+
+@njit(**_OPTS)
+def compute(desc, nd, layer, q, k, v, scale, out):
+    """The compressed-cache op for one layer: 0 ok, 1 descriptor out of range, 2 unsupported."""
+    if nd < KD.TQ_WORDS:
+        return 1
+    nl, hkv, d, t, t0 = desc[KD.LAYERS], desc[KD.HKV], desc[KD.DIM], desc[KD.T], desc[KD.T0]
+    sinks, window, ring = desc[KD.TQ_S], desc[KD.TQ_W], desc[KD.TQ_R]
+    if sinks < 0 or window < 0 or ring < max(1, window) or t0 < 0 or desc[KD.TQ_LW] != KD.LAYER_WORDS \
+            or desc[KD.TQ_FP_K] == 0 or desc[KD.TQ_FP_V] == 0 or desc[KD.TQ_LAYERS] == 0:
+        return 1
+    nfs = sinks + window
+    fpk = carray(as_ptr(desc[KD.TQ_FP_K], np.uint16), (nl, hkv, nfs, d))[layer]
+    fpv = carray(as_ptr(desc[KD.TQ_FP_V], np.uint16), (nl, hkv, nfs, d))[layer]
+    lt = carray(as_ptr(desc[KD.TQ_LAYERS], np.int64), (nl, KD.LAYER_WORDS))[layer]
+    krow, vrow = lt[:KD.CODEC_WORDS], lt[KD.CODEC_WORDS:]
+    if krow[KD.C_OK] == 0 or vrow[KD.C_OK] == 0:
+        return 2
+    kc = _codec(krow, hkv, ring, d, True)
+    vc = _codec(vrow, hkv, ring, d, False)
+    mode = desc[KD.TQ_MODE]
+    if mode == KD.MODE_DECODE:
+        nr = desc[KD.TQ_NR]
+        if t != 1 or nr < 0 or nr > 2:
+            return 1
+        ranges = desc[KD.TQ_RANGES:KD.TQ_RANGES + 4]
+        for r in range(nr):
+            if ranges[2 * r] < 0 or ranges[2 * r] > ranges[2 * r + 1] or ranges[2 * r + 1] > ring:
+                return 1
+        bias = carray(as_ptr(desc[KD.TQ_BIAS], np.float32), (nfs,))
+        k16 = np.empty((hkv, d), np.uint16)
+        v16 = np.empty((hkv, d), np.uint16)
+        for h in range(hkv):
+            for x in range(d):
+                k16[h, x] = f32_to_f16(k[0, h, x])
+                v16[h, x] = f32_to_f16(v[0, h, x])
+        if t0 < sinks or window > 0:
+            slot = t0 if t0 < sinks else sinks + t0 % window
+            for h in range(hkv):
+                fpk[h, slot] = k16[h]
+                fpv[h, slot] = v16[h]
+        if t0 >= sinks and window == 0:  # no window: codes at once
+            r = (t0 - sinks) % ring
+            row = np.empty(d, np.float32)
+            for h in range(hkv):
+                for x in range(d):
+                    row[x] = f16_to_f32(k16[h, x])
+                encode_row(row, kc[7], kc[8], kc[9], kc[10], kc[11], kc[0][h, r], kc[1][h, r])
+                for x in range(d):
+                    row[x] = f16_to_f32(v16[h, x])
+                encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
+        _decode(q[0], scale, fpk, fpv, bias, kc, vc, ranges, nr, out[0])
+        return 0
+    if mode != KD.MODE_PREFILL:
+        return 1
+    n_fs, n_pf = desc[KD.TQ_FP_SLOTS + 1], desc[KD.TQ_PF + 1]
+    n_old, n_pc, n_new = desc[KD.TQ_OLD_IDX + 1], desc[KD.TQ_PC + 1], desc[KD.TQ_NEW_C + 1]
+    n_read = desc[KD.TQ_N_NEW_READ]
+    if n_fs < 0 or n_fs > nfs or n_pf != n_fs + t or n_old < 0 or n_old > ring or n_pc != n_old + n_read \
+            or n_read < 0 or n_read > n_new or n_new > t or n_new < 0:
+        return 1
+    fp_slots = carray(as_ptr(desc[KD.TQ_FP_SLOTS], np.int64), (n_fs,))
+    old_idx = carray(as_ptr(desc[KD.TQ_OLD_IDX], np.int64), (n_old,))
+    new_c = carray(as_ptr(desc[KD.TQ_NEW_C], np.int64), (n_new,))
+    if not (_in_range(fp_slots, 0, nfs) and _in_range(old_idx, 0, ring) and _in_range(new_c, sinks, t0 + t)):
+        return 1
+    pf = carray(as_ptr(desc[KD.TQ_PF], np.int64), (n_pf,))
+    pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
+    _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
+             fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, out)
+    return 0

@@ -1,0 +1,171 @@
+"""The native backend: model.onnx in one onnxruntime session, TurboQuantAttention in Numba.
+
+The op is checked against the Python cache (``cache.attend``, the segment path's attention)
+on small graphs built here, and the whole backend against the segment backend on SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("numba")
+
+import tqedge  # noqa: E402
+from tqedge.bundle import KVSpec  # noqa: E402
+from tqedge.errors import TqedgeError  # noqa: E402
+from tqedge.runtime import kv_descriptor, native_op, ort_capi  # noqa: E402
+from tqedge.runtime.backends import choose_backend  # noqa: E402
+from tqedge.runtime.cache import ExactKVCache, build_codecs  # noqa: E402
+from tqedge.runtime.compressed_cache import CompressedKVCache  # noqa: E402
+
+from _bundles import smollm2_bundle  # noqa: E402,F401  (fixture)
+
+HQ, HKV, D, L, LAYER, SCALE = 4, 2, 64, 2, 1, 0.125
+
+
+@pytest.fixture(scope="module")
+def op_session(tmp_path_factory):
+    """One TurboQuantAttention node (layer 1 of 2) as a whole graph, run through the C API."""
+    from onnx import helper
+
+    f = lambda n, s: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s)  # noqa: E731
+    node = helper.make_node("TurboQuantAttention", ["q", "k", "v", "kv_desc"], ["out"], domain="ai.tqedge",
+                            layer=LAYER)
+    g = helper.make_graph([node], "op", [f("q", ["T", HQ, D]), f("k", ["T", HKV, D]), f("v", ["T", HKV, D]),
+                                         helper.make_tensor_value_info("kv_desc", onnx.TensorProto.INT64, ["n"])],
+                          [f("out", ["T", HQ, D])])
+    path = tmp_path_factory.mktemp("op") / "op.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tqedge", 1)]),
+              str(path))
+    lib = ort_capi.OrtLib()
+    op = native_op.make_op(lib, [0.3, SCALE])
+    sess = ort_capi.Session(lib, path, [op], threads=1)
+    yield sess
+    sess.close()
+
+
+def _run_twins(sess, ours, ref, steps, seed=0):
+    """Drive ``ours`` through the op and ``ref`` through cache.attend with the same tokens."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for t in steps:
+        q, k, v = (rng.normal(size=(t, h, D)).astype(np.float32) for h in (HQ, HKV, HKV))
+        ref.prepare(t)
+        expect = ref.attend(LAYER, q, k, v, SCALE)
+        ref.commit()
+        ours.prepare(t)
+        (got,) = sess.run({"q": q, "k": k, "v": v, "kv_desc": ours.descriptor()}, ["out"])
+        ours.commit()
+        worst = max(worst, float(np.abs(got - expect).max()))
+    return worst
+
+
+def test_exact_op_matches_cache_attend_through_eviction(op_session):
+    mk = lambda: ExactKVCache(L, HKV, D, capacity=12, sinks=2, policy="slide")  # noqa: E731
+    ours, ref = mk(), mk()
+    assert _run_twins(op_session, ours, ref, [5, 3] + [1] * 8 + [2, 1]) < 1e-5
+    assert ours.evicted == ref.evicted > 0
+    np.testing.assert_allclose(ours.keys[LAYER], ref.keys[LAYER], atol=0)
+    np.testing.assert_allclose(ours.values[LAYER], ref.values[LAYER], atol=0)
+
+
+def test_turboquant_op_matches_cache_attend(op_session):
+    """Prefill chunks (codes of new tokens, compressed reads of this step's tokens), decode
+    across the window backlog encode and ring eviction: same output, same stored bytes."""
+    def mk():
+        k, v = build_codecs(KVSpec(), L, D, (4, 3))
+        return CompressedKVCache(k, v, HKV, D, ring=48, sinks=4, window=16, policy="slide")
+
+    ours, ref = mk(), mk()
+    assert _run_twins(op_session, ours, ref, [40, 7] + [1] * 20 + [5] + [1] * 3) < 1e-4
+    assert ours.evicted == ref.evicted > 0
+    assert np.array_equal(ours.fp_k[LAYER], ref.fp_k[LAYER]) and np.array_equal(ours.fp_v[LAYER], ref.fp_v[LAYER])
+    for a, b in ((ours.k_codes, ref.k_codes), (ours.v_codes, ref.v_codes)):
+        assert (a[LAYER] == b[LAYER]).mean() > 0.999  # a code may differ where a rotated value sits on a boundary
+    np.testing.assert_allclose(ours.k_scales[LAYER].astype(np.float32), ref.k_scales[LAYER].astype(np.float32),
+                               rtol=2e-3)
+
+
+def test_bad_descriptor_is_a_one_line_error(op_session):
+    cache = ExactKVCache(L, HKV, D, capacity=8)
+    cache.prepare(2)
+    desc = cache.descriptor().copy()
+    desc[kv_descriptor.T] = 3  # claims 3 tokens, the tensors hold 2
+    x = np.zeros((2, HQ, D), np.float32)
+    kv = np.zeros((2, HKV, D), np.float32)
+    with pytest.raises(TqedgeError, match="kv_desc does not match") as e:
+        op_session.run({"q": x, "k": kv, "v": kv, "kv_desc": desc}, ["out"])
+    assert "\n" not in str(e.value)
+    assert not cache.keys.any()  # nothing written
+
+
+def test_unsupported_codec_refused_before_running():
+    k, v = build_codecs(KVSpec(), L, D, (3.5, 3))  # fractional bits: an outlier channel split
+    cache = CompressedKVCache(k, v, HKV, D, ring=48, window=16)
+    cache.prepare(1)
+    with pytest.raises(TqedgeError, match="use --backend onnx"):
+        cache.descriptor()
+
+
+# -- the whole model: native vs segment backend (fp32 weights) -----------------------------------
+@pytest.fixture(scope="module")
+def pair(smollm2_bundle):  # noqa: F811
+    opts = dict(kv_budget="24MiB", verify="size", threads=2)
+    return tqedge.load(smollm2_bundle, backend="native", **opts), tqedge.load(smollm2_bundle, backend="onnx", **opts)
+
+
+def _greedy(model, cache, prompt, n):
+    logits = model.forward(model.encode(prompt), cache)
+    out = []
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = model.forward([out[-1]], cache)
+    return out
+
+
+def test_native_is_the_default_and_old_graphs_fall_back(pair):
+    native, seg = pair
+    assert native.backend_name == "native" and seg.backend_name == "onnx"
+    m = native.manifest
+    assert choose_backend(m) == "native"
+    old = dataclasses.replace(m, graphs={"onnx": dataclasses.replace(m.graphs["onnx"], descriptor=0)})
+    assert choose_backend(old) == "onnx"
+    with pytest.raises(TqedgeError, match="re-export"):
+        choose_backend(old, "native")
+
+
+@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Once upon a time,"])
+def test_greedy_tokens_identical_exact_cache(pair, prompt):
+    native, seg = pair
+    a = _greedy(native, native.new_cache(kv_bits="exact"), prompt, 16)
+    b = _greedy(seg, seg.new_cache(kv_bits="exact"), prompt, 16)
+    assert a == b
+
+
+def test_default_cache_top1_agreement_unchanged(pair, wikitext):
+    from tqedge.runtime.eval_ppl import KVConfig, evaluate, text_windows
+
+    native, seg = pair
+    windows = text_windows(native, wikitext, 257, windows=1)
+    got = [evaluate(m, windows, [KVConfig("default")], chunk=256)[0]["top1_agree"] for m in (native, seg)]
+    assert got[0] > 0.9
+    assert abs(got[0] - got[1]) <= 0.005
+
+
+def test_two_models_two_chats_interleaved(pair, smollm2_bundle):  # noqa: F811
+    native, _ = pair
+    other = tqedge.load(smollm2_bundle, backend="native", kv_budget="24MiB", verify="size", threads=1)
+    streams = [(native, "exact", "Name a prime number."), (native, None, "Tell me about the sea."),
+               (other, None, "Name a prime number."), (other, "exact", "What is 2 + 2?")]
+    alone = [_greedy(m, m.new_cache(kv_bits=kv), p, 6) for m, kv, p in streams]
+    caches = [m.new_cache(kv_bits=kv) for m, kv, _ in streams]
+    logits = [m.forward(m.encode(p), c) for (m, _, p), c in zip(streams, caches)]
+    together = [[] for _ in streams]
+    for _ in range(6):  # one step of each chat in turn: the descriptor names the cache every call
+        for i, (m, _, _) in enumerate(streams):
+            together[i].append(int(logits[i].argmax()))
+            logits[i] = m.forward([together[i][-1]], caches[i])
+    assert together == alone
