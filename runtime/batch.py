@@ -41,7 +41,7 @@ STEP_TOKENS = 64
 # else is in the step, so a prompt's computation never depends on batch composition (the dense
 # rows are computed independently; attention depends on how a prompt is chunked, through float
 # summation order, which int8/int4 activation quantization can amplify into another greedy token).
-PROMPT_CHUNK = 64
+PROMPT_CHUNK = 32
 
 
 class BatchView:
@@ -192,12 +192,13 @@ class Batcher:
     Args:
         model: the model.
         step_tokens: rows per step (decode rows + prompt chunks).
+        chunk: the prompt chunk of the streams it runs (give it to :class:`BatchStream`).
     """
 
-    def __init__(self, model, step_tokens: int = STEP_TOKENS):
-        if step_tokens < 1:
-            raise TqedgeError(f"step tokens must be ≥ 1, not {step_tokens}")
-        self.model, self.step_tokens = model, int(step_tokens)
+    def __init__(self, model, step_tokens: int = STEP_TOKENS, chunk: int = PROMPT_CHUNK):
+        if step_tokens < 1 or chunk < 1:
+            raise TqedgeError(f"step tokens and prompt chunk must be ≥ 1, not {step_tokens} and {chunk}")
+        self.model, self.step_tokens, self.chunk = model, int(step_tokens), int(chunk)
         self.streams: list = []  # admission order
 
     def add(self, stream: BatchStream) -> None:
@@ -282,7 +283,7 @@ def generate_batch(model, prompts: Sequence, *, max_batch: int = 8, step_tokens:
             i, ids = todo.pop()
             cache = free.pop() if free else model.new_cache(kv_budget=kv_budget, kv_bits=kv_bits)
             cache.reset()
-            s = BatchStream(model, ids, cache, **sampling)
+            s = BatchStream(model, ids, cache, chunk=batcher.chunk, **sampling)
             owner[id(s)] = i
             batcher.add(s)
         responses, failed = batcher.step()
