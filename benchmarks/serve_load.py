@@ -13,6 +13,16 @@ JSON to ``benchmarks/out/serve_load.json``.
 
     python benchmarks/serve_load.py --bundle /tmp/smol.tqe [--clients 4] [--requests 16] \\
         [--max-tokens 24] [--kv-budget 64MiB] [--max-sessions 2] [--turns 2]
+
+Batching curve (``--streams 1,2,4,8,16``, one server per bundle, repeatable ``--bundle``): for
+each N, N clients send one greedy streaming request at once (``--max-tokens`` new tokens, a
+distinct question each, the same questions for every N). Decode throughput is measured in the
+steady state where all N streams are decoding: tokens received by all streams between the
+moment the last stream got its first token and the moment the first stream finished, over that
+window — prefill is excluded and reported apart (TTFT p50/p95). Inter-token latency p50/p95
+over all streams. JSON to ``benchmarks/out/serve_batching.json`` and a PNG beside it.
+
+    python benchmarks/serve_load.py --bundle int8.tqe --bundle int4.tqe --streams 1,2,4,8,16 --max-tokens 48
 """
 
 from __future__ import annotations
@@ -27,9 +37,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 QUESTIONS = ["What is the capital of France?", "Name three colours of the rainbow.", "Why is the sky blue?",
              "Give me a short tip for learning Python.", "What do bees make?", "How many legs does a spider have?"]
+DEFAULT_OUT = str(HERE / "out" / "serve_load.json")
 FIXED_OVERHEAD_MIB = 400  # interpreter + onnxruntime + tokenizer + server; measured runtime overhead ≈ 360 MiB
 
 
@@ -156,9 +169,186 @@ def pct(xs: list[float], q: float) -> float | None:
     return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 3)
 
 
+LONG_QUESTIONS = ["Tell me a long story about a dragon who learns to cook.", "Explain in detail how a bicycle works.",
+                  "Describe a day in the life of a lighthouse keeper.", "Write a long letter to a friend about autumn.",
+                  "Explain step by step how bread is made.", "Describe the water cycle in detail.",
+                  "Tell me a long story about a robot exploring the ocean.", "Explain how airplanes fly, in detail.",
+                  "Describe your perfect city and its streets.", "Write a long poem about mountains and rivers.",
+                  "Explain how computers store numbers.", "Tell me about the history of tea, in detail.",
+                  "Describe a market in a busy town at dawn.", "Explain how plants grow from seeds, step by step.",
+                  "Write a story about a cat who becomes a detective.", "Describe how the moon affects the tides."]
+
+
+def timed_stream(c, messages, max_tokens: int) -> dict:
+    """One greedy streaming request; the arrival time of every content chunk."""
+    t0 = time.perf_counter()
+    times, use = [], None
+    stream = c.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    for ch in stream:
+        if ch.choices and ch.choices[0].delta.content:
+            times.append(time.perf_counter())
+        if ch.usage:
+            use = ch.usage
+    return {"t0": t0, "times": times, "completion_tokens": use.completion_tokens if use else len(times),
+            "prompt_tokens": use.prompt_tokens if use else 0}
+
+
+class CpuClock:
+    """Samples a process's CPU seconds (user + system, all threads) every ``period`` s, so the
+    CPU it spent in any wall-clock window can be read afterwards: on a shared machine, tokens
+    per server CPU-second compare configurations whatever share of the cores the server got."""
+
+    def __init__(self, pid: int, period: float = 0.05):
+        import os
+
+        self.path, self.tick = Path(f"/proc/{pid}/stat"), os.sysconf("SC_CLK_TCK")
+        self.samples: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.period = period
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                f = self.path.read_text().rsplit(")", 1)[1].split()
+                self.samples.append((time.perf_counter(), (int(f[11]) + int(f[12])) / self.tick))
+            except (OSError, IndexError, ValueError):
+                return
+            time.sleep(0.05)
+
+    def at(self, t: float) -> float:
+        ts = [x for x, _ in self.samples]
+        return float(np.interp(t, ts, [c for _, c in self.samples]))
+
+
+def one_round(base: str, n: int, tag: str, max_tokens: int, clock: CpuClock | None = None) -> dict:
+    """N concurrent streams; steady-state decode tok/s, TTFT and inter-token latency."""
+    import openai
+
+    res: list = [None] * n
+
+    def run(i):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=900)
+        msgs = [{"role": "user", "content": f"[{tag}] {LONG_QUESTIONS[i % len(LONG_QUESTIONS)]}"}]
+        try:
+            res[i] = timed_stream(c, msgs, max_tokens)
+        except Exception as e:  # noqa: BLE001  (reported, not raised: one failed stream must not hide the rest)
+            res[i] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        c.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ok = [r for r in res if r and "error" not in r and r["times"]]
+    start = max(r["times"][0] for r in ok)  # every stream is decoding from here …
+    end = min(r["times"][-1] for r in ok)  # … until the first one finishes
+    in_window = sum(sum(1 for t in r["times"] if start < t <= end) for r in ok)
+    gaps = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    ttft = [r["times"][0] - r["t0"] for r in ok]
+    decode_all = sum(len(r["times"]) - 1 for r in ok) / max(1e-9, max(r["times"][-1] for r in ok) - start) \
+        if n > 0 else None
+    cpu = clock.at(end) - clock.at(start) if clock and end > start else None
+    return {"streams": n, "ok": len(ok), "decode_server_cpu_s": round(cpu, 3) if cpu else None,
+            "decode_tok_per_cpu_s": round(in_window / cpu, 2) if cpu else None, "errors": [r["error"] for r in res if r and "error" in r][:3],
+            "completion_tokens": [r["completion_tokens"] for r in ok], "prompt_tokens": [r["prompt_tokens"] for r in ok],
+            "decode_window_s": round(end - start, 3), "decode_tokens_in_window": in_window,
+            "decode_tok_s": round(in_window / (end - start), 2) if end > start else None,
+            "decode_tok_s_after_last_first_token": round(decode_all, 2),
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
+            "itl_p50_ms": round(1e3 * pct(gaps, 0.5), 1) if gaps else None,
+            "itl_p95_ms": round(1e3 * pct(gaps, 0.95), 1) if gaps else None}
+
+
+def batching_curve(a) -> None:
+    """The ``--streams`` mode (see the module docstring)."""
+    import os
+
+    import httpx
+
+    streams = [int(x) for x in a.streams.split(",")]
+    report = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "uptime_before": os.getloadavg(),
+              "bundles": {}}
+    for bundle in a.bundle:
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        proc = start_server(argparse.Namespace(**{**vars(a), "bundle": bundle}), port)
+        rows = []
+        try:
+            wait_healthy(proc, base, 300)
+            clock = CpuClock(proc.pid)
+            one_round(base, 1, "warm-up", 4)
+            for n in streams:  # best of --repeats by decode tok/s: the run least disturbed by other load
+                tries = [one_round(base, n, f"{Path(bundle).stem} n{n} r{r}", a.max_tokens, clock)
+                         for r in range(a.repeats)]
+                row = max(tries, key=lambda r: r["decode_tok_s"] or 0)
+                row["decode_tok_s_all_repeats"] = [r["decode_tok_s"] for r in tries]
+                row["decode_tok_per_cpu_s_all_repeats"] = [r["decode_tok_per_cpu_s"] for r in tries]
+                row["loadavg"] = os.getloadavg()
+                rows.append(row)
+                print(json.dumps({"bundle": Path(bundle).name, **{k: v for k, v in row.items()
+                                  if k not in ("completion_tokens", "prompt_tokens")}}), flush=True)
+            st = httpx.get(base + "/v1/stats", timeout=10).json()
+            rss = rss_mib(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        clock.stop.set()
+        for key in ("decode_tok_s", "decode_tok_per_cpu_s"):
+            one = next((r[key] for r in rows if r["streams"] == 1 and r[key]), None)
+            for r in rows:
+                r[f"x_one_stream_{key}"] = round(r[key] / one, 2) if one and r[key] else None
+        s = st["sessions"]
+        report["bundles"][Path(bundle).name] = {
+            "rows": rows, "kv_bytes_allocated": s["kv_bytes_allocated"], "kv_bytes_total": s["kv_bytes_total"],
+            "kv_within_budget": s["kv_bytes_allocated"] <= s["kv_bytes_total"], "rss_end_mib": rss,
+            "server_requests": st["requests"]}
+    report["uptime_after"] = os.getloadavg()
+    out = Path(a.out if a.out != DEFAULT_OUT else HERE / "out" / "serve_batching.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot_curve(report, out.with_suffix(".png"))
+    print(f"wrote {out}")
+
+
+def plot_curve(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    for name, b in report["bundles"].items():
+        rows = [r for r in b["rows"] if r["decode_tok_s"]]
+        n = [r["streams"] for r in rows]
+        ax[0].plot(n, [r["decode_tok_s"] for r in rows], "o-", label=name)
+        ax[3].plot(n, [r["decode_tok_per_cpu_s"] for r in rows], "o-", label=name)
+        ax[1].plot(n, [r["ttft_p50_s"] for r in rows], "o-", label=f"{name} p50")
+        ax[1].plot(n, [r["ttft_p95_s"] for r in rows], "x--", label=f"{name} p95")
+        ax[2].plot(n, [r["itl_p50_ms"] for r in rows], "o-", label=f"{name} p50")
+        ax[2].plot(n, [r["itl_p95_ms"] for r in rows], "x--", label=f"{name} p95")
+    for a_, title in zip(ax, ("aggregate decode tok/s (steady state)", "time to first token (s)",
+                              "inter-token latency (ms)", "decode tokens per server CPU-second")):
+        a_.set_xscale("log", base=2)
+        a_.set_xlabel("concurrent streams")
+        a_.set_title(title)
+        a_.legend(fontsize=7)
+    fig.suptitle(f"tqedge serve, continuous batching (load avg before {report['uptime_before'][0]:.1f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, action="append", help="repeat for several bundles (--streams mode)")
+    p.add_argument("--streams", default=None, help="batching curve, e.g. 1,2,4,8,16 (see the module docstring)")
+    p.add_argument("--repeats", type=int, default=1, help="--streams: runs per N, the best kept (shared machines)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--turns", type=int, default=2)
@@ -169,8 +359,12 @@ def main() -> None:
     p.add_argument("--kv-bits", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole load phase")
-    p.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
+    p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
+    if a.streams:
+        batching_curve(a)
+        return
+    a.bundle = a.bundle[0]
 
     import httpx
 

@@ -103,6 +103,20 @@ class Model:
         cache.commit()
         return out[0] if logits == "last" else out
 
+    def forward_batch(self, items) -> list:
+        """One forward over the next tokens of several sequences, each with its own cache.
+
+        Args:
+            items: ``(ids, cache, want_logits)`` per sequence (distinct caches).
+
+        Returns:
+            Per item, float32 (vocab,) logits after its last token, or None if not wanted.
+            See :func:`tqedge.runtime.batch.forward_batch` (the row-concatenation protocol).
+        """
+        from tqedge.runtime.batch import forward_batch
+
+        return forward_batch(self, items)
+
     # -- text API (thin wrappers over runtime.generate / runtime.chat) -----------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """Token ids of ``text`` (BOS prepended when the bundle says so)."""
@@ -127,6 +141,13 @@ class Model:
         for resp in stream_generate(self, prompt, **kwargs):
             if resp.text:
                 yield resp.text
+
+    def generate_batch(self, prompts, **kwargs) -> list[str]:
+        """Complete many prompts together, batched into shared forwards (offline batch jobs).
+        See :func:`tqedge.runtime.batch.generate_batch` for keyword arguments."""
+        from tqedge.runtime.batch import generate_batch
+
+        return generate_batch(self, prompts, **kwargs)
 
     def chat(self, system: str | None = None, **kwargs):
         """A new :class:`~tqedge.runtime.chat.Chat` with its own cache."""

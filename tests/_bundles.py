@@ -118,10 +118,25 @@ class TinyLM:
     def forward(self, ids, cache, logits: str = "last") -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         t = len(ids)
-        self.calls.append(t)
         pos = np.arange(cache.offset, cache.offset + t)
-        x = self.emb[ids]  # (T, H)
+        index = np.array([t - 1]) if logits == "last" else np.arange(t)
         cache.prepare(t)
+        out = self.backend.forward(ids, pos, index, cache)  # (n, V)
+        cache.commit()
+        return out[0] if logits == "last" else out
+
+    @property
+    def backend(self):
+        """The segment protocol (``backend.forward(ids, positions, logits_index, cache)``), so
+        batched steps (:mod:`tqedge.runtime.batch`) run on this model too."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(forward=self.forward_rows)
+
+    def forward_rows(self, ids, pos, index, cache) -> np.ndarray:
+        t = len(ids)
+        self.calls.append(t)
+        x = self.emb[ids]  # (T, H)
         for i, w in enumerate(self.w):
             hn = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)  # (T, H)
             q = _rope((hn @ w["q"]).reshape(t, self.hq, self.d), pos)  # (T, Hq, D)
@@ -129,10 +144,8 @@ class TinyLM:
             v = (hn @ w["v"]).reshape(t, self.hkv, self.d)  # (T, Hkv, D)
             out = cache.attend(i, q, k, v, 1 / np.sqrt(self.d))  # (T, Hq, D)
             x = x + out.reshape(t, -1) @ w["o"]
-        cache.commit()
-        hn = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)  # (T, H)
-        out = (hn @ self.head + self.bias).astype(np.float32)  # (T, V)
-        return out[-1] if logits == "last" else out
+        hn = x[index] / np.sqrt((x[index] * x[index]).mean(-1, keepdims=True) + 1e-5)  # (n, H)
+        return (hn @ self.head + self.bias).astype(np.float32)  # (n, V)
 
     def reference_logits(self, ids) -> np.ndarray:
         """Logits of the last position from a fresh, large cache (the oracle)."""

@@ -19,7 +19,8 @@ pytest.importorskip("uvicorn")
 from _bundles import tiny_bundle as bundle  # noqa: E402, F401  (fixture)
 from test_server import free_port  # noqa: E402
 
-A1, A2, B1 = "hello world the cat ", " the dog sat on a mat", "a dog ran"  # the template only concatenates
+A1 = "hello world the cat sat on the mat and the dog ran to a cat " * 3  # > one prompt chunk (32 tokens)
+A2, B1 = " the dog sat on a mat", "a dog ran"  # the template only concatenates
 GREEDY = dict(temperature=0, max_tokens=8)
 
 

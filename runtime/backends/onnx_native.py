@@ -80,6 +80,7 @@ class NativeBackend:
     """
 
     name = "native"
+    batched_rows = False  # one cache descriptor per step: runtime.batch runs sequences one by one
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None):
         graph = manifest.graphs.get("onnx")

@@ -1,16 +1,18 @@
-"""The generation engine: one worker thread, a bounded queue, requests interleaved per token.
+"""The generation engine: one worker thread, a bounded queue, continuous batching.
 
 Design (a 2-core device): exactly one model forward runs at a time — onnxruntime already
-spreads one forward over the cores, and two concurrent forwards would only fight for them and
-for memory bandwidth. The worker thread owns the model and the sessions; the event loop only
-parses requests, enqueues jobs and relays events, so it never blocks on the model.
+spreads one forward over the cores. The worker thread owns the model and the sessions; the
+event loop only parses requests, enqueues jobs and relays events, so it never blocks on the model.
 
-Admitted jobs (each holding its own conversation cache) are stepped round-robin, one token
-(or one prefill) each, so a long reply does not hold back the first token of a short one.
-Jobs wait in a FIFO queue bounded by ``max_queue`` while no cache is free; beyond that
-``submit`` raises :class:`QueueFull` (the API answers 429 with ``Retry-After``). A job whose
-client went away is cancelled: its generation stops at the next token and its cache is freed
-for the next job (the partial reply stays in the conversation, like an interrupted Chat).
+Admitted jobs (each holding its own conversation cache) are stepped together by a
+:class:`~tqedge.runtime.batch.Batcher`: every step is ONE forward holding the next token of
+every conversation that is replying plus prompt chunks of new ones, under a per-step token
+budget (``step_tokens``), so the weights are read once for all streams and a long prompt does
+not freeze the others. Jobs wait in a FIFO queue bounded by ``max_queue`` while no cache is
+free; beyond that ``submit`` raises :class:`QueueFull` (the API answers 429 with
+``Retry-After``). A job whose client went away is cancelled: it leaves the batch before the
+next step and its cache is freed for the next job (the partial reply stays in the
+conversation, like an interrupted Chat).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tqedge.errors import TqedgeError
-from tqedge.runtime.generate import stream_generate
+from tqedge.runtime.batch import STEP_TOKENS, Batcher, BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ class Job:
 
     Args:
         ids: the rendered prompt's token ids.
-        sampling: ``stream_generate`` keyword arguments.
+        sampling: ``stream_generate`` keyword arguments (those :class:`BatchStream` takes).
         emit: called from the worker thread with ``(kind, payload)`` events: ("start", {cached,
             prompt}), ("text", str), ("done", {finish, completion_tokens, cached, prompt}),
             ("error", TqedgeError). Must be thread-safe and must not block.
@@ -58,7 +60,7 @@ class Job:
     t_enqueued: float = field(default_factory=time.monotonic)
     # set by the worker
     acquired: object = None
-    steps: object = None
+    stream: object = None
     out_ids: list[int] = field(default_factory=list)
 
     def cancel(self) -> None:
@@ -72,10 +74,12 @@ class Engine:
         model: the loaded model.
         sessions: the session manager (only this engine's thread touches it).
         max_queue: jobs that may wait for a cache; more are refused with :class:`QueueFull`.
+        step_tokens: rows per batched forward (decode rows + prompt chunks).
     """
 
-    def __init__(self, model, sessions, max_queue: int = 16):
+    def __init__(self, model, sessions, max_queue: int = 16, step_tokens: int = STEP_TOKENS):
         self.model, self.sessions, self.max_queue = model, sessions, max_queue
+        self.batcher = Batcher(model, step_tokens)
         self.pending: collections.deque[Job] = collections.deque()
         self.running: list[Job] = []
         self.cv = threading.Condition()
@@ -134,10 +138,13 @@ class Engine:
                 if self._stop:
                     break
             self._admit()
-            for job in list(self.running):
-                self._step(job)
+            for job in [j for j in self.running if j.cancelled.is_set()]:  # free their rows now
+                self.counts["cancelled"] += 1
+                self._finish(job)
+            if self.running:
+                self._step()
         for job in list(self.running):
-            self._finish(job, None)
+            self._finish(job)
 
     def _admit(self) -> None:
         """Start waiting jobs (FIFO) while a cache can be had."""
@@ -153,62 +160,70 @@ class Engine:
                 if not self.sessions.can_admit():
                     return
                 self.pending.popleft()
+            acq = None
             try:
-                acq = self.sessions.acquire(job.ids)
+                acq = self.sessions.acquire(job.ids, align=self.batcher.chunk)
+                if acq is not None:
+                    s = acq.session
+                    job.stream = BatchStream(self.model, acq.new, s.cache, history=job.ids[: acq.cached],
+                                             cached_tokens=acq.cached, chunk=self.batcher.chunk, **job.sampling)
             except Exception as e:  # noqa: BLE001  (thread boundary, as in _step)
                 if not isinstance(e, (TqedgeError, OSError)):
                     log.exception("could not prepare a session")
                 log.warning("could not prepare a session: %s", e)
                 self.counts["failed"] += 1
                 job.emit("error", TqedgeError(str(e)))
+                if acq is not None:
+                    self.sessions.drop(acq.session)
                 continue
             if acq is None:  # every cache busy after all: wait at the head of the queue
                 with self.cv:
                     self.pending.appendleft(job)
                 return
             job.acquired, job.out_ids = acq, list(job.ids)
-            s = acq.session
-            job.steps = stream_generate(self.model, acq.new, cache=s.cache, history=job.ids[: acq.cached],
-                                        cached_tokens=acq.cached, **job.sampling)
+            self.batcher.add(job.stream)
             job.emit("start", {"cached": acq.cached, "prompt": len(job.ids), "restored": acq.restored})
             with self.cv:
                 self.running.append(job)
 
-    def _step(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.counts["cancelled"] += 1
-            self._finish(job, None)
-            return
+    def _step(self) -> None:
+        """One batched forward; relay each job's token, finish the jobs that are done."""
+        by_stream = {id(j.stream): j for j in self.running}
         try:
-            r = next(job.steps)
-        except Exception as e:  # noqa: BLE001  (thread boundary: one failed request must not stop the worker)
-            if not isinstance(e, (TqedgeError, StopIteration)):
-                log.exception("generation failed")
-            log.warning("generation failed: %s", e)
+            responses, failed = self.batcher.step()
+        except Exception as e:  # noqa: BLE001  (thread boundary: a failed step must not stop the worker)
+            if not isinstance(e, TqedgeError):
+                log.exception("batched step failed")
+            log.warning("batched step failed: %s", e)
+            failed = [(j.stream, e) for j in self.running]
+            responses = []
+        for stream, e in failed:
+            job = by_stream[id(stream)]
             self.counts["failed"] += 1
-            job.emit("error", TqedgeError(str(e) or "generation ended without a finish reason"))
-            self._finish(job, None, failed=True)
-            return
-        job.out_ids.append(r.token)
-        self.tokens += 1
+            job.emit("error", TqedgeError(str(e) or "generation failed"))
+            self._finish(job, failed=True)
         now = time.monotonic()
-        with self._rate_lock:
-            self._recent.append((now, 1))
-            while self._recent[0][0] < now - RATE_WINDOW_S:
-                self._recent.popleft()
-        if r.text:
-            job.emit("text", r.text)
-        if r.finish_reason:
-            n = r.stats.generation_tokens - (1 if r.finish_reason == "eos" else 0)
-            job.emit("done", {"finish": r.finish_reason, "completion_tokens": n, "cached": job.acquired.cached,
-                              "prompt": len(job.ids)})
-            self.counts["completed"] += 1
-            self._finish(job, r)
+        if responses:
+            with self._rate_lock:
+                self._recent.append((now, len(responses)))
+                while self._recent[0][0] < now - RATE_WINDOW_S:
+                    self._recent.popleft()
+        for stream, r in responses:
+            job = by_stream[id(stream)]
+            job.out_ids.append(r.token)
+            self.tokens += 1
+            if r.text:
+                job.emit("text", r.text)
+            if r.finish_reason:
+                n = r.stats.generation_tokens - (1 if r.finish_reason == "eos" else 0)
+                job.emit("done", {"finish": r.finish_reason, "completion_tokens": n, "cached": job.acquired.cached,
+                                  "prompt": len(job.ids)})
+                self.counts["completed"] += 1
+                self._finish(job)
 
-    def _finish(self, job: Job, last, failed: bool = False) -> None:
-        """Close the job's generator and hand its session back (or drop it after a failure)."""
-        if job.steps is not None:
-            job.steps.close()
+    def _finish(self, job: Job, failed: bool = False) -> None:
+        """Take the job out of the batch and hand its session back (or drop it after a failure)."""
+        self.batcher.remove(job.stream)
         with self.cv:
             if job in self.running:
                 self.running.remove(job)

@@ -137,16 +137,25 @@ class SessionManager:
         """Whether :meth:`acquire` would find a cache now (free, creatable or evictable)."""
         return bool(self.free) or self.n_caches < self.slots or any(not s.busy for s in self.active.values())
 
-    def acquire(self, ids: list[int]) -> Acquired | None:
+    def acquire(self, ids: list[int], align: int = 1) -> Acquired | None:
         """Find (or start) the conversation ``ids`` continue and bring its cache to a prefix of them.
+
+        Args:
+            ids: the request's prompt token ids.
+            align: a reused prefix that ends inside the previous prompt (a request sent again,
+                or a shorter version of it) is cut back to a multiple of this many tokens (the
+                batcher's prompt chunk), so the rest is fed in the same chunks as the first time
+                and the greedy reply is the same. A prefix reaching into the previous reply is
+                reused whole: those tokens were decoded one at a time, so no re-chunking would
+                make the cache equal a fresh prefill of them.
 
         Returns:
             An :class:`Acquired` (the session is marked busy), or None when every cache is busy.
         """
         with self.lock:
-            return self._acquire(ids)
+            return self._acquire(ids, max(1, int(align)))
 
-    def _acquire(self, ids: list[int]) -> Acquired | None:
+    def _acquire(self, ids: list[int], align: int) -> Acquired | None:
         best, best_n = None, -1
         for s in itertools.chain(self.active.values(), self.on_disk.values()):
             n = -1 if s.busy else s.match(ids)
@@ -170,7 +179,7 @@ class SessionManager:
         self.active[best.sid] = best
         self.active.move_to_end(best.sid)
         self.counters["reused"] += 1
-        return self._sync(best, ids, restored)
+        return self._sync(best, ids, restored, align)
 
     def release(self, session: Session, ids: list[int], prompt_len: int) -> None:
         """A generation on ``session`` ended; ``ids`` = prompt + generated tokens."""
@@ -276,12 +285,14 @@ class SessionManager:
         self.counters["new"] += 1
         return Acquired(s, list(ids), 0)
 
-    def _sync(self, s: Session, ids: list[int], restored: bool) -> Acquired:
+    def _sync(self, s: Session, ids: list[int], restored: bool, align: int) -> Acquired:
         cache = s.cache
         held = s.ids[: cache.offset]
         n = common_prefix(held, ids)
         if n == len(ids):  # nothing new: re-feed the last token for its logits
             n -= 1
+        if n <= s.prompt_len:
+            n -= n % align
         if n < len(held):
             if cache.evicted:  # a slid cache cannot be rewound
                 log.info("session %s: cache slid and cannot be rewound; re-prefilling", s.sid[:8])
