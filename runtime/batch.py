@@ -92,7 +92,7 @@ def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     """
     if not items:
         raise TqedgeError("a batched step needs at least one sequence")
-    if len(items) > 1 and not getattr(model.backend, "batched_rows", True):
+    if not getattr(model.backend, "batched_rows", True):
         # a backend that reaches the cache through one descriptor per step (the native op, until
         # per-sequence descriptors land) runs the sequences one after another: same results
         return [_one(model, toks, cache, want) for toks, cache, want in items]

@@ -162,7 +162,7 @@ class SessionManager:
             if n > best_n:
                 best, best_n = s, n
         if self.store is not None:
-            got = self._from_store(ids, best_n)
+            got = self._from_store(ids, best_n, align)
             if got is not None:
                 return got
         if best is None or best_n < 0:
@@ -247,7 +247,7 @@ class SessionManager:
             log.info("found %d saved conversations in %s", len(self.on_disk), self.dir)
 
     # -- internals --------------------------------------------------------------------------
-    def _from_store(self, ids: list[int], local_n: int) -> Acquired | None:
+    def _from_store(self, ids: list[int], local_n: int, align: int) -> Acquired | None:
         """Continue ``ids`` from the shared store when it holds a longer prefix than any local
         conversation (``local_n``); a blob that does not verify is refused and logged."""
         hit = self.store.longest_prefix(ids)
@@ -273,7 +273,7 @@ class SessionManager:
         s = Session(uuid.uuid4().hex, s_ids, prompt_len, cache=cache, busy=True)
         self.active[s.sid] = s
         self.counters["from_store"] += 1
-        return self._sync(s, ids, True)
+        return self._sync(s, ids, True, align)
 
     def _start(self, ids: list[int], cache=None) -> Acquired | None:
         cache = cache if cache is not None else self._take_cache()
