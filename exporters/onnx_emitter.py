@@ -31,7 +31,8 @@ from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, AttentionN
 from tqedge.exporters.plan import (ROPE_COS, ROPE_LOCAL_COS, ROPE_LOCAL_SIN, ROPE_SIN, Segment, attention_scale, attn_name,
                                    local_rope, resid, rope_inv_freq, rope_names, segment_plan)
 from tqedge.exporters.spec import ModelSpec
-from tqedge.exporters.weights import EMBED_DTYPES, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs, WeightStore
+from tqedge.exporters.weights import (BLOCK_SIZES, EMBED_DTYPES, EMBED_QUANTIZED, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs,
+                                      WeightStore, quantized_gather)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,13 @@ class LayerEmitter:
 
     def embed(self, g: GraphBuilder) -> None:
         key = "model.embed_tokens.weight"
+        if self.fmt in EMBED_QUANTIZED:  # int rows, sharing the tied head's MatMulNBits bytes
+            fmt = EMBED_QUANTIZED[self.fmt]
+            rows = resid(0) if self.a.embed_scale == 1.0 else "embed.rows"
+            quantized_gather(g, LinearArgs(rows, INPUT_IDS, self.w(key), key, self.spec.quant.get(key)),
+                             {"int8": 8, "int4": 4}[fmt], BLOCK_SIZES[fmt], INPUT_IDS)  # (T, H)
+            self.scale_embedding(g, rows)
+            return
         dtype = EMBED_DTYPES[self.fmt]
         table = g.weight(key if dtype == np.float32 else f"{key}.fp16", lambda: self.w(key).astype(dtype))  # (V, H)
         out = resid(0) if self.a.embed_scale == 1.0 else "embed.rows"
