@@ -168,8 +168,8 @@ class LayeredKVCache:
     @property
     def bytes_per_token(self) -> float:
         """Bytes each further token costs (the full layers' only)."""
-        per = getattr(self.full, "bytes_per_token", None)
-        return float(per if per is not None else self.full.nbytes / self.full.capacity)
+        per = getattr(self.full, "bytes_per_token", None)  # the exact cache has only a static method
+        return float(per if isinstance(per, (int, float)) else self.full.nbytes / self.full.capacity)
 
     def needed_bytes(self, tokens: int) -> int:
         """Budget that holds ``tokens`` tokens: the rings plus the full layers' share."""
