@@ -152,8 +152,13 @@ def kv_bytes(a: ArchSpec, kv: KVSpec, config: str) -> dict:
     """
     if config not in KV_CONFIGS:
         raise TqedgeError(f"unknown KV configuration {config!r} (choose from {', '.join(KV_CONFIGS)})")
-    return dict(_kv_bytes(a.num_layers, a.num_kv_heads, a.head_dim, kv.rotation, kv.norm, kv.qjl,
-                          kv.sinks, kv.window, config))
+    windows = [a.layer_window(i) for i in range(a.num_layers)] if hasattr(a, "layer_window") else [None] * a.num_layers
+    full = sum(w is None for w in windows)
+    out = dict(_kv_bytes(full, a.num_kv_heads, a.head_dim, kv.rotation, kv.norm, kv.qjl, kv.sinks, kv.window, config))
+    if full < a.num_layers:  # sliding layers: a fixed ring of their window each (runtime/sliding_cache.py)
+        item = 4 if KV_CONFIGS[config] == 4 else 2
+        out["fixed"] += sum(2 * a.num_kv_heads * w * a.head_dim * item for w in windows if w is not None)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
