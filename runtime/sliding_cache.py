@@ -112,6 +112,7 @@ class LayeredKVCache:
 
     def __init__(self, windows: list[int | None], full, rings: WindowKVCache):
         self.windows, self.full, self.rings = list(windows), full, rings
+        self.budget = None  # the byte budget it was sized from (rings + full layers), if any
         self.kind = full.kind
         self._route: list[tuple[object, int]] = []
         n_full = n_slide = 0
@@ -145,7 +146,16 @@ class LayeredKVCache:
             full = make_full(budget - fixed, full_layers)
         except TqedgeError as e:
             raise TqedgeError(f"{e} (after the sliding layers' fixed rings of {format_bytes(fixed)})") from None
-        return cls(windows, full, WindowKVCache(len(sliding), num_kv_heads, head_dim, sliding[0], dtype))
+        cache = cls(windows, full, WindowKVCache(len(sliding), num_kv_heads, head_dim, sliding[0], dtype))
+        cache.budget = budget
+        return cache
+
+    def __getattr__(self, name: str):
+        """The full layers' cache settings (``window``, ``tq_k``, ``keys`` …: session files)."""
+        full = self.__dict__.get("full")
+        if full is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(full, name)
 
     # -- the interface ------------------------------------------------------------------------
     offset = property(lambda self: self.full.offset)

@@ -128,3 +128,17 @@ def test_manifest_validates_layer_types():
         m.validate()
     with pytest.raises(TqedgeError, match="sliding_window"):
         manifest(window=None).validate()
+
+
+def test_session_state_round_trips(tmp_path):
+    from tqedge.runtime.session_file import cache_options, decode_session, encode_session
+
+    q, k, v = qkv(20)
+    for bits in ("exact", "4,3"):
+        cache = make_cache(manifest(), "1MiB", kv_bits=bits)
+        run(cache, q[:, :12], k[:, :12], v[:, :12], [12])
+        again = make_cache(manifest(), **cache_options(cache))
+        again.load_state(decode_session(encode_session("fp", cache)).state)
+        a = run(cache, q[:, 12:], k[:, 12:], v[:, 12:], [1] * 8)
+        b = run(again, q[:, 12:], k[:, 12:], v[:, 12:], [1] * 8)
+        np.testing.assert_array_equal(a, b)
