@@ -75,8 +75,10 @@ WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
-    "int8": {"disk": _nbits(8), "resident": _nbits(8), "embed": 2},
-    "int4": {"disk": _nbits(4), "resident": _nbits(4), "embed": 2},
+    # int8 / int4: the embedding gathers int8 rows (block 16: codes + fp32 scale + zero point);
+    # tied, they are the LM head's own bytes on disk (exporters/weights.py: EMBED_QUANTIZED)
+    "int8": {"disk": _nbits(8), "resident": _nbits(8), "embed": 1 + 5 / 16, "embed_is_head": True},
+    "int4": {"disk": _nbits(4), "resident": _nbits(4), "embed": 1 + 5 / 16, "embed_is_head": True},
 }
 
 
@@ -118,7 +120,10 @@ def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
     if a.tie_word_embeddings and spec.get("shares_tied"):
         shapes = shapes[:-1]
     lin = sum(size(n, k) for n, k in shapes)
-    return lin + spec["embed"] * a.vocab_size * a.hidden_size + 4 * _norms_and_biases(a)
+    # on disk a tied int embedding is the head's bytes; resident, the gather segment's session holds
+    # its own copy beside the head's (measured: benchmarks/out/gemma_embed.json)
+    embed = 0 if a.tie_word_embeddings and spec.get("embed_is_head") and not resident else spec["embed"]
+    return lin + int(embed * a.vocab_size * a.hidden_size) + 4 * _norms_and_biases(a)
 
 
 def bundle_weight_files(bundle: str | Path, m: Manifest) -> int:
