@@ -181,6 +181,11 @@ class LayeredKVCache:
         per = getattr(self.full, "bytes_per_token", None)  # the exact cache has only a static method
         return float(per if isinstance(per, (int, float)) else self.full.nbytes / self.full.capacity)
 
+    @property
+    def fixed_bytes(self) -> int:
+        """Bytes that do not grow with the tokens held: the rings plus the full layers' fixed part."""
+        return self.rings.nbytes + getattr(self.full, "fixed_bytes", 0)
+
     def needed_bytes(self, tokens: int) -> int:
         """Budget that holds ``tokens`` tokens: the rings plus the full layers' share."""
         own = getattr(self.full, "needed_bytes", None)
