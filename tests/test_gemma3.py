@@ -23,6 +23,7 @@ TEXTS = PROMPTS + ["  leading spaces and    runs of   spaces ", "digits 12345678
                    "unicode: naïve café — 東京 🤖 Ελληνικά 👍🏽", "tabs\tand\nnewlines\n\n\nend",
                    "<start_of_turn>user\nhi<end_of_turn>", "\u00a0nbsp and zero\u200bwidth", "a" * 40]
 GREEDY = 32
+pytestmark = pytest.mark.slow  # the real model: two exports and transformers on 270M parameters
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,12 @@ def test_past_the_sliding_window_matches_transformers(fp32_bundle, hf_gemma, wik
     model = tqedge.load(fp32_bundle[0], verify="none")
     ids = model.encode(wikitext)[:700]
     with torch.no_grad():
-        ref = hf_gemma(torch.tensor([ids])).logits[0, -4:].numpy()
+        ref = hf_gemma(torch.tensor([ids])).logits[0].numpy()  # (700, V)
     cache = model.new_cache(kv_bits="exact", kv_budget="64MiB")
     model.forward(ids[:600], cache)
-    got = model.forward(ids[600:696], cache)
-    got = np.stack([got] + [model.forward([t], cache) for t in ids[696:699]])
-    np.testing.assert_allclose(got, ref[:4], atol=1e-3, rtol=0)
+    got = [model.forward(ids[600:696], cache)]  # logits at position 695
+    got += [model.forward([t], cache) for t in ids[696:699]]  # positions 696..698
+    np.testing.assert_allclose(np.stack(got), ref[695:699], atol=1e-3, rtol=0)
 
 
 def test_cli_int8_export_says_paris(gemma3_gguf, tmp_path):
@@ -95,6 +96,8 @@ def test_cli_int8_export_says_paris(gemma3_gguf, tmp_path):
     out = tmp_path / "gemma.tqe"
     r = CliRunner().invoke(cli, ["export", str(gemma3_gguf), "-o", str(out), "--weights", "int8"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(cli, ["generate", str(out), "--raw", "-p", "The capital of France is", "--max-tokens", "8"])
+    # greedy "The capital of France is" continues " the capital of the country of France" in
+    # transformers' fp32 too (prompt 0 of the parity test); this wording asks for the name
+    r = CliRunner().invoke(cli, ["generate", str(out), "--raw", "-p", "The capital of France is called", "--max-tokens", "4"])
     assert r.exit_code == 0, r.output
-    assert "Paris" in r.output
+    assert r.output.lstrip().startswith("Paris"), r.output
