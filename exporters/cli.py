@@ -21,8 +21,11 @@ def kv_bytes_per_token(manifest) -> tuple[int, str]:
         from tqedge.runtime.compressed_cache import CompressedKVCache
 
         keys, values = build_codecs(kv, a.num_layers, a.head_dim)  # with the per-layer overrides
-        _, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, kv.sinks, kv.window)
-        return per, f"TurboQuant keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits{_layers(kv)}"
+        full = [i for i in range(a.num_layers) if a.layer_window(i) is None]  # sliding layers: fixed rings
+        _, per = CompressedKVCache.layout_bytes([keys[i] for i in full], [values[i] for i in full], a.num_kv_heads,
+                                                a.head_dim, kv.sinks, kv.window)
+        slide = f"; {a.num_layers - len(full)} sliding layers in fixed {a.sliding_window}-token rings" if len(full) < a.num_layers else ""
+        return per, f"TurboQuant keys {kv.key_bits:g} bits, values {kv.value_bits:g} bits{_layers(kv)}{slide}"
     except (ImportError, TqedgeError):
         fp16 = 2 * a.num_layers * a.num_kv_heads * a.head_dim * 2
         return fp16, "exact fp16; the TurboQuant codec is not available in this build"

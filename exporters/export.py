@@ -43,6 +43,7 @@ def _emit_tflite(spec, out_dir, fmt, progress=None):
 
 
 EMITTERS = {"onnx": emit_onnx, "tflite": _emit_tflite}  # graph format -> emit(spec, dir, weights, progress)
+TFLITE_FAMILIES = ("llama", "qwen2")  # architectures the TFLite emitter builds (docs/TFLITE.md)
 
 
 def _formats(formats) -> list[str]:
@@ -100,6 +101,8 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     from tqedge.runtime.cache import check_layer_bits
 
     check_layer_bits(layer_bits, spec.arch.num_layers)
+    if "tflite" in formats and spec.arch.name not in TFLITE_FAMILIES:
+        raise TqedgeError(f"tflite graphs are not built for {spec.arch.name} models (only {', '.join(TFLITE_FAMILIES)}); export with --format onnx")
     log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
     n_seg = (spec.arch.num_layers + 1) * len(formats)
     done = [0]

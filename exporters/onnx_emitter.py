@@ -29,9 +29,11 @@ from onnx import TensorProto, helper
 
 from tqedge.bundle import (DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode,
                            GraphSpec)
-from tqedge.exporters.plan import ROPE_COS, ROPE_SIN, Segment, attention_scale, attn_name, resid, rope_inv_freq, segment_plan
+from tqedge.exporters.plan import (ROPE_COS, ROPE_LOCAL_COS, ROPE_LOCAL_SIN, ROPE_SIN, Segment, attention_scale, attn_name,
+                                   local_rope, resid, rope_inv_freq, rope_names, segment_plan)
 from tqedge.exporters.spec import ModelSpec
-from tqedge.exporters.weights import EMBED_DTYPES, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs, WeightStore
+from tqedge.exporters.weights import (BLOCK_SIZES, EMBED_DTYPES, EMBED_QUANTIZED, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs,
+                                      WeightStore, quantized_gather)
 
 log = logging.getLogger(__name__)
 
@@ -85,32 +87,51 @@ class LayerEmitter:
 
     def embed(self, g: GraphBuilder) -> None:
         key = "model.embed_tokens.weight"
+        if self.fmt in EMBED_QUANTIZED:  # int rows, sharing the tied head's MatMulNBits bytes
+            fmt = EMBED_QUANTIZED[self.fmt]
+            rows = resid(0) if self.a.embed_scale == 1.0 else "embed.rows"
+            quantized_gather(g, LinearArgs(rows, INPUT_IDS, self.w(key), key, self.spec.quant.get(key)),
+                             {"int8": 8, "int4": 4}[fmt], BLOCK_SIZES[fmt], INPUT_IDS)  # (T, H)
+            self.scale_embedding(g, rows)
+            return
         dtype = EMBED_DTYPES[self.fmt]
         table = g.weight(key if dtype == np.float32 else f"{key}.fp16", lambda: self.w(key).astype(dtype))  # (V, H)
+        out = resid(0) if self.a.embed_scale == 1.0 else "embed.rows"
         if dtype == np.float32:
-            g.op("Gather", [table, INPUT_IDS], resid(0), axis=0)  # (T, H)
+            g.op("Gather", [table, INPUT_IDS], out, axis=0)  # (T, H)
         else:
             g.op("Gather", [table, INPUT_IDS], "embed.fp16", axis=0)
-            g.op("Cast", ["embed.fp16"], resid(0), to=TensorProto.FLOAT)  # (T, H)
+            g.op("Cast", ["embed.fp16"], out, to=TensorProto.FLOAT)  # (T, H)
+        self.scale_embedding(g, out)
+
+    def scale_embedding(self, g: GraphBuilder, rows: str) -> None:
+        """``resid(0) = rows * embed_scale`` (Gemma: sqrt(hidden)); nothing when the scale is 1."""
+        if self.a.embed_scale != 1.0:
+            g.op("Mul", [rows, g.weight("embed.scale", np.asarray(self.a.embed_scale, np.float32))], resid(0))
 
     def rope_tables(self, g: GraphBuilder) -> None:
-        inv = g.weight("rope.inv_freq", rope_inv_freq(self.a).astype(np.float32))  # (D/2,)
         p = g.op("Cast", [POSITIONS], "rope.pos", to=TensorProto.FLOAT)  # (T,)
         p = g.op("Unsqueeze", [p, g.const("axes.1", [1])], "rope.pos2")  # (T, 1)
-        f = g.op("Mul", [p, inv], "rope.freqs")  # (T, D/2)
-        f = g.op("Concat", [f, f], "rope.emb", axis=-1)  # (T, D)
-        for fn, out in (("Cos", ROPE_COS), ("Sin", ROPE_SIN)):
-            t = g.op(fn, [f], out + ".2d")
-            g.op("Unsqueeze", [t, g.const("axes.1", [1])], out)  # (T, 1, D)
+        sets = [("rope", False, ROPE_COS, ROPE_SIN)]
+        if local_rope(self.a):
+            sets.append(("rope.local", True, ROPE_LOCAL_COS, ROPE_LOCAL_SIN))
+        for prefix, local, cos, sin in sets:
+            inv = g.weight(prefix + ".inv_freq", rope_inv_freq(self.a, local=local).astype(np.float32))  # (D/2,)
+            f = g.op("Mul", [p, inv], prefix + ".freqs")  # (T, D/2)
+            f = g.op("Concat", [f, f], prefix + ".emb", axis=-1)  # (T, D)
+            for fn, out in (("Cos", cos), ("Sin", sin)):
+                t = g.op(fn, [f], out + ".2d")
+                g.op("Unsqueeze", [t, g.const("axes.1", [1])], out)  # (T, 1, D)
 
-    def rope(self, g: GraphBuilder, x: str, out: str) -> str:
+    def rope(self, g: GraphBuilder, x: str, out: str, layer: int = 0) -> str:
+        cos, sin = rope_names(self.a, layer)
         half = self.a.head_dim // 2
         split = g.const("rope.split", [half, half])
         x1, x2 = out + ".x1", out + ".x2"
         g.nodes.append(helper.make_node("Split", [x, split], [x1, x2], name=out + ".split", axis=-1))
         rot = g.op("Concat", [g.op("Neg", [x2], out + ".neg"), x1], out + ".rot", axis=-1)  # (T, H, D)
-        a = g.op("Mul", [x, ROPE_COS], out + ".cos")
-        b = g.op("Mul", [rot, ROPE_SIN], out + ".sin")
+        a = g.op("Mul", [x, cos], out + ".cos")
+        b = g.op("Mul", [rot, sin], out + ".sin")
         return g.op("Add", [a, b], out)
 
     def start_layer(self, g: GraphBuilder, i: int) -> None:
@@ -124,20 +145,29 @@ class LayerEmitter:
                 g.op("Reshape", [y, shape], attn_name(i, "v"))  # (T, Hkv, D)
             else:
                 y = g.op("Reshape", [y, shape], f"layers.{i}.attn.{kind}_heads")  # (T, heads, D)
-                self.rope(g, y, attn_name(i, kind))
+                if a.qk_norm:
+                    y = self.rmsnorm(g, y, f"{p}self_attn.{kind}_norm.weight", f"layers.{i}.attn.{kind}_normed")
+                self.rope(g, y, attn_name(i, kind), i)
 
     def finish_layer(self, g: GraphBuilder, i: int, out: str) -> str:
         a, p = self.a, f"model.layers.{i}."
         o = g.op("Reshape", [attn_name(i, "out"), g.const("shape.flat", [0, a.num_heads * a.head_dim])],
                  f"layers.{i}.attn.out_flat")  # (T, Hq*D)
         o = self.linear(g, o, f"layers.{i}.attn.o_proj", p + "self_attn.o_proj.weight")  # (T, H)
+        if a.post_norms:
+            o = self.rmsnorm(g, o, p + "self_attn.post_norm.weight", f"layers.{i}.attn.post_norm")
         h = g.op("Add", [resid(i), o], f"layers.{i}.attn_resid")  # (T, H)
         x = self.rmsnorm(g, h, p + "post_attention_layernorm.weight", f"layers.{i}.mlp_norm")
         gate = self.linear(g, x, f"layers.{i}.mlp.gate_proj", p + "mlp.gate_proj.weight")  # (T, F)
         up = self.linear(g, x, f"layers.{i}.mlp.up_proj", p + "mlp.up_proj.weight")  # (T, F)
-        silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}.mlp.sigmoid")], f"layers.{i}.mlp.silu")
-        act = g.op("Mul", [silu, up], f"layers.{i}.mlp.act")  # (T, F)
+        if a.hidden_act == "gelu_tanh":
+            gated = g.op("Gelu", [gate], f"layers.{i}.mlp.gelu", approximate="tanh")
+        else:
+            gated = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"layers.{i}.mlp.sigmoid")], f"layers.{i}.mlp.silu")
+        act = g.op("Mul", [gated, up], f"layers.{i}.mlp.act")  # (T, F)
         down = self.linear(g, act, f"layers.{i}.mlp.down_proj", p + "mlp.down_proj.weight")  # (T, H)
+        if a.post_norms:
+            down = self.rmsnorm(g, down, p + "mlp.post_norm.weight", f"layers.{i}.mlp.post_norm")
         return g.op("Add", [h, down], out)  # (T, H)
 
     def head(self, g: GraphBuilder, x: str) -> None:
@@ -167,7 +197,9 @@ class LayerEmitter:
 def _value_infos(a) -> dict[str, TensorProto]:
     f, i64 = TensorProto.FLOAT, TensorProto.INT64
     infos = {INPUT_IDS: (i64, ["T"]), POSITIONS: (i64, ["T"]), LOGITS_INDEX: (i64, ["n"]), KV_DESC: (i64, ["desc"]),
-             LOGITS: (f, ["n", a.vocab_size]), ROPE_COS: (f, ["T", 1, a.head_dim]), ROPE_SIN: (f, ["T", 1, a.head_dim])}
+             LOGITS: (f, ["n", a.vocab_size])}
+    for name in (ROPE_COS, ROPE_SIN, ROPE_LOCAL_COS, ROPE_LOCAL_SIN):
+        infos[name] = (f, ["T", 1, a.head_dim])
     for i in range(a.num_layers + 1):
         infos[resid(i)] = (f, ["T", a.hidden_size])
     for i in range(a.num_layers):
@@ -203,7 +235,7 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
     emitter = LayerEmitter(spec, fmt)
     infos = _value_infos(a)
     whole = GraphBuilder(store)
-    plan = segment_plan(a.num_layers)
+    plan = segment_plan(a.num_layers, a)
     scale = attention_scale(a)
     attention, files = [], []
     try:

@@ -18,6 +18,8 @@ from tqedge.errors import TqedgeError
 # Residual stream and RoPE tables passed between segments (names in the backend's tensor dict).
 ROPE_COS = "rope.cos"  # float32 (T, 1, D)
 ROPE_SIN = "rope.sin"  # float32 (T, 1, D)
+ROPE_LOCAL_COS = "rope.local.cos"  # sliding layers' tables when their RoPE base differs (Gemma 3)
+ROPE_LOCAL_SIN = "rope.local.sin"
 
 
 def resid(i: int) -> str:
@@ -46,9 +48,23 @@ class Segment:
         return f"segments/{self.index:03d}.onnx"
 
 
-def segment_plan(num_layers: int) -> list[Segment]:
-    """The L+1 segments of an L-layer model, cut at every attention core."""
+def local_rope(arch: ArchSpec) -> bool:
+    """Whether sliding layers get their own RoPE tables (a base of their own)."""
+    return bool(arch.layer_types and "sliding_attention" in arch.layer_types and arch.rope_local_theta)
+
+
+def rope_names(arch: ArchSpec | None, layer: int) -> tuple[str, str]:
+    """(cos, sin) tensor names layer ``layer`` rotates its q and k with."""
+    if arch is not None and local_rope(arch) and arch.layer_window(layer) is not None:
+        return ROPE_LOCAL_COS, ROPE_LOCAL_SIN
+    return ROPE_COS, ROPE_SIN
+
+
+def segment_plan(num_layers: int, arch: ArchSpec | None = None) -> list[Segment]:
+    """The L+1 segments of an L-layer model, cut at every attention core (``arch`` only matters
+    for models whose sliding layers have their own RoPE tables)."""
     segs = []
+    tables = [ROPE_COS, ROPE_SIN] + ([ROPE_LOCAL_COS, ROPE_LOCAL_SIN] if arch is not None and local_rope(arch) else [])
     for s in range(num_layers + 1):
         finish = s - 1 if s > 0 else None
         start = s if s < num_layers else None
@@ -59,9 +75,9 @@ def segment_plan(num_layers: int) -> list[Segment]:
         if start is not None:
             outs = [resid(start)] + [attn_name(start, k) for k in "qkv"]
             if finish is None:
-                outs += [ROPE_COS, ROPE_SIN]
+                outs += tables
             else:
-                inputs += [ROPE_COS, ROPE_SIN]
+                inputs += list(rope_names(arch, start))
         else:
             inputs.append(LOGITS_INDEX)
             outs = [LOGITS]
@@ -70,8 +86,9 @@ def segment_plan(num_layers: int) -> list[Segment]:
 
 
 def attention_scale(arch: ArchSpec) -> float:
-    """Softmax scale of the attention core (1/sqrt(head_dim) for the Llama family)."""
-    return 1.0 / math.sqrt(arch.head_dim)
+    """Softmax scale of the attention core: 1/sqrt(head_dim) for the Llama family,
+    ``query_pre_attn_scalar ** -0.5`` for Gemma."""
+    return 1.0 / math.sqrt(arch.query_pre_attn_scalar or arch.head_dim)
 
 
 def _default(inv: np.ndarray, cfg: dict) -> np.ndarray:
@@ -99,14 +116,18 @@ def _llama3(inv: np.ndarray, cfg: dict) -> np.ndarray:
 ROPE_SCALINGS = {"default": _default, "linear": _linear, "llama3": _llama3}
 
 
-def rope_inv_freq(arch: ArchSpec) -> np.ndarray:
-    """RoPE inverse frequencies (D/2,) float64, with ``arch.rope_scaling`` folded in.
+def rope_inv_freq(arch: ArchSpec, local: bool = False) -> np.ndarray:
+    """RoPE inverse frequencies (D/2,) float64, with ``arch.rope_scaling`` folded in; ``local``:
+    the sliding layers' (base ``rope_local_theta``, unscaled, as transformers' Gemma 3).
 
     Raises:
         TqedgeError: for a rope_scaling type the graphs cannot express statically.
     """
     d = arch.head_dim
-    inv = 1.0 / (arch.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # (D/2,)
+    theta = arch.rope_local_theta if local else arch.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))  # (D/2,)
+    if local:
+        return inv
     cfg = dict(arch.rope_scaling or {})
     kind = cfg.get("rope_type", cfg.get("type", "default"))
     if kind not in ROPE_SCALINGS:

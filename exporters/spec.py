@@ -15,9 +15,15 @@ read only a :class:`ModelSpec`. Canonical names are Hugging Face style, per laye
     model.layers.{i}.mlp.up_proj.weight           (ffn, hidden)
     model.layers.{i}.mlp.down_proj.weight         (hidden, ffn)
     model.norm.weight                             (hidden,)
+    with ``arch.qk_norm``:    model.layers.{i}.self_attn.q_norm.weight, k_norm.weight  (D,)
+    with ``arch.post_norms``: model.layers.{i}.self_attn.post_norm.weight  (hidden,)  on o_proj's output
+                              model.layers.{i}.mlp.post_norm.weight        (hidden,)  on down_proj's output
     lm_head.weight                                (vocab, hidden)     (absent when tied)
 
 Linear weights are (out, in) like ``torch.nn.Linear``; Q/K rows are in HF rotate-half order.
+``post_attention_layernorm`` is always the norm in front of the MLP (Gemma's HF
+``pre_feedforward_layernorm``). Norm weights are the multiplier the graph applies: Gemma's
+``1 + w`` is folded in by its architecture module.
 """
 
 from __future__ import annotations
@@ -93,6 +99,10 @@ class ModelSpec:
                 p + "mlp.up_proj.weight": (f, h),
                 p + "mlp.down_proj.weight": (h, f),
             })
+            if a.qk_norm:
+                shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+            if a.post_norms:
+                shapes.update({p + "self_attn.post_norm.weight": (h,), p + "mlp.post_norm.weight": (h,)})
             if a.attention_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (qd,), p + "self_attn.k_proj.bias": (kvd,),
                                p + "self_attn.v_proj.bias": (kvd,)})

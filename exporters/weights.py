@@ -87,6 +87,17 @@ class WeightStore:
             entry.key, entry.value = k, v
         return t
 
+    def view(self, name: str, base: str, shape: tuple[int, ...]) -> TensorProto:
+        """A TensorProto named ``name`` reading the bytes of the already stored ``base`` with
+        another shape (same dtype and size): one copy on disk serves two ops."""
+        if base in self._small:
+            return numpy_helper.from_array(numpy_helper.to_array(self._small[base]).reshape(shape), name)
+        offset, length, dtype, old = self._index[base]
+        if int(np.prod(old)) != int(np.prod(shape)):
+            raise ValueError(f"view {name}: {shape} does not match {base}'s {old}")
+        self._index[name] = (offset, length, dtype, tuple(shape))
+        return self.tensor(name, None)
+
     @property
     def nbytes(self) -> int:
         """Bytes written so far (including alignment padding)."""
@@ -171,22 +182,57 @@ def _pack(qb: QuantBlocks, carried: bool) -> tuple[np.ndarray, np.ndarray, np.nd
     return b, qb.scale.astype(np.float32).reshape(-1), zpk, offsets
 
 
+def _nbits_initializers(g, a: LinearArgs, bits: int, block: int) -> tuple[list[str], bool, Callable]:
+    """Register (lazily) the MatMulNBits initializers of ``a.w``: names [B, scales, zero points],
+    whether GGUF blocks were carried over, and a getter of the packed parts (3: offsets)."""
+    key = f"{a.weight_key}.q{bits}"
+    k = a.w.shape[1]
+    carried = a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0
+    packed: list = []
+
+    def part(i: int):
+        def get():
+            if not packed:
+                packed.extend(_pack(a.quant if carried else quantize_blocks(a.w, bits, block), carried))
+            return packed[i]
+        return get
+
+    names = [g.weight(key, part(0)), g.weight(key + ".scales", part(1)), g.weight(key + ".zp", part(2))]
+    return names, carried, part
+
+
+def quantized_gather(g, a: LinearArgs, bits: int, block: int, indices: str) -> str:
+    """Rows ``a.w[indices]`` (float32 (T, K)) through ``com.microsoft.GatherBlockQuantized``,
+    reading the very bytes of ``a.w``'s MatMulNBits initializers (codes, scales and zero points
+    viewed as (N, ·) tables): a tied LM head and the embedding share one copy.
+    GGUF-carried blocks (float minimums) are re-quantized under their own names."""
+    n, k = a.w.shape
+    if a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0:
+        a = LinearArgs(a.name, a.x, a.w, a.weight_key + ".gather", None)
+    class StoreOnly:  # the bases go to weights.bin but not into this graph (its nodes read the views)
+        @staticmethod
+        def weight(name, array):
+            g.store.tensor(name, array)
+            return name
+
+    (b, sc, zp), _, _ = _nbits_initializers(StoreOnly, a, bits, block)
+    nb = -(-k // block)
+    zp_cols = nb if bits == 8 else -(-nb // 2)
+    views = []
+    for name, shape in ((b, (n, nb * block * bits // 8)), (sc, (n, nb)), (zp, (n, zp_cols))):
+        views.append(name + ".rows")
+        g.inits.setdefault(views[-1], g.store.view(views[-1], name, shape))
+    return g.op("GatherBlockQuantized", [views[0], indices, views[1], views[2]], a.name, domain="com.microsoft",
+                bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+
+
 def _nbits(bits: int, fmt: str) -> Callable:
     def emit(g, a: LinearArgs) -> str:
         block = BLOCK_SIZES[fmt]
         key = f"{a.weight_key}.q{bits}"
         n, k = a.w.shape
-        carried = a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0
-        packed: list = []
-
-        def part(i: int):
-            def get():
-                if not packed:
-                    packed.extend(_pack(a.quant if carried else quantize_blocks(a.w, bits, block), carried))
-                return packed[i]
-            return get
-
-        ins = [a.x, g.weight(key, part(0)), g.weight(key + ".scales", part(1)), g.weight(key + ".zp", part(2))]
+        names, carried, part = _nbits_initializers(g, a, bits, block)
+        ins = [a.x, *names]
         y = g.op("MatMulNBits", ins, a.name + (".q" if carried else ""), domain="com.microsoft",
                  K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level(fmt, a.name))
         if not carried:
@@ -209,3 +255,6 @@ LINEAR_FORMATS: dict[str, Callable] = {
 HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
 # dtype of the embedding gather table per weight format (the LM head may be quantized)
 EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16}
+# Weight formats whose embedding is a quantized gather (GatherBlockQuantized) in the head's
+# format instead of the EMBED_DTYPES table: a tied head then shares its bytes (one copy).
+EMBED_QUANTIZED = {"int8": "int8", "int4": "int8"}

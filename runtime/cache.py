@@ -384,10 +384,21 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
     if policy not in POLICIES:
         raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
     bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
-    if kv_bits is not None and bits is None:
-        return ExactKVCache.from_budget(budget, a.num_layers, a.num_kv_heads, a.head_dim, sinks, policy)
-    from tqedge.runtime.compressed_cache import CompressedKVCache
+    exact = kv_bits is not None and bits is None
 
-    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl, layer_bits=layer_bits)
-    return CompressedKVCache.from_budget(budget, keys, values, a.num_kv_heads, a.head_dim, sinks, window,
-                                         policy, exact_prefill)
+    def uniform(budget: int, layers: list[int]):  # one ring size for ``layers``
+        if exact:
+            return ExactKVCache.from_budget(budget, len(layers), a.num_kv_heads, a.head_dim, sinks, policy)
+        from tqedge.runtime.compressed_cache import CompressedKVCache
+
+        keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl, layer_bits=layer_bits)
+        return CompressedKVCache.from_budget(budget, [keys[i] for i in layers], [values[i] for i in layers],
+                                             a.num_kv_heads, a.head_dim, sinks, window, policy, exact_prefill)
+
+    windows = [a.layer_window(i) for i in range(a.num_layers)]
+    if any(w is not None for w in windows):  # sliding layers: fixed window rings (runtime/sliding_cache.py)
+        from tqedge.runtime.sliding_cache import LayeredKVCache
+
+        return LayeredKVCache.from_budget(budget, windows, a.num_kv_heads, a.head_dim, uniform,
+                                          np.float32 if exact else np.float16)
+    return uniform(budget, list(range(a.num_layers)))

@@ -88,6 +88,11 @@ def build_cache(model, cfg: KVConfig, tokens: int):
         per = ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, dtype)
         budget = _budget(cfg.kv_budget, per * (tokens + 8))
         sinks = model.manifest.kv.sinks if cfg.sinks is None else cfg.sinks
+        if any(a.layer_window(i) is not None for i in range(a.num_layers)):  # sliding layers: per-layer layout
+            if bits == "fp16":
+                raise TqedgeError("an exact fp16 cache is not available for sliding-window models; use exact")
+            cache = make_cache(model.manifest, kv_budget=budget, kv_bits="exact", sinks=sinks, policy="slide")
+            return cache, cache.bytes_per_token
         cache = ExactKVCache.from_budget(budget, a.num_layers, a.num_kv_heads, a.head_dim, sinks, "slide", dtype)
         return cache, per
     manifest = model.manifest

@@ -74,8 +74,12 @@ WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
-    "int8": {"disk": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "resident": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "embed": 2},
-    "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "embed": 2},
+    # int8 / int4: the embedding gathers int8 rows (codes + fp32 scale + zero point per int8 block);
+    # tied, they are the LM head's own bytes on disk (exporters/weights.py: EMBED_QUANTIZED)
+    "int8": {"disk": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "resident": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]),
+             "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
+    "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]),
+             "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
 }
 
 
@@ -117,7 +121,10 @@ def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
     if a.tie_word_embeddings and spec.get("shares_tied"):
         shapes = shapes[:-1]
     lin = sum(size(n, k) for n, k in shapes)
-    return lin + spec["embed"] * a.vocab_size * a.hidden_size + 4 * _norms_and_biases(a)
+    # on disk a tied int embedding is the head's bytes; resident, the gather segment's session holds
+    # its own copy beside the head's (measured: benchmarks/out/gemma_embed.json)
+    embed = 0 if a.tie_word_embeddings and spec.get("embed_is_head") and not resident else spec["embed"]
+    return lin + int(embed * a.vocab_size * a.hidden_size) + 4 * _norms_and_biases(a)
 
 
 def bundle_weight_files(bundle: str | Path, m: Manifest) -> int:
@@ -151,8 +158,13 @@ def kv_bytes(a: ArchSpec, kv: KVSpec, config: str) -> dict:
     """
     if config not in KV_CONFIGS:
         raise TqedgeError(f"unknown KV configuration {config!r} (choose from {', '.join(KV_CONFIGS)})")
-    return dict(_kv_bytes(a.num_layers, a.num_kv_heads, a.head_dim, kv.rotation, kv.norm, kv.qjl,
-                          kv.sinks, kv.window, config))
+    windows = [a.layer_window(i) for i in range(a.num_layers)] if hasattr(a, "layer_window") else [None] * a.num_layers
+    full = sum(w is None for w in windows)
+    out = dict(_kv_bytes(full, a.num_kv_heads, a.head_dim, kv.rotation, kv.norm, kv.qjl, kv.sinks, kv.window, config))
+    if full < a.num_layers:  # sliding layers: a fixed ring of their window each (runtime/sliding_cache.py)
+        item = 4 if KV_CONFIGS[config] == 4 else 2
+        out["fixed"] += sum(2 * a.num_kv_heads * w * a.head_dim * item for w in windows if w is not None)
+    return out
 
 
 @functools.lru_cache(maxsize=256)

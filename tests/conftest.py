@@ -67,6 +67,30 @@ def smollm2_gguf() -> Path:
     return p
 
 
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _find_gemma3() -> Path | None:
+    for c in filter(None, [os.environ.get("TQEDGE_GEMMA3", ""), str(ROOT / "models")]):
+        p = Path(c)
+        if p.is_file() and p.suffix == ".gguf":
+            return p
+        if p.is_dir() and (p / GEMMA3_FILE).is_file():
+            return p / GEMMA3_FILE
+    return None
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled from the PyPI chunk wheels (README, .ci/run). Missing is
+    a failure, not a skip: the Gemma claims rest on it."""
+    p = _find_gemma3()
+    if p is None:
+        pytest.fail(f"Gemma 3 GGUF not found: set TQEDGE_GEMMA3 or assemble models/{GEMMA3_FILE} (README: Run the tests)")
+    return p
+
+
 @pytest.fixture(scope="session")
 def wikitext() -> str:
     """The WikiText-2 excerpt shipped in the package (tqedge/data, licence notes there)."""

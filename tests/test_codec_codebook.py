@@ -52,10 +52,9 @@ def _sample_lloyd(samples: np.ndarray, levels: int, iters: int = 2000) -> tuple[
     return c, float(np.mean((xs - c[idx]) ** 2))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3])
-def test_d64_matches_monte_carlo_lloyd(bits):
-    d = 64
-    g = np.random.default_rng(0).standard_normal((25000, d))
+@pytest.mark.parametrize("d,bits", [(64, 1), (64, 2), (64, 3), (256, 2), (256, 3), (256, 4)])
+def test_matches_monte_carlo_lloyd(d, bits):
+    g = np.random.default_rng(0).standard_normal((1_600_000 // d, d))
     samples = (g / np.linalg.norm(g, axis=1, keepdims=True)).reshape(-1)  # coordinates of random unit vectors
     c_mc, dist_mc = _sample_lloyd(samples, 1 << bits)
     cb = get_codebook(d, bits)

@@ -164,6 +164,8 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
                 p.copy_(torch.from_numpy(_degrade(p.numpy(), fmt)))
             elif name == "lm_head.weight":
                 p.copy_(torch.from_numpy(_degrade(p.numpy(), weights.HEAD_FORMATS[fmt])))
+            elif name == "model.embed_tokens.weight" and fmt in weights.EMBED_QUANTIZED:  # int rows
+                p.copy_(torch.from_numpy(_degrade(p.numpy(), weights.EMBED_QUANTIZED[fmt])))
             elif name == "model.embed_tokens.weight" and fmt != "fp32":
                 p.copy_(torch.from_numpy(p.numpy().astype(np.float16).astype(np.float32)))
         ref = model_ref(torch.tensor([ids])).logits[0].numpy()

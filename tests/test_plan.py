@@ -55,9 +55,10 @@ def test_weight_bytes_by_hand_for_one_format():
 
     linears = 30 * (int4(576, 576) * 2 + int4(192, 576) * 2 + int4(1536, 576) * 2 + int4(576, 1536))
     head = int4(49152, 576)
-    embed_fp16 = 2 * 49152 * 576
     norms_fp32 = 4 * (61 * 576)
-    assert plan.weight_bytes(SMOL, "int4") == linears + head + embed_fp16 + norms_fp32
+    # tied: on disk the embedding gathers the head's own int8 rows; resident, the gather's copy counts
+    assert plan.weight_bytes(SMOL, "int4", resident=False) == linears + head + norms_fp32
+    assert plan.weight_bytes(SMOL, "int4") == linears + head + norms_fp32 + 49152 * 576 * 21 // 16
 
 
 def test_weight_bytes_untied_counts_the_head_once_per_copy():
@@ -65,7 +66,9 @@ def test_weight_bytes_untied_counts_the_head_once_per_copy():
     head_fp32 = 4 * 49152 * 576
     # fp32: tied shares the table with the head; untied stores the head as its own matrix
     assert plan.weight_bytes(untied, "fp32") - plan.weight_bytes(SMOL, "fp32") == head_fp32
-    # the quantized formats always store a separate head, tied or not
+    # the quantized formats store the head as int8 blocks; untied adds the embedding's own int8 rows
+    # (16 codes + a 4-byte scale + a zero point per block of 16)
+    assert plan.weight_bytes(untied, "int8", resident=False) - plan.weight_bytes(SMOL, "int8", resident=False) == 49152 * 576 * 21 // 16
     assert plan.weight_bytes(untied, "int8") == plan.weight_bytes(SMOL, "int8")
     assert plan.parameter_count(untied) - plan.parameter_count(SMOL) == 49152 * 576
 

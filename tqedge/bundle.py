@@ -39,6 +39,8 @@ WEIGHT_BLOCK_SIZES = {"int8": 16, "int4": 32}
 ROTATIONS = ("hadamard", "dense")
 NORMS = ("corrected", "plain")
 VERIFY_MODES = ("auto", "full", "size", "none")  # read_manifest(verify=...); "auto": see tqedge/verified.py
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -59,6 +61,21 @@ class ArchSpec:
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v projection biases (Qwen2)
     rope_scaling: dict | None = None  # HF rope_scaling dict (already folded into the graph's inv_freq)
+    # Gemma 3 / Qwen 3 (docs/FORMAT.md); the defaults are the Llama family's
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    post_norms: bool = False  # RMSNorm on the attention and MLP outputs before each residual add (Gemma 3)
+    hidden_act: str = "silu"  # MLP gate activation: "silu" (SwiGLU) | "gelu_tanh" (GeGLU)
+    embed_scale: float = 1.0  # embeddings multiplied by this after the gather (Gemma: sqrt(hidden))
+    query_pre_attn_scalar: float | None = None  # softmax scale = this ** -0.5 (None: head_dim)
+    layer_types: list[str] | None = None  # per layer "full_attention" | "sliding_attention" (None: all full)
+    sliding_window: int | None = None  # a sliding layer's query sees keys at distance < this
+    rope_local_theta: float | None = None  # RoPE base of sliding layers (None: rope_theta)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, or None for a full-attention layer."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
 
 @dataclass
@@ -188,6 +205,7 @@ class Manifest:
                 raise TqedgeError(f"manifest.json: architecture.{name} must be > 0")
         if a.num_heads % a.num_kv_heads:
             raise TqedgeError("manifest.json: num_heads must be a multiple of num_kv_heads")
+        _validate_layer_types(a)
         if self.weights.format not in WEIGHT_FORMATS:
             raise TqedgeError(f"manifest.json: unknown weight format {self.weights.format!r}")
         if self.kv.rotation not in ROTATIONS:
@@ -204,6 +222,17 @@ class Manifest:
                 raise TqedgeError(f"manifest.json: graphs.{kind} attention layers are not 0..{a.num_layers - 1}")
             if g.descriptor < 0 or (g.descriptor and not g.file):
                 raise TqedgeError(f"manifest.json: graphs.{kind}.descriptor needs a whole-graph file and must be ≥ 0")
+
+
+def _validate_layer_types(a: ArchSpec) -> None:
+    if a.hidden_act not in HIDDEN_ACTS:
+        raise TqedgeError(f"manifest.json: unknown architecture.hidden_act {a.hidden_act!r}")
+    if a.layer_types is None:
+        return
+    if len(a.layer_types) != a.num_layers or any(t not in LAYER_TYPES for t in a.layer_types):
+        raise TqedgeError(f"manifest.json: architecture.layer_types must list {a.num_layers} of {', '.join(LAYER_TYPES)}")
+    if "sliding_attention" in a.layer_types and not (a.sliding_window or 0) > 0:
+        raise TqedgeError("manifest.json: sliding layers need architecture.sliding_window > 0")
 
 
 def _build(tp, value, where: str):

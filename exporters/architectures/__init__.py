@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from tqedge.errors import TqedgeError
 from tqedge.exporters.architectures.llama import LLAMA, Architecture
+from tqedge.exporters.architectures.gemma3 import GEMMA3
 from tqedge.exporters.architectures.qwen2 import QWEN2
+from tqedge.exporters.architectures.qwen3 import QWEN3
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2)}
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, GEMMA3)}
 
 
 def get_architecture(name: str) -> Architecture:
-    """The registered architecture called ``name`` (``"llama"``, ``"qwen2"``)."""
+    """The registered architecture called ``name`` (``"llama"``, ``"qwen2"``, ``"qwen3"``, ``"gemma3"``)."""
     if name not in ARCHITECTURES:
         raise TqedgeError(f"unsupported architecture {name!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
     return ARCHITECTURES[name]

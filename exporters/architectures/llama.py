@@ -97,6 +97,7 @@ class LlamaArgs:
     tie_word_embeddings: bool
     rope_scaling: dict | None = None
     attention_bias: bool = False
+    qk_norm: bool = False
 
     def arch_spec(self, name: str) -> ArchSpec:
         return ArchSpec(
@@ -106,7 +107,7 @@ class LlamaArgs:
             head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
             max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-            rope_scaling=self.rope_scaling,
+            rope_scaling=self.rope_scaling, qk_norm=self.qk_norm,
         )
 
 
@@ -204,6 +205,7 @@ class Architecture:
     gguf_names: dict[str, str]
     sanitize: Callable
     gguf_fixup: Callable | None = None  # e.g. un-permute Q/K
+    hf_fixup: Callable | None = None  # HF names/conventions → canonical (after sanitize)
 
 
 LLAMA = Architecture(

@@ -154,6 +154,8 @@ def load_hf(folder: str | Path) -> ModelSpec:
         weights.update(read_safetensors(f))
         dtypes.add(_first_dtype(f))
     weights, args = arch.sanitize(weights, args)
+    if arch.hf_fixup:
+        weights = arch.hf_fixup(weights, args)
     spec = ModelSpec(
         arch=args.arch_spec(arch.name), weights=weights, tokenizer_json=tok.to_str(),
         tokenizer=_tokenizer_spec(folder, tok), generation=_generation_spec(folder),

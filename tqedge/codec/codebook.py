@@ -10,7 +10,7 @@ After a random rotation, each coordinate ``x`` of a unit vector has the density
 cell (the density is smooth; its support is cut at ``min(1, 40/√d)``, beyond which the mass is
 below 1e-300), started from the Panter–Dite companding point density ``∝ f^(1/3)``, and the
 Lloyd conditions (boundaries = midpoints, centroids = conditional means) solved by Newton's
-method until every centroid is within 1e-13 · σ of its cell's conditional mean. Results are cached per process; tables for d = 64 and 128 ship in ``tables/``
+method until every centroid is within 1e-13 · σ of its cell's conditional mean. Results are cached per process; tables for d = 64, 128 and 256 (Gemma 3) ship in ``tables/``
 (``python -m tqedge.codec.codebook tables`` rewrites them); any other d is computed on demand
 (all eight bit widths in well under a second).
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CODEBOOK_ID = "lloyd-max-sphere-v1"
 MAX_BITS = 8
-TABLE_DIMS = (64, 128)
+TABLE_DIMS = (64, 128, 256)
 _GL_NODES = 48
 _TOL = 1e-13
 _MAX_ITERS = 200
