@@ -101,6 +101,12 @@ def test_chunked_prefill_and_decode_match_transformers(tiny):
     assert cache.offset == len(ids)
 
 
+def test_backend_choice(tiny):
+    """The native op reads full-attention caches only: sliding-window models run on the segments."""
+    kind, model, _, _, _ = tiny
+    assert model.backend_name == ("onnx" if kind == "gemma3" else "native")
+
+
 def test_manifest_records_the_architecture(tiny):
     kind, _, manifest, _, _ = tiny
     a = manifest.architecture
