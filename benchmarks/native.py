@@ -9,6 +9,11 @@ decode / prefill tok/s, ``os.wait4`` its peak RSS (ru_maxrss) and CPU seconds. B
 within each repeat; medians over repeats. The machine's load average is recorded before and
 after (on a shared machine wall-clock speeds move with it; CPU seconds much less).
 
+Decode step (``--step-bench``): both backends in one process, each cache filled to the context
+with random keys/values through ``cache.attend`` (benchmarks/decode.py's ``synthetic_fill``),
+then alternating greedy decode steps: median wall and CPU milliseconds per step (CPU seconds
+count every thread of the process; on a loaded machine they are the steadier figure).
+
 Calls: a child loads the bundle, prefills a short prompt and counts ``sys.setprofile`` events
 (``call`` and ``c_call``: Python functions and builtins, ctypes calls included) during
 ``model.forward`` of single decode steps, and separately inside ``backend.forward``.
@@ -108,6 +113,38 @@ def count_calls(bundle: str, backend: str, threads: int, steps: int = 8) -> dict
     return {k: statistics.median(v) for k, v in counts.items()}
 
 
+def step_bench(bundle: str, contexts: list[int], threads: int, steps: int = 16) -> dict:
+    """Median wall / CPU ms per decode step of each backend at each context (see module docstring)."""
+    import time
+
+    import numpy as np
+
+    import tqedge
+
+    sys.path.insert(0, str(HERE))
+    from decode import synthetic_fill
+
+    models = {b: tqedge.load(bundle, backend=b, threads=threads, verify="none", kv_budget="64MiB") for b in BACKENDS}
+    out = {}
+    for ctx in contexts:
+        caches, logits, wall, cpu = {}, {}, {b: [] for b in BACKENDS}, {b: [] for b in BACKENDS}
+        for b, m in models.items():
+            caches[b] = m.new_cache()
+            synthetic_fill(caches[b], m.arch, ctx, np.random.default_rng(0))
+            logits[b] = m.forward([100], caches[b])
+        for _ in range(steps):
+            for b, m in models.items():
+                t, c = time.perf_counter(), time.process_time()
+                logits[b] = m.forward([int(logits[b].argmax())], caches[b])
+                wall[b].append(1e3 * (time.perf_counter() - t))
+                cpu[b].append(1e3 * (time.process_time() - c))
+        out[str(ctx)] = {b: {"wall_ms": statistics.median(wall[b]), "cpu_ms": statistics.median(cpu[b])}
+                         for b in BACKENDS}
+        out[str(ctx)]["native_vs_onnx_cpu"] = out[str(ctx)]["native"]["cpu_ms"] / out[str(ctx)]["onnx"]["cpu_ms"]
+        print(ctx, out[str(ctx)], flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", required=True)
@@ -117,7 +154,18 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "out" / "native.json"))
     p.add_argument("--count-calls", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--step-bench", action="store_true", help="only the in-process decode-step measurement")
     args = p.parse_args(argv)
+    if args.step_bench:
+        data = {"bundle": args.bundle, "machine": platform.platform(), "threads": args.threads,
+                "loadavg_before": os.getloadavg(),
+                "decode_step": step_bench(args.bundle, [int(c) for c in args.contexts.split(",")], args.threads)}
+        data["loadavg_after"] = os.getloadavg()
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {out}")
+        return
     if args.count_calls:
         print(json.dumps(count_calls(args.bundle, args.count_calls, args.threads)))
         return

@@ -90,6 +90,9 @@ if BACKEND == "numba":
                         out[h, g, j] += w * buf[j]
         return out
 
+    # on the uint16 bit patterns, for nopython callers (the native op)
+    scores_u16, weighted_sum_u16 = _scores_numba, _weighted_sum_numba
+
     def scores(qh: np.ndarray, k16: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """Scores (H, G, N) of queries ``qh`` (H, G, D) against fp16 keys (H, N, D), plus ``bias`` (N,)."""
         return _scores_numba(qh, k16.view(np.uint16), bias)

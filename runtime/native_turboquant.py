@@ -19,6 +19,7 @@ from numba import carray, njit
 from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
 from tqedge.runtime import kv_descriptor as KD
+from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
 from tqedge.runtime.ort_numba import as_ptr
 
 _OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
@@ -86,7 +87,8 @@ def _matvec(x, m, out):
 
 @njit(**_OPTS)
 def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
-    """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges."""
+    """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, with
+    the kernels of the segment path (fp16_kernels, kernels_numba), as ``attention.decode``."""
     hkv, nf, d = fpk.shape
     hq = q.shape[0]
     g = hq // hkv
@@ -97,22 +99,12 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
         for gg in range(g):
             for x in range(d):
                 qh[h, gg, x] = q[h * g + gg, x] * scale
-    s_fp = np.full((hkv, g, nf), -np.inf, np.float32)
-    row = np.empty(d, np.float32)
+    s_fp = scores_u16(qh, fpk, bias)  # (Hkv, G, Nf)
     m = np.full((hkv, g), -np.inf, np.float32)
     for h in range(hkv):
-        for n in range(nf):
-            if bias[n] == -np.inf:
-                continue
-            for x in range(d):
-                row[x] = f16_to_f32(fpk[h, n, x])
-            for gg in range(g):
-                a = np.float32(0.0)
-                for x in range(d):
-                    a += qh[h, gg, x] * row[x]
-                a += bias[n]
-                s_fp[h, gg, n] = a
-                m[h, gg] = max(m[h, gg], a)
+        for gg in range(g):
+            for n in range(nf):
+                m[h, gg] = max(m[h, gg], s_fp[h, gg, n])
     qp = np.empty((hkv, g, dpk), np.float32)
     for h in range(hkv):
         for gg in range(g):
@@ -127,18 +119,13 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
                     m[h, gg] = max(m[h, gg], s[h, gg, n])
         s_c.append(s)
     den = np.zeros((hkv, g), np.float32)
-    acc = np.zeros((hkv, g, d), np.float32)
     for h in range(hkv):
-        for n in range(nf):
-            if bias[n] == -np.inf:
-                continue
-            for x in range(d):
-                row[x] = f16_to_f32(fpv[h, n, x])
-            for gg in range(g):
+        for gg in range(g):
+            for n in range(nf):
                 p = np.exp(s_fp[h, gg, n] - m[h, gg])
+                s_fp[h, gg, n] = p
                 den[h, gg] += p
-                for x in range(d):
-                    acc[h, gg, x] += p * row[x]
+    acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D)
     accp = np.zeros((hkv, g, dpv), np.float32)
     for r in range(nr):
         a, b = ranges[2 * r], ranges[2 * r + 1]

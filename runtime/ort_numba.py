@@ -260,8 +260,9 @@ class CustomOp:
         ext[N_KERNELS], ext[MSGS] = kernels, self.messages.ctypes.data
         ext[PAYLOAD] = payload.ctypes.data if payload is not None else 0
         self.struct.version = CUSTOM_OP_VERSION
+        self.callbacks = {**_CALLBACKS, "KernelComputeV2": compute}  # referenced for as long as the op lives
         for field in CUSTOM_OP_FIELDS:
-            fn = compute if field == "KernelComputeV2" else _CALLBACKS.get(field)
+            fn = self.callbacks.get(field)
             setattr(self.struct, field, fn.address if fn is not None else None)
 
     @property

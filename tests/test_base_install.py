@@ -10,7 +10,8 @@ BLOCKED = ["onnx", "gguf", "safetensors", "torch", "transformers", "tensorflow"]
 RUNTIME_MODULES = [
     "tqedge", "tqedge.cli", "tqedge.bundle", "tqedge.units", "tqedge.codec.quantizer",
     "tqedge.codec.kernels", "tqedge.runtime.model", "tqedge.runtime.cache",
-    "tqedge.runtime.attention", "tqedge.runtime.backends.onnx", "tqedge.runtime.generate",
+    "tqedge.runtime.attention", "tqedge.runtime.backends.onnx", "tqedge.runtime.backends.onnx_native",
+    "tqedge.runtime.native_op", "tqedge.runtime.generate",
     "tqedge.runtime.chat", "tqedge.runtime.sampling", "tqedge.runtime.detokenize",
     "tqedge.runtime.cli",
 ]

@@ -29,7 +29,15 @@ def available(name: str) -> bool:
     if name == "native":
         if os.environ.get("TQEDGE_KERNELS", "").strip().lower() == "numpy":
             return False
-        return all(importlib.util.find_spec(m) is not None for m in ("numba", "onnxruntime"))
+        if importlib.util.find_spec("numba") is None:
+            return False
+        from tqedge.runtime.ort_capi import library_path
+
+        try:
+            library_path()
+        except TqedgeError:
+            return False
+        return True
     try:
         importlib.import_module(target.split(":")[0])
     except ImportError:

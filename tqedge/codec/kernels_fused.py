@@ -7,8 +7,8 @@ raise (callers validate shapes first) and write only into the arrays they are gi
 
 - :func:`exact_attend`: causal GQA softmax attention over an fp32 slot cache (old slots a
   prefix or a mask, new tokens causal among themselves), then stores the new keys/values.
-- :func:`f16_round`, :func:`f32_to_f16`: IEEE half rounding (round to nearest even) without
-  Numba float16 support; :func:`tqedge.codec.kernels_numba._half` is the way back.
+- :func:`f32_to_f16` / :func:`f16_to_f32`: IEEE half conversions (round to nearest even, like
+  NumPy's ``astype(np.float16)``) without Numba float16 support.
 
 Every function gives the results of its NumPy counterpart (``runtime/cache.py``'s
 ``exact_attention``) up to float32 summation order.
@@ -135,9 +135,3 @@ def f16_to_f32(h):
     else:
         v = np.float32((1024 + m) * 2.0 ** (e - 25))
     return -v if h & 0x8000 else v
-
-
-@njit(inline="always", **_OPTS)
-def f16_round(x):
-    """``x`` rounded to the nearest float16 value, as float32 (``np.float16(x)`` then back)."""
-    return f16_to_f32(f32_to_f16(x))
