@@ -32,11 +32,15 @@ class Model:
         backend: backend name ("onnx" | "tflite") or None to choose.
         threads: intra-op threads for the backend (None = backend default).
         kv_budget / kv_bits / window / sinks / policy: defaults for :meth:`new_cache`.
+        memory: peak RSS the whole process may reach (bytes or "512MiB"); the KV budget is then
+            what the measured fixed cost and working set leave (:mod:`tqedge.runtime.memory`),
+            or ``kv_budget`` is checked against it. None: no process budget, ``kv_budget``
+            defaults to :data:`DEFAULT_KV_BUDGET`.
     """
 
     def __init__(self, path: Path, manifest: Manifest, backend: str | None = None,
-                 threads: int | None = None, kv_budget=DEFAULT_KV_BUDGET, kv_bits=None,
-                 window: int | None = None, sinks: int | None = None, policy: str = "slide"):
+                 threads: int | None = None, kv_budget=None, kv_bits=None,
+                 window: int | None = None, sinks: int | None = None, policy: str = "slide", memory=None):
         from tokenizers import Tokenizer
 
         self.path, self.manifest = Path(path), manifest
@@ -44,8 +48,30 @@ class Model:
         self.backend_name = choose_backend(manifest, backend)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
         self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
-        self.cache_defaults = dict(kv_budget=kv_budget, kv_bits=kv_bits, window=window,
+        self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
                                    sinks=sinks, policy=policy)
+        self.memory = self.fixed_bytes = None
+        if memory is not None:
+            self._fit(memory, kv_budget)
+
+    def _fit(self, memory, kv_budget) -> None:
+        """Measure the fixed cost and give the KV cache what ``memory`` leaves (or check ``kv_budget``)."""
+        from tqedge.runtime import memory as mem
+        from tqedge.runtime.generate import PREFILL_CHUNK
+
+        self.memory = mem.parse_bytes(memory)
+        self.fixed_bytes = mem.measure_fixed(self)
+        working = mem.working_set_bytes(self.arch, PREFILL_CHUNK)
+        budget = mem.kv_budget_for(self.memory, self.fixed_bytes, working, self.kv_bytes(0), kv_budget)
+        self.cache_defaults["kv_budget"] = budget
+        log.info("memory %s: %s fixed (measured), %s working set, KV budget %s", mem.format_bytes(self.memory),
+                 mem.format_bytes(self.fixed_bytes), mem.format_bytes(working), mem.format_bytes(budget))
+
+    def kv_bytes(self, tokens: int = 0) -> int:
+        """Budget a cache with this model's defaults needs for ``tokens`` tokens (0: its smallest)."""
+        from tqedge.runtime.memory import kv_bytes
+
+        return kv_bytes(self.manifest, tokens, **self.cache_defaults)
 
     # -- caches ---------------------------------------------------------------------------
     def new_cache(self, **overrides):
@@ -132,7 +158,7 @@ class Model:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "full",
-         **cache_defaults) -> Model:
+         memory=None, **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
@@ -140,6 +166,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
         backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
         threads: backend intra-op threads.
         verify: "full" (SHA-256 of every file), "size" or "none".
+        memory: peak RSS the process may reach, e.g. "512MiB" (see :class:`Model`).
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -148,6 +175,6 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     """
     t0 = time.perf_counter()
     manifest = read_manifest(path, verify=verify)
-    model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
+    model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, **cache_defaults)
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

@@ -21,7 +21,8 @@ def _is_loopback(host: str) -> bool:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--kv-budget", default="256MiB", show_default=True, help="Global KV budget shared by all conversations.")
+@click.option("--kv-budget", default=None, help="Global KV budget shared by all conversations [default: 256MiB, or what --memory leaves].")
+@click.option("--memory", default=None, help="Peak RSS of the whole server, e.g. 1GiB: the global KV budget gets what the measured fixed cost leaves.")
 @click.option("--session-budget", default=None, help="KV budget of one conversation [default: kv-budget / max-sessions].")
 @click.option("--max-sessions", default=4, show_default=True, type=click.IntRange(1, 4096),
               help="Conversations held in memory; idle ones beyond are evicted to disk (LRU).")
@@ -36,7 +37,7 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
 @click.option("--backend", default=None, help="onnx or tflite [default: the first the bundle has].")
-def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bits, session_dir, api_key,
+def serve_cmd(bundle, host, port, kv_budget, memory, session_budget, max_sessions, kv_bits, session_dir, api_key,
               max_queue, max_tokens_limit, max_body, threads, backend):
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models,
     /v1/stats, /health)."""
@@ -44,15 +45,17 @@ def serve_cmd(bundle, host, port, kv_budget, session_budget, max_sessions, kv_bi
 
     import tqedge
     from tqedge.runtime.server.app import ServerConfig, create_app
-    from tqedge.units import parse_bytes
+    from tqedge.units import format_bytes, parse_bytes
 
     if not _is_loopback(host) and not api_key:
         log.warning("binding %s without --api-key: anyone who can reach this port can use the model", host)
-    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size")
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify="size", memory=memory,
+                        **({"kv_budget": kv_budget} if kv_budget else {}))
+    kv_budget = kv_budget or (model.cache_defaults["kv_budget"] if memory else "256MiB")
     cfg = ServerConfig(kv_budget=kv_budget, session_budget=session_budget, max_sessions=max_sessions,
                        kv_bits=kv_bits, session_dir=session_dir, api_key=api_key, max_queue=max_queue,
                        max_tokens_limit=max_tokens_limit, max_body_bytes=parse_bytes(max_body))
     app = create_app(model, cfg)
     click.echo(f"tqedge serve: http://{host}:{port}/v1  ({app.state.sessions.slots} conversations, "
-               f"{kv_budget} KV)", err=True)
+               f"{format_bytes(parse_bytes(kv_budget))} KV)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
