@@ -57,8 +57,9 @@ VERIFY_OPTION = click.option(
     "--verify", type=click.Choice(VERIFY_MODES), default="auto", show_default=True,
     help="Bundle check at load: auto = SHA-256 of every file the first time on this device and after a "
          "file's size or mtime changes, else sizes; full = SHA-256 every time; size; none.")
+MEMORY_HELP = "Peak RSS of the whole process, e.g. 512MiB: the KV cache gets what the measured fixed cost leaves."
 KV_OPTIONS = [
-    click.option("--kv-budget", default="64MiB", show_default=True, help="KV-cache byte budget, e.g. 16MiB."),
+    click.option("--kv-budget", default=None, help="KV-cache byte budget, e.g. 16MiB (default: 64MiB, or what --memory leaves)."),
     click.option("--kv-bits", default=None, help="Key,value bits (e.g. 4,3), a preset (quality|balanced|tiny) or 'exact' (default: the bundle's)."),
     click.option("--window", type=int, default=None, help="Recent tokens kept in fp16 (default: the bundle's)."),
     click.option("--sinks", type=int, default=None, help="First tokens kept forever (default: the bundle's)."),
@@ -83,6 +84,7 @@ MODEL_OPTIONS = [
                  help="Threads for onnxruntime and the attention kernels."),
     click.option("--system", default=None, help="System message (chat template)."),
     VERIFY_OPTION,
+    click.option("--memory", default=None, help=MEMORY_HELP),
 ]
 _KV = ("kv_budget", "kv_bits", "window", "sinks", "policy")
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop")
@@ -97,11 +99,11 @@ def _pick(kw: dict, names) -> dict:
     return {k: kw.pop(k) for k in names if k in kw}
 
 
-def _load(bundle: Path, backend, threads, verify, cache_opts: dict):
+def _load(bundle: Path, backend, threads, verify, cache_opts: dict, memory=None):
     import tqedge
 
     opts = {k: v for k, v in cache_opts.items() if v is not None}
-    return tqedge.load(bundle, backend=backend, threads=threads, verify=verify, **opts)
+    return tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory, **opts)
 
 
 def _sampling(kw: dict) -> dict:
@@ -123,7 +125,7 @@ def _stats_line(stats) -> str:
 @_apply(SAMPLING_OPTIONS)
 @_apply(KV_OPTIONS)
 def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: bool, backend, threads,
-                 system, verify, **kw) -> None:
+                 system, verify, memory, **kw) -> None:
     """Generate a completion of a prompt with the model in BUNDLE."""
     from tqedge.runtime.generate import stream_generate
     from tqedge.runtime.template import render_for
@@ -137,7 +139,7 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
         raise TqedgeError("the prompt is empty (use -p TEXT or pipe it on stdin)")
     if system and chat is False:
         raise TqedgeError("--system needs the chat template; drop --raw")
-    model = _load(bundle, backend, threads, verify, cache_opts)
+    model = _load(bundle, backend, threads, verify, cache_opts, memory)
     use_chat = bool(model.manifest.tokenizer.chat_template) if chat is None else chat
     if use_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -240,12 +242,12 @@ class ChatRepl:
 @_apply(MODEL_OPTIONS)
 @_apply(SAMPLING_OPTIONS)
 @_apply(KV_OPTIONS)
-def chat_cmd(bundle: Path, backend, threads, system, verify, **kw) -> None:
+def chat_cmd(bundle: Path, backend, threads, system, verify, memory, **kw) -> None:
     """Chat with the model in BUNDLE (one message per line when stdin is not a terminal)."""
     from tqedge.runtime.chat import Chat
 
     cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
-    model = _load(bundle, backend, threads, verify, cache_opts)
+    model = _load(bundle, backend, threads, verify, cache_opts, memory)
     chat = Chat(model, system=input_text(system) if system else system, **sampling)
     interactive = sys.stdin.isatty()
     ChatRepl(chat, interactive).run(None if interactive else sys.stdin.buffer)  # bytes: decoded per line

@@ -39,6 +39,8 @@ COMMON = [
     click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Backend intra-op threads."),
     VERIFY_OPTION,
     click.option("--json", "as_json", is_flag=True, help="Print one JSON object."),
+    click.option("--memory", default=None, help="Peak RSS of the process, e.g. 1GiB: the evaluated cache gets what "
+                 "the measured fixed cost leaves (unless --kv-budget); the exact reference cache is extra."),
 ]
 
 
@@ -53,10 +55,16 @@ def _config(kw: dict):
     return KVConfig(name=opts["kv_bits"] or "default", **opts)
 
 
-def _load(bundle: Path, threads, verify):
+def _load(bundle: Path, threads, verify, memory=None, cfg=None):
+    """The model; under ``memory`` the evaluated cache's budget defaults to what memory leaves."""
+    import dataclasses
+
     import tqedge
 
-    return tqedge.load(bundle, threads=threads, verify=verify)
+    model = tqedge.load(bundle, threads=threads, verify=verify, memory=memory)
+    if memory and cfg is not None and cfg.kv_budget is None:
+        cfg = dataclasses.replace(cfg, kv_budget=model.cache_defaults["kv_budget"])
+    return model, cfg
 
 
 def read_text_file(path: Path, option: str) -> str:
@@ -108,13 +116,12 @@ def eval_group() -> None:
 @click.option("--windows", type=int, default=None, help="Non-overlapping windows to score (default: all).")
 @click.option("--chunk", type=int, default=512, show_default=True, help="Tokens per forward call.")
 @_apply(KV_EVAL_OPTIONS)
-def ppl_cmd(bundle, threads, verify, as_json, text_file, ctx, windows, chunk, **kw):
+def ppl_cmd(bundle, threads, verify, as_json, memory, text_file, ctx, windows, chunk, **kw):
     """Perplexity with the chosen KV cache, its delta, KL and top-1 agreement vs the exact cache."""
     from tqedge.runtime.eval_ppl import evaluate, text_windows, work_tokens
 
     text_file = text_file or default_text()
-    cfg = _config(kw)
-    model = _load(bundle, threads, verify)
+    model, cfg = _load(bundle, threads, verify, memory, _config(kw))
     wins = text_windows(model, read_text_file(text_file, "--text"), ctx, windows)
     with click.progressbar(length=work_tokens(wins, 1), label="tokens", file=sys.stderr) as bar:
         (r,) = evaluate(model, wins, [cfg], chunk=chunk, progress=bar.update)
@@ -138,15 +145,14 @@ def ppl_cmd(bundle, threads, verify, as_json, text_file, ctx, windows, chunk, **
               help="Filler text (UTF-8) [default: the WikiText-2 excerpt shipped with tqedge].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the needle values.")
 @_apply(KV_EVAL_OPTIONS)
-def needle_cmd(bundle, threads, verify, as_json, contexts, depths, haystack, seed, **kw):
+def needle_cmd(bundle, threads, verify, as_json, memory, contexts, depths, haystack, seed, **kw):
     """Needle in a haystack: depth × context grid of exact-match retrieval (greedy)."""
     from tqedge.runtime.eval_needle import format_grid, run_needle
 
     ctxs, ds = parse_tokens(contexts), parse_depths(depths)
     haystack = haystack or default_text()
     text = read_text_file(haystack, "--haystack")
-    cfg = _config(kw)
-    model = _load(bundle, threads, verify)
+    model, cfg = _load(bundle, threads, verify, memory, _config(kw))
     with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
         r = run_needle(model, text, ctxs, ds, cfg, seed=seed, progress=bar.update)
     if as_json:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import numpy as np
 
 from tqedge.errors import TqedgeError
 from tqedge.runtime.detokenize import StreamingDetokenizer
+from tqedge.runtime.memory import peak_rss
 from tqedge.runtime.sampling import apply_processors, make_logits_processors, make_sampler
 from tqedge.units import format_bytes
 
@@ -178,16 +178,6 @@ class StopMatcher:
         return out
 
 
-def peak_memory_bytes() -> int | None:
-    """Peak resident memory of this process (None where the OS does not say cheaply)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 @dataclass
 class GenerationStats:
     """Counters and speeds of one generation."""
@@ -237,7 +227,7 @@ def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached, final: bool) -> Generatio
         decode_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
         kv_tokens=cache.length, kv_capacity_tokens=cache.capacity, kv_bytes_used=int(used),
         kv_capacity_bytes=int(cache.nbytes), evicted=int(cache.evicted), cached_tokens=cached,
-        peak_memory_bytes=peak_memory_bytes() if final else None)
+        peak_memory_bytes=peak_rss() if final else None)
 
 
 def _release(token: int, is_eos: bool, is_last: bool, detok: StreamingDetokenizer,

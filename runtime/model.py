@@ -41,11 +41,15 @@ class Model:
         threads: threads for the backend's intra-op pool and the attention kernels (None: the
             backend's default and every usable core for the kernels; 1: one thread).
         kv_budget / kv_bits / window / sinks / policy: defaults for :meth:`new_cache`.
+        memory: peak RSS the whole process may reach (bytes or "512MiB"); the KV budget is then
+            what the measured fixed cost and working set leave (:mod:`tqedge.runtime.memory`),
+            or ``kv_budget`` is checked against it. None: no process budget, ``kv_budget``
+            defaults to :data:`DEFAULT_KV_BUDGET`.
     """
 
     def __init__(self, path: Path, manifest: Manifest, backend: str | None = None,
-                 threads: int | None = None, kv_budget=DEFAULT_KV_BUDGET, kv_bits=None,
-                 window: int | None = None, sinks: int | None = None, policy: str = "slide"):
+                 threads: int | None = None, kv_budget=None, kv_bits=None,
+                 window: int | None = None, sinks: int | None = None, policy: str = "slide", memory=None):
         from tokenizers import Tokenizer
 
         from tqedge.codec import kernels
@@ -62,8 +66,30 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        self.cache_defaults = dict(kv_budget=kv_budget, kv_bits=kv_bits, window=window,
+        self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
                                    sinks=sinks, policy=policy)
+        self.memory = self.fixed_bytes = None
+        if memory is not None:
+            self._fit(memory, kv_budget)
+
+    def _fit(self, memory, kv_budget) -> None:
+        """Measure the fixed cost and give the KV cache what ``memory`` leaves (or check ``kv_budget``)."""
+        from tqedge.runtime import memory as mem
+        from tqedge.runtime.generate import PREFILL_CHUNK
+
+        self.memory = mem.parse_bytes(memory)
+        self.fixed_bytes = mem.measure_fixed(self)
+        working = mem.working_set_bytes(self.arch, PREFILL_CHUNK)
+        budget = mem.kv_budget_for(self.memory, self.fixed_bytes, working, self.kv_bytes(0), kv_budget)
+        self.cache_defaults["kv_budget"] = budget
+        log.info("memory %s: %s fixed (measured), %s working set, KV budget %s", mem.format_bytes(self.memory),
+                 mem.format_bytes(self.fixed_bytes), mem.format_bytes(working), mem.format_bytes(budget))
+
+    def kv_bytes(self, tokens: int = 0) -> int:
+        """Budget a cache with this model's defaults needs for ``tokens`` tokens (0: its smallest)."""
+        from tqedge.runtime.memory import kv_bytes
+
+        return kv_bytes(self.manifest, tokens, **self.cache_defaults)
 
     # -- caches ---------------------------------------------------------------------------
     def new_cache(self, **overrides):
@@ -177,7 +203,7 @@ class Model:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
-         **cache_defaults) -> Model:
+         memory=None, **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
@@ -190,6 +216,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
             "full" (SHA-256 of every file), "size" or "none".
             The first load on a device also compiles the attention kernels (see
             :mod:`tqedge.runtime.warmup`; ``tqedge doctor --warmup`` does it ahead).
+        memory: peak RSS the process may reach, e.g. "512MiB" (see :class:`Model`).
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -201,7 +228,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     t0 = time.perf_counter()
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
-    model = Model(Path(path), manifest, backend=backend, threads=threads, **cache_defaults)
+    model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, **cache_defaults)
     ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

@@ -1,23 +1,25 @@
 """``tqedge plan``: what fits on a device — weights per format, runtime overhead, and how many
 tokens of context each KV-cache configuration gives in the memory that is left.
 
-The memory model (all terms in bytes)::
+The memory model (all terms in bytes; measured, see docs/RESULTS.md "Process memory")::
 
-    device memory M = OS reserve + runtime overhead + resident weights + activations + KV budget
+    device memory M = OS reserve + fixed cost(format) + working set + margin + KV budget
 
 - **OS reserve** (:data:`OS_RESERVE`, ``--os-reserve``): what a headless OS (Raspberry Pi OS
   Lite, Termux's Android share) keeps for itself; 0 when ``M`` is already the memory tqedge
   may use (``tqedge doctor`` passes *available* memory with reserve 0).
-- **runtime overhead** (:data:`RUNTIME_OVERHEAD`): the Python process with numpy, numba (LLVM),
-  onnxruntime, tokenizers and jinja2 imported, a tokenizer loaded and the kernels compiled,
-  measured on the reference machine (see the constant), plus :data:`MARGIN` for allocator
-  slack and the app around it.
+- **fixed cost** (:func:`fixed_bytes`): resident weights plus :data:`RUNTIME_OVERHEAD` of the
+  format — the peak RSS ``tqedge.load(memory=...)`` measures after load and warm-up, minus the
+  resident weights, measured per format on the reference machine (interpreter, numpy, numba's
+  kernels, onnxruntime's sessions and what MatMulNBits prepacks beyond the weights, tokenizer).
+- **working set**: what a prefill chunk of :data:`PREFILL_CHUNK` tokens adds
+  (:func:`tqedge.runtime.memory.working_set_bytes`, the same figure the runtime budgets with),
+  plus :data:`MARGIN` for allocator variance and the app around tqedge.
 - **resident weights**: from the architecture's parameter counts and each format's bytes per
   weight as the exporter writes them (``MatMulNBits`` blocks of :data:`~tqedge.bundle.WEIGHT_BLOCK_SIZES` with fp32 scales and uint8
   zero points for int8/int4; fp16 weights are cast to fp32 when onnxruntime loads them, so
   they halve the disk size but not the resident size). The bundle's own format is also
   reported from its files.
-- **activations**: float32 temporaries of one prefill chunk of :data:`PREFILL_CHUNK` tokens.
 - **KV budget**: the rest. Tokens per configuration come from the codec's exact byte
   accounting (codes + per-vector fp16 scales) plus the fixed fp16 sinks and recent window,
   capped at the model's ``max_position_embeddings``.
@@ -35,20 +37,20 @@ import click
 
 from tqedge.bundle import WEIGHT_BLOCK_SIZES, ArchSpec, KVSpec, Manifest, read_manifest
 from tqedge.errors import TqedgeError
+from tqedge.runtime import memory as process_memory
 from tqedge.units import format_bytes, parse_bytes
 
 MiB = 1024**2
 GiB = 1024**3
 
 # Measured on the reference x86_64 machine (Python 3.11, numpy 2.4, numba 0.68, onnxruntime
-# 1.32, SmolLM2-135M bundles, 113-token prefill + 8 decode steps, warm Numba cache): steady
-# RSS minus the weights file (mapped, file-backed) and the KV cache is 355-361 MiB for int8 and
-# int4 bundles (the interpreter and libraries ~60 MiB, onnxruntime's sessions and prepacked
-# MatMulNBits buffers ~190 MiB, Numba's loaded kernels ~80 MiB) and 311 MiB for fp32.
-RUNTIME_OVERHEAD = 360 * MiB
-# The first prefill peaks above the steady state while onnxruntime prepacks weights (measured
-# +168 MiB for int8, +37 MiB for int4); plus allocator slack and the app around tqedge.
-MARGIN = 192 * MiB
+# 1.32, SmolLM2-135M bundles, 2 threads, warm Numba cache): the fixed cost tqedge.load(memory=)
+# measures (peak RSS after load and warm-up) is 374 / 452 / 721 MiB for int4 / int8 / fp32;
+# minus weight_bytes() that leaves the overhead below (interpreter + numpy + tokenizers ~50 MiB,
+# numba's kernels and LLVM ~115 MiB, onnxruntime's sessions, shared arena and prepacking extras).
+# A cold Numba cache (first run after install) compiles at load: +86 MiB measured for fp32.
+RUNTIME_OVERHEAD = {"fp32": 208 * MiB, "fp16": 208 * MiB, "int8": 230 * MiB, "int4": 238 * MiB}
+MARGIN = 32 * MiB  # allocator variance and the app around tqedge
 OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 MiB
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
 DEVICES = (1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB)
@@ -136,10 +138,18 @@ def bundle_weight_files(bundle: str | Path, m: Manifest) -> int:
 
 
 def activation_bytes(a: ArchSpec, chunk: int = PREFILL_CHUNK) -> int:
-    """float32 temporaries of a prefill step of ``chunk`` tokens: the residual stream, q/k/v,
-    the MLP's gate/up/product, and one row of logits (only the last position gets logits)."""
-    per_token = 3 * a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 3 * a.intermediate_size
-    return 4 * (chunk * per_token + a.vocab_size)
+    """float32 activations of a prefill step of ``chunk`` tokens (:func:`tqedge.runtime.memory.activation_bytes`)."""
+    return process_memory.activation_bytes(a, chunk)
+
+
+def working_bytes(a: ArchSpec, chunk: int = PREFILL_CHUNK) -> int:
+    """What a prefill chunk adds to the resident set, as the runtime budgets it, plus :data:`MARGIN`."""
+    return process_memory.working_set_bytes(a, chunk) + MARGIN
+
+
+def fixed_bytes(a: ArchSpec, fmt: str) -> int:
+    """Fixed cost of a process running ``fmt`` weights: resident weights + measured overhead."""
+    return weight_bytes(a, fmt) + RUNTIME_OVERHEAD[fmt]
 
 
 # -- the KV cache --------------------------------------------------------------------------
@@ -261,9 +271,9 @@ def choose_format(m: Manifest, room: int, total: int | None = None) -> str | Non
     smallest = kv_budget_for(0, a, kv, config)
     order = FORMAT_ORDER
     for fmt in order:
-        if weight_bytes(a, fmt) + target <= room:
+        if fixed_bytes(a, fmt) + target <= room:
             return fmt
-    return order[-1] if weight_bytes(a, order[-1]) + smallest <= room else None
+    return order[-1] if fixed_bytes(a, order[-1]) + smallest <= room else None
 
 
 def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | None = None,
@@ -287,16 +297,16 @@ def recommend(manifest_or_bundle, memory, os_reserve=OS_RESERVE, total: int | No
     a, kv = m.architecture, m.kv
     memory, os_reserve = parse_bytes(memory), parse_bytes(os_reserve)
     total = memory if total is None else total
-    room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
+    room = memory - os_reserve - working_bytes(a)
     config = default_config(kv)
     fmt = choose_format(m, room, total) if weights is None else weights
     head = f"{format_bytes(total if os_reserve else memory)}"
-    if fmt is None or weight_bytes(a, fmt) + kv_budget_for(0, a, kv, config) > room:
+    if fmt is None or fixed_bytes(a, fmt) + kv_budget_for(0, a, kv, config) > room:
         fmt = fmt or "int4"
         return {"weights": None, "kv_budget": 0, "kv_budget_arg": None, "kv_config": config, "tokens": 0,
                 "capped": False, "line": f"{head}: does not fit ({fmt} weights need "
-                                         f"{format_bytes(weight_bytes(a, fmt))} of {format_bytes(max(room, 0))} usable)"}
-    left = room - weight_bytes(a, fmt)
+                                         f"{format_bytes(fixed_bytes(a, fmt))} with the runtime, of {format_bytes(max(room, 0))} usable)"}
+    left = room - fixed_bytes(a, fmt)
     # what the model's whole context needs, if that fits; else three quarters of what is left
     # (MARGIN already covers transients), rounded to a size people type
     need = -(-kv_budget_for(a.max_position_embeddings, a, kv, config) // MiB) * MiB
@@ -321,10 +331,10 @@ def plan_device(m: Manifest, memory: int, os_reserve: int, accounting: dict | No
     ``accounting``: :func:`kv_bytes` per configuration name, if already computed."""
     a, kv = m.architecture, m.kv
     accounting = accounting or {name: kv_bytes(a, kv, name) for name in KV_CONFIGS}
-    room = memory - os_reserve - RUNTIME_OVERHEAD - MARGIN - activation_bytes(a)
+    room = memory - os_reserve - working_bytes(a)
     rows = {}
     for fmt in WEIGHT_FORMATS:
-        left = room - weight_bytes(a, fmt)
+        left = room - fixed_bytes(a, fmt)
         configs = {}
         for name in KV_CONFIGS:
             t = tokens_in(left, accounting[name])
@@ -364,7 +374,8 @@ def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
                   "format": m.weights.format, "bundle_weight_files": bundle_bytes},
         "weights": {f: {"disk": weight_bytes(a, f, resident=False), "resident": weight_bytes(a, f)}
                     for f in WEIGHT_FORMATS},
-        "overhead": {"runtime": RUNTIME_OVERHEAD, "margin": MARGIN, "activations": activation_bytes(a),
+        "overhead": {"runtime": {f: RUNTIME_OVERHEAD[f] for f in WEIGHT_FORMATS}, "margin": MARGIN,
+                     "working_set": process_memory.working_set_bytes(a, PREFILL_CHUNK), "activations": activation_bytes(a),
                      "prefill_chunk": PREFILL_CHUNK, "os_reserve": os_reserve},
         "kv": accounting,
         "devices": [plan_device(m, mem, os_reserve, accounting) for mem in memories],
@@ -382,8 +393,9 @@ def format_plan(p: dict) -> str:
     lines.append("weights      on disk     resident")
     for f, w in p["weights"].items():
         lines.append(f"  {f:8s} {fmt(w['disk']):>11s}  {fmt(w['resident']):>11s}")
-    lines.append(f"overhead: runtime {fmt(o['runtime'])} + margin {fmt(o['margin'])} + activations "
-                 f"{fmt(o['activations'])} ({o['prefill_chunk']}-token prefill); OS reserve {fmt(o['os_reserve'])}")
+    lines.append("runtime beyond the weights (measured): " + ", ".join(f"{f} {fmt(v)}" for f, v in o["runtime"].items())
+                 + f"; working set {fmt(o['working_set'])} ({o['prefill_chunk']}-token prefill) + margin "
+                 f"{fmt(o['margin'])}; OS reserve {fmt(o['os_reserve'])}")
     lines.append("KV per token: " + ", ".join(
         f"{name} {k['per_token'] / 1024:.1f} KiB" for name, k in p["kv"].items())
         + f"; compressed configs also keep {format_bytes(p['kv']['K4V3']['fixed'])} of fp16 sinks + window")

@@ -27,8 +27,8 @@ def tiny(monkeypatch, tmp_path):
     lm = TinyLM()
     seen = {}
 
-    def fake_load(bundle, backend, threads, verify, cache_opts):
-        seen.update(backend=backend, threads=threads, verify=verify, **cache_opts)
+    def fake_load(bundle, backend, threads, verify, cache_opts, memory=None):
+        seen.update(backend=backend, threads=threads, verify=verify, memory=memory, **cache_opts)
         lm.cache_defaults.update({k: v for k, v in cache_opts.items() if v is not None})
         return lm
 
@@ -49,7 +49,7 @@ def test_generate_json_matches_python_api(tiny):
     assert set(out) == {"text", "tokens", "prompt_ids", "finish_reason", "chat_template", "stats"}
     assert {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "kv_bytes_used",
             "kv_capacity_bytes", "kv_tokens", "kv_capacity_tokens", "evicted"} <= set(out["stats"])
-    assert seen == dict(backend=None, threads=1, verify="auto", kv_budget="128KiB", kv_bits="exact",
+    assert seen == dict(backend=None, threads=1, verify="auto", memory=None, kv_budget="128KiB", kv_bits="exact",
                         window=None, sinks=None, policy="error")
     # chat template is the default for a bundle that has one
     ids = lm.encode(render_for(lm.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)

@@ -14,7 +14,8 @@ import pytest
 from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 
 from tqedge.bundle import ArchSpec, KVSpec, Manifest, TokenizerSpec, WeightSpec
-from tqedge.runtime import plan
+from tqedge.errors import TqedgeError
+from tqedge.runtime import memory, plan
 from tqedge.runtime.cache import make_cache
 
 GiB, MiB = 1024**3, 1024**2
@@ -137,10 +138,12 @@ def test_memory_budget_adds_up():
     m = manifest()
     mem = 1 * GiB
     d = plan.plan(m, mem, os_reserve=0)["devices"][0]
-    room = mem - plan.RUNTIME_OVERHEAD - plan.MARGIN - plan.activation_bytes(SMOL)
+    # measured figures: the runtime's working set of a 512-token chunk, a margin, and per format
+    # the resident weights plus the overhead measured beyond them
+    room = mem - memory.working_set_bytes(SMOL, 512) - plan.MARGIN
     assert d["room"] == room
     row = d["formats"]["int8"]
-    assert row["kv_room"] == room - plan.weight_bytes(SMOL, "int8")
+    assert row["kv_room"] == room - plan.weight_bytes(SMOL, "int8") - plan.RUNTIME_OVERHEAD["int8"]
     t = plan.kv_tokens(row["kv_room"], SMOL, m.kv, "K4V3")
     assert row["configs"]["K4V3"]["tokens"] == min(t, 8192)
 
@@ -149,14 +152,14 @@ def test_recommendation_fits_and_says_when_capped():
     m = manifest()
     for mem in plan.DEVICES:
         rec = plan.recommend(m, mem)
-        room = mem - plan.OS_RESERVE - plan.RUNTIME_OVERHEAD - plan.MARGIN - plan.activation_bytes(SMOL)
-        assert plan.weight_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
+        room = mem - plan.OS_RESERVE - memory.working_set_bytes(SMOL, 512) - plan.MARGIN
+        assert plan.fixed_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
         assert rec["tokens"] == min(plan.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
         assert ("model's max" in rec["line"]) == rec["capped"]
         assert rec["kv_budget_arg"] in rec["line"]
         # the first recommended format that leaves room for the whole (8192-token) context
         need = plan.kv_budget_for(8192, SMOL, m.kv, "K4V3")
-        fits = [f for f in plan.FORMAT_ORDER if plan.weight_bytes(SMOL, f) + need <= room]
+        fits = [f for f in plan.FORMAT_ORDER if plan.fixed_bytes(SMOL, f) + need <= room]
         assert rec["weights"] == fits[0]
     assert plan.FORMAT_ORDER == ("int8", "int4")  # int8 decodes faster than fp32 at half the memory
     tiny = plan.recommend(m, 400 * MiB)

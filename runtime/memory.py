@@ -1,0 +1,132 @@
+"""Process memory: resident set now and at peak, and the KV budget a process budget leaves.
+
+``tqedge.load(bundle, memory="512MiB")`` (``--memory`` on every runtime command) means: the
+peak resident set of the whole process stays under 512 MiB. The runtime measures what it
+cannot choose and gives the KV cache the rest::
+
+    memory = fixed + working set + KV budget
+
+- **fixed**: the peak resident set right after loading, once one short warm-up has run
+  (interpreter and libraries, onnxruntime's sessions and prepacked weights, the kernels
+  compiled or loaded from Numba's cache): :func:`measure_fixed`, measured, not modelled.
+- **working set**: what one prefill chunk adds on top (onnxruntime's activations in its
+  arena, the attention tiles, allocator slack): :func:`working_set_bytes`, the float32
+  activations of a chunk times :data:`WORKING_SET_FACTOR`, measured on the reference machine.
+- **KV budget**: the rest, rounded down to a MiB (the cache's buffers are preallocated but
+  only touched as tokens arrive, so they count fully once the context is full).
+
+A budget that cannot hold the fixed cost, the working set and the smallest cache is refused
+with one line naming the least memory that would do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from tqedge.errors import TqedgeError
+from tqedge.units import format_bytes, parse_bytes
+
+log = logging.getLogger(__name__)
+
+MiB = 1024**2
+# Peak RSS over a prefill chunk minus the RSS after load + warm-up, divided by the chunk's float32
+# activations (activation_bytes): 75 MiB / 15.1 MB ≈ 5 for SmolLM2-135M int4, 512-token chunks,
+# 2 threads (benchmarks/memory.py); rounded up to 6 for allocator variance.
+WORKING_SET_FACTOR = 6
+WARMUP_TOKENS = 16  # prompt tokens of the warm-up forward that precedes the fixed-cost reading
+WARMUP_WINDOW = 4  # its fp16 window: small, so the warm-up reads compressed keys too
+
+
+def current_rss() -> int | None:
+    """Resident set of this process now, in bytes (None where the OS does not say cheaply)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int | None:
+    """Peak resident set of this process so far, in bytes (None on Windows)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def activation_bytes(a, chunk: int) -> int:
+    """float32 activations of a prefill step of ``chunk`` tokens: the residual stream, q/k/v,
+    the MLP's gate/up/product, and one row of logits (only the last position gets logits)."""
+    per_token = 3 * a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 3 * a.intermediate_size
+    return 4 * (chunk * per_token + a.vocab_size)
+
+
+def working_set_bytes(a, chunk: int) -> int:
+    """What a forward of ``chunk`` tokens adds to the resident set (measured factor, see module)."""
+    return WORKING_SET_FACTOR * activation_bytes(a, chunk)
+
+
+def measure_fixed(model) -> int:
+    """The model's fixed cost: the peak RSS so far, after a warm-up through a throwaway cache with
+    a :data:`WARMUP_WINDOW`-token window (a prefill of :data:`WARMUP_TOKENS` tokens and two decode
+    steps, so every kernel the cache calls is compiled or loaded and the arena is primed).
+
+    The peak, not the current RSS: load and compilation peak above the steady state (for an fp32
+    bundle by ~70 MiB), and the process has already been there."""
+    from tqedge.runtime.generate import decode_one_token, prefill
+
+    opts = {**model.cache_defaults, "window": WARMUP_WINDOW}
+    opts["kv_budget"] = kv_bytes(model.manifest, 0, **opts)
+    cache = model.new_cache(**opts)
+    token = int(prefill(model, cache, [0] * WARMUP_TOKENS).argmax())
+    for _ in range(2):
+        token = int(decode_one_token(model, cache, token).argmax())
+    del cache
+    return max(current_rss() or 0, peak_rss() or 0)
+
+
+def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) -> int:
+    """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum)."""
+    from tqedge.runtime.cache import ExactKVCache, build_codecs, parse_kv_spec
+    from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
+
+    a, kv = manifest.architecture, manifest.kv
+    sinks = kv.sinks if sinks is None else int(sinks)
+    window = kv.window if window is None else int(window)
+    bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
+    if kv_bits is not None and bits is None:
+        return max(tokens, sinks + 2) * ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim)
+    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, layer_bits=layer_bits)
+    fixed, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, sinks, window)
+    return fixed + max(tokens - sinks, window + MIN_COMPRESSED) * per
+
+
+def kv_budget_for(memory, fixed: int, working: int, min_kv: int, kv_budget=None) -> int:
+    """The KV budget a process budget of ``memory`` leaves, or the given ``kv_budget`` checked
+    against it.
+
+    Raises:
+        TqedgeError: the fixed cost, the working set and the smallest cache (or the given
+            ``kv_budget``) do not fit; the message names the least memory that would.
+    """
+    memory = parse_bytes(memory)
+    want = min_kv if kv_budget is None else parse_bytes(kv_budget)
+    need = fixed + working + want
+    if need > memory:
+        what = "the smallest KV cache" if kv_budget is None else f"--kv-budget {format_bytes(want)}"
+        raise TqedgeError(
+            f"--memory {format_bytes(memory)} is too small: needs at least {-(-need // MiB)} MiB at this "
+            f"context ({format_bytes(fixed)} measured after load, {format_bytes(working)} working set of a "
+            f"prefill chunk, {format_bytes(want)} for {what})")
+    if kv_budget is not None:
+        return want
+    return max(min_kv, (memory - fixed - working) // MiB * MiB)

@@ -1,0 +1,67 @@
+"""The process memory budget (runtime/memory.py): ``--memory`` is the peak RSS of the whole
+process, measured by the kernel (``wait4``'s ``ru_maxrss`` of the child), not by tqedge; a budget
+that cannot fit is refused with one line naming what would."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from _bundles import smollm2_bundle  # noqa: F401  (fixture)
+
+from tqedge.errors import TqedgeError
+from tqedge.runtime import memory
+
+MiB = 1024**2
+
+
+def _generate(bundle, prompt: str, *args) -> tuple[int, str, str, int]:
+    """Run ``tqedge generate`` in a child; (exit code, stdout, stderr, child peak RSS in bytes)."""
+    cmd = [sys.executable, "-m", "tqedge.cli", "generate", str(bundle), "--raw", "--threads", "2",
+           "--max-tokens", "4", "--json", *args]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(prompt, timeout=600)
+    _, status, usage = os.wait4(p.pid, 0) if p.returncode is None else (p.pid, 0, None)
+    if usage is None:  # communicate() already reaped it: ask the kernel for the children's peak
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    else:
+        peak = usage.ru_maxrss * 1024
+    return p.returncode, out, err, peak
+
+
+def test_generate_stays_under_memory_and_refuses_what_cannot_fit(smollm2_bundle, wikitext):
+    prompt = wikitext[:2600]  # ~600 tokens: a full 512-token prefill chunk and a second one
+    # far too small: refused at load with one line that names the least memory that would do
+    code, out, err, _ = _generate(smollm2_bundle, prompt, "--memory", "64MiB")
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --memory 64.0 MiB is too small"), err
+    need = int(re.search(r"needs at least (\d+) MiB", lines[0]).group(1))
+    # a budget just above that minimum runs, and the kernel's peak RSS of the process stays under it
+    budget = need + 24
+    code, out, err, peak = _generate(smollm2_bundle, prompt, "--memory", f"{budget}MiB")
+    assert code == 0, err
+    stats = json.loads(out)["stats"]
+    assert stats["kv_capacity_bytes"] >= 24 * MiB  # the KV cache got the rest
+    assert stats["peak_memory_bytes"] <= budget * MiB
+    assert peak <= budget * MiB, (peak / MiB, budget)
+
+
+def test_kv_budget_for_gives_the_rest_or_names_the_minimum():
+    assert memory.kv_budget_for("512MiB", 300 * MiB, 50 * MiB, 4 * MiB) == 162 * MiB
+    assert memory.kv_budget_for("512MiB", 300 * MiB, 50 * MiB, 4 * MiB, kv_budget="100MiB") == 100 * MiB
+    with pytest.raises(TqedgeError, match="needs at least 355 MiB"):
+        memory.kv_budget_for("300MiB", 300 * MiB, 50 * MiB, 5 * MiB)
+    with pytest.raises(TqedgeError, match=r"needs at least 450 MiB .*--kv-budget 100"):
+        memory.kv_budget_for("400MiB", 300 * MiB, 50 * MiB, 4 * MiB, kv_budget="100MiB")
+
+
+def test_rss_readings_are_plausible():
+    now, peak = memory.current_rss(), memory.peak_rss()
+    assert 10 * MiB < now <= peak < 64 * 1024 * MiB
