@@ -13,8 +13,10 @@ compiles nothing new.
 
 The layouts depend on the model's shape (one KV head or several; one scale per vector or
 more), so the warm-up uses the bundle's KV heads, head size and bit widths. :func:`ensure_warm`
-runs it when no marker says this was done (``tqedge.load`` calls it; ``tqedge doctor --warmup``
-forces it). The marker is a file in the kernel cache directory named by a hash of what Numba's
+runs it when no marker says this was done: ``tqedge.load`` calls it and compiles the
+short-context kernels at once (what the first tokens need; measured on a cold install they
+cost a fraction of the whole) and the long-context parallel twins in a background thread;
+``tqedge doctor --warmup`` runs all of it in the foreground. The marker is a file in the kernel cache directory named by a hash of what Numba's
 cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
 directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
 """
@@ -26,6 +28,7 @@ import json
 import logging
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +100,15 @@ def marker_path(shape: Shape = Shape()) -> Path | None:
     return numba_runtime.cache_dir() / f"warm-{digest}.json"
 
 
-def warmup(shape: Shape = Shape()) -> float:
+def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> float:
     """Compile (or load from the disk cache) every kernel signature the runtime uses for ``shape``.
+
+    Args:
+        shape: the model shape (see :class:`Shape`).
+        short: what a conversation needs first: prefill and decode at short context (the
+            serial twins), a window backlog encode, a trim and re-prefill.
+        long: what only long contexts need: the parallel twins past ``PARALLEL_MIN``
+            head·keys (prefill dequantize, decode scores and value sums).
 
     Returns:
         Seconds it took.
@@ -114,10 +124,9 @@ def warmup(shape: Shape = Shape()) -> float:
     kernels.set_threads(None)  # the parallel twins too (where there is more than one core)
     for bits in _layouts(shape):
         keys, values = build_codecs(kv, 1, d, bits)
-        long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
-        cache = CompressedKVCache(keys, values, h, d, ring=long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+        n_long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
 
-        def step(t: int) -> None:
+        def step(cache, t: int) -> None:
             cache.prepare(t)
             q = rng.standard_normal((t, 2 * h, d), dtype=np.float32)  # 2 query heads per KV head
             k = rng.standard_normal((t, h, d), dtype=np.float32)
@@ -125,38 +134,76 @@ def warmup(shape: Shape = Shape()) -> float:
             cache.attend(0, q, k, v, d ** -0.5)
             cache.commit()
 
-        step(CHUNK)  # short prefill, then short decode (serial twins)
-        for _ in range(kv.window + 2):  # crosses a window backlog encode
-            step(1)
-        while cache.offset < long:  # long prefill (parallel dequantize), then long decode
-            step(min(CHUNK, long - cache.offset))
-        for _ in range(2):
-            step(1)
-        cache.trim(3)  # a regenerated reply: reads compressed keys that lost their fp16 copy
-        step(2)
-        step(1)
+        if short:
+            cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window + CHUNK, sinks=kv.sinks, window=kv.window)
+            step(cache, CHUNK)  # prefill, then decode
+            for _ in range(kv.window + 2):  # crosses a window backlog encode
+                step(cache, 1)
+            cache.trim(3)  # a regenerated reply: re-prefill over compressed keys that lost their fp16 copy
+            step(cache, 2)
+            step(cache, 1)
+        if long:
+            cache = CompressedKVCache(keys, values, h, d, ring=n_long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+            while cache.offset < n_long:  # long prefill (parallel dequantize), then long decode
+                step(cache, min(CHUNK, n_long - cache.offset))
+            step(cache, 1)
     return time.perf_counter() - t0
 
 
-def ensure_warm(manifest=None, force: bool = False) -> float | None:
-    """Run :func:`warmup` for ``manifest``'s shape (default: a generic one) unless its marker
-    exists (or ``force``), then write the marker.
+_background: threading.Thread | None = None
 
-    Returns:
-        Seconds spent, or None when already warm (or there is nothing to compile).
-    """
+
+def _write_marker(path: Path, seconds: float) -> None:
     from tqedge.files import atomic_write_bytes
 
-    shape = Shape.of(manifest) if manifest is not None else Shape()
-    path = marker_path(shape)
-    if path is None or (path.is_file() and not force):
-        return None
-    log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
-    seconds = warmup(shape)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps({"seconds": round(seconds, 2), "time": time.time()}) + "\n").encode())
     except OSError as e:  # a read-only cache: warm for this process only
         log.warning("cannot write %s: %s", path, e)
-    log.info("kernels compiled in %.1fs", seconds)
+
+
+def ensure_warm(manifest=None, force: bool = False, background: bool = True) -> float | None:
+    """Warm up for ``manifest``'s shape (default: a generic one) unless its marker exists (or
+    ``force``), then write the marker.
+
+    The short-context part runs now (the first turns need it anyway, and it spares the second
+    token a compile stall); with ``background`` and more than one core, the long-context part
+    (the parallel twins) compiles in a daemon thread while the model serves — kernels are
+    thread-safe to call meanwhile, and the marker is written when it is done (a process that
+    exits first leaves what it compiled in the cache; the next load finishes the rest).
+
+    Returns:
+        Seconds spent in this call, or None when already warm (or there is nothing to compile).
+    """
+    global _background
+    from tqedge.codec import numba_runtime
+
+    shape = Shape.of(manifest) if manifest is not None else Shape()
+    path = marker_path(shape)
+    if path is None or (path.is_file() and not force) or (_background is not None and _background.is_alive()):
+        return None
+    log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
+    later = background and numba_runtime.MAX_THREADS > 1
+    seconds = warmup(shape, long=not later)
+    if later:
+        def rest() -> None:
+            try:
+                _write_marker(path, seconds + warmup(shape, short=False))
+            except Exception as e:  # noqa: BLE001  (never kill the serving process over a warm-up)
+                log.warning("background kernel warm-up failed: %s", e)
+
+        _background = threading.Thread(target=rest, name="tqedge-warmup", daemon=True)
+        _background.start()
+    else:
+        _write_marker(path, seconds)
+    log.info("kernels compiled in %.1fs%s", seconds, " (long-context ones in the background)" if later else "")
     return seconds
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Wait for a background warm-up to finish; True when none is running."""
+    if _background is not None:
+        _background.join(timeout)
+        return not _background.is_alive()
+    return True
