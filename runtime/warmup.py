@@ -13,9 +13,9 @@ compiles nothing new.
 
 The layouts depend on the model's shape (one KV head or several; one scale per vector or
 more), so the warm-up uses the bundle's KV heads, head size and bit widths. :func:`ensure_warm`
-runs it when no marker says this was done: ``tqedge.load`` calls it and compiles the
-short-context kernels at once (what the first tokens need; measured on a cold install they
-cost a fraction of the whole) and the long-context parallel twins in a background thread;
+runs it when no marker says this was done: ``tqedge.load`` calls it and compiles what a short
+chat needs at once (what its first two tokens would compile anyway) and the rest — prefill
+over compressed keys, the parallel twins — in a background thread;
 ``tqedge doctor --warmup`` runs all of it in the foreground. The marker is a file in the kernel cache directory named by a hash of what Numba's
 cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
 directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
@@ -38,6 +38,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # prefill chunk of the warm-up
+SHORT_PROMPT = 32  # inside the window: a short chat's prefill reads no compressed keys
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,10 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
 
     Args:
         shape: the model shape (see :class:`Shape`).
-        short: what a conversation needs first: prefill and decode at short context (the
-            serial twins), a window backlog encode, a trim and re-prefill.
-        long: what only long contexts need: the parallel twins past ``PARALLEL_MIN``
-            head·keys (prefill dequantize, decode scores and value sums).
+        short: what a short chat needs first: a prompt inside the window, decode (the serial
+            twins) until keys are read compressed, a window backlog encode.
+        long: the rest: prefill over compressed keys (dequantize, in every layout), the
+            parallel twins past ``PARALLEL_MIN`` head·keys, a trim and re-prefill.
 
     Returns:
         Seconds it took.
@@ -134,18 +135,18 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
             cache.attend(0, q, k, v, d ** -0.5)
             cache.commit()
 
-        if short:
-            cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window + CHUNK, sinks=kv.sinks, window=kv.window)
-            step(cache, CHUNK)  # prefill, then decode
-            for _ in range(kv.window + 2):  # crosses a window backlog encode
+        if short:  # a short chat: prompt inside the window, decode until keys leave it
+            cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
+            step(cache, SHORT_PROMPT)
+            for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode
                 step(cache, 1)
-            cache.trim(3)  # a regenerated reply: re-prefill over compressed keys that lost their fp16 copy
-            step(cache, 2)
-            step(cache, 1)
-        if long:
+        if long:  # prefill over compressed keys, then long contexts (the parallel twins)
             cache = CompressedKVCache(keys, values, h, d, ring=n_long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
-            while cache.offset < n_long:  # long prefill (parallel dequantize), then long decode
+            while cache.offset < n_long:
                 step(cache, min(CHUNK, n_long - cache.offset))
+            step(cache, 1)
+            cache.trim(3)  # a regenerated reply: re-prefill over keys that lost their fp16 copy
+            step(cache, 2)
             step(cache, 1)
     return time.perf_counter() - t0
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 from click.testing import CliRunner
 
 pytest.importorskip("numba")
