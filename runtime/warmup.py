@@ -13,10 +13,13 @@ compiles nothing new.
 
 The layouts depend on the model's shape (one KV head or several; one scale per vector or
 more), so the warm-up uses the bundle's KV heads, head size and bit widths. :func:`ensure_warm`
-runs it when no marker says this was done: ``tqedge.load`` calls it and compiles what a short
-chat needs at once (what its first two tokens would compile anyway) and the rest — prefill
-over compressed keys, the parallel twins — in a background thread;
-``tqedge doctor --warmup`` runs all of it in the foreground. The marker is a file in the kernel cache directory named by a hash of what Numba's
+runs it when no marker says this was done: ``tqedge.load`` compiles what a short chat needs
+(what its first two tokens would compile anyway, so the second token no longer stalls); the
+rest — prefill over compressed keys, the parallel twins of long contexts — compiles at first
+use, once per device, unless ``tqedge doctor --warmup`` compiled all of it ahead (measured:
+compiling everything at load cost a cold first token 56 s CPU instead of 6; compiling the
+rest in a background thread slowed the user's decode steps ~5x while it ran, and a short
+``tqedge generate`` exited before it finished). The marker is a file in the kernel cache directory named by a hash of what Numba's
 cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
 directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
 """
@@ -28,7 +31,6 @@ import json
 import logging
 import platform
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,9 +153,6 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
     return time.perf_counter() - t0
 
 
-_background: threading.Thread | None = None
-
-
 def _write_marker(path: Path, seconds: float) -> None:
     from tqedge.files import atomic_write_bytes
 
@@ -164,47 +163,31 @@ def _write_marker(path: Path, seconds: float) -> None:
         log.warning("cannot write %s: %s", path, e)
 
 
-def ensure_warm(manifest=None, force: bool = False, background: bool = True) -> float | None:
-    """Warm up for ``manifest``'s shape (default: a generic one) unless its marker exists (or
-    ``force``), then write the marker.
+def ensure_warm(manifest=None, force: bool = False, full: bool = False) -> float | None:
+    """Warm up for ``manifest``'s shape (default: a generic one) unless a marker says it was
+    done (or ``force``), then write the marker.
 
-    The short-context part runs now (the first turns need it anyway, and it spares the second
-    token a compile stall); with ``background`` and more than one core, the long-context part
-    (the parallel twins) compiles in a daemon thread while the model serves — kernels are
-    thread-safe to call meanwhile, and the marker is written when it is done (a process that
-    exits first leaves what it compiled in the cache; the next load finishes the rest).
+    Args:
+        manifest: the bundle's manifest (its KV shape), or None for a generic shape.
+        force: warm up even if the marker exists.
+        full: everything (``tqedge doctor --warmup``); else the short-chat part only
+            (``tqedge.load``: what a short chat's first two tokens would compile anyway). The
+            rest then compiles at first use and is cached like any kernel.
 
     Returns:
-        Seconds spent in this call, or None when already warm (or there is nothing to compile).
+        Seconds spent, or None when already warm (or there is nothing to compile).
     """
-    global _background
-    from tqedge.codec import numba_runtime
-
     shape = Shape.of(manifest) if manifest is not None else Shape()
     path = marker_path(shape)
-    if path is None or (path.is_file() and not force) or (_background is not None and _background.is_alive()):
+    if path is None:
+        return None
+    full_path = path.with_name(path.stem + "-full.json")
+    if not force and (full_path.is_file() or (path.is_file() and not full)):
         return None
     log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
-    later = background and numba_runtime.MAX_THREADS > 1
-    seconds = warmup(shape, long=not later)
-    if later:
-        def rest() -> None:
-            try:
-                _write_marker(path, seconds + warmup(shape, short=False))
-            except Exception as e:  # noqa: BLE001  (never kill the serving process over a warm-up)
-                log.warning("background kernel warm-up failed: %s", e)
-
-        _background = threading.Thread(target=rest, name="tqedge-warmup", daemon=True)
-        _background.start()
-    else:
-        _write_marker(path, seconds)
-    log.info("kernels compiled in %.1fs%s", seconds, " (long-context ones in the background)" if later else "")
+    seconds = warmup(shape, long=full)
+    _write_marker(path, seconds)
+    if full:
+        _write_marker(full_path, seconds)
+    log.info("kernels compiled in %.1fs", seconds)
     return seconds
-
-
-def wait(timeout: float | None = None) -> bool:
-    """Wait for a background warm-up to finish; True when none is running."""
-    if _background is not None:
-        _background.join(timeout)
-        return not _background.is_alive()
-    return True
