@@ -19,9 +19,10 @@ rest — prefill over compressed keys, the parallel twins of long contexts — c
 use, once per device, unless ``tqedge doctor --warmup`` compiled all of it ahead (measured:
 compiling everything at load cost a cold first token 56 s CPU instead of 6; compiling the
 rest in a background thread slowed the user's decode steps ~5x while it ran, and a short
-``tqedge generate`` exited before it finished). The marker is a file in the kernel cache directory named by a hash of what Numba's
-cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
-directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
+``tqedge generate`` exited before it finished). The marker is a file in the kernel cache
+directory named by a hash of what Numba's cache depends on (kernel sources, Numba, Python,
+CPU) and of that shape, so clearing the directory, upgrading, editing a kernel or loading a
+differently shaped model warms up again.
 """
 
 from __future__ import annotations
