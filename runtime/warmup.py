@@ -18,7 +18,7 @@ runs it when no marker says this was done: ``tqedge.load`` compiles what a short
 rest — prefill over compressed keys, the parallel twins of long contexts — compiles at first
 use, once per device, unless ``tqedge doctor --warmup`` compiled all of it ahead (measured:
 compiling everything at load cost a cold first token 56 s CPU instead of 6; compiling the
-rest in a background thread slowed the user's decode steps ~5x while it ran, and a short
+rest in a background thread slowed the user's decode steps ~4x while it ran, and a short
 ``tqedge generate`` exited before it finished). The marker is a file in the kernel cache
 directory named by a hash of what Numba's cache depends on (kernel sources, Numba, Python,
 CPU) and of that shape, so clearing the directory, upgrading, editing a kernel or loading a
