@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="idle/busy pairs per variant (medians over rounds)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="skip the untimed first run per variant")
     p.add_argument("--out", default=str(HERE / "out" / "threads.json"))
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
         return
     variants = [parse_variant(v) for v in args.variant] or [("now", ".", {})]
     runs = {label: {"idle": [], "busy": []} for label, _, _ in variants}
-    for label, src, env in variants:  # untimed: compiles (or loads) each tree's kernels first
+    for label, src, env in variants if args.prewarm else []:  # untimed: compiles each tree's kernels first
         res = run_worker(src, env, argparse.Namespace(**{**vars(args), "steps": 2, "repeats": 1}), False)
         print(f"{label:12s} warm-up run done (layer {res['numba_layer']})", flush=True)
     load_before = os.getloadavg()

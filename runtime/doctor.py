@@ -364,7 +364,7 @@ def doctor_cmd(bundle: str | None, as_json: bool, warmup: bool) -> None:
         from tqedge.bundle import read_manifest
         from tqedge.runtime.warmup import ensure_warm
 
-        seconds = ensure_warm(read_manifest(bundle, verify="none") if bundle else None, force=True)
+        seconds = ensure_warm(read_manifest(bundle, verify="none") if bundle else None, force=True, full=True)
         report["warmup_seconds"] = seconds
         report["numba_cache"] = numba_cache()
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

@@ -13,10 +13,16 @@ compiles nothing new.
 
 The layouts depend on the model's shape (one KV head or several; one scale per vector or
 more), so the warm-up uses the bundle's KV heads, head size and bit widths. :func:`ensure_warm`
-runs it when no marker says this was done (``tqedge.load`` calls it; ``tqedge doctor --warmup``
-forces it). The marker is a file in the kernel cache directory named by a hash of what Numba's
-cache depends on (kernel sources, Numba, Python, CPU) and of that shape, so clearing the
-directory, upgrading, editing a kernel or loading a differently shaped model warms up again.
+runs it when no marker says this was done: ``tqedge.load`` compiles what a short chat needs
+(what its first two tokens would compile anyway, so the second token no longer stalls); the
+rest — prefill over compressed keys, the parallel twins of long contexts — compiles at first
+use, once per device, unless ``tqedge doctor --warmup`` compiled all of it ahead (measured:
+compiling everything at load cost a cold first token 56 s CPU instead of 6; compiling the
+rest in a background thread slowed the user's decode steps ~4x while it ran, and a short
+``tqedge generate`` exited before it finished). The marker is a file in the kernel cache
+directory named by a hash of what Numba's cache depends on (kernel sources, Numba, Python,
+CPU) and of that shape, so clearing the directory, upgrading, editing a kernel or loading a
+differently shaped model warms up again.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # prefill chunk of the warm-up
+SHORT_PROMPT = 32  # inside the window: a short chat's prefill reads no compressed keys
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,15 @@ def marker_path(shape: Shape = Shape()) -> Path | None:
     return numba_runtime.cache_dir() / f"warm-{digest}.json"
 
 
-def warmup(shape: Shape = Shape()) -> float:
+def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> float:
     """Compile (or load from the disk cache) every kernel signature the runtime uses for ``shape``.
+
+    Args:
+        shape: the model shape (see :class:`Shape`).
+        short: what a short chat needs first: a prompt inside the window, decode (the serial
+            twins) until keys are read compressed, a window backlog encode.
+        long: the rest: prefill over compressed keys (dequantize, in every layout), the
+            parallel twins past ``PARALLEL_MIN`` head·keys, a trim and re-prefill.
 
     Returns:
         Seconds it took.
@@ -114,10 +128,9 @@ def warmup(shape: Shape = Shape()) -> float:
     kernels.set_threads(None)  # the parallel twins too (where there is more than one core)
     for bits in _layouts(shape):
         keys, values = build_codecs(kv, 1, d, bits)
-        long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
-        cache = CompressedKVCache(keys, values, h, d, ring=long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+        n_long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
 
-        def step(t: int) -> None:
+        def step(cache, t: int) -> None:
             cache.prepare(t)
             q = rng.standard_normal((t, 2 * h, d), dtype=np.float32)  # 2 query heads per KV head
             k = rng.standard_normal((t, h, d), dtype=np.float32)
@@ -125,38 +138,57 @@ def warmup(shape: Shape = Shape()) -> float:
             cache.attend(0, q, k, v, d ** -0.5)
             cache.commit()
 
-        step(CHUNK)  # short prefill, then short decode (serial twins)
-        for _ in range(kv.window + 2):  # crosses a window backlog encode
-            step(1)
-        while cache.offset < long:  # long prefill (parallel dequantize), then long decode
-            step(min(CHUNK, long - cache.offset))
-        for _ in range(2):
-            step(1)
-        cache.trim(3)  # a regenerated reply: reads compressed keys that lost their fp16 copy
-        step(2)
-        step(1)
+        if short:  # a short chat: prompt inside the window, decode until keys leave it
+            cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
+            step(cache, SHORT_PROMPT)
+            for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode
+                step(cache, 1)
+        if long:  # prefill over compressed keys, then long contexts (the parallel twins)
+            cache = CompressedKVCache(keys, values, h, d, ring=n_long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+            while cache.offset < n_long:
+                step(cache, min(CHUNK, n_long - cache.offset))
+            step(cache, 1)
+            cache.trim(3)  # a regenerated reply: re-prefill over keys that lost their fp16 copy
+            step(cache, 2)
+            step(cache, 1)
     return time.perf_counter() - t0
 
 
-def ensure_warm(manifest=None, force: bool = False) -> float | None:
-    """Run :func:`warmup` for ``manifest``'s shape (default: a generic one) unless its marker
-    exists (or ``force``), then write the marker.
-
-    Returns:
-        Seconds spent, or None when already warm (or there is nothing to compile).
-    """
+def _write_marker(path: Path, seconds: float) -> None:
     from tqedge.files import atomic_write_bytes
 
-    shape = Shape.of(manifest) if manifest is not None else Shape()
-    path = marker_path(shape)
-    if path is None or (path.is_file() and not force):
-        return None
-    log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
-    seconds = warmup(shape)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, (json.dumps({"seconds": round(seconds, 2), "time": time.time()}) + "\n").encode())
     except OSError as e:  # a read-only cache: warm for this process only
         log.warning("cannot write %s: %s", path, e)
+
+
+def ensure_warm(manifest=None, force: bool = False, full: bool = False) -> float | None:
+    """Warm up for ``manifest``'s shape (default: a generic one) unless a marker says it was
+    done (or ``force``), then write the marker.
+
+    Args:
+        manifest: the bundle's manifest (its KV shape), or None for a generic shape.
+        force: warm up even if the marker exists.
+        full: everything (``tqedge doctor --warmup``); else the short-chat part only
+            (``tqedge.load``: what a short chat's first two tokens would compile anyway). The
+            rest then compiles at first use and is cached like any kernel.
+
+    Returns:
+        Seconds spent, or None when already warm (or there is nothing to compile).
+    """
+    shape = Shape.of(manifest) if manifest is not None else Shape()
+    path = marker_path(shape)
+    if path is None:
+        return None
+    full_path = path.with_name(path.stem + "-full.json")
+    if not force and (full_path.is_file() or (path.is_file() and not full)):
+        return None
+    log.warning("compiling the attention kernels for this device (once; cached in %s)", path.parent)
+    seconds = warmup(shape, long=full)
+    _write_marker(path, seconds)
+    if full:
+        _write_marker(full_path, seconds)
     log.info("kernels compiled in %.1fs", seconds)
     return seconds

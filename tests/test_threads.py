@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 
 from tqedge.errors import TqedgeError
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 from click.testing import CliRunner
 
 pytest.importorskip("numba")
@@ -60,6 +61,7 @@ def test_warmup_compiles_every_signature_a_real_generate_uses(smollm2_bundle):
 @pytest.fixture
 def marker_dir(tmp_path, monkeypatch):
     from tqedge.codec import numba_runtime
+    from tqedge.runtime import compressed_cache  # noqa: F401  (kernels bind their cache dir at import)
 
     monkeypatch.setattr(numba_runtime, "_CACHE_DIR", tmp_path)  # markers only: kernels keep their cache
     return tmp_path
@@ -69,15 +71,19 @@ def test_ensure_warm_runs_once_per_shape(marker_dir):
     from tqedge.runtime.warmup import Shape, ensure_warm, marker_path
 
     shape = Shape()
-    assert not marker_path(shape).exists()
-    first = ensure_warm()
+    short = marker_path(shape)
+    assert not short.exists()
+    first = ensure_warm()  # what load does: the short-chat part
     assert isinstance(first, float) and first > 0
-    assert marker_path(shape).is_file() and marker_path(shape).parent == marker_dir
+    assert short.is_file() and short.parent == marker_dir
     assert ensure_warm() is None  # warm: nothing to do
+    assert isinstance(ensure_warm(full=True), float)  # doctor --warmup: the rest too
+    assert ensure_warm(full=True) is None and ensure_warm() is None
     assert isinstance(ensure_warm(force=True), float)
     one_head = Shape(num_kv_heads=1)
-    assert marker_path(one_head) != marker_path(shape)  # other layouts, another warm-up
-    marker_path(shape).unlink()  # a cleared cache directory warms up again
+    assert marker_path(one_head) != short  # other layouts, another warm-up
+    for marker in marker_dir.glob("warm-*.json"):  # a cleared cache directory warms up again
+        marker.unlink()
     assert isinstance(ensure_warm(), float)
 
 
