@@ -187,5 +187,26 @@ def test_smollm2_nf4_dq_exports_loads_and_answers(smollm2_gguf, tmp_path):
     assert files["onnx/absmax-dq.npz"].bytes < 2.5e6  # 8-bit absmax: ~1.7 MB for 106 M NF4 weights
     assert files["onnx/weights.bin"].bytes < 150 * 2**20
     model = tqedge.load(tmp_path / "s.tqe", verify="size")
-    text = model.generate("What is the capital of France?", max_tokens=8, temperature=0)
+    text = model.generate("The capital of France is", max_tokens=8, temperature=0)
     assert "Paris" in text
+
+
+def test_plan_sizes_nf4_formats():
+    """tqedge plan: NF4 = 4 bits + an fp32 absmax per 64 weights (nf4-dq on disk: an 8-bit code
+    + 8 B per 256 absmax), an int8 LM head, and resident the fp32 workspace of the largest weight."""
+    from tqedge.bundle import ArchSpec
+    from tqedge.runtime import plan
+
+    a = ArchSpec(name="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                 num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5,
+                 max_position_embeddings=8192, tie_word_embeddings=True)
+    per_layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    n_weights = 30 * sum(n * k for n, k in per_layer)
+    blocks = 30 * sum(n * k // 64 for n, k in per_layer)
+    rest = plan.weight_bytes(a, "int8", resident=False) - 30 * sum(plan.WEIGHT_FORMATS["int8"]["disk"](n, k) for n, k in per_layer)
+    assert plan.weight_bytes(a, "nf4", resident=False) == n_weights // 2 + 4 * blocks + rest
+    dq = 30 * sum(n * k // 64 + 8 * -(-(n * k // 64) // 256) for n, k in per_layer)
+    assert plan.weight_bytes(a, "nf4-dq", resident=False) == n_weights // 2 + dq + rest
+    assert plan.weight_bytes(a, "nf4") == plan.weight_bytes(a, "nf4-dq") == n_weights // 2 + 4 * blocks + rest + 4 * 1536 * 576
+    saved = plan.weight_bytes(a, "nf4", resident=False) - plan.weight_bytes(a, "nf4-dq", resident=False)
+    assert 4.5e6 < saved < 5.5e6  # ~5 MB of absmax saved on disk for SmolLM2
