@@ -52,18 +52,22 @@ def prune_rows(max_drop: int, layers: int = 30) -> dict:
     return rows
 
 
+_SPECS: dict = {}  # source path → ModelSpec, read once per run
+
+
 def export_row(gguf: str, out: Path, opts: dict) -> dict:
     """Export one row; ``requantize`` drops the carried-over Q4_1 blocks (re-quantize from fp32)."""
+    import dataclasses
+
     from tqedge.exporters import export as ex
 
     opts = dict(opts)
     load = ex.load_source
-    if opts.pop("requantize", False):
-        def load_fp32(src):
-            spec = load(src)
-            spec.quant.clear()
-            return spec
-        ex.load_source = load_fp32
+    if gguf not in _SPECS:  # export never mutates the spec it is given
+        _SPECS[gguf] = load(gguf)
+    spec = _SPECS[gguf]
+    requantize = opts.pop("requantize", False)
+    ex.load_source = lambda src: dataclasses.replace(spec, quant={}) if requantize else spec
     try:
         t0 = time.perf_counter()
         m = ex.export(gguf, out, overwrite=True, **opts)
@@ -196,6 +200,8 @@ def run(args) -> dict:
         data["ops"]["loadavg"] = os.getloadavg()
         _save(out, data)
     rows = {**WEIGHT_ROWS, **prune_rows(args.max_drop)}
+    if args.rows == "pruning":  # the curve: fp32 and each drop count, both orders, interleaved
+        args.rows = ",".join(["fp32"] + [f"drop-{k}-{n}" for n in range(1, args.max_drop + 1) for k in ("auto", "last")])
     names = args.rows.split(",") if args.rows else list(rows)
     for name in names:
         if name in data["rows"] and not args.redo:

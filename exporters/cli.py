@@ -73,7 +73,8 @@ def _summary(out: Path, manifest) -> None:
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Graph formats, comma-separated: onnx, tflite.")
 @click.option("--drop-layers", default=None,
-              help="Drop transformer blocks: auto:N (the N of least influence on the calibration text) or indices 3,7.")
+              help="Drop transformer blocks: auto:N (the N of least influence on the calibration text) or indices 3,7. "
+                   "Per-layer --kv-bits overrides name source layers and are renumbered.")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Calibration text for --drop-layers (default: the shipped WikiText-2 excerpt).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
