@@ -371,7 +371,8 @@ def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
         "model": {"name": m.name, "parameters": parameter_count(a),
                   "max_position_embeddings": a.max_position_embeddings,
                   "format": m.weights.format, "bundle_weight_files": bundle_bytes,
-                  "dropped_layers": m.pruning.dropped if m.pruning else [], "num_layers": a.num_layers},
+                  "dropped_layers": m.pruning.dropped if m.pruning else [], "num_layers": a.num_layers,
+                  "pruning_ppl": [m.pruning.calibration_ppl, m.pruning.calibration_ppl_pruned] if m.pruning else None},
         "weights": {f: {"disk": weight_bytes(a, f, resident=False), "resident": weight_bytes(a, f)}
                     for f in WEIGHT_FORMATS},
         "overhead": {"runtime": RUNTIME_OVERHEAD, "margin": MARGIN, "activations": activation_bytes(a),
@@ -386,7 +387,8 @@ def format_plan(p: dict) -> str:
     md, o = p["model"], p["overhead"]
     fmt = format_bytes
     lines = [f"{md['name']}: {md['parameters'] / 1e6:.1f}M parameters, max context {md['max_position_embeddings']}"
-             + (f", {md['num_layers']} layers (blocks {','.join(map(str, md['dropped_layers']))} dropped at export)"
+             + (f", {md['num_layers']} layers (blocks {','.join(map(str, md['dropped_layers']))} dropped at export"
+                + (f": calibration PPL {md['pruning_ppl'][0]:.2f} -> {md['pruning_ppl'][1]:.2f})" if md["pruning_ppl"][0] else ")")
                 if md["dropped_layers"] else "")]
     if md["bundle_weight_files"] is not None:
         lines.append(f"bundle: {md['format']} weights, {fmt(md['bundle_weight_files'])} of weight files "

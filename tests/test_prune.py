@@ -169,5 +169,9 @@ def test_cli_export_drop_layers_and_inspect(tiny):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(cli, ["inspect", str(root / "cli.tqe")])
     assert r.exit_code == 0 and "1 of 5 blocks dropped (auto)" in r.output and "calibration PPL" in r.output
+    r = CliRunner().invoke(cli, ["plan", "--model", str(root / "cli.tqe"), "--memory", "1GiB", "--json"])
+    md = json.loads(r.output)["model"]
+    assert r.exit_code == 0 and md["num_layers"] == 4 and len(md["dropped_layers"]) == 1
+    assert md["pruning_ppl"][0] > 0 and md["pruning_ppl"][1] > 0
     r = CliRunner().invoke(cli, ["export", str(src), "-o", str(root / "x.tqe"), "--drop-layers", "7,8"])
     assert r.exit_code == 2 and "--drop-layers" in r.output and "Traceback" not in r.output
