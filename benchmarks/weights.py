@@ -112,8 +112,6 @@ def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> 
     """Prefill ``real`` tokens with the model (exact fp32 KV cache sized for ``ctx``), fill the
     cache with random keys/values up to ``ctx`` (benchmarks/decode.py: decode speed does not
     depend on the values), median decode step there, peak RSS."""
-    import resource
-
     sys.path.insert(0, str(HERE))
     from decode import synthetic_fill
 
@@ -140,7 +138,16 @@ def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> 
         times.append(time.perf_counter() - t)
     ms = statistics.median(times) * 1e3
     return {"ctx": ctx, "real_prefill": real, "prefill_tok_s": real / prefill, "decode_ms": ms, "decode_tok_s": 1e3 / ms,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": _vm_hwm_mib()}
+
+
+def _vm_hwm_mib() -> float:
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: on Linux that keeps the parent's
+    resident size from before fork/exec (here the benchmark holding the whole fp32 model)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def op_bench(repeats: int = 300) -> dict:
@@ -224,7 +231,10 @@ def run(args) -> dict:
         bundle = work / f"{name}.tqe"
         log.info("%s: export", name)
         exported = export_row(args.gguf, bundle, rows[name])
-        if row is None or args.redo:
+        if args.speed_only:
+            row = {**exported, "load_before": os.getloadavg()}
+            data["rows"][name] = row
+        elif row is None or args.redo:
             row = {**exported, "load_before": os.getloadavg()}
             log.info("%s: quality", name)
             row["quality"] = _sub(["--quality-worker", str(bundle), "--ctx", str(args.ctx), "--windows",
@@ -351,6 +361,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-only", action="store_true", help="export and speed, no quality")
     p.add_argument("--speed-rows", default=None, help="comma list: only these rows get the speed run")
     p.add_argument("--no-ops", action="store_true")
     p.add_argument("--table", default=None, help="print the markdown table of a JSON and exit")
