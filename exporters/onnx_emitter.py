@@ -223,7 +223,7 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
     Args:
         spec: the validated model.
         out_dir: bundle directory being built.
-        fmt: weight format (fp32 | fp16 | int8 | int4).
+        fmt: weight format (tqedge.bundle.WEIGHT_FORMATS).
         progress: optional callable(n) advanced once per segment.
 
     Returns:
@@ -244,6 +244,7 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
             emitter.segment(g, seg)
             name = f"{DIR}/segment_{seg.index:03d}.onnx"
             (out_dir / name).write_bytes(_model(g, f"segment_{seg.index}", seg.inputs, seg.outputs, infos).SerializeToString())
+            store.mark_segment(seg.index, g.inits)
             files.append(name)
             emitter.segment(whole, seg)
             if seg.start is not None:
@@ -263,5 +264,5 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
     finally:
         store.close()
     log.info("onnx: %d segments, weights.bin %.1f MB", len(files), store.nbytes / 1e6)
-    return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/weights.bin"],
+    return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/{f}" for f in store.files],
                      descriptor=DESCRIPTOR_VERSION)

@@ -12,6 +12,10 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
   dimension, asymmetric, uint zero points, ``accuracy_level`` 4). A GGUF Q4_1 weight
   (d*q + m, blocks of 32) is carried over to int4 exactly — codes and scales as-is, zero
   point 0, plus ``blocksum(x) @ m.T`` — with no re-quantization.
+- ``nf4`` / ``nf4-dq``: QLoRA's NormalFloat-4 (absmax per block of 64, codes into
+  :data:`NF4_TABLE`) run by onnxruntime's ``com.microsoft.MatMulBnb4`` (``quant_type`` 1).
+  ``nf4-dq`` stores the absmax scales double-quantized (runtime/dq_scales.py) in a side file
+  the runtime expands into fp32 initializers at load: a disk format, not a memory one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tqedge.bundle import WEIGHT_BLOCK_SIZES
 from tqedge.exporters.spec import QuantBlocks
+from tqedge.runtime import dq_scales
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,16 @@ BLOCK_SIZES = WEIGHT_BLOCK_SIZES  # the one home is tqedge/bundle.py (the planne
 # back to dequantize-per-call (~50x slower).
 ACCURACY_LEVELS = {"int8": 4, "int4": 4}
 ACCURACY_OVERRIDES: dict[tuple[str, str], int] = {}  # (format, name substring) → level
+
+
+# NormalFloat-4 (QLoRA, bitsandbytes ``nf4``): quantiles of N(0, 1) scaled to [-1, 1], 0 exact.
+NF4_TABLE = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+NF4_BLOCK = WEIGHT_BLOCK_SIZES["nf4"]  # weights per absmax scale (QLoRA's block size)
+NF4_FORMATS = ("nf4", "nf4-dq")
 
 
 def accuracy_level(fmt: str, name: str) -> int:
@@ -60,6 +75,8 @@ class WeightStore:
         self._f = open(self.path, "wb")
         self._index: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
         self._small: dict[str, TensorProto] = {}
+        self._deferred: dict[str, np.ndarray] = {}
+        self._segment_of: dict[str, int] = {}
 
     def tensor(self, name: str, array) -> TensorProto:
         """A TensorProto for ``array`` (or a zero-argument function returning it, called only the
@@ -78,14 +95,27 @@ class WeightStore:
             dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
             self._index[name] = (offset, array.nbytes, dtype, array.shape)
         offset, length, dtype, shape = self._index[name]
-        t = TensorProto()
-        t.name, t.data_type = name, dtype
-        t.dims.extend(shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.location), ("offset", str(offset)), ("length", str(length))):
-            entry = t.external_data.add()
-            entry.key, entry.value = k, v
-        return t
+        return _external(name, dtype, shape, self.location, offset, length)
+
+    def deferred(self, name: str, array) -> TensorProto:
+        """A float32 initializer kept out of ``weights.bin``: its data goes double-quantized into
+        the side file (runtime/dq_scales.py) and the graph gets a placeholder the runtime fills."""
+        if name not in self._deferred:
+            a = np.ascontiguousarray(array() if callable(array) else array, dtype=np.float32)
+            self._deferred[name] = a
+        a = self._deferred[name]
+        return _external(name, TensorProto.FLOAT, a.shape, dq_scales.PLACEHOLDER, 0, a.nbytes)
+
+    def mark_segment(self, index: int, names) -> None:
+        """Record that segment ``index`` declares the deferred initializers among ``names``."""
+        for n in names:
+            if n in self._deferred:
+                self._segment_of.setdefault(n, index)
+
+    @property
+    def files(self) -> list[str]:
+        """The data files this store writes (relative to the .onnx files)."""
+        return [self.location] + ([dq_scales.DQ_FILE] if self._deferred else [])
 
     def view(self, name: str, base: str, shape: tuple[int, ...]) -> TensorProto:
         """A TensorProto named ``name`` reading the bytes of the already stored ``base`` with
@@ -106,6 +136,20 @@ class WeightStore:
     def close(self) -> None:
         self._f.flush()
         self._f.close()
+        if self._deferred:  # segment -1: declared only by a graph outside the segment list
+            dq_scales.write(self.path.parent / dq_scales.DQ_FILE,
+                            {n: (self._segment_of.get(n, -1), a) for n, a in self._deferred.items()})
+
+
+def _external(name: str, dtype: int, shape, location: str, offset: int, length: int) -> TensorProto:
+    t = TensorProto()
+    t.name, t.data_type = name, dtype
+    t.dims.extend(shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = k, v
+    return t
 
 
 @dataclass
@@ -246,15 +290,74 @@ def _nbits(bits: int, fmt: str) -> Callable:
     return emit
 
 
+def quantize_nf4(w: np.ndarray, block: int = NF4_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """NF4-quantize an (N, K) weight the way ``MatMulBnb4`` reads it: blocks of ``block`` over
+    the flattened weight, each scaled by its absmax, every value rounded to the nearest entry of
+    :data:`NF4_TABLE` (a tie goes to the lower code, like onnxruntime's and bitsandbytes'
+    quantizer).
+
+    Returns:
+        ``(packed, absmax)``: uint8 ((N*K+1)//2,), two codes per byte, the even flat index in
+        the high nibble; float32 absmax (ceil(N*K/block),).
+    """
+    flat = np.asarray(w, np.float32).reshape(-1)
+    nb = -(-flat.size // block)
+    blocks = np.zeros(nb * block, np.float32)
+    blocks[: flat.size] = flat
+    blocks = blocks.reshape(nb, block)
+    absmax = np.abs(blocks).max(1)
+    scaled = blocks / np.where(absmax > 0, absmax, 1.0)[:, None]
+    codes = np.searchsorted((NF4_TABLE[1:] + NF4_TABLE[:-1]) / 2, scaled, side="left").astype(np.uint8)
+    codes = codes.reshape(-1)[: flat.size]
+    if codes.size % 2:
+        codes = np.append(codes, np.uint8(7))  # code 7 is 0.0
+    return (codes[0::2] << 4 | codes[1::2]).astype(np.uint8), absmax.astype(np.float32)
+
+
+def dequantize_nf4(packed: np.ndarray, absmax: np.ndarray, shape: tuple[int, int], block: int = NF4_BLOCK) -> np.ndarray:
+    """float32 (N, K) weight from :func:`quantize_nf4`'s output."""
+    n = shape[0] * shape[1]
+    codes = np.stack([packed >> 4, packed & 0xF], 1).reshape(-1)[:n]
+    return (NF4_TABLE[codes] * np.repeat(absmax, block)[:n]).reshape(shape)
+
+
+def _nf4(double_quant: bool) -> Callable:
+    def emit(g, a: LinearArgs) -> str:
+        n, k = a.w.shape
+        key = f"{a.weight_key}.nf4"
+        packed: list = []
+
+        def part(i: int):
+            def get():
+                if not packed:
+                    packed.extend(quantize_nf4(a.w))
+                return packed[i]
+            return get
+
+        b = g.weight(key, part(0))
+        absmax = key + ".absmax"
+        if double_quant:
+            if absmax not in g.inits:
+                g.inits[absmax] = g.store.deferred(absmax, part(1))
+        else:
+            g.weight(absmax, part(1))
+        return g.op("MatMulBnb4", [a.x, b, absmax], a.name, domain="com.microsoft", K=k, N=n,
+                    block_size=NF4_BLOCK, quant_type=1)  # quant_type 1 = NF4
+
+    return emit
+
+
 LINEAR_FORMATS: dict[str, Callable] = {
     "fp32": _fp32, "fp16": _fp16, "int8": _nbits(8, "int8"), "int4": _nbits(4, "int4"),
+    "nf4": _nf4(False), "nf4-dq": _nf4(True),
 }
 # The LM head's format per weight format: 4-bit logits cost too much top-1 agreement (SmolLM2,
 # accuracy_level 0: 83 % with a 4-bit head vs 99 % with an 8-bit one), so int4 bundles keep an
 # 8-bit head, like llama.cpp's Q4_K_M keeps output.weight at higher precision.
-HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8"}
+HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8", "nf4": "int8", "nf4-dq": "int8"}
 # dtype of the embedding gather table per weight format (the LM head may be quantized)
-EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16}
+EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16,
+                "nf4": np.float16, "nf4-dq": np.float16}
 # Weight formats whose embedding is a quantized gather (GatherBlockQuantized) in the head's
 # format instead of the EMBED_DTYPES table: a tied head then shares its bytes (one copy).
 EMBED_QUANTIZED = {"int8": "int8", "int4": "int8"}

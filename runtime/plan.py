@@ -72,6 +72,15 @@ def _nbits(bits: int, block: int):
     return size
 
 
+def _nf4(double_quant: bool, resident: bool):
+    """NF4: 4-bit codes + an fp32 absmax per 64 weights (nf4-dq on disk: 8-bit + 8 B per 256)."""
+    def size(n: int, k: int) -> int:
+        nb = -(-n * k // WEIGHT_BLOCK_SIZES["nf4"])
+        scales = nb + 8 * -(-nb // 256) if double_quant and not resident else 4 * nb
+        return (n * k + 1) // 2 + scales
+    return size
+
+
 WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
@@ -82,6 +91,9 @@ WEIGHT_FORMATS: dict[str, dict] = {
              "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
     "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]),
              "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
+    # nf4: MatMulBnb4 dequantizes into an fp32 workspace per call (the largest is kept resident)
+    "nf4": {"disk": _nf4(False, False), "resident": _nf4(False, True), "embed": 2, "head": "int8", "workspace": True},
+    "nf4-dq": {"disk": _nf4(True, False), "resident": _nf4(True, True), "embed": 2, "head": "int8", "workspace": True},
 }
 
 
@@ -122,7 +134,14 @@ def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
     shapes = linear_shapes(a)
     if a.tie_word_embeddings and spec.get("shares_tied"):
         shapes = shapes[:-1]
-    lin = sum(size(n, k) for n, k in shapes)
+    if "head" in spec:  # the LM head in its own format (exporters/weights.py: HEAD_FORMATS)
+        head = WEIGHT_FORMATS[spec["head"]]["resident" if resident else "disk"](*shapes[-1])
+        shapes, lin = shapes[:-1], head
+    else:
+        lin = 0
+    lin += sum(size(n, k) for n, k in shapes)
+    if resident and spec.get("workspace"):
+        lin += 4 * max(n * k for n, k in shapes)
     # on disk a tied int embedding is the head's bytes; resident, the gather segment's session holds
     # its own copy beside the head's (measured: benchmarks/out/gemma_embed.json)
     embed = 0 if a.tie_word_embeddings and spec.get("embed_is_head") and not resident else spec["embed"]
@@ -371,7 +390,9 @@ def plan(manifest_or_bundle, memory=None, os_reserve=OS_RESERVE) -> dict:
     return {
         "model": {"name": m.name, "parameters": parameter_count(a),
                   "max_position_embeddings": a.max_position_embeddings,
-                  "format": m.weights.format, "bundle_weight_files": bundle_bytes},
+                  "format": m.weights.format, "bundle_weight_files": bundle_bytes,
+                  "dropped_layers": m.pruning.dropped if m.pruning else [], "num_layers": a.num_layers,
+                  "pruning_ppl": [m.pruning.calibration_ppl, m.pruning.calibration_ppl_pruned] if m.pruning else None},
         "weights": {f: {"disk": weight_bytes(a, f, resident=False), "resident": weight_bytes(a, f)}
                     for f in WEIGHT_FORMATS},
         "overhead": {"runtime": {f: RUNTIME_OVERHEAD[f] for f in WEIGHT_FORMATS}, "margin": MARGIN,
@@ -386,7 +407,10 @@ def format_plan(p: dict) -> str:
     """Human-readable text of a :func:`plan` result."""
     md, o = p["model"], p["overhead"]
     fmt = format_bytes
-    lines = [f"{md['name']}: {md['parameters'] / 1e6:.1f}M parameters, max context {md['max_position_embeddings']}"]
+    lines = [f"{md['name']}: {md['parameters'] / 1e6:.1f}M parameters, max context {md['max_position_embeddings']}"
+             + (f", {md['num_layers']} layers (blocks {','.join(map(str, md['dropped_layers']))} dropped at export"
+                + (f": calibration PPL {md['pruning_ppl'][0]:.2f} -> {md['pruning_ppl'][1]:.2f})" if md["pruning_ppl"][0] else ")")
+                if md["dropped_layers"] else "")]
     if md["bundle_weight_files"] is not None:
         lines.append(f"bundle: {md['format']} weights, {fmt(md['bundle_weight_files'])} of weight files "
                      f"(estimate for {md['format']}: {fmt(p['weights'][md['format']]['disk'])})")

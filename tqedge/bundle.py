@@ -32,10 +32,11 @@ LOGITS = "logits"  # float32 (n, vocab)
 KV_DESC = "kv_desc"  # int64 (n,): the KV cache descriptor of model.onnx (runtime/kv_descriptor.py)
 DESCRIPTOR_VERSION = 1  # layout of KV_DESC this build writes and reads
 
-WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
-# MatMulNBits block size (weights along the input dimension) of the quantized formats: written by
-# the exporter, sized by the planner. int8: 16 measured +2.5 points top-1 over 32 at equal speed.
-WEIGHT_BLOCK_SIZES = {"int8": 16, "int4": 32}
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "nf4", "nf4-dq")
+# Block size (weights along the input dimension) of the quantized formats: written by the exporter,
+# sized by the planner. int8: 16 measured +2.5 points top-1 over 32 at equal speed; nf4: absmax
+# per block of 64 (QLoRA), run by MatMulBnb4.
+WEIGHT_BLOCK_SIZES = {"int8": 16, "int4": 32, "nf4": 64, "nf4-dq": 64}
 ROTATIONS = ("hadamard", "dense")
 NORMS = ("corrected", "plain")
 VERIFY_MODES = ("auto", "full", "size", "none")  # read_manifest(verify=...); "auto": see tqedge/verified.py
@@ -111,6 +112,7 @@ class WeightSpec:
     format: str = "fp32"  # one of WEIGHT_FORMATS
     block_size: int | None = None  # int4 / int8 block size along the input dimension
     source: str | None = None  # e.g. "gguf:Q4_1", "safetensors:bfloat16"
+    scales: str | None = None  # nf4-dq: the double-quantized absmax side file (runtime/dq_scales.py)
 
 
 @dataclass
@@ -153,6 +155,24 @@ class GraphSpec:
 
 
 @dataclass
+class PruningSpec:
+    """Transformer blocks dropped at export (``--drop-layers``), and what that was measured to cost.
+
+    Block indices here are the source model's; the graphs and ``kv.layer_bits`` use the
+    renumbered layers 0..num_layers-1 of the kept blocks in order.
+    """
+
+    dropped: list[int]  # source-model indices of the dropped blocks, ascending
+    original_num_layers: int
+    method: str = "manual"  # "auto" (the N least influential) | "manual" (given indices)
+    influence: list[float] = field(default_factory=list)  # per source block: 1 - cos(in, out), token mean
+    calibration: str = ""  # calibration text (file name) the influence and perplexities come from
+    calibration_tokens: int = 0
+    calibration_ppl: float = 0.0  # fp32 perplexity of the calibration text, all blocks (0: not measured)
+    calibration_ppl_pruned: float = 0.0  # the same with the blocks dropped
+
+
+@dataclass
 class FileEntry:
     sha256: str
     bytes: int
@@ -171,6 +191,7 @@ class Manifest:
     graphs: dict[str, GraphSpec] = field(default_factory=dict)  # "onnx" | "tflite"
     files: dict[str, FileEntry] = field(default_factory=dict)  # relative path → checksum
     source: dict[str, Any] = field(default_factory=dict)  # provenance (file name, type, sha256)
+    pruning: PruningSpec | None = None  # blocks dropped at export (None: all kept)
     tqedge_version: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -212,6 +233,10 @@ class Manifest:
             raise TqedgeError(f"manifest.json: unknown kv.rotation {self.kv.rotation!r}")
         if self.kv.norm not in NORMS:
             raise TqedgeError(f"manifest.json: unknown kv.norm {self.kv.norm!r}")
+        if self.weights.format == "nf4-dq" and not self.weights.scales:
+            raise TqedgeError("manifest.json: nf4-dq weights need weights.scales (the double-quantized scales file)")
+        if self.pruning is not None:
+            _validate_pruning(self.pruning, a.num_layers)
         for kind, g in self.graphs.items():
             if len(g.segments) != len(g.attention) + 1:
                 raise TqedgeError(
@@ -233,6 +258,18 @@ def _validate_layer_types(a: ArchSpec) -> None:
         raise TqedgeError(f"manifest.json: architecture.layer_types must list {a.num_layers} of {', '.join(LAYER_TYPES)}")
     if "sliding_attention" in a.layer_types and not (a.sliding_window or 0) > 0:
         raise TqedgeError("manifest.json: sliding layers need architecture.sliding_window > 0")
+
+
+def _validate_pruning(p: PruningSpec, num_layers: int) -> None:
+    n = p.original_num_layers
+    if p.dropped != sorted(set(p.dropped)) or any(not 0 <= i < n for i in p.dropped):
+        raise TqedgeError(f"manifest.json: pruning.dropped must be ascending distinct blocks of 0..{n - 1}")
+    if n - len(p.dropped) != num_layers:
+        raise TqedgeError(f"manifest.json: pruning drops {len(p.dropped)} of {n} blocks but the model has {num_layers}")
+    if p.method not in ("auto", "manual"):
+        raise TqedgeError(f"manifest.json: unknown pruning.method {p.method!r}")
+    if p.influence and len(p.influence) != n:
+        raise TqedgeError(f"manifest.json: pruning.influence has {len(p.influence)} values for {n} blocks")
 
 
 def _build(tp, value, where: str):

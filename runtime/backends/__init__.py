@@ -53,9 +53,11 @@ def runs(name: str, manifest) -> bool:
     if name == "native":
         from tqedge.bundle import DESCRIPTOR_VERSION
 
-        # the native op has no sliding-window read rule yet: such models run on the segments
+        # the native op has no sliding-window read rule yet, and the one session does not yet
+        # receive nf4-dq's expanded scales: such bundles run on the segments
         sliding = "sliding_attention" in (manifest.architecture.layer_types or ())
-        return bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and not sliding
+        return (bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and not sliding
+                and not manifest.weights.scales)
     return True
 
 

@@ -73,6 +73,22 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     return so
 
 
+def _expanded_scales(bundle_dir: Path, manifest: Manifest) -> dict[int, dict[str, ort.OrtValue]]:
+    """nf4-dq bundles: segment index → its absmax initializers, expanded to fp32 from the
+    double-quantized side file (runtime/dq_scales.py); {} for every other format."""
+    if not manifest.weights.scales:
+        return {}
+    from tqedge.runtime import dq_scales
+
+    return {s: {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
+            for s, arrays in dq_scales.read(bundle_dir / manifest.weights.scales).items()}
+
+
+def _with_initializers(so: ort.SessionOptions, values: dict[str, ort.OrtValue]) -> ort.SessionOptions:
+    so.add_external_initializers(list(values), list(values.values()))
+    return so
+
+
 class OnnxBackend:
     """Runs a bundle's ONNX segments.
 
@@ -92,9 +108,11 @@ class OnnxBackend:
         so = session_options(threads)
         t0 = time.perf_counter()
         self.sessions = []
-        for rel in graph.segments:
+        self._scales = _expanded_scales(bundle_dir, manifest)  # nf4-dq: kept alive with the sessions
+        for s, rel in enumerate(graph.segments):
             try:
-                self.sessions.append(ort.InferenceSession(str(bundle_dir / rel), so, providers=["CPUExecutionProvider"]))
+                opts = _with_initializers(session_options(threads), self._scales[s]) if s in self._scales else so
+                self.sessions.append(ort.InferenceSession(str(bundle_dir / rel), opts, providers=["CPUExecutionProvider"]))
             except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                     ort.capi.onnxruntime_pybind11_state.NoSuchFile, ort.capi.onnxruntime_pybind11_state.InvalidProtobuf) as e:
                 raise TqedgeError(f"cannot load ONNX segment {rel}: {str(e).splitlines()[0]}") from None
