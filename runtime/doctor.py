@@ -248,11 +248,12 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
                        f"(best format for this device: {best or 'none fits'})")
         return rec
     weights = next(fmt for limit, fmt in FORMAT_BY_TOTAL if (mem.get("total") or avail) < limit)
-    usable = avail - plan.RUNTIME_OVERHEAD - plan.MARGIN
+    headroom = plan.RUNTIME_OVERHEAD[weights] + plan.MARGIN
+    usable = avail - headroom
     budget = plan.round_budget(min(usable // 4, NO_MODEL_MAX_BUDGET))
     return {"weights": weights, "kv_budget": budget, "kv_budget_arg": plan.budget_arg(budget),
             "why": f"a quarter of {format_bytes(max(usable, 0))} usable "
-                   f"({format_bytes(avail)} available − {format_bytes(plan.RUNTIME_OVERHEAD + plan.MARGIN)} headroom); "
+                   f"({format_bytes(avail)} available − {format_bytes(headroom)} headroom); "
                    "pass --model BUNDLE for a model-specific budget"}
 
 

@@ -49,7 +49,8 @@ GiB = 1024**3
 # minus weight_bytes() that leaves the overhead below (interpreter + numpy + tokenizers ~50 MiB,
 # numba's kernels and LLVM ~115 MiB, onnxruntime's sessions, shared arena and prepacking extras).
 # A cold Numba cache (first run after install) compiles at load: +86 MiB measured for fp32.
-RUNTIME_OVERHEAD = {"fp32": 208 * MiB, "fp16": 208 * MiB, "int8": 230 * MiB, "int4": 238 * MiB}
+RUNTIME_OVERHEAD = {"fp32": 208 * MiB, "fp16": 208 * MiB, "int8": 230 * MiB, "int4": 238 * MiB,
+                    "nf4": 238 * MiB, "nf4-dq": 238 * MiB}  # nf4: int4's, not measured apart
 MARGIN = 32 * MiB  # allocator variance and the app around tqedge
 OS_RESERVE = 256 * MiB  # headless Raspberry Pi OS Lite after boot is ~150-250 MiB
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for

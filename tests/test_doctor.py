@@ -125,7 +125,7 @@ def test_recommend_without_model_follows_the_documented_rule(total, fmt):
     avail = int(total * 0.8)
     rec = doctor.recommend({"total": total, "available": avail})
     assert rec["weights"] == fmt
-    usable = avail - plan.RUNTIME_OVERHEAD - plan.MARGIN
+    usable = avail - plan.RUNTIME_OVERHEAD[fmt] - plan.MARGIN
     assert 16 * MiB <= rec["kv_budget"] <= max(usable // 4, 16 * MiB)
     assert rec["kv_budget"] > usable // 8 or rec["kv_budget"] == doctor.NO_MODEL_MAX_BUDGET
     assert plan.budget_arg(rec["kv_budget"]) == rec["kv_budget_arg"]
