@@ -229,6 +229,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
     model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, **cache_defaults)
+    model.new_cache()  # bad cache options (bits, budget) are refused before any compiling
     ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model
