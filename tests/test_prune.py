@@ -118,11 +118,11 @@ def test_keep_layers_maps_every_per_layer_list(tiny):
     from tqedge.exporters.sources import load_source
 
     spec = load_source(src)
-    Arch = dataclasses.make_dataclass("Arch", [("layer_types", list, dataclasses.field(default_factory=list))],
-                                      bases=(ArchSpec,))
-    spec.arch = Arch(**dataclasses.asdict(spec.arch), layer_types=[f"t{i}" for i in range(LAYERS)])
+    kinds = ["sliding_attention", "full_attention"]
+    types = [kinds[i % 3 == 2] for i in range(LAYERS)]  # ArchSpec.layer_types: Gemma's pattern
+    spec.arch = dataclasses.replace(spec.arch, layer_types=types, sliding_window=8)
     pruned = keep_layers(spec, [0, 2, 4])
-    assert pruned.arch.num_layers == 3 and pruned.arch.layer_types == ["t0", "t2", "t4"]
+    assert pruned.arch.num_layers == 3 and pruned.arch.layer_types == [types[0], types[2], types[4]]
     np.testing.assert_array_equal(pruned.weights["model.layers.1.mlp.up_proj.weight"],
                                   spec.weights["model.layers.2.mlp.up_proj.weight"])
     assert not any(k.startswith("model.layers.3.") for k in pruned.weights)
