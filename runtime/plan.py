@@ -86,10 +86,10 @@ WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
-    # int8 / int4: the embedding gathers int8 rows (codes + fp32 scale + zero point per int8 block);
+    # int4: the embedding gathers int8 rows (codes + fp32 scale + zero point per int8 block);
     # tied, they are the LM head's own bytes on disk (exporters/weights.py: EMBED_QUANTIZED)
     "int8": {"disk": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "resident": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]),
-             "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
+             "embed": 2},
     "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]),
              "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
     # nf4: MatMulBnb4 dequantizes into an fp32 workspace per call (the largest is kept resident)
