@@ -67,10 +67,12 @@ def test_weight_bytes_untied_counts_the_head_once_per_copy():
     head_fp32 = 4 * 49152 * 576
     # fp32: tied shares the table with the head; untied stores the head as its own matrix
     assert plan.weight_bytes(untied, "fp32") - plan.weight_bytes(SMOL, "fp32") == head_fp32
-    # the quantized formats store the head as int8 blocks; untied adds the embedding's own int8 rows
-    # (16 codes + a 4-byte scale + a zero point per block of 16)
-    assert plan.weight_bytes(untied, "int8", resident=False) - plan.weight_bytes(SMOL, "int8", resident=False) == 49152 * 576 * 21 // 16
-    assert plan.weight_bytes(untied, "int8") == plan.weight_bytes(SMOL, "int8")
+    # int4 stores the head as int8 blocks and gathers the tied embedding from them; untied adds the
+    # embedding's own int8 rows (16 codes + a 4-byte scale + a zero point per block of 16)
+    assert plan.weight_bytes(untied, "int4", resident=False) - plan.weight_bytes(SMOL, "int4", resident=False) == 49152 * 576 * 21 // 16
+    assert plan.weight_bytes(untied, "int4") == plan.weight_bytes(SMOL, "int4")
+    # int8 keeps a float16 gather table beside its int8 head, tied or not
+    assert plan.weight_bytes(untied, "int8", resident=False) == plan.weight_bytes(SMOL, "int8", resident=False)
     assert plan.parameter_count(untied) - plan.parameter_count(SMOL) == 49152 * 576
 
 
