@@ -83,7 +83,10 @@ def smol(smollm2_bundle):
     return tqedge.load(smollm2_bundle, backend="onnx", kv_bits="exact", kv_budget="64MiB", verify="size")
 
 
-def test_native_backend_runs_a_batch_one_sequence_at_a_time(smollm2_model, smol):
+def test_native_backend_runs_a_batch_one_sequence_at_a_time(smollm2_bundle, smol):
+    import tqedge
+
+    smollm2_model = tqedge.load(smollm2_bundle, backend="native", kv_bits="exact", kv_budget="64MiB", verify="size")
     assert smollm2_model.backend_name == "native" and not smollm2_model.backend.batched_rows
     seqs = [chat_ids(smol, q) for q in QUESTIONS[:2]]
     caches = [smollm2_model.new_cache() for _ in seqs]

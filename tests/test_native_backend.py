@@ -126,11 +126,12 @@ def _greedy(model, cache, prompt, n):
     return out
 
 
-def test_native_is_the_default_and_old_graphs_fall_back(pair):
+def test_native_is_opt_in_and_old_graphs_are_refused(pair):
     native, seg = pair
     assert native.backend_name == "native" and seg.backend_name == "onnx"
     m = native.manifest
-    assert choose_backend(m) == "native"
+    assert choose_backend(m) == "onnx"  # the default: measured faster (runtime/backends/__init__.py)
+    assert choose_backend(m, "native") == "native"
     old = dataclasses.replace(m, graphs={"onnx": dataclasses.replace(m.graphs["onnx"], descriptor=0)})
     assert choose_backend(old) == "onnx"
     with pytest.raises(TqedgeError, match="re-export"):
