@@ -14,9 +14,10 @@ payload holds the per-layer softmax scales (float64, one per ``layer`` attribute
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, cfunc, types
+from numba import carray, types
 
 from tqedge.codec.kernels_fused import exact_attend
+from tqedge.codec.numba_runtime import cfunc
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime import native_turboquant as NT
 from tqedge.runtime.ort_capi import FLOAT, INT64
@@ -36,7 +37,7 @@ MESSAGES = [
 BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED = range(1, 9)
 
 
-@cfunc(types.intp(types.intp, types.intp), nogil=True, cache=True)
+@cfunc(types.intp(types.intp, types.intp), nogil=True)
 def attention_compute(kernel, ctx):
     """``KernelComputeV2(kernel, context) -> OrtStatus*`` of TurboQuantAttention."""
     ext, layer, table = kernel_ext(kernel)

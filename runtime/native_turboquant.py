@@ -14,15 +14,16 @@ count and index against the descriptor's geometry before touching a buffer.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit
+from numba import carray
 
 from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
+from tqedge.codec.numba_runtime import njit
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
 from tqedge.runtime.ort_numba import as_ptr
 
-_OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
+_OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
 F16_MAX = 65504.0
 
 

@@ -23,9 +23,10 @@ import ctypes
 
 import numpy as np
 from llvmlite import ir
-from numba import carray, cfunc, njit, types
+from numba import carray, types
 from numba.extending import intrinsic
 
+from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime.ort_capi import (CUSTOM_OP_FIELDS, CUSTOM_OP_VERSION, INDEX, ORT_INVALID_ARGUMENT,
                                      OrtCustomOp, OrtLib)
 
@@ -41,7 +42,7 @@ _CS, _GET_ATTR = INDEX["CreateStatus"], INDEX["KernelInfoGetAttribute_int64"]
 _GET_IN, _GET_OUT = INDEX["KernelContext_GetInput"], INDEX["KernelContext_GetOutput"]
 _TYPE_SHAPE, _NDIM, _DIMS = INDEX["GetTensorTypeAndShape"], INDEX["GetDimensionsCount"], INDEX["GetDimensions"]
 _REL_INFO, _DATA = INDEX["ReleaseTensorTypeAndShapeInfo"], INDEX["GetTensorMutableData"]
-_JIT = dict(nogil=True, cache=True)
+_JIT = dict(nogil=True)
 
 
 @intrinsic
@@ -78,13 +79,13 @@ def as_ptr(typingctx, addr, dtype):
     return ptr_t(addr, dtype), codegen
 
 
-@njit(inline="always", **_JIT)
+@njit(warm=False, inline="always", **_JIT)
 def words(addr, n):
     """``n`` int64 words at ``addr``."""
     return carray(as_ptr(addr, np.int64), (n,))
 
 
-@njit(inline="always", **_JIT)
+@njit(warm=False, inline="always", **_JIT)
 def kernel_ext(kernel):
     """(ext block, kernel index, API table) from a kernel handle made by CreateKernelV2."""
     row = words(kernel, ROW_WORDS)
@@ -92,13 +93,13 @@ def kernel_ext(kernel):
     return ext, row[0], words(ext[API], TABLE_LEN)
 
 
-@njit(**_JIT)
+@njit(warm=False, **_JIT)
 def fail(ext, table, msg):
     """An ``OrtStatus*`` (INVALID_ARGUMENT) carrying message number ``msg`` of the op."""
     return ccall(table[_CS], (ORT_INVALID_ARGUMENT, ext[MSGS] + MSG_BYTES * msg))
 
 
-@njit(**_JIT)
+@njit(warm=False, **_JIT)
 def tensor_in(table, ctx, i, dims):
     """Input ``i`` of the kernel context: (data address, rank, status); its shape into ``dims``."""
     scr = np.zeros(3, np.int64)
@@ -124,7 +125,7 @@ def tensor_in(table, ctx, i, dims):
     return scr[2], n, st
 
 
-@njit(**_JIT)
+@njit(warm=False, **_JIT)
 def tensor_out(table, ctx, i, dims, n):
     """Output ``i`` allocated by ORT with shape ``dims[:n]``: (data address, status)."""
     scr = np.zeros(2, np.int64)
@@ -137,7 +138,7 @@ def tensor_out(table, ctx, i, dims, n):
 
 
 # -- generic callbacks (read the ext block behind the struct) ---------------------------------
-@njit(inline="always", **_JIT)
+@njit(warm=False, inline="always", **_JIT)
 def _ext(op):
     return words(op + 8 * OP_WORDS, ROWS)
 

@@ -144,9 +144,10 @@ def test_model_threads_one_runs_one_thread(smollm2_bundle):
         out = json.loads(r.stdout.strip().splitlines()[-1])
         return out["after"] - out["before"]
 
-    # segments: no onnxruntime pool, no Numba pool. native: its C-API session starts one thread
-    # of its own whatever the pool size (measured: +1 at threads=1, +2 at threads=2), no pool.
+    # segments: no onnxruntime pool, no Numba pool. native: its C-API session may start one
+    # thread of its own whatever the pool size (+1 on the dev machine, +0 on CI), no pool.
     for backend, fixed in (("onnx", 0), ("native", 1)):
-        assert run(1, backend) == fixed, backend
+        one = run(1, backend)
+        assert one <= fixed, backend
         if _two_cores():
-            assert run(2, backend) > fixed, backend  # the oracle: with 2 threads the pools exist
+            assert run(2, backend) > one, backend  # the oracle: with 2 threads the pools exist

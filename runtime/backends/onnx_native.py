@@ -32,12 +32,12 @@ FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
 def _step_fn():
     """The per-step Run in nopython code: wrap the four int64 inputs and the caller's logits
     buffer as OrtValues, Run, release them. Returns the ``OrtStatus*`` of the first failure."""
-    from numba import njit
+    from tqedge.codec.numba_runtime import njit
 
     from tqedge.runtime.ort_capi import FLOAT, INT64
     from tqedge.runtime.ort_numba import ccall
 
-    @njit(nogil=True, cache=True)
+    @njit(warm=False, nogil=True)
     def step(fns, session, memory_info, names, ids, positions, index, desc, logits):
         # one buffer: OrtValue* slots [0, 5), shapes [5, 11); read at the end, so it stays alive
         buf = np.zeros(11, np.int64)

@@ -17,9 +17,9 @@ Every function gives the results of its NumPy counterpart (``runtime/cache.py``'
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from tqedge.codec.numba_runtime import njit
 
-_OPTS = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})  # -inf kept
+_OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})  # -inf kept
 
 
 @njit(**_OPTS)

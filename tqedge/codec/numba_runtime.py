@@ -18,7 +18,8 @@ settled before Numba compiles or launches anything:
   "numba"`` unless the user set ``NUMBA_CACHE_DIR``) — never into
   site-packages, where stale cache files outlive a ``pip uninstall`` and turn ``tqedge/`` into
   a namespace package that shadows a later editable install. :func:`njit` scopes Numba's
-  ``CACHE_DIR`` to the decoration of tqedge's own kernels (Numba binds a function's cache
+  ``CACHE_DIR`` to the decoration of tqedge's own kernels (:func:`cfunc` for the native op's
+  callbacks) (Numba binds a function's cache
   location when it is decorated), so other Numba code in the process keeps its own.
 """
 
@@ -127,12 +128,23 @@ def _cache_dir_scope():
 DISPATCHERS: list = []
 
 
-def njit(*, parallel: bool = False, **opts):
+def njit(*, parallel: bool = False, warm: bool = True, **opts):
     """``numba.njit(cache=True, **opts)`` whose cache lives in :func:`cache_dir` (the cache
-    location is bound when the function is decorated); registered in :data:`DISPATCHERS`."""
+    location is bound when the function is decorated). ``warm``: registered in
+    :data:`DISPATCHERS`, which the warm-up compiles (the native op's kernels are not: they
+    compile with its session)."""
     def decorate(fn):
         with _cache_dir_scope():
             disp = numba.njit(cache=True, parallel=parallel, **opts)(fn)
-        DISPATCHERS.append(disp)
+        if warm:
+            DISPATCHERS.append(disp)
         return disp
+    return decorate
+
+
+def cfunc(sig, **opts):
+    """``numba.cfunc(sig, cache=True, **opts)`` whose cache lives in :func:`cache_dir`."""
+    def decorate(fn):
+        with _cache_dir_scope():
+            return numba.cfunc(sig, cache=True, **opts)(fn)
     return decorate
