@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray
 
-from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16
+from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16, matvec, prefill_attend
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
 from tqedge.codec.numba_runtime import njit
 from tqedge.runtime import kv_descriptor as KD
@@ -77,16 +77,6 @@ def encode_row(x, rot, bounds, cent, bits, corrected, codes_out, scales_out):
 
 
 @njit(**_OPTS)
-def _matvec(x, m, out):
-    """out (N,) = x (K,) @ m (K, N)."""
-    out[:] = 0.0
-    for i in range(x.shape[0]):
-        xi = x[i]
-        for j in range(m.shape[1]):
-            out[j] += xi * m[i, j]
-
-
-@njit(**_OPTS)
 def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
     """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, with
     the kernels of the segment path (fp16_kernels, kernels_numba), as ``attention.decode``."""
@@ -109,7 +99,7 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
     qp = np.empty((hkv, g, dpk), np.float32)
     for h in range(hkv):
         for gg in range(g):
-            _matvec(qh[h, gg], pq, qp[h, gg])
+            matvec(qh[h, gg], pq, qp[h, gg])
     s_c = []
     for r in range(nr):
         a, b = ranges[2 * r], ranges[2 * r + 1]
@@ -141,7 +131,7 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
     tmp = np.empty(d, np.float32)
     for h in range(hkv):
         for gg in range(g):
-            _matvec(accp[h, gg], um, tmp)
+            matvec(accp[h, gg], um, tmp)
             inv = np.float32(1.0) / den[h, gg]
             for x in range(d):
                 out[h * g + gg, x] = (acc[h, gg, x] + tmp[x]) * inv
@@ -203,68 +193,23 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
             encode_row(vf[h, nfo + n_sink_new + j], vc[7], vc[8], vc[9], vc[10], vc[11], vcn[h, j], vsn[h, j])
     kd = _gather_deq(kc, old_idx, kcn, ksn, n_new_read)  # (Hkv, Nc, Dpk)
     vd = _gather_deq(vc, old_idx, vcn, vsn, n_new_read)  # (Hkv, Nc, Dpv)
-    nc = kd.shape[1]
-    dpk, dpv = kc[5], vc[5]
+    dpk = kc[5]
     pq, um = kc[6], vc[6]
-    qs = np.empty(d, np.float32)
-    qp = np.empty(dpk, np.float32)
-    sf = np.empty(nf, np.float32)
-    sc = np.empty(nc, np.float32)
-    acc = np.empty(d, np.float32)
-    accp = np.empty(dpv, np.float32)
-    tmp = np.empty(d, np.float32)
-    for i in range(t):
-        tp = t0 + i
-        for hh in range(hq):
-            h = hh // g
-            for x in range(d):
-                qs[x] = q[i, hh, x] * scale
-            _matvec(qs, pq, qp)
-            m = -np.inf
-            for j in range(nf):
-                p = pf[j]
-                dist = tp - p
-                ok = dist >= 0 and (p < sinks or dist < window or (exact and p >= t0))
-                if ok:
-                    a = np.float32(0.0)
-                    for x in range(d):
-                        a += qs[x] * kf[h, j, x]
-                    sf[j] = a
-                    m = max(m, a)
-                else:
-                    sf[j] = -np.inf
-            for j in range(nc):
-                p = pc[j]
-                dist = tp - p
-                ok = dist >= 0 and dist < ring and p >= sinks and (dist >= window or p < fp_lo) and \
-                    (not exact or p < t0)
-                if ok:
-                    a = np.float32(0.0)
-                    for x in range(dpk):
-                        a += qp[x] * kd[h, j, x]
-                    sc[j] = a
-                    m = max(m, a)
-                else:
-                    sc[j] = -np.inf
-            den = np.float32(0.0)
-            acc[:] = 0.0
-            accp[:] = 0.0
-            for j in range(nf):
-                if sf[j] != -np.inf:
-                    p = np.exp(sf[j] - m)
-                    den += p
-                    for x in range(d):
-                        acc[x] += p * vf[h, j, x]
-            for j in range(nc):
-                if sc[j] != -np.inf:
-                    p = np.exp(sc[j] - m)
-                    den += p
-                    for x in range(dpv):
-                        accp[x] += p * vd[h, j, x]
-            _matvec(accp, um, tmp)
-            inv = np.float32(1.0) / den
-            for x in range(d):
-                out[i, hh, x] = (acc[x] + tmp[x]) * inv
+    rule = np.array([sinks, window, ring, fp_lo, 1 if exact else 0], np.int64)
+    qs = np.empty((t * g, d), np.float32)
+    qp = np.empty((t * g, dpk), np.float32)
+    res = np.empty((t * g, d), np.float32)
+    for h in range(hkv):
+        for i in range(t):
+            for gg in range(g):
+                r = i * g + gg
+                for x in range(d):
+                    qs[r, x] = q[i, h * g + gg, x] * scale
+                matvec(qs[r], pq, qp[r])
+        prefill_attend(qs, qp, g, kf[h], vf[h], pf, kd[h], vd[h], pc, um, t0, rule, res)
+        for i in range(t):
+            for gg in range(g):
+                out[i, h * g + gg] = res[i * g + gg]
     # store after attending: the new tokens overwrite slots earlier rows of this step read
     for i in range(t):
         p = t0 + i

@@ -135,3 +135,204 @@ def f16_to_f32(h):
     else:
         v = np.float32((1024 + m) * 2.0 ** (e - 25))
     return -v if h & 0x8000 else v
+
+
+TQ_ROWS = 16  # query tokens per prefill tile (× the GQA group: one K/V tile read serves them all)
+TK_KEYS = 64  # keys per prefill tile
+
+
+@njit(**_OPTS)
+def _visible(tp, p, fp, sinks, window, ring, fp_lo, t0, exact):
+    """The read rule of ``runtime/attention.py`` for query position ``tp`` and key position ``p``
+    held in the fp16 slots (``fp``) or the compressed ring."""
+    dist = tp - p
+    if dist < 0:
+        return False
+    if fp:
+        return p < sinks or dist < window or (exact and p >= t0)
+    return dist < ring and p >= sinks and (dist >= window or p < fp_lo) and (not exact or p < t0)
+
+
+@njit(**_OPTS)
+def _tile_update(s, n, rows, g, i0, t0, pos, fp, rule, m, den, acc, vals, j0):
+    """Online-softmax update of query rows ``rows`` with the score tile ``s`` (rows, n) of keys
+    ``j0 … j0+n`` (positions ``pos``): mask by the read rule, rescale, accumulate ``p · vals``.
+
+    The rule's visible set is an interval in the query position for every key, so a key
+    visible to the tile's first and last query rows is visible to all of them: such tiles
+    (most of a long prefill) skip the per-element mask."""
+    sinks, window, ring, fp_lo, exact = rule[0], rule[1], rule[2], rule[3], rule[4] != 0
+    dv = vals.shape[1]
+    first, last = t0 + i0, t0 + i0 + (rows - 1) // g
+    full = True
+    for j in range(n):
+        p = pos[j0 + j]
+        if not (_visible(first, p, fp, sinks, window, ring, fp_lo, t0, exact)
+                and _visible(last, p, fp, sinks, window, ring, fp_lo, t0, exact)):
+            full = False
+            break
+    for r in range(rows):
+        srow = s[r]
+        mx = m[r]
+        if full:
+            for j in range(n):
+                mx = max(mx, srow[j])
+        else:
+            tp = t0 + i0 + r // g
+            for j in range(n):
+                if _visible(tp, pos[j0 + j], fp, sinks, window, ring, fp_lo, t0, exact):
+                    mx = max(mx, srow[j])
+                else:
+                    srow[j] = -np.inf
+            if mx == -np.inf:  # nothing visible in this tile: no weight
+                for j in range(n):
+                    srow[j] = 0.0
+                continue
+        if mx > m[r]:
+            alpha = np.exp(m[r] - mx)  # 0 when m[r] is -inf
+            den[r] *= alpha
+            for x in range(acc.shape[2]):
+                acc[0, r, x] *= alpha
+                acc[1, r, x] *= alpha
+            m[r] = mx
+        total = np.float32(0.0)
+        for j in range(n):  # masked scores are -inf: exp gives 0
+            e = np.exp(srow[j] - mx)
+            srow[j] = e
+            total += e
+        den[r] += total
+    _pv_tile(s, n, rows, acc[0 if fp else 1], vals, j0)
+
+
+@njit(**_OPTS)
+def _pv_tile(s, n, rows, acc, vals, j0):
+    """acc[:rows, :Dv] += s[:rows, :n] @ vals[j0:j0+n], two rows × four keys per pass."""
+    dv = vals.shape[1]
+    n4 = n - n % 4
+    for r in range(0, rows - 1, 2):
+        a, b = acc[r], acc[r + 1]
+        pa, pb = s[r], s[r + 1]
+        for j in range(0, n4, 4):
+            v0, v1, v2, v3 = vals[j0 + j], vals[j0 + j + 1], vals[j0 + j + 2], vals[j0 + j + 3]
+            p0, p1, p2, p3 = pa[j], pa[j + 1], pa[j + 2], pa[j + 3]
+            w0, w1, w2, w3 = pb[j], pb[j + 1], pb[j + 2], pb[j + 3]
+            for x in range(dv):
+                a[x] += p0 * v0[x] + p1 * v1[x] + p2 * v2[x] + p3 * v3[x]
+                b[x] += w0 * v0[x] + w1 * v1[x] + w2 * v2[x] + w3 * v3[x]
+        for j in range(n4, n):
+            vr = vals[j0 + j]
+            for x in range(dv):
+                a[x] += pa[j] * vr[x]
+                b[x] += pb[j] * vr[x]
+    if rows % 2:
+        a, pa = acc[rows - 1], s[rows - 1]
+        for j in range(n):
+            vr = vals[j0 + j]
+            for x in range(dv):
+                a[x] += pa[j] * vr[x]
+
+
+@njit(**_OPTS)
+def _scores_tile(q, r0, rows, k, j0, n, s):
+    """s[:rows, :n] = q[r0:r0+rows] @ k[j0:j0+n].T, two query rows × four keys per pass
+    (eight dot products share their loads; the D loop vectorizes)."""
+    d = q.shape[1]
+    for r in range(0, rows - 1, 2):
+        q0, q1 = q[r0 + r], q[r0 + r + 1]
+        for j in range(0, n - 3, 4):
+            k0, k1, k2, k3 = k[j0 + j], k[j0 + j + 1], k[j0 + j + 2], k[j0 + j + 3]
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+            for x in range(d):
+                u, w = q0[x], q1[x]
+                a0 += u * k0[x]
+                a1 += u * k1[x]
+                a2 += u * k2[x]
+                a3 += u * k3[x]
+                b0 += w * k0[x]
+                b1 += w * k1[x]
+                b2 += w * k2[x]
+                b3 += w * k3[x]
+            s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a0, a1, a2, a3
+            s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = b0, b1, b2, b3
+        for j in range(n - n % 4, n):
+            _dot_into(q0, k[j0 + j], s, r, j)
+            _dot_into(q1, k[j0 + j], s, r + 1, j)
+    if rows % 2:
+        r = rows - 1
+        for j in range(n):
+            _dot_into(q[r0 + r], k[j0 + j], s, r, j)
+
+
+@njit(inline="always", **_OPTS)
+def _dot_into(a, b, s, r, j):
+    acc = np.float32(0.0)
+    for x in range(a.shape[0]):
+        acc += a[x] * b[x]
+    s[r, j] = acc
+
+
+@njit(**_OPTS)
+def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out):
+    """Causal prefill attention of one KV head's query rows over fp16-slot keys (float32 here)
+    and compressed keys (dequantized, projected domain), flash-style: tiles of
+    :data:`TQ_ROWS` tokens × the GQA group against :data:`TK_KEYS` keys, online softmax, memory
+    bounded by the tiles. Tiles wholly in a query tile's future are skipped.
+
+    Args:
+        qs: (T·G, D) scaled queries, row ``i·G + g``; qp: (T·G, Dpk) the same, projected.
+        g: query heads per KV head (G).
+        kf: (Nf, D) fp keys; vf: (Nf, D) fp values; pf: (Nf,) their positions.
+        kd: (Nc, Dpk) compressed keys; vd: (Nc, Dpv) values; pc: (Nc,) positions.
+        um: (Dpv, D) back-projection of compressed value sums.
+        t0: position of the first query token.
+        rule: int64 (sinks, window, ring, fp_lo, exact) — the read rule.
+        out: (T·G, D) results.
+    """
+    tg, d = qs.shape
+    nf, nc = pf.shape[0], pc.shape[0]
+    dv = max(d, vd.shape[1])
+    s = np.empty((TQ_ROWS * g, TK_KEYS), np.float32)
+    m = np.empty(TQ_ROWS * g, np.float32)
+    den = np.empty(TQ_ROWS * g, np.float32)
+    acc = np.empty((2, TQ_ROWS * g, dv), np.float32)
+    tmp = np.empty(d, np.float32)
+    nt = tg // g
+    for i0 in range(0, nt, TQ_ROWS):
+        ti = min(TQ_ROWS, nt - i0)
+        rows = ti * g
+        r0 = i0 * g
+        last = t0 + i0 + ti - 1
+        m[:rows] = -np.inf
+        den[:rows] = 0.0
+        acc[:, :rows] = 0.0
+        for fp in (True, False):
+            npos = nf if fp else nc
+            for j0 in range(0, npos, TK_KEYS):
+                n = min(TK_KEYS, npos - j0)
+                first = pf[j0] if fp else pc[j0]
+                for j in range(n):
+                    first = min(first, pf[j0 + j] if fp else pc[j0 + j])
+                if first > last:
+                    continue  # every key of the tile lies in the future of every query row
+                if fp:
+                    _scores_tile(qs, r0, rows, kf, j0, n, s)
+                    _tile_update(s, n, rows, g, i0, t0, pf, True, rule, m, den, acc, vf, j0)
+                else:
+                    _scores_tile(qp, r0, rows, kd, j0, n, s)
+                    _tile_update(s, n, rows, g, i0, t0, pc, False, rule, m, den, acc, vd, j0)
+        for r in range(rows):
+            matvec(acc[1, r, :um.shape[0]], um, tmp)
+            inv = np.float32(1.0) / den[r]
+            orow = out[r0 + r]
+            for x in range(d):
+                orow[x] = (acc[0, r, x] + tmp[x]) * inv
+
+
+@njit(**_OPTS)
+def matvec(x, m, out):
+    """out (N,) = x (K,) @ m (K, N)."""
+    out[:] = 0.0
+    for i in range(x.shape[0]):
+        xi = x[i]
+        for j in range(m.shape[1]):
+            out[j] += xi * m[i, j]

@@ -14,8 +14,10 @@ settled before Numba compiles or launches anything:
 - **Thread count**: :func:`set_threads` (per calling thread, like ``numba.set_num_threads``;
   ``Model.forward`` sets it from ``load(threads=)`` / ``--threads``). With 1 thread the
   parallel twins never run, so Numba's pool is never even started.
-- **Cache**: compiled kernels go to ``tqedge.paths.numba_cache_dir()`` (``user_cache_dir() /
-  "numba"`` unless the user set ``NUMBA_CACHE_DIR``) — never into
+- **Cache**: compiled kernels go to ``tqedge.paths.numba_cache_dir() / "src-<key>"``
+  (``user_cache_dir() / "numba"`` unless the user set ``NUMBA_CACHE_DIR``; the key,
+  :func:`source_key`, changes with any tqedge module, because Numba would otherwise load
+  stale code for a kernel whose callees changed) — never into
   site-packages, where stale cache files outlive a ``pip uninstall`` and turn ``tqedge/`` into
   a namespace package that shadows a later editable install. :func:`njit` scopes Numba's
   ``CACHE_DIR`` to the decoration of tqedge's own kernels (:func:`cfunc` for the native op's
@@ -25,6 +27,7 @@ settled before Numba compiles or launches anything:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -102,11 +105,34 @@ def cache_dir() -> Path:
     return _CACHE_DIR
 
 
+def source_key() -> str:
+    """A digest of the size and mtime of every module of tqedge (its ``runtime`` included).
+
+    Numba checks a cached kernel only against its own source file, not the kernels it calls
+    or the constants it reads from other modules: after an edit there (or an upgrade that
+    kept a file's mtime), it would load stale machine code. Naming the cache directory by
+    this key recompiles after any change instead."""
+    import importlib.util
+
+    import tqedge
+
+    roots = {Path(tqedge.__file__).resolve().parent}
+    spec = importlib.util.find_spec("tqedge.runtime")
+    roots |= {Path(p).resolve() for p in (spec.submodule_search_locations or [])} if spec else set()
+    h = hashlib.sha256()
+    for root in sorted(roots):
+        for f in sorted(root.rglob("*.py")):
+            st = f.stat()
+            h.update(f"{f.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:12]
+
+
 def _choose_cache_dir() -> Path:
-    want = numba_cache_dir()
+    want = numba_cache_dir() / f"src-{source_key()}"
     if _writable(want):
         return want
-    fallback = Path(tempfile.gettempdir()) / f"tqedge-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = Path(tempfile.gettempdir()) / f"tqedge-numba-{user}" / want.name
     log.warning("cannot write the kernel cache to %s; using %s", want, fallback)
     return fallback
 

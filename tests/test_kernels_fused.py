@@ -1,0 +1,72 @@
+"""The native op's prefill attention kernel (``kernels_fused.prefill_attend``) against NumPy
+written from the read rule (docs/CODEC.md, ``runtime/attention.py``): a dense masked softmax over
+fp16-slot keys and compressed (projected) keys. Sizes span several query and key tiles, odd
+row counts (G = 3), partial key quads, tiles wholly masked and wholly visible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from tqedge.codec import kernels_fused as KF  # noqa: E402
+
+
+def _visible(tp, p, fp, sinks, window, ring, fp_lo, t0, exact):
+    dist = tp - p
+    if dist < 0:
+        return False
+    if fp:
+        return p < sinks or dist < window or (exact and p >= t0)
+    return dist < ring and p >= sinks and (dist >= window or p < fp_lo) and (not exact or p < t0)
+
+
+def _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule):
+    sinks, window, ring, fp_lo, exact = (int(x) for x in rule)
+    out = np.zeros_like(qs, dtype=np.float64)
+    for r in range(qs.shape[0]):
+        tp = t0 + r // g
+        mf = np.array([_visible(tp, p, True, sinks, window, ring, fp_lo, t0, exact) for p in pf], bool)
+        mc = np.array([_visible(tp, p, False, sinks, window, ring, fp_lo, t0, exact) for p in pc], bool)
+        s = np.concatenate([kf[mf] @ qs[r].astype(np.float64), kd[mc] @ qp[r].astype(np.float64)])
+        w = np.exp(s - s.max())
+        w /= w.sum()
+        nf = int(mf.sum())
+        out[r] = w[:nf] @ vf[mf] + (w[nf:] @ vd[mc]) @ um
+    return out
+
+
+@pytest.mark.parametrize("exact", [0, 1])
+@pytest.mark.parametrize("t,t0,n_old", [(77, 0, 0), (53, 300, 211), (5, 90, 61)])
+def test_prefill_attend_matches_numpy(t, t0, n_old, exact):
+    rng = np.random.default_rng(t + t0 + exact)
+    g, d, dpk, dpv = 3, 16, 12, 10
+    sinks, window, ring = 4, 24, 400
+    # fp slots: sinks, the last `window` old positions, then the step's tokens
+    old_fp = [p for p in range(t0) if p < sinks or p >= t0 - window]
+    pf = np.array(old_fp + list(range(t0, t0 + t)), np.int64)
+    # compressed: old positions past the sinks (ring order: rotated), then the step's own
+    old_c = [p for p in range(sinks, t0)][-n_old:] if n_old else []
+    old_c = old_c[len(old_c) // 3:] + old_c[:len(old_c) // 3]
+    pc = np.array(old_c + [p for p in range(t0, t0 + t) if p >= sinks], np.int64)
+    qs = rng.standard_normal((t * g, d)).astype(np.float32)
+    qp = rng.standard_normal((t * g, dpk)).astype(np.float32)
+    kf, vf = (rng.standard_normal((len(pf), d)).astype(np.float32) for _ in range(2))
+    kd = rng.standard_normal((len(pc), dpk)).astype(np.float32)
+    vd = rng.standard_normal((len(pc), dpv)).astype(np.float32)
+    um = rng.standard_normal((dpv, d)).astype(np.float32)
+    rule = np.array([sinks, window, ring, t0 - window if t0 > window else 0, exact], np.int64)
+    out = np.full((t * g, d), np.nan, np.float32)
+    KF.prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out)
+    want = _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule)
+    np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
+    assert len(pf) > KF.TK_KEYS or len(pc) > KF.TK_KEYS or t < KF.TQ_ROWS  # the oracle sees several tiles
+
+
+def test_matvec_matches_numpy():
+    rng = np.random.default_rng(0)
+    x, m = rng.standard_normal(37).astype(np.float32), rng.standard_normal((37, 11)).astype(np.float32)
+    out = np.empty(11, np.float32)
+    KF.matvec(x, m, out)
+    np.testing.assert_allclose(out, x @ m, rtol=1e-5, atol=1e-5)
