@@ -47,14 +47,10 @@ FIXED_OVERHEAD_MIB = 400  # interpreter + onnxruntime + tokenizer + server; meas
 
 
 def rss_mib(pid: int) -> dict:
-    """RSS of process ``pid`` (Linux /proc), MiB: total, anonymous, file-backed, peak."""
-    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, rest = line.partition(":")
-        if k in keys:
-            out[keys[k]] = round(int(rest.split()[0]) / 1024, 1)
-    return out
+    """RSS of process ``pid``, MiB: total, anonymous, file-backed, peak (:func:`tqedge.runtime.memory.rss_breakdown`)."""
+    from tqedge.runtime.memory import rss_breakdown
+
+    return {k: round(v / 2**20, 1) for k, v in rss_breakdown(pid).items()}
 
 
 def free_port() -> int:
