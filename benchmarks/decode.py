@@ -35,7 +35,8 @@ PREFILL_CHUNK = 256
 
 def budget_for(manifest, kv_bits, tokens: int) -> int:
     """Smallest budget whose cache holds ``tokens`` tokens for this config."""
-    from tqedge.runtime.cache import ExactKVCache, build_codecs, parse_kv_bits
+    from tqedge.runtime.cache import ExactKVCache, build_codecs
+    from tqedge.runtime.kv_spec import parse_kv_bits
     from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
 
     a, kv = manifest.architecture, manifest.kv

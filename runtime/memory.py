@@ -129,7 +129,8 @@ def measure_fixed(model) -> int:
 
 def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) -> int:
     """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum)."""
-    from tqedge.runtime.cache import ExactKVCache, build_codecs, parse_kv_spec
+    from tqedge.runtime.cache import ExactKVCache, build_codecs
+    from tqedge.runtime.kv_spec import parse_kv_spec
     from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
 
     a, kv = manifest.architecture, manifest.kv

@@ -267,7 +267,7 @@ def test_real_model_compressed_predictions_track_exact(smol_model, wikitext):
 
 
 def test_kv_presets_are_named_bit_pairs():
-    from tqedge.runtime.cache import KV_PRESETS, parse_kv_bits
+    from tqedge.runtime.kv_spec import KV_PRESETS, parse_kv_bits
 
     assert parse_kv_bits("balanced") == (4.0, 3.0)
     assert parse_kv_bits(" Quality ") == (4.0, 4.0)
@@ -281,7 +281,7 @@ def test_kv_presets_are_named_bit_pairs():
 
 
 def test_kv_spec_with_per_layer_overrides():
-    from tqedge.runtime.cache import parse_kv_spec
+    from tqedge.runtime.kv_spec import parse_kv_spec
 
     assert parse_kv_spec("4,3") == ((4.0, 3.0), None)
     assert parse_kv_spec("exact") == (None, None)
