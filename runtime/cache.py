@@ -27,13 +27,18 @@ from tqedge.units import format_bytes
 POLICIES = ("slide", "error")
 
 
+def check_policy(policy) -> None:
+    """Refuse an overflow policy other than :data:`POLICIES`."""
+    if policy not in POLICIES:
+        raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+
+
 class SlotRing:
     """Slot bookkeeping shared by all caches: which slots the next T tokens go to, and which
     of the current slots they may attend to."""
 
     def __init__(self, capacity: int, sinks: int, policy: str):
-        if policy not in POLICIES:
-            raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+        check_policy(policy)
         if capacity <= sinks:
             raise TqedgeError(f"cache capacity {capacity} tokens leaves no room beside {sinks} sink tokens")
         self.capacity, self.sinks, self.policy = capacity, sinks, policy
@@ -126,8 +131,9 @@ class ExactKVCache:
         return 2 * num_layers * num_kv_heads * head_dim * np.dtype(dtype).itemsize
 
     @classmethod
-    def from_budget(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                    sinks: int = 4, policy: str = "slide", dtype=np.float32) -> "ExactKVCache":
+    def capacity_for(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                     sinks: int = 4, dtype=np.float32) -> int:
+        """Token slots ``budget`` bytes hold; refuses a budget below ``sinks + 2`` tokens."""
         per = cls.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         capacity = budget // per
         if capacity <= sinks + 1:
@@ -135,6 +141,12 @@ class ExactKVCache:
                 f"KV budget {format_bytes(budget)} holds only {capacity} tokens; "
                 f"the exact cache needs at least {format_bytes((sinks + 2) * per)}"
             )
+        return capacity
+
+    @classmethod
+    def from_budget(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                    sinks: int = 4, policy: str = "slide", dtype=np.float32) -> "ExactKVCache":
+        capacity = cls.capacity_for(budget, num_layers, num_kv_heads, head_dim, sinks, dtype)
         return cls(num_layers, num_kv_heads, head_dim, capacity, sinks, policy, dtype)
 
     # -- the interface ------------------------------------------------------------------
@@ -258,7 +270,18 @@ def layer_seed(seed: int, layer: int, kind: str) -> int:
 def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
                  rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
                  seed: int | None = None, layer_bits: dict | None = None) -> tuple[list, list]:
-    """One key and one value ``TurboQuant`` per layer.
+    """One key and one value ``TurboQuant`` per layer, built from :func:`codec_configs` (same arguments)."""
+    from tqedge.codec.quantizer import TurboQuant
+
+    keys, values = codec_configs(kv, num_layers, head_dim, bits, rotation, norm, qjl, seed, layer_bits)
+    return [TurboQuant(c) for c in keys], [TurboQuant(c) for c in values]
+
+
+def codec_configs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
+                  rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+                  seed: int | None = None, layer_bits: dict | None = None) -> tuple[list, list]:
+    """One key and one value :class:`~tqedge.codec.config.CodecConfig` per layer (validated;
+    their ``code_bytes`` / ``num_scales`` are the built codecs' own, nothing allocated).
 
     Args:
         kv: the bundle's :class:`~tqedge.bundle.KVSpec` (defaults and per-layer overrides).
@@ -270,9 +293,9 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
             (None = the KVSpec's when ``bits`` is None, else none).
 
     Returns:
-        (key_codecs, value_codecs), lists of length ``num_layers``.
+        (key_configs, value_configs), lists of length ``num_layers``.
     """
-    from tqedge.codec.quantizer import CodecConfig, TurboQuant
+    from tqedge.codec.config import CodecConfig
 
     rotation = rotation or kv.rotation
     norm = norm or kv.norm
@@ -284,9 +307,8 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
     for layer in range(num_layers):
         kb, vb = overrides.get(str(layer), bits or (kv.key_bits, kv.value_bits))
         for kind, b, out in (("k", kb, keys), ("v", vb, values)):
-            cfg = CodecConfig(dim=head_dim, bits=float(b), rotation=rotation, seed=layer_seed(seed, layer, kind),
-                              norm=norm, qjl=bool(qjl and kind == "k"), outlier_channels=None)
-            out.append(TurboQuant(cfg))
+            out.append(CodecConfig(dim=head_dim, bits=float(b), rotation=rotation, seed=layer_seed(seed, layer, kind),
+                                   norm=norm, qjl=bool(qjl and kind == "k"), outlier_channels=None))
     return keys, values
 
 
@@ -309,31 +331,67 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
 
     Returns:
         An :class:`ExactKVCache` or a :class:`~tqedge.runtime.compressed_cache.CompressedKVCache`.
+
+    Raises:
+        TqedgeError: bad options or too small a budget (:func:`check_cache_options` says the same
+            without allocating).
     """
+    return _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build=True)
+
+
+def check_cache_options(manifest, kv_budget, kv_bits=None, window=None, sinks=None, policy="slide", *,
+                        rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+                        exact_prefill: bool = False) -> None:
+    """Refuse what :func:`make_cache` refuses, with the same one-line errors, allocating nothing
+    (no buffers, no codecs): ``tqedge.load`` checks its cache defaults with it before compiling.
+
+    Raises:
+        TqedgeError: bad options, or a budget that cannot hold the smallest cache.
+    """
+    _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build=False)
+
+
+def _whole(value, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TqedgeError(f"{name} must be a whole number of tokens, not {value!r}") from None
+
+
+def _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build: bool):
+    """The one body of :func:`make_cache` and :func:`check_cache_options`: every check, and the
+    buffers only when ``build``."""
+    from tqedge.runtime.compressed_cache import CompressedKVCache
+    from tqedge.runtime.sliding_cache import LayeredKVCache
     from tqedge.units import parse_bytes
 
     a, kv = manifest.architecture, manifest.kv
+    h, d = a.num_kv_heads, a.head_dim
     budget = parse_bytes(kv_budget)
-    sinks = kv.sinks if sinks is None else int(sinks)
-    window = kv.window if window is None else int(window)
-    if policy not in POLICIES:
-        raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+    sinks = kv.sinks if sinks is None else _whole(sinks, "sinks")
+    window = kv.window if window is None else _whole(window, "window")
+    if sinks < 0 or window < 0:
+        raise TqedgeError(f"sinks and window must be ≥ 0, got {sinks} and {window}")
+    check_policy(policy)
     bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
     exact = kv_bits is not None and bits is None
+    if not exact:
+        key_cfgs, value_cfgs = codec_configs(kv, a.num_layers, d, bits, rotation, norm, qjl, layer_bits=layer_bits)
 
-    def uniform(budget: int, layers: list[int]):  # one ring size for ``layers``
+    def uniform(budget: int, layers: list[int]):  # one ring size for ``layers`` (None unless build)
         if exact:
-            return ExactKVCache.from_budget(budget, len(layers), a.num_kv_heads, a.head_dim, sinks, policy)
-        from tqedge.runtime.compressed_cache import CompressedKVCache
+            capacity = ExactKVCache.capacity_for(budget, len(layers), h, d, sinks)
+            return ExactKVCache(len(layers), h, d, capacity, sinks, policy) if build else None
+        keys, values = [key_cfgs[i] for i in layers], [value_cfgs[i] for i in layers]
+        ring = CompressedKVCache.ring_for(budget, keys, values, h, d, sinks, window)
+        if not build:
+            return None
+        from tqedge.codec.quantizer import TurboQuant
 
-        keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl, layer_bits=layer_bits)
-        return CompressedKVCache.from_budget(budget, [keys[i] for i in layers], [values[i] for i in layers],
-                                             a.num_kv_heads, a.head_dim, sinks, window, policy, exact_prefill)
+        return CompressedKVCache([TurboQuant(c) for c in keys], [TurboQuant(c) for c in values], h, d, ring,
+                                 sinks, window, policy, exact_prefill, budget)
 
     windows = [a.layer_window(i) for i in range(a.num_layers)]
     if any(w is not None for w in windows):  # sliding layers: fixed window rings (runtime/sliding_cache.py)
-        from tqedge.runtime.sliding_cache import LayeredKVCache
-
-        return LayeredKVCache.from_budget(budget, windows, a.num_kv_heads, a.head_dim, uniform,
-                                          np.float32 if exact else np.float16)
+        return LayeredKVCache.from_budget(budget, windows, h, d, uniform, np.float32 if exact else np.float16)
     return uniform(budget, list(range(a.num_layers)))
