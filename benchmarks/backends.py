@@ -26,23 +26,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
-
-
-def memory_mib() -> dict:
-    """Current anonymous / file-backed RSS and peak RSS of this process (Linux /proc), MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("RssAnon", "RssFile", "VmHWM"):
-            out[{"RssAnon": "rss_anon_mib", "RssFile": "rss_file_mib", "VmHWM": "peak_rss_mib"}[key]] = (
-                int(rest.split()[0]) / 1024)
-    return out
+MEMORY_KEYS = {"anon": "rss_anon_mib", "file": "rss_file_mib", "peak": "peak_rss_mib"}  # of rss_breakdown()
 
 
 def worker(bundle: str, backend: str, threads: int, n_prefill: int, n_decode: int, repeats: int) -> dict:
     """Measure one backend on one bundle (runs in a fresh process)."""
     import numpy as np
 
+    from tqedge.runtime.memory import rss_breakdown
     from tqedge.runtime.model import load
 
     t0 = time.perf_counter()
@@ -64,13 +55,15 @@ def worker(bundle: str, backend: str, threads: int, n_prefill: int, n_decode: in
         steps.append(time.perf_counter() - t)
         steps_cpu.append(time.process_time() - c)
         tok = int(np.argmax(logits))
+    mem = rss_breakdown()
     return {"bundle": bundle, "backend": backend, "weights": model.manifest.weights.format, "threads": threads,
             "load_s": round(load_s, 3), "first_prefill_s": round(times[0], 3),
             "prefill_tokens": len(ids), "prefill_tok_s": round(len(ids) / statistics.median(times[1:]), 2),
             "prefill_cpu_ms_per_token": round(1e3 * statistics.median(cpu[1:]) / len(ids), 2),
             "decode_steps": n_decode, "decode_tok_s": round(1 / statistics.median(steps), 2),
             "decode_cpu_ms_per_token": round(1e3 * statistics.median(steps_cpu), 2),
-            "load_avg_1min": round(os.getloadavg()[0], 2), **memory_mib()}
+            "load_avg_1min": round(os.getloadavg()[0], 2),
+            **{name: mem[k] / 2**20 for k, name in MEMORY_KEYS.items() if k in mem}}
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ For each config (``exact`` fp32 KV, the bundle's TurboQuant default, K3V3 …) a
 fills one cache with wikitext by chunked prefill up to each context length (512, 2K, 8K by
 default), measures greedy decode steps there (median over repeats), the share of a decode step
 spent in the cache (``prepare`` + ``attend`` + ``commit``: the op plus its Python glue), and its
-peak RSS (``psutil`` if installed, else ``resource``). The parent prints a table, writes
+peak RSS (:func:`tqedge.runtime.memory.peak_rss`). The parent prints a table, writes
 ``benchmarks/out/decode.json`` with speed ratios against ``exact`` and, if matplotlib imports,
 a PNG plot next to it.
 
@@ -33,22 +33,10 @@ CONFIGS = {"exact": "exact", "turboquant-default": None, "K3V3": "3,3"}
 PREFILL_CHUNK = 256
 
 
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process, MiB."""
-    try:
-        import psutil
-
-        mem = psutil.Process().memory_info()
-        return getattr(mem, "peak_wset", mem.rss) / 2**20
-    except ImportError:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def budget_for(manifest, kv_bits, tokens: int) -> int:
     """Smallest budget whose cache holds ``tokens`` tokens for this config."""
-    from tqedge.runtime.cache import ExactKVCache, build_codecs, parse_kv_bits
+    from tqedge.runtime.cache import ExactKVCache, build_codecs
+    from tqedge.runtime.kv_spec import parse_kv_bits
     from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
 
     a, kv = manifest.architecture, manifest.kv
@@ -96,6 +84,7 @@ def worker(bundle: str, name: str, contexts: list[int], repeats: int, steps: int
            model_fill: int, backend: str = "onnx") -> dict:
     """Measure one config; returns a JSON-able dict. Contexts beyond ``model_fill`` tokens are
     filled with the model up to ``model_fill`` and with random keys/values beyond."""
+    from tqedge.runtime.memory import peak_rss
     from tqedge.runtime.model import load
 
     model = load(bundle, verify="none", threads=threads, backend=backend)
@@ -139,7 +128,7 @@ def worker(bundle: str, name: str, contexts: list[int], repeats: int, steps: int
             "synthetic_fill": ctx > model_fill,
         }
         log.info("%s ctx=%d: decode %.1f ms/tok, cache share %.1f%%", name, ctx, ms, 100 * statistics.median(shares))
-    result["peak_rss_mib"] = peak_rss_mib()
+    result["peak_rss_mib"] = peak_rss() / 2**20
     return result
 
 

@@ -1,6 +1,6 @@
 """What the 262K-token embedding costs (Gemma 3 270M): bundles side by side, each measured in
-a fresh process — weights on disk, resident memory after load and after a short generation
-(peak RSS), prefill and decode speed (medians).
+a fresh process — weights on disk, resident memory after load, peak RSS (after a short
+generation), prefill and decode speed (medians).
 
     python benchmarks/gemma_embed.py --bundle fp16-gather=/tmp/g1.tqe --bundle int8-shared=/tmp/g2.tqe \
         --out benchmarks/out/gemma_embed.json
@@ -21,15 +21,14 @@ PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The 
 
 def worker(bundle: str, steps: int, repeats: int) -> dict:
     import numpy as np
-    import psutil
 
     import tqedge
+    from tqedge.runtime.memory import current_rss, peak_rss
 
-    proc = psutil.Process()
     t0 = time.perf_counter()
     model = tqedge.load(bundle, verify="none")
     load_s = time.perf_counter() - t0
-    rss_load = proc.memory_info().rss
+    rss_load = current_rss()
     ids = model.encode(PROMPT)
     prefill, decode = [], []
     for _ in range(repeats):
@@ -44,7 +43,7 @@ def worker(bundle: str, steps: int, repeats: int) -> dict:
         decode.append(steps / (time.perf_counter() - t))
     files = model.manifest.files
     return {"weights_bytes": sum(f.bytes for k, f in files.items() if k.endswith(".bin")),
-            "load_s": load_s, "rss_after_load": rss_load, "peak_rss": proc.memory_info().rss,
+            "load_s": load_s, "rss_after_load": rss_load, "peak_rss": peak_rss(),
             "prefill_tok_s": float(np.median(prefill)), "decode_tok_s": float(np.median(decode)),
             "prompt_tokens": len(ids), "decode_steps": steps, "repeats": repeats}
 

@@ -1,7 +1,8 @@
 """Peak RSS of ``tqedge generate`` against context, measured by the kernel for each child process.
 
 Each point is one ``tqedge generate BUNDLE --raw --json --threads 2 --max-tokens 8`` run on a
-prompt of N wikitext tokens, in its own process; the peak is ``wait4``'s ``ru_maxrss`` (the whole
+prompt of N wikitext tokens, in its own process; the peak is ``wait4``'s ``ru_maxrss``
+(:func:`tqedge.runtime.memory.wait_child`; the whole
 process: interpreter, libraries, onnxruntime, weights, KV cache, temporaries). ``--src`` runs the
 code of another checkout (e.g. ``git archive`` of the commit before a change) for a before/after
 pair in one run; every side at its defaults, nothing set in the environment.
@@ -44,6 +45,9 @@ def prompt_of(bundle: Path, n: int) -> str:
 
 def run_point(bundle: Path, src: Path, n: int, threads: int, extra: list[str]) -> dict:
     """One child ``tqedge generate`` on an n-token prompt; its stats and kernel-measured peak RSS."""
+    sys.path.insert(0, str(ROOT))
+    from tqedge.runtime.memory import wait_child
+
     cmd = [sys.executable, "-m", "tqedge.cli", "generate", str(bundle), "--raw", "--json", "--threads",
            str(threads), "--max-tokens", "8", *extra]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -54,11 +58,11 @@ def run_point(bundle: Path, src: Path, n: int, threads: int, extra: list[str]) -
     p.stdin.close()
     out = p.stdout.read()
     err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
+    status, peak, _ = wait_child(p.pid)
     if status != 0:
         return {"context": n, "error": err.strip().splitlines()[-1] if err.strip() else f"status {status}"}
     stats = json.loads(out)["stats"]
-    return {"context": n, "prompt_tokens": stats["prompt_tokens"], "peak_rss_mib": usage.ru_maxrss / 1024,
+    return {"context": n, "prompt_tokens": stats["prompt_tokens"], "peak_rss_mib": peak / 2**20,
             "prefill_tps": stats["prefill_tps"], "decode_tps": stats["decode_tps"],
             "kv_capacity_mib": stats["kv_capacity_bytes"] / 2**20, "wall_s": time.perf_counter() - t0}
 

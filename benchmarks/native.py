@@ -5,7 +5,8 @@ and Python-level calls per decode step.
 Speed and memory: for each context length, a child process per backend runs
 ``python -m tqedge.cli generate BUNDLE --raw -p <ctx tokens of WikiText> --max-tokens N --json
 --backend B --threads T`` (default environment, default compressed KV cache); its JSON stats give
-decode / prefill tok/s, ``os.wait4`` its peak RSS (ru_maxrss) and CPU seconds. Backends alternate
+decode / prefill tok/s, ``os.wait4`` its peak RSS (ru_maxrss) and CPU seconds
+(:func:`tqedge.runtime.memory.wait_child`). Backends alternate
 within each repeat; medians over repeats. The machine's load average is recorded before and
 after (on a shared machine wall-clock speeds move with it; CPU seconds much less).
 
@@ -50,26 +51,22 @@ def prompt_text(bundle: str, ctx: int) -> str:
     return tok.decode(ids)
 
 
-def _run_with_rusage(cmd, env):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
-    out = proc.stdout.read()
-    err = proc.stderr.read()
-    _, status, ru = os.wait4(proc.pid, 0)
-    return status, out, err, ru
-
-
 def generate_child(bundle: str, backend: str, prompt: str, max_tokens: int, threads: int) -> dict:
     """One ``tqedge generate --json`` child: speeds from its stats, peak RSS (MiB) and CPU seconds."""
     cmd = [sys.executable, "-m", "tqedge.cli", "generate", bundle, "--raw", "-p", prompt, "--max-tokens",
            str(max_tokens), "--json", "--backend", backend, "--threads", str(threads), "--verify", "none"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    status, out, err, ru = _run_with_rusage(cmd, env)
+    from tqedge.runtime.memory import wait_child
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    out, err = proc.stdout.read(), proc.stderr.read()
+    status, peak, cpu_s = wait_child(proc.pid)
     if status != 0:
         raise RuntimeError(f"{backend} generate failed: {err.decode()[-2000:]}")
     stats = json.loads(out.decode().strip().splitlines()[-1])["stats"]
     return {"decode_tps": stats["decode_tps"], "prefill_tps": stats["prefill_tps"],
             "prompt_tokens": stats["prompt_tokens"], "generation_tokens": stats["generation_tokens"],
-            "peak_rss_mib": ru.ru_maxrss / 1024, "cpu_s": ru.ru_utime + ru.ru_stime}
+            "peak_rss_mib": peak / 2**20, "cpu_s": cpu_s}
 
 
 def count_calls(bundle: str, backend: str, threads: int, steps: int = 8) -> dict:

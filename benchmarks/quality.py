@@ -65,8 +65,8 @@ TIERS = {
 
 def parse_name(name: str):
     """A KVConfig from a name like ``K4V3`` or ``K4V3+L2,5,9@K4V2+L0@K8V4`` (per-layer overrides,
-    the grammar of ``--kv-bits``: :func:`tqedge.runtime.cache.parse_kv_spec`), or None."""
-    from tqedge.runtime.cache import KV_SPEC, parse_kv_spec
+    the grammar of ``--kv-bits``: :func:`tqedge.runtime.kv_spec.parse_kv_spec`), or None."""
+    from tqedge.runtime.kv_spec import KV_SPEC, parse_kv_spec
     from tqedge.runtime.eval_ppl import KVConfig
 
     if KV_SPEC.fullmatch(name) is None:

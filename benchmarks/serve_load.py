@@ -28,7 +28,9 @@ over all streams. JSON to ``benchmarks/out/serve_batching.json`` and a PNG besid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -47,30 +49,35 @@ FIXED_OVERHEAD_MIB = 400  # interpreter + onnxruntime + tokenizer + server; meas
 
 
 def rss_mib(pid: int) -> dict:
-    """RSS of process ``pid`` (Linux /proc), MiB: total, anonymous, file-backed, peak."""
-    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, rest = line.partition(":")
-        if k in keys:
-            out[keys[k]] = round(int(rest.split()[0]) / 1024, 1)
-    return out
+    """RSS of process ``pid``, MiB: total, anonymous, file-backed, peak (:func:`tqedge.runtime.memory.rss_breakdown`)."""
+    from tqedge.runtime.memory import rss_breakdown
+
+    return {k: round(v / 2**20, 1) for k, v in rss_breakdown(pid).items()}
 
 
-def free_port() -> int:
+@contextlib.contextmanager
+def serving(a, bundle: str):
+    """``tqedge serve`` of ``bundle`` on a free loopback port, healthy: yields (process, base URL,
+    start-up seconds); stopped with SIGINT on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(a, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tqedge.cli", "serve", a.bundle, "--port", str(port), "--kv-budget", a.kv_budget,
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tqedge.cli", "serve", bundle, "--port", str(port), "--kv-budget", a.kv_budget,
            "--max-sessions", str(a.max_sessions), "--max-queue", str(a.max_queue)]
-    if a.threads:
-        cmd += ["--threads", str(a.threads)]
-    if a.kv_bits:
-        cmd += ["--kv-bits", a.kv_bits]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd += ["--threads", str(a.threads)] if a.threads else []
+    cmd += ["--kv-bits", a.kv_bits] if a.kv_bits else []
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, base, 300)
+        yield proc, base, time.perf_counter() - t
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def wait_healthy(proc, base: str, timeout: float) -> None:
@@ -106,23 +113,23 @@ class Load:
             return True
 
 
-def one_request(c, messages, max_tokens: int) -> dict:
-    """Stream one completion; returns timings, text and usage."""
+def stream_chat(c, messages, max_tokens: int, **sampling) -> dict:
+    """Stream one completion: the arrival time of every content chunk, text, finish reason, usage."""
     t0 = time.perf_counter()
-    ttft, text, use, finish = None, [], None, None
-    stream = c.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0.7,
-                                       seed=1, stream=True, stream_options={"include_usage": True})
+    times, text, use, finish = [], [], None, None
+    stream = c.chat.completions.create(model="default", messages=messages, max_tokens=max_tokens, stream=True,
+                                       stream_options={"include_usage": True}, **sampling)
     for ch in stream:
         if ch.choices:
-            piece = ch.choices[0].delta.content
-            if piece and ttft is None:
-                ttft = time.perf_counter() - t0
-            text.append(piece or "")
+            if piece := ch.choices[0].delta.content:
+                times.append(time.perf_counter())
+                text.append(piece)
             finish = ch.choices[0].finish_reason or finish
         if ch.usage:
             use = ch.usage
-    return {"ttft_s": ttft, "total_s": time.perf_counter() - t0, "text": "".join(text), "finish": finish,
-            "completion_tokens": use.completion_tokens if use else 0, "prompt_tokens": use.prompt_tokens if use else 0,
+    return {"t0": t0, "times": times, "total_s": time.perf_counter() - t0, "text": "".join(text), "finish": finish,
+            "completion_tokens": use.completion_tokens if use else len(times),
+            "prompt_tokens": use.prompt_tokens if use else 0,
             "cached_tokens": use.prompt_tokens_details.cached_tokens if use and use.prompt_tokens_details else 0}
 
 
@@ -138,8 +145,9 @@ def client_loop(idx: int, base: str, load: Load, a) -> None:
         messages.append({"role": "user", "content": QUESTIONS[(idx + conv + turn) % len(QUESTIONS)]})
         while True:
             try:
-                r = one_request(c, messages, a.max_tokens)
-                r["ok"] = True
+                r = stream_chat(c, messages, a.max_tokens, temperature=0.7, seed=1)
+                times, t0 = r.pop("times"), r.pop("t0")
+                r.update(ok=True, ttft_s=times[0] - t0 if times else None)
                 break
             except openai.RateLimitError as e:  # 429: wait as told, retry (not an error)
                 with load.lock:
@@ -179,29 +187,12 @@ LONG_QUESTIONS = ["Tell me a long story about a dragon who learns to cook.", "Ex
                   "Write a story about a cat who becomes a detective.", "Describe how the moon affects the tides."]
 
 
-def timed_stream(c, messages, max_tokens: int) -> dict:
-    """One greedy streaming request; the arrival time of every content chunk."""
-    t0 = time.perf_counter()
-    times, use = [], None
-    stream = c.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens, temperature=0,
-                                       stream=True, stream_options={"include_usage": True})
-    for ch in stream:
-        if ch.choices and ch.choices[0].delta.content:
-            times.append(time.perf_counter())
-        if ch.usage:
-            use = ch.usage
-    return {"t0": t0, "times": times, "completion_tokens": use.completion_tokens if use else len(times),
-            "prompt_tokens": use.prompt_tokens if use else 0}
-
-
 class CpuClock:
     """Samples a process's CPU seconds (user + system, all threads) every ``period`` s, so the
     CPU it spent in any wall-clock window can be read afterwards: on a shared machine, tokens
     per server CPU-second compare configurations whatever share of the cores the server got."""
 
     def __init__(self, pid: int, period: float = 0.05):
-        import os
-
         self.path, self.tick = Path(f"/proc/{pid}/stat"), os.sysconf("SC_CLK_TCK")
         self.samples: list[tuple[float, float]] = []
         self.stop = threading.Event()
@@ -233,7 +224,7 @@ def one_round(base: str, n: int, tag: str, max_tokens: int, clock: CpuClock | No
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=900)
         msgs = [{"role": "user", "content": f"[{tag}] {LONG_QUESTIONS[i % len(LONG_QUESTIONS)]}"}]
         try:
-            res[i] = timed_stream(c, msgs, max_tokens)
+            res[i] = stream_chat(c, msgs, max_tokens, temperature=0)
         except Exception as e:  # noqa: BLE001  (reported, not raised: one failed stream must not hide the rest)
             res[i] = {"error": f"{type(e).__name__}: {e}"[:300]}
         c.close()
@@ -265,20 +256,14 @@ def one_round(base: str, n: int, tag: str, max_tokens: int, clock: CpuClock | No
 
 def batching_curve(a) -> None:
     """The ``--streams`` mode (see the module docstring)."""
-    import os
-
     import httpx
 
     streams = [int(x) for x in a.streams.split(",")]
     report = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "uptime_before": os.getloadavg(),
               "bundles": {}}
     for bundle in a.bundle:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = start_server(argparse.Namespace(**{**vars(a), "bundle": bundle}), port)
         rows = []
-        try:
-            wait_healthy(proc, base, 300)
+        with serving(a, bundle) as (proc, base, _):
             clock = CpuClock(proc.pid)
             one_round(base, 1, "warm-up", 4)
             for n in streams:  # best of --repeats by decode tok/s: the run least disturbed by other load
@@ -293,12 +278,6 @@ def batching_curve(a) -> None:
                                   if k not in ("completion_tokens", "prompt_tokens")}}), flush=True)
             st = httpx.get(base + "/v1/stats", timeout=10).json()
             rss = rss_mib(proc.pid)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
         clock.stop.set()
         for key in ("decode_tok_s", "decode_tok_per_cpu_s"):
             one = next((r[key] for r in rows if r["streams"] == 1 and r[key]), None)
@@ -370,13 +349,7 @@ def main() -> None:
 
     from tqedge.units import parse_bytes
 
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    t_launch = time.perf_counter()
-    proc = start_server(a, port)
-    try:
-        wait_healthy(proc, base, 300)
-        startup_s = time.perf_counter() - t_launch
+    with serving(a, a.bundle) as (proc, base, startup_s):
         rss_start = rss_mib(proc.pid)
         load = Load(a.requests, time.monotonic() + a.deadline)
         threads = [threading.Thread(target=client_loop, args=(i, base, load, a)) for i in range(a.clients)]
@@ -388,12 +361,6 @@ def main() -> None:
         wall = time.perf_counter() - t0
         rss_end = rss_mib(proc.pid)
         stats = httpx.get(base + "/v1/stats", timeout=10).json()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
     ok = [r for r in load.results if r["ok"]]
     errors = [r["error"] for r in load.results if not r["ok"]]

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -46,7 +45,12 @@ DECODE_STEPS = 16
 
 
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak RSS of this worker (:func:`tqedge.runtime.memory.peak_rss`, pure Python: the llama.cpp
+    venv reads it from the source tree)."""
+    sys.path.insert(0, str(HERE.parent))
+    from tqedge.runtime.memory import peak_rss
+
+    return peak_rss() / 2**20
 
 
 def windows_of(ids: list[int], ctx: int, n: int) -> list[list[int]]:

@@ -115,6 +115,7 @@ def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> 
     sys.path.insert(0, str(HERE))
     from decode import synthetic_fill
 
+    from tqedge.runtime.memory import rss_breakdown
     from tqedge.runtime.model import load
 
     model = load(bundle, verify="none", threads=threads)
@@ -137,17 +138,10 @@ def speed_worker(bundle: str, ctx: int, steps: int, real: int, threads: int) -> 
         logits = model.forward([int(np.argmax(logits))], cache)
         times.append(time.perf_counter() - t)
     ms = statistics.median(times) * 1e3
+    # peak: VmHWM, not ru_maxrss: that keeps the parent's resident size from before fork/exec (here
+    # the benchmark holding the whole fp32 model)
     return {"ctx": ctx, "real_prefill": real, "prefill_tok_s": real / prefill, "decode_ms": ms, "decode_tok_s": 1e3 / ms,
-            "peak_rss_mib": _vm_hwm_mib()}
-
-
-def _vm_hwm_mib() -> float:
-    """Peak RSS of this process image (VmHWM). Not ru_maxrss: on Linux that keeps the parent's
-    resident size from before fork/exec (here the benchmark holding the whole fp32 model)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            "peak_rss_mib": rss_breakdown()["peak"] / 2**20}
 
 
 def op_bench(repeats: int = 300) -> dict:

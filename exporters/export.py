@@ -29,7 +29,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def _kv_bits(kv_bits) -> tuple[tuple[float, float], dict | None]:
-    from tqedge.runtime.cache import parse_kv_spec
+    from tqedge.runtime.kv_spec import parse_kv_spec
 
     bits, layer_bits = parse_kv_spec(kv_bits)
     if bits is None:
@@ -110,7 +110,7 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     spec = load_source(src)
     if progress:
         progress("read", 1, 1)
-    from tqedge.runtime.cache import check_layer_bits
+    from tqedge.runtime.kv_spec import check_layer_bits
 
     check_layer_bits(layer_bits, spec.arch.num_layers)
     if "tflite" in formats and spec.arch.name not in TFLITE_FAMILIES:

@@ -17,15 +17,20 @@ Keys arrive with RoPE applied at their absolute positions, so relative distances
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor
+from tqedge.runtime.kv_spec import check_layer_bits, parse_kv_spec
 from tqedge.units import format_bytes
 
 POLICIES = ("slide", "error")
+
+
+def check_policy(policy) -> None:
+    """Refuse an overflow policy other than :data:`POLICIES`."""
+    if policy not in POLICIES:
+        raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
 
 
 class SlotRing:
@@ -33,8 +38,7 @@ class SlotRing:
     of the current slots they may attend to."""
 
     def __init__(self, capacity: int, sinks: int, policy: str):
-        if policy not in POLICIES:
-            raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+        check_policy(policy)
         if capacity <= sinks:
             raise TqedgeError(f"cache capacity {capacity} tokens leaves no room beside {sinks} sink tokens")
         self.capacity, self.sinks, self.policy = capacity, sinks, policy
@@ -127,8 +131,9 @@ class ExactKVCache:
         return 2 * num_layers * num_kv_heads * head_dim * np.dtype(dtype).itemsize
 
     @classmethod
-    def from_budget(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                    sinks: int = 4, policy: str = "slide", dtype=np.float32) -> "ExactKVCache":
+    def capacity_for(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                     sinks: int = 4, dtype=np.float32) -> int:
+        """Token slots ``budget`` bytes hold; refuses a budget below ``sinks + 2`` tokens."""
         per = cls.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
         capacity = budget // per
         if capacity <= sinks + 1:
@@ -136,6 +141,12 @@ class ExactKVCache:
                 f"KV budget {format_bytes(budget)} holds only {capacity} tokens; "
                 f"the exact cache needs at least {format_bytes((sinks + 2) * per)}"
             )
+        return capacity
+
+    @classmethod
+    def from_budget(cls, budget: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                    sinks: int = 4, policy: str = "slide", dtype=np.float32) -> "ExactKVCache":
+        capacity = cls.capacity_for(budget, num_layers, num_kv_heads, head_dim, sinks, dtype)
         return cls(num_layers, num_kv_heads, head_dim, capacity, sinks, policy, dtype)
 
     # -- the interface ------------------------------------------------------------------
@@ -251,70 +262,6 @@ def exact_attention(qh, keys, values, old, kn, vn, scale: float) -> np.ndarray:
     return (out / denom).astype(np.float32, copy=False)
 
 
-# Named KV configurations, chosen from the quality study (docs/RESULTS.md, SmolLM2, ctx 1024):
-# ΔPPL wikitext / tinyshakespeare and KV bytes per token (fp16 = 23,040).
-KV_PRESETS = {
-    "quality": (4.0, 4.0),  # +0.21 % / +0.18 %, 6,120 B (3.8x smaller than fp16)
-    "balanced": (4.0, 3.0),  # +0.42 % / +0.31 %, 5,400 B (4.3x) — the shipped default
-    "tiny": (3.0, 2.0),  # ≈ +3 % / +1.4 % (one window), 3,960 B (5.8x)
-}
-
-
-def parse_kv_bits(kv_bits) -> tuple[float, float] | None:
-    """``"exact"`` (or None) → None; a preset name (``quality``, ``balanced``, ``tiny``) or
-    ``"4,3"`` / ``(4, 3)`` / ``4`` → (key_bits, value_bits)."""
-    if kv_bits is None or (isinstance(kv_bits, str) and kv_bits.strip().lower() in ("exact", "fp32", "none")):
-        return None
-    if isinstance(kv_bits, str) and kv_bits.strip().lower() in KV_PRESETS:
-        return KV_PRESETS[kv_bits.strip().lower()]
-    try:
-        if isinstance(kv_bits, str):
-            parts = [float(p) for p in kv_bits.split(",")]
-        elif isinstance(kv_bits, (int, float)):
-            parts = [float(kv_bits)]
-        else:
-            parts = [float(p) for p in kv_bits]
-    except (TypeError, ValueError):
-        raise TqedgeError(f"kv bits must look like 4,3, exact or a preset ({', '.join(KV_PRESETS)}), not {kv_bits!r}") from None
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(1 <= p <= 8 for p in parts):
-        raise TqedgeError(f"kv bits must be two numbers in 1..8 (keys,values) or exact, not {kv_bits!r}")
-    return parts[0], parts[1]
-
-
-KV_SPEC = re.compile(r"K([\d.]+)V([\d.]+)((?:\+L[\d,]+@K[\d.]+V[\d.]+)*)", re.IGNORECASE)
-LAYER_OVERRIDE = re.compile(r"\+L([\d,]+)@K([\d.]+)V([\d.]+)", re.IGNORECASE)
-
-
-def parse_kv_spec(kv_bits) -> tuple[tuple[float, float] | None, dict[str, list[float]] | None]:
-    """Like :func:`parse_kv_bits`, plus per-layer overrides written ``K4V3+L4,7,12@K4V2+L0@K8V4``
-    (keys 4 / values 3 bits, layers 4, 7 and 12 at K4V2, layer 0 at K8V4).
-
-    Returns:
-        ((key_bits, value_bits) or None for exact, {"layer": [key_bits, value_bits]} or None).
-    """
-    m = KV_SPEC.fullmatch(kv_bits.strip()) if isinstance(kv_bits, str) else None
-    if m is None:
-        return parse_kv_bits(kv_bits), None
-    base = parse_kv_bits(f"{m.group(1)},{m.group(2)}")
-    layers: dict[str, list[float]] = {}
-    for ls, k, v in LAYER_OVERRIDE.findall(m.group(3)):
-        kb, vb = parse_kv_bits(f"{k},{v}")
-        for layer in ls.split(","):
-            if layer == "" or str(int(layer)) in layers:
-                raise TqedgeError(f"kv bits {kv_bits!r}: empty or repeated layer {layer!r}")
-            layers[str(int(layer))] = [kb, vb]
-    return base, layers or None
-
-
-def check_layer_bits(layer_bits: dict | None, num_layers: int) -> None:
-    """Refuse per-layer overrides naming a layer the model does not have."""
-    bad = [k for k in (layer_bits or {}) if not (str(k).isdigit() and int(k) < num_layers)]
-    if bad:
-        raise TqedgeError(f"per-layer kv bits name layer {bad[0]}, the model has layers 0..{num_layers - 1}")
-
-
 def layer_seed(seed: int, layer: int, kind: str) -> int:
     """Deterministic codec seed of one layer's keys (``kind="k"``) or values (``"v"``)."""
     return int(np.random.SeedSequence([seed, layer, 0 if kind == "k" else 1]).generate_state(1)[0])
@@ -323,7 +270,18 @@ def layer_seed(seed: int, layer: int, kind: str) -> int:
 def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
                  rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
                  seed: int | None = None, layer_bits: dict | None = None) -> tuple[list, list]:
-    """One key and one value ``TurboQuant`` per layer.
+    """One key and one value ``TurboQuant`` per layer, built from :func:`codec_configs` (same arguments)."""
+    from tqedge.codec.quantizer import TurboQuant
+
+    keys, values = codec_configs(kv, num_layers, head_dim, bits, rotation, norm, qjl, seed, layer_bits)
+    return [TurboQuant(c) for c in keys], [TurboQuant(c) for c in values]
+
+
+def codec_configs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] | None = None,
+                  rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+                  seed: int | None = None, layer_bits: dict | None = None) -> tuple[list, list]:
+    """One key and one value :class:`~tqedge.codec.config.CodecConfig` per layer (validated;
+    their ``code_bytes`` / ``num_scales`` are the built codecs' own, nothing allocated).
 
     Args:
         kv: the bundle's :class:`~tqedge.bundle.KVSpec` (defaults and per-layer overrides).
@@ -335,9 +293,9 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
             (None = the KVSpec's when ``bits`` is None, else none).
 
     Returns:
-        (key_codecs, value_codecs), lists of length ``num_layers``.
+        (key_configs, value_configs), lists of length ``num_layers``.
     """
-    from tqedge.codec.quantizer import CodecConfig, TurboQuant
+    from tqedge.codec.config import CodecConfig
 
     rotation = rotation or kv.rotation
     norm = norm or kv.norm
@@ -349,9 +307,8 @@ def build_codecs(kv, num_layers: int, head_dim: int, bits: tuple[float, float] |
     for layer in range(num_layers):
         kb, vb = overrides.get(str(layer), bits or (kv.key_bits, kv.value_bits))
         for kind, b, out in (("k", kb, keys), ("v", vb, values)):
-            cfg = CodecConfig(dim=head_dim, bits=float(b), rotation=rotation, seed=layer_seed(seed, layer, kind),
-                              norm=norm, qjl=bool(qjl and kind == "k"), outlier_channels=None)
-            out.append(TurboQuant(cfg))
+            out.append(CodecConfig(dim=head_dim, bits=float(b), rotation=rotation, seed=layer_seed(seed, layer, kind),
+                                   norm=norm, qjl=bool(qjl and kind == "k"), outlier_channels=None))
     return keys, values
 
 
@@ -365,7 +322,7 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
         kv_budget: bytes or a size string ("32MiB"); all cache buffers fit in it.
         kv_bits: None = the bundle's TurboQuant default; "exact" = the fp32 cache;
             "4,3" / (4, 3) / 3.5 = TurboQuant with those key,value bits on every layer;
-            "K4V3+L4,7@K4V2" adds per-layer overrides (:func:`parse_kv_spec`).
+            "K4V3+L4,7@K4V2" adds per-layer overrides (:func:`~tqedge.runtime.kv_spec.parse_kv_spec`).
         window: recent tokens kept in fp16 (None = bundle default).
         sinks: first tokens kept in full precision (None = bundle default).
         policy: "slide" or "error" when the cache is full.
@@ -374,31 +331,67 @@ def make_cache(manifest, kv_budget, kv_bits=None, window=None, sinks=None, polic
 
     Returns:
         An :class:`ExactKVCache` or a :class:`~tqedge.runtime.compressed_cache.CompressedKVCache`.
+
+    Raises:
+        TqedgeError: bad options or too small a budget (:func:`check_cache_options` says the same
+            without allocating).
     """
+    return _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build=True)
+
+
+def check_cache_options(manifest, kv_budget, kv_bits=None, window=None, sinks=None, policy="slide", *,
+                        rotation: str | None = None, norm: str | None = None, qjl: bool | None = None,
+                        exact_prefill: bool = False) -> None:
+    """Refuse what :func:`make_cache` refuses, with the same one-line errors, allocating nothing
+    (no buffers, no codecs): ``tqedge.load`` checks its cache defaults with it before compiling.
+
+    Raises:
+        TqedgeError: bad options, or a budget that cannot hold the smallest cache.
+    """
+    _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build=False)
+
+
+def _whole(value, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TqedgeError(f"{name} must be a whole number of tokens, not {value!r}") from None
+
+
+def _cache(manifest, kv_budget, kv_bits, window, sinks, policy, rotation, norm, qjl, exact_prefill, build: bool):
+    """The one body of :func:`make_cache` and :func:`check_cache_options`: every check, and the
+    buffers only when ``build``."""
+    from tqedge.runtime.compressed_cache import CompressedKVCache
+    from tqedge.runtime.sliding_cache import LayeredKVCache
     from tqedge.units import parse_bytes
 
     a, kv = manifest.architecture, manifest.kv
+    h, d = a.num_kv_heads, a.head_dim
     budget = parse_bytes(kv_budget)
-    sinks = kv.sinks if sinks is None else int(sinks)
-    window = kv.window if window is None else int(window)
-    if policy not in POLICIES:
-        raise TqedgeError(f"unknown overflow policy {policy!r} (use slide or error)")
+    sinks = kv.sinks if sinks is None else _whole(sinks, "sinks")
+    window = kv.window if window is None else _whole(window, "window")
+    if sinks < 0 or window < 0:
+        raise TqedgeError(f"sinks and window must be ≥ 0, got {sinks} and {window}")
+    check_policy(policy)
     bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
     exact = kv_bits is not None and bits is None
+    if not exact:
+        key_cfgs, value_cfgs = codec_configs(kv, a.num_layers, d, bits, rotation, norm, qjl, layer_bits=layer_bits)
 
-    def uniform(budget: int, layers: list[int]):  # one ring size for ``layers``
+    def uniform(budget: int, layers: list[int]):  # one ring size for ``layers`` (None unless build)
         if exact:
-            return ExactKVCache.from_budget(budget, len(layers), a.num_kv_heads, a.head_dim, sinks, policy)
-        from tqedge.runtime.compressed_cache import CompressedKVCache
+            capacity = ExactKVCache.capacity_for(budget, len(layers), h, d, sinks)
+            return ExactKVCache(len(layers), h, d, capacity, sinks, policy) if build else None
+        keys, values = [key_cfgs[i] for i in layers], [value_cfgs[i] for i in layers]
+        ring = CompressedKVCache.ring_for(budget, keys, values, h, d, sinks, window)
+        if not build:
+            return None
+        from tqedge.codec.quantizer import TurboQuant
 
-        keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, rotation, norm, qjl, layer_bits=layer_bits)
-        return CompressedKVCache.from_budget(budget, [keys[i] for i in layers], [values[i] for i in layers],
-                                             a.num_kv_heads, a.head_dim, sinks, window, policy, exact_prefill)
+        return CompressedKVCache([TurboQuant(c) for c in keys], [TurboQuant(c) for c in values], h, d, ring,
+                                 sinks, window, policy, exact_prefill, budget)
 
     windows = [a.layer_window(i) for i in range(a.num_layers)]
     if any(w is not None for w in windows):  # sliding layers: fixed window rings (runtime/sliding_cache.py)
-        from tqedge.runtime.sliding_cache import LayeredKVCache
-
-        return LayeredKVCache.from_budget(budget, windows, a.num_kv_heads, a.head_dim, uniform,
-                                          np.float32 if exact else np.float16)
+        return LayeredKVCache.from_budget(budget, windows, h, d, uniform, np.float32 if exact else np.float16)
     return uniform(budget, list(range(a.num_layers)))

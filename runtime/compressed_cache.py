@@ -99,6 +99,15 @@ class CompressedKVCache:
         Raises:
             TqedgeError: the budget is too small (the message names the minimum).
         """
+        ring = cls.ring_for(budget, key_codecs, value_codecs, num_kv_heads, head_dim, sinks, window)
+        return cls(key_codecs, value_codecs, num_kv_heads, head_dim, ring, sinks, window, policy,
+                   exact_prefill, budget)
+
+    @classmethod
+    def ring_for(cls, budget: int, key_codecs: list, value_codecs: list, num_kv_heads: int, head_dim: int,
+                 sinks: int, window: int) -> int:
+        """Compressed slots ``budget`` bytes hold beside the fp16 sinks + window (codecs or their
+        configs); refuses a budget below ``window + MIN_COMPRESSED`` slots, naming the minimum."""
         fixed, per = cls.layout_bytes(key_codecs, value_codecs, num_kv_heads, head_dim, sinks, window)
         ring = max(0, budget - fixed) // per
         need = window + MIN_COMPRESSED
@@ -107,8 +116,7 @@ class CompressedKVCache:
             raise TqedgeError(
                 f"KV budget {format_bytes(budget)} is too small for {sinks} sink + {window} window fp16 "
                 f"tokens and {need} compressed slots; the minimum is {format_bytes(minimum)} ({minimum} bytes)")
-        return cls(key_codecs, value_codecs, num_kv_heads, head_dim, int(ring), sinks, window, policy,
-                   exact_prefill, budget)
+        return int(ring)
 
     # -- the interface ----------------------------------------------------------------------
     offset = property(lambda self: self.slots.offset)

@@ -220,7 +220,7 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
     """Recommend a weight format and a ``--kv-budget`` for this device.
 
     The rule: usable memory = *available* memory − headroom for the Python process and the OS
-    (``plan.RUNTIME_OVERHEAD``, measured, + ``plan.MARGIN`` ≈ 550 MiB). Without a bundle the
+    (``footprint.RUNTIME_OVERHEAD``, measured, + ``footprint.MARGIN`` ≈ 550 MiB). Without a bundle the
     format comes from total memory (:data:`FORMAT_BY_TOTAL`) and the KV budget is a quarter of
     the usable memory (at most 1 GiB), rounded down to a power of two (16 MiB minimum). With ``bundle``,
     :func:`tqedge.runtime.plan.recommend` subtracts the bundle's weights and sizes the budget
@@ -233,7 +233,7 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
     Returns:
         ``{"weights", "kv_budget" (bytes), "kv_budget_arg" ("256MiB"), "why", ...}``.
     """
-    from tqedge.runtime import plan
+    from tqedge.runtime import footprint, plan
 
     avail = mem.get("available") or mem.get("total")
     if not avail:
@@ -248,7 +248,7 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
                        f"(best format for this device: {best or 'none fits'})")
         return rec
     weights = next(fmt for limit, fmt in FORMAT_BY_TOTAL if (mem.get("total") or avail) < limit)
-    headroom = plan.RUNTIME_OVERHEAD[weights] + plan.MARGIN
+    headroom = footprint.RUNTIME_OVERHEAD[weights] + footprint.MARGIN
     usable = avail - headroom
     budget = plan.round_budget(min(usable // 4, NO_MODEL_MAX_BUDGET))
     return {"weights": weights, "kv_budget": budget, "kv_budget_arg": plan.budget_arg(budget),

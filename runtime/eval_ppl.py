@@ -120,7 +120,7 @@ def _budget(given, default: int) -> int:
 
 
 def _parse_bits(kv_bits) -> tuple[float, float]:
-    from tqedge.runtime.cache import parse_kv_bits
+    from tqedge.runtime.kv_spec import parse_kv_bits
 
     bits = parse_kv_bits(kv_bits)
     if bits is None:

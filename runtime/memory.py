@@ -39,6 +39,9 @@ WARMUP_TOKENS = 16  # prompt tokens of the warm-up forward that precedes the fix
 WARMUP_WINDOW = 4  # its fp16 window: small, so the warm-up reads compressed keys too
 
 
+_STATUS_KEYS = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "VmHWM": "peak"}
+
+
 def current_rss() -> int | None:
     """Resident set of this process now, in bytes (None where the OS does not say cheaply)."""
     try:
@@ -53,14 +56,44 @@ def current_rss() -> int | None:
     return int(psutil.Process().memory_info().rss)
 
 
+def rss_breakdown(pid: int | str = "self") -> dict[str, int]:
+    """Resident set of process ``pid`` from ``/proc/<pid>/status``, in bytes: ``rss`` (VmRSS),
+    ``anon`` (RssAnon), ``file`` (RssFile) and ``peak`` (VmHWM: the peak of this process image
+    only, unlike :func:`peak_rss`); {} where there is no /proc."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in _STATUS_KEYS:
+                    out[_STATUS_KEYS[key]] = int(rest.split()[0]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def _maxrss_bytes(maxrss: int) -> int:
+    return int(maxrss if sys.platform == "darwin" else maxrss * 1024)  # Linux: KiB, macOS: bytes
+
+
 def peak_rss() -> int | None:
-    """Peak resident set of this process so far, in bytes (None on Windows)."""
+    """Peak resident set of this process so far, in bytes (None on Windows): the kernel's
+    ``ru_maxrss``, the figure a parent's ``wait4`` gets and ``--memory`` bounds. On Linux it
+    includes what the parent held when it forked this process; ``rss_breakdown()["peak"]``
+    (VmHWM) is this image's own peak."""
     try:
         import resource
     except ImportError:  # Windows
         return None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    return _maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def wait_child(pid: int) -> tuple[int, int, float]:
+    """Reap child ``pid`` (``os.wait4``; Unix): its exit code, the kernel's peak resident set of
+    it in bytes (``ru_maxrss``, which on Linux includes what this process held when it forked the
+    child) and its CPU seconds (user + system). Read its pipes first."""
+    _, status, ru = os.wait4(pid, 0)
+    return os.waitstatus_to_exitcode(status), _maxrss_bytes(ru.ru_maxrss), ru.ru_utime + ru.ru_stime
 
 
 def activation_bytes(a, chunk: int) -> int:
@@ -96,7 +129,8 @@ def measure_fixed(model) -> int:
 
 def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) -> int:
     """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum)."""
-    from tqedge.runtime.cache import ExactKVCache, build_codecs, parse_kv_spec
+    from tqedge.runtime.cache import ExactKVCache, build_codecs
+    from tqedge.runtime.kv_spec import parse_kv_spec
     from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
 
     a, kv = manifest.architecture, manifest.kv

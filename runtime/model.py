@@ -223,13 +223,14 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     Returns:
         A :class:`Model`.
     """
+    from tqedge.runtime.cache import check_cache_options
     from tqedge.runtime.warmup import ensure_warm
 
     t0 = time.perf_counter()
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
     model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, **cache_defaults)
-    model.new_cache()  # bad cache options (bits, budget) are refused before any compiling
+    check_cache_options(manifest, **model.cache_defaults)  # bad options refused before compiling, nothing allocated
     ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

@@ -127,7 +127,8 @@ class LayeredKVCache:
     @classmethod
     def from_budget(cls, budget: int, windows: list[int | None], num_kv_heads: int, head_dim: int,
                     make_full, dtype=np.float32) -> "LayeredKVCache":
-        """Pay the sliding rings first, then ``make_full(rest_bytes, full_layer_indices)``.
+        """Pay the sliding rings first, then ``make_full(rest_bytes, full_layer_indices)``; None
+        when ``make_full`` returns None (a check that allocates nothing: cache.check_cache_options).
 
         Raises:
             TqedgeError: the budget does not cover the rings (the message names the minimum).
@@ -146,6 +147,8 @@ class LayeredKVCache:
             full = make_full(budget - fixed, full_layers)
         except TqedgeError as e:
             raise TqedgeError(f"{e} (after the sliding layers' fixed rings of {format_bytes(fixed)})") from None
+        if full is None:
+            return None
         cache = cls(windows, full, WindowKVCache(len(sliding), num_kv_heads, head_dim, sliding[0], dtype))
         cache.budget = budget
         return cache

@@ -4,12 +4,15 @@ recent window in fp16, older tokens compressed, tokens beyond the ring gone)."""
 
 from __future__ import annotations
 
+import dataclasses
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from tqedge.bundle import KVSpec
 from tqedge.errors import TqedgeError
-from tqedge.runtime.cache import ExactKVCache, build_codecs, layer_seed, make_cache
+from tqedge.runtime.cache import ExactKVCache, build_codecs, check_cache_options, layer_seed, make_cache
 from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
 
 L, HKV, HQ, D = 2, 2, 6, 64
@@ -215,6 +218,76 @@ def test_make_cache_dispatch_and_per_layer_bits():
         make_cache(m, "100KiB")
 
 
+def _sliding_manifest():
+    """Gemma-3-like: layers 0 and 2 slide over 8 tokens, layer 1 is full (runtime/sliding_cache.py)."""
+    m = _manifest()
+    types = ["sliding_attention", "full_attention", "sliding_attention"]
+    arch = dataclasses.replace(m.architecture, name="gemma3", num_layers=3, layer_types=types, sliding_window=8,
+                               rope_local_theta=1e4)
+    return dataclasses.replace(m, architecture=arch)
+
+
+BAD_CACHE_OPTIONS = [
+    dict(kv_budget="abc"), dict(kv_budget="-1MiB"), dict(kv_budget="0"), dict(kv_budget="40KiB"),
+    dict(kv_budget="8KiB", kv_bits="exact"), dict(kv_budget="4MiB", kv_bits="fast"),
+    dict(kv_budget="4MiB", kv_bits="9,9"), dict(kv_budget="4MiB", kv_bits="K4V3+L7@K2V2"),
+    dict(kv_budget="4MiB", kv_bits="3.01"), dict(kv_budget="4MiB", window=-1), dict(kv_budget="4MiB", sinks=-1),
+    dict(kv_budget="4MiB", sinks="x"), dict(kv_budget="4MiB", policy="drop"),
+    dict(kv_budget="4MiB", rotation="spiral"), dict(kv_budget="4MiB", kv_bits="exact", sinks=-3),
+]
+GOOD_CACHE_OPTIONS = [
+    dict(kv_budget="4MiB"), dict(kv_budget="4MiB", kv_bits="exact", policy="error"),
+    dict(kv_budget="4MiB", kv_bits="K4V3+L1@K2V2", window=0, sinks=0), dict(kv_budget=2**20, kv_bits="3.5"),
+]
+
+
+@pytest.mark.parametrize("sliding", [False, True], ids=["uniform", "sliding"])
+def test_check_cache_options_refuses_what_make_cache_refuses(sliding):
+    m = _sliding_manifest() if sliding else _manifest()
+    for opts in BAD_CACHE_OPTIONS:
+        with pytest.raises(TqedgeError) as built:
+            make_cache(m, **opts)
+        with pytest.raises(TqedgeError) as checked:
+            check_cache_options(m, **opts)
+        assert str(checked.value) == str(built.value), opts
+    for opts in GOOD_CACHE_OPTIONS:
+        make_cache(m, **opts)
+        check_cache_options(m, **opts)
+    # the budget boundary is the same: the smallest cache fits, one byte less does not
+    kv, (n_sliding, n_full) = KVSpec(), ((2, 1) if sliding else (0, L))
+    for bits in ("exact", None):
+        rings = 2 * n_sliding * HKV * 8 * D * (4 if bits == "exact" else 2)  # fp32 / fp16 rings of 8 tokens
+        if bits == "exact":  # sinks + 2 fp32 tokens of the full layers' keys and values
+            full = (kv.sinks + 2) * 2 * n_full * HKV * D * 4
+        else:  # fp16 sinks + window, and window + MIN_COMPRESSED compressed slots
+            fixed, per = CompressedKVCache.layout_bytes(*build_codecs(kv, n_full, D), HKV, D, kv.sinks, kv.window)
+            full = fixed + (kv.window + MIN_COMPRESSED) * per
+        make_cache(m, rings + full, kv_bits=bits)
+        check_cache_options(m, rings + full, kv_bits=bits)
+        with pytest.raises(TqedgeError):
+            make_cache(m, rings + full - 1, kv_bits=bits)
+        with pytest.raises(TqedgeError):
+            check_cache_options(m, rings + full - 1, kv_bits=bits)
+
+
+@pytest.mark.parametrize("sliding", [False, True], ids=["uniform", "sliding"])
+def test_check_cache_options_allocates_nothing(sliding):
+    """200 GiB of cache options are checked instantly: nothing allocated (tracemalloc sees numpy's
+    buffers, as the 16 MiB cache built below shows)."""
+    m = _sliding_manifest() if sliding else _manifest()
+    for bits in (None, "exact", "K4V3+L1@K2V2"):
+        tracemalloc.start()
+        check_cache_options(m, "200GiB", kv_bits=bits)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 2**20, (bits, peak)
+    tracemalloc.start()
+    cache = make_cache(m, "16MiB", kv_bits="exact")
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak >= cache.nbytes > 12 * 2**20
+
+
 def test_layer_seeds_differ_and_are_stable():
     seeds = {layer_seed(0, layer, kind) for layer in range(4) for kind in "kv"}
     assert len(seeds) == 8 and layer_seed(0, 2, "k") == layer_seed(0, 2, "k") != layer_seed(1, 2, "k")
@@ -267,7 +340,7 @@ def test_real_model_compressed_predictions_track_exact(smol_model, wikitext):
 
 
 def test_kv_presets_are_named_bit_pairs():
-    from tqedge.runtime.cache import KV_PRESETS, parse_kv_bits
+    from tqedge.runtime.kv_spec import KV_PRESETS, parse_kv_bits
 
     assert parse_kv_bits("balanced") == (4.0, 3.0)
     assert parse_kv_bits(" Quality ") == (4.0, 4.0)
@@ -281,7 +354,7 @@ def test_kv_presets_are_named_bit_pairs():
 
 
 def test_kv_spec_with_per_layer_overrides():
-    from tqedge.runtime.cache import parse_kv_spec
+    from tqedge.runtime.kv_spec import parse_kv_spec
 
     assert parse_kv_spec("4,3") == ((4.0, 3.0), None)
     assert parse_kv_spec("exact") == (None, None)

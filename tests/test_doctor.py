@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tqedge.runtime import doctor, plan
+from tqedge.runtime import doctor, footprint, plan
 
 GiB, MiB = 1024**3, 1024**2
 
@@ -83,7 +83,7 @@ def test_doctor_json_values_match_independent_sources():
         assert r["packages"][module] == importlib.metadata.version(module)
     assert "CPUExecutionProvider" in r["onnxruntime_providers"]
     rec = r["recommendation"]
-    assert rec["weights"] in plan.WEIGHT_FORMATS
+    assert rec["weights"] in footprint.WEIGHT_FORMATS
     assert 16 * MiB <= rec["kv_budget"] <= r["memory"]["available"]
 
 
@@ -125,7 +125,7 @@ def test_recommend_without_model_follows_the_documented_rule(total, fmt):
     avail = int(total * 0.8)
     rec = doctor.recommend({"total": total, "available": avail})
     assert rec["weights"] == fmt
-    usable = avail - plan.RUNTIME_OVERHEAD[fmt] - plan.MARGIN
+    usable = avail - footprint.RUNTIME_OVERHEAD[fmt] - footprint.MARGIN
     assert 16 * MiB <= rec["kv_budget"] <= max(usable // 4, 16 * MiB)
     assert rec["kv_budget"] > usable // 8 or rec["kv_budget"] == doctor.NO_MODEL_MAX_BUDGET
     assert plan.budget_arg(rec["kv_budget"]) == rec["kv_budget_arg"]

@@ -65,3 +65,32 @@ def test_kv_budget_for_gives_the_rest_or_names_the_minimum():
 def test_rss_readings_are_plausible():
     now, peak = memory.current_rss(), memory.peak_rss()
     assert 10 * MiB < now <= peak < 64 * 1024 * MiB
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/status is Linux's")
+def test_rss_breakdown_agrees_with_psutil():
+    psutil = pytest.importorskip("psutil")
+    mem, ps = memory.rss_breakdown(os.getpid()), psutil.Process().memory_info().rss
+    assert set(mem) == {"rss", "anon", "file", "peak"}
+    assert abs(mem["rss"] - ps) < 8 * MiB, (mem, ps)
+    assert mem["anon"] + mem["file"] <= mem["rss"] <= mem["peak"]
+    assert memory.rss_breakdown(2**31 - 1) == {}  # no such process
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and wait4 as on Linux")
+def test_the_two_peaks_and_wait_child():
+    """A child forked from a process holding 160 MiB: its own image's peak (VmHWM) is the
+    interpreter + 64 MiB it allocated and freed; ``ru_maxrss`` (``peak_rss``, and ``wait_child``'s
+    figure, what ``--memory`` is checked against above) also holds what the parent had at fork."""
+    held = bytes(1) * (160 * MiB)
+    code = ("import sys; from tqedge.runtime import memory; b = b'x' * (64 << 20); del b; "
+            "print(memory.rss_breakdown()['peak'], memory.current_rss(), memory.peak_rss()); sys.exit(3)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    out = p.stdout.read()
+    status, kernel_peak, cpu_s = memory.wait_child(p.pid)
+    own, now, ru_peak = map(int, out.split())
+    assert status == 3 and cpu_s > 0
+    assert own - now >= 60 * MiB  # the freed 64 MiB string is in the peak, not in the current RSS
+    assert own < 150 * MiB < memory.current_rss(), (own / MiB, memory.current_rss() / MiB)
+    assert kernel_peak >= ru_peak >= 160 * MiB  # the parent's resident set at fork
+    del held

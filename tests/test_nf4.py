@@ -195,7 +195,7 @@ def test_plan_sizes_nf4_formats():
     """tqedge plan: NF4 = 4 bits + an fp32 absmax per 64 weights (nf4-dq on disk: an 8-bit code
     + 8 B per 256 absmax), an int8 LM head, and resident the fp32 workspace of the largest weight."""
     from tqedge.bundle import ArchSpec
-    from tqedge.runtime import plan
+    from tqedge.runtime import footprint
 
     a = ArchSpec(name="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
                  num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=1e5,
@@ -203,10 +203,10 @@ def test_plan_sizes_nf4_formats():
     per_layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     n_weights = 30 * sum(n * k for n, k in per_layer)
     blocks = 30 * sum(n * k // 64 for n, k in per_layer)
-    rest = plan.weight_bytes(a, "int8", resident=False) - 30 * sum(plan.WEIGHT_FORMATS["int8"]["disk"](n, k) for n, k in per_layer)
-    assert plan.weight_bytes(a, "nf4", resident=False) == n_weights // 2 + 4 * blocks + rest
+    rest = footprint.weight_bytes(a, "int8", resident=False) - 30 * sum(footprint.WEIGHT_FORMATS["int8"]["disk"](n, k) for n, k in per_layer)
+    assert footprint.weight_bytes(a, "nf4", resident=False) == n_weights // 2 + 4 * blocks + rest
     dq = 30 * sum(n * k // 64 + 8 * -(-(n * k // 64) // 256) for n, k in per_layer)
-    assert plan.weight_bytes(a, "nf4-dq", resident=False) == n_weights // 2 + dq + rest
-    assert plan.weight_bytes(a, "nf4") == plan.weight_bytes(a, "nf4-dq") == n_weights // 2 + 4 * blocks + rest + 4 * 1536 * 576
-    saved = plan.weight_bytes(a, "nf4", resident=False) - plan.weight_bytes(a, "nf4-dq", resident=False)
+    assert footprint.weight_bytes(a, "nf4-dq", resident=False) == n_weights // 2 + dq + rest
+    assert footprint.weight_bytes(a, "nf4") == footprint.weight_bytes(a, "nf4-dq") == n_weights // 2 + 4 * blocks + rest + 4 * 1536 * 576
+    saved = footprint.weight_bytes(a, "nf4", resident=False) - footprint.weight_bytes(a, "nf4-dq", resident=False)
     assert 4.5e6 < saved < 5.5e6  # ~5 MB of absmax saved on disk for SmolLM2

@@ -15,7 +15,7 @@ from _bundles import smollm2_bundle  # noqa: F401  (fixture)
 
 from tqedge.bundle import ArchSpec, KVSpec, Manifest, TokenizerSpec, WeightSpec
 from tqedge.errors import TqedgeError
-from tqedge.runtime import memory, plan
+from tqedge.runtime import footprint, memory, plan
 from tqedge.runtime.cache import make_cache
 
 GiB, MiB = 1024**3, 1024**2
@@ -35,8 +35,8 @@ def test_parameter_count_matches_the_exporters_shape_table():
     # exporters/spec.py lists every tensor the exporter requires (checked there against the GGUF)
     from tqedge.exporters import spec
     ms = spec.ModelSpec(arch=SMOL, weights={}, tokenizer_json="", tokenizer=TokenizerSpec())
-    assert plan.parameter_count(SMOL) == sum(math.prod(s) for s in ms.expected_shapes().values())
-    assert plan.parameter_count(SMOL) == 134_515_008  # SmolLM2-135M's published parameter count
+    assert footprint.parameter_count(SMOL) == sum(math.prod(s) for s in ms.expected_shapes().values())
+    assert footprint.parameter_count(SMOL) == 134_515_008  # SmolLM2-135M's published parameter count
 
 
 def test_parameter_count_untied_with_bias_by_hand():
@@ -44,7 +44,7 @@ def test_parameter_count_untied_with_bias_by_hand():
                  num_heads=4, num_kv_heads=2, head_dim=4, rms_norm_eps=1e-6, rope_theta=1e4,
                  max_position_embeddings=64, tie_word_embeddings=False, attention_bias=True)
     per_layer = 16 * 16 + 2 * (8 * 16) + 16 * 16 + 3 * 40 * 16 + 2 * 16 + (16 + 8 + 8)
-    assert plan.parameter_count(a) == 2 * per_layer + 2 * 100 * 16 + 16
+    assert footprint.parameter_count(a) == 2 * per_layer + 2 * 100 * 16 + 16
 
 
 def test_weight_bytes_by_hand_for_one_format():
@@ -58,27 +58,27 @@ def test_weight_bytes_by_hand_for_one_format():
     head = int4(49152, 576)
     norms_fp32 = 4 * (61 * 576)
     # tied: on disk the embedding gathers the head's own int8 rows; resident, the gather's copy counts
-    assert plan.weight_bytes(SMOL, "int4", resident=False) == linears + head + norms_fp32
-    assert plan.weight_bytes(SMOL, "int4") == linears + head + norms_fp32 + 49152 * 576 * 21 // 16
+    assert footprint.weight_bytes(SMOL, "int4", resident=False) == linears + head + norms_fp32
+    assert footprint.weight_bytes(SMOL, "int4") == linears + head + norms_fp32 + 49152 * 576 * 21 // 16
 
 
 def test_weight_bytes_untied_counts_the_head_once_per_copy():
     untied = dataclasses.replace(SMOL, tie_word_embeddings=False)
     head_fp32 = 4 * 49152 * 576
     # fp32: tied shares the table with the head; untied stores the head as its own matrix
-    assert plan.weight_bytes(untied, "fp32") - plan.weight_bytes(SMOL, "fp32") == head_fp32
+    assert footprint.weight_bytes(untied, "fp32") - footprint.weight_bytes(SMOL, "fp32") == head_fp32
     # int4 stores the head as int8 blocks and gathers the tied embedding from them; untied adds the
     # embedding's own int8 rows (16 codes + a 4-byte scale + a zero point per block of 16)
-    assert plan.weight_bytes(untied, "int4", resident=False) - plan.weight_bytes(SMOL, "int4", resident=False) == 49152 * 576 * 21 // 16
-    assert plan.weight_bytes(untied, "int4") == plan.weight_bytes(SMOL, "int4")
+    assert footprint.weight_bytes(untied, "int4", resident=False) - footprint.weight_bytes(SMOL, "int4", resident=False) == 49152 * 576 * 21 // 16
+    assert footprint.weight_bytes(untied, "int4") == footprint.weight_bytes(SMOL, "int4")
     # int8 keeps a float16 gather table beside its int8 head, tied or not
-    assert plan.weight_bytes(untied, "int8", resident=False) == plan.weight_bytes(SMOL, "int8", resident=False)
-    assert plan.parameter_count(untied) - plan.parameter_count(SMOL) == 49152 * 576
+    assert footprint.weight_bytes(untied, "int8", resident=False) == footprint.weight_bytes(SMOL, "int8", resident=False)
+    assert footprint.parameter_count(untied) - footprint.parameter_count(SMOL) == 49152 * 576
 
 
 def test_weight_formats_are_ordered():
-    w = {f: plan.weight_bytes(SMOL, f) for f in plan.WEIGHT_FORMATS}
-    d = {f: plan.weight_bytes(SMOL, f, resident=False) for f in plan.WEIGHT_FORMATS}
+    w = {f: footprint.weight_bytes(SMOL, f) for f in footprint.WEIGHT_FORMATS}
+    d = {f: footprint.weight_bytes(SMOL, f, resident=False) for f in footprint.WEIGHT_FORMATS}
     assert w["int4"] < w["int8"] < w["fp32"]
     assert d["int4"] < d["int8"] < d["fp16"] < d["fp32"]
     assert w["fp16"] > d["fp16"]  # cast to fp32 at load: resident more than on disk
@@ -89,20 +89,20 @@ def test_kv_bytes_by_hand(kb, vb):
     m = manifest()
     # one vector: d*b/8 bytes of codes + one fp16 scale; per token: layers * kv_heads * (K + V)
     per = 30 * 3 * ((64 * kb // 8 + 2) + (64 * vb // 8 + 2))
-    got = plan.kv_bytes(SMOL, m.kv, f"K{kb}V{vb}")
+    got = footprint.kv_bytes(SMOL, m.kv, f"K{kb}V{vb}")
     assert got["per_token"] == per
     assert got["sinks"] == m.kv.sinks
     assert got["fixed"] == (m.kv.sinks + m.kv.window) * 2 * 30 * 3 * 64 * 2  # fp16 K and V
-    assert plan.kv_bytes(SMOL, m.kv, "exact fp32")["per_token"] == 2 * 30 * 3 * 64 * 4
+    assert footprint.kv_bytes(SMOL, m.kv, "exact fp32")["per_token"] == 2 * 30 * 3 * 64 * 4
 
 
 def test_kv_tokens_inverse_of_budget_for():
     kv = manifest().kv
-    for config in plan.KV_CONFIGS:
+    for config in footprint.KV_CONFIGS:
         for n in (200, 1000, 12345):
-            need = plan.kv_budget_for(n, SMOL, kv, config)
-            assert plan.kv_tokens(need, SMOL, kv, config) == n
-            assert plan.kv_tokens(need - 1, SMOL, kv, config) == n - 1
+            need = footprint.kv_budget_for(n, SMOL, kv, config)
+            assert footprint.kv_tokens(need, SMOL, kv, config) == n
+            assert footprint.kv_tokens(need - 1, SMOL, kv, config) == n - 1
 
 
 @pytest.mark.parametrize("config, bits", [("exact fp32", "exact"), ("K4V3", "4,3"), ("K2V2", "2,2")])
@@ -110,7 +110,7 @@ def test_kv_tokens_match_the_cache_the_runtime_builds(config, bits):
     m = manifest()
     budget = 8 * MiB
     cache = make_cache(m, budget, kv_bits=bits)
-    assert cache.capacity == plan.kv_tokens(budget, SMOL, m.kv, config)
+    assert cache.capacity == footprint.kv_tokens(budget, SMOL, m.kv, config)
     assert cache.nbytes <= budget
 
 
@@ -142,11 +142,11 @@ def test_memory_budget_adds_up():
     d = plan.plan(m, mem, os_reserve=0)["devices"][0]
     # measured figures: the runtime's working set of a 512-token chunk, a margin, and per format
     # the resident weights plus the overhead measured beyond them
-    room = mem - memory.working_set_bytes(SMOL, 512) - plan.MARGIN
+    room = mem - memory.working_set_bytes(SMOL, 512) - footprint.MARGIN
     assert d["room"] == room
     row = d["formats"]["int8"]
-    assert row["kv_room"] == room - plan.weight_bytes(SMOL, "int8") - plan.RUNTIME_OVERHEAD["int8"]
-    t = plan.kv_tokens(row["kv_room"], SMOL, m.kv, "K4V3")
+    assert row["kv_room"] == room - footprint.weight_bytes(SMOL, "int8") - footprint.RUNTIME_OVERHEAD["int8"]
+    t = footprint.kv_tokens(row["kv_room"], SMOL, m.kv, "K4V3")
     assert row["configs"]["K4V3"]["tokens"] == min(t, 8192)
 
 
@@ -154,14 +154,14 @@ def test_recommendation_fits_and_says_when_capped():
     m = manifest()
     for mem in plan.DEVICES:
         rec = plan.recommend(m, mem)
-        room = mem - plan.OS_RESERVE - memory.working_set_bytes(SMOL, 512) - plan.MARGIN
-        assert plan.fixed_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
-        assert rec["tokens"] == min(plan.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
+        room = mem - plan.OS_RESERVE - memory.working_set_bytes(SMOL, 512) - footprint.MARGIN
+        assert footprint.fixed_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
+        assert rec["tokens"] == min(footprint.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
         assert ("model's max" in rec["line"]) == rec["capped"]
         assert rec["kv_budget_arg"] in rec["line"]
         # the first recommended format that leaves room for the whole (8192-token) context
-        need = plan.kv_budget_for(8192, SMOL, m.kv, "K4V3")
-        fits = [f for f in plan.FORMAT_ORDER if plan.fixed_bytes(SMOL, f) + need <= room]
+        need = footprint.kv_budget_for(8192, SMOL, m.kv, "K4V3")
+        fits = [f for f in plan.FORMAT_ORDER if footprint.fixed_bytes(SMOL, f) + need <= room]
         assert rec["weights"] == fits[0]
     assert plan.FORMAT_ORDER == ("int8", "int4")  # int8 decodes faster than fp32 at half the memory
     tiny = plan.recommend(m, 400 * MiB)
