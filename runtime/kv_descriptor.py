@@ -7,7 +7,7 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
 (chats, models) — the caller passes the one to use on each call. Layout version
 :data:`tqedge.bundle.DESCRIPTOR_VERSION` (word offsets below; docs/ARCHITECTURE.md):
 
-    header   0 version  1 kind (1 exact, 2 turboquant)  2 T  3 layers  4 Hkv  5 D  6 t0  7 -
+    header   0 version  1 kind (1 exact, 2 turboquant)  2 T  3 layers  4 Hkv  5 D  6 t0  7 threads
     exact    8 capacity C  9 keys* (L,Hkv,C,D) f32  10 values*  11 n_old (visible slot prefix,
              -1: mask)  12 mask* (C,) u8  13 new_slots* (T,) i64
     turboquant  8 sinks S  9 window W  10 ring R  11 fp_lo  12 exact_prefill  13 fp_k* (L,Hkv,S+W,D) f16
@@ -15,6 +15,8 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
       decode   18 fp_bias* (S+W,) f32  19 ranges n (≤ 2)  20..23 ring index ranges [a0, b0), [a1, b1)
       prefill  24 fp_slots* 25 n   26 pf* 27 n   28 old_idx* 29 n   30 pc* 31 n   32 new_c* 33 n
                34 n_new_read   (the arrays of CompressedKVCache._plan_prefill, int64)
+             35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 parallel prefill entry*
+                (a C function, runtime/native_parallel.py; 0: serial)
     layer table row: a key block then a value block of CODEC_WORDS words each (codes*, scales*,
     code bytes B, scales P, projected dim Dp, segment table*, segments, codebook*, n, byte LUT*, n,
     rotation^T* (D,D) f32, boundaries* f64, n, centroids* f64, bits, corrected norm, encodable,
@@ -32,7 +34,7 @@ import numpy as np
 from tqedge.bundle import DESCRIPTOR_VERSION
 from tqedge.errors import TqedgeError
 
-VERSION, KIND, T, LAYERS, HKV, DIM, T0 = range(7)
+VERSION, KIND, T, LAYERS, HKV, DIM, T0, THREADS = range(8)
 HEADER = 8
 KIND_EXACT, KIND_TURBOQUANT = 1, 2
 X_CAP, X_KEYS, X_VALUES, X_N_OLD, X_MASK, X_NEW_SLOTS = range(8, 14)
@@ -82,8 +84,8 @@ def exact(cache) -> np.ndarray:
 TQ_S, TQ_W, TQ_R, TQ_FP_LO, TQ_EXACT_PREFILL, TQ_FP_K, TQ_FP_V, TQ_LAYERS, TQ_LW, TQ_MODE = range(8, 18)
 MODE_DECODE, MODE_PREFILL = 1, 2
 TQ_BIAS, TQ_NR, TQ_RANGES = 18, 19, 20
-TQ_FP_SLOTS, TQ_PF, TQ_OLD_IDX, TQ_PC, TQ_NEW_C, TQ_N_NEW_READ = 24, 26, 28, 30, 32, 34
-TQ_WORDS = 35
+TQ_FP_SLOTS, TQ_PF, TQ_OLD_IDX, TQ_PC, TQ_NEW_C, TQ_N_NEW_READ, TQ_LOCK, TQ_PAR_PREFILL = 24, 26, 28, 30, 32, 34, 35, 36
+TQ_WORDS = 37
 (C_CODES, C_SCALES, C_B, C_P, C_DP, C_TABLE, C_NSEG, C_CB, C_NCB, C_LUT, C_NLUT, C_ROT, C_BOUNDS, C_NB,
  C_CENT, C_BITS, C_CORR, C_OK, C_PROJ) = range(19)
 CODEC_WORDS = 20
@@ -139,6 +141,10 @@ def turboquant(cache) -> np.ndarray:
         d[TQ_S], d[TQ_W], d[TQ_R] = cache.sinks, cache.window, cache.ring
         d[TQ_FP_K], d[TQ_FP_V] = _addr(cache.fp_k), _addr(cache.fp_v)
         d[TQ_LAYERS], d[TQ_LW] = _addr(table), LAYER_WORDS
+        from tqedge.codec import numba_runtime  # the native op needs Numba anyway
+
+        d[TQ_LOCK] = numba_runtime.LOCK_ADDRESS
+        cache._native_threads = numba_runtime.sync_pool_threads
         cache._native_static, cache._native_desc = (table, keep), d
     rule = cache._rule
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
@@ -152,6 +158,11 @@ def turboquant(cache) -> np.ndarray:
             d[TQ_RANGES + 2], d[TQ_RANGES + 3] = ranges[1]
         return d
     _, fp_slots, pf, pos, old_idx, pc, new_c, n_new_read = plan
+    d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
+    if d[THREADS] > 1 and not d[TQ_PAR_PREFILL]:
+        from tqedge.runtime import native_parallel  # starts Numba's pool: only when it will be used
+
+        d[TQ_PAR_PREFILL] = native_parallel.PREFILL_ENTRY
     d[T], d[TQ_MODE], d[TQ_N_NEW_READ] = len(pos), MODE_PREFILL, n_new_read
     keep = []
     for word, arr in ((TQ_FP_SLOTS, fp_slots), (TQ_PF, pf), (TQ_OLD_IDX, old_idx), (TQ_PC, pc), (TQ_NEW_C, new_c)):

@@ -14,14 +14,14 @@ count and index against the descriptor's geometry before touching a buffer.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray
+from numba import carray, prange
 
-from tqedge.codec.kernels_fused import f16_to_f32, f32_to_f16, matvec, prefill_attend
+from tqedge.codec.kernels_fused import TQ_ROWS, f16_to_f32, f32_to_f16, matvec, prefill_attend
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
-from tqedge.codec.numba_runtime import njit
+from tqedge.codec.numba_runtime import njit, release, serial_twin, try_acquire
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
-from tqedge.runtime.ort_numba import as_ptr
+from tqedge.runtime.ort_numba import as_ptr, ccall
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
 F16_MAX = 65504.0
@@ -157,9 +157,31 @@ def _gather_deq(codec, idx, extra_c, extra_s, n_extra):
     return dequantize_serial(c, s, tab, cb, lut, dp)
 
 
+def prefill_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res):
+    """:func:`~tqedge.codec.kernels_fused.prefill_attend` over every (KV head, query tile) pair,
+    the work items of a prefill step (a ``prange``: :mod:`tqedge.runtime.native_parallel`
+    compiles the parallel twin; the op calls it through a pointer when threads > 1)."""
+    hkv, tg, _ = qs.shape
+    nt = tg // g
+    ntile = (nt + TQ_ROWS - 1) // TQ_ROWS
+    for w in prange(hkv * ntile):
+        h = w // ntile
+        i0 = (w % ntile) * TQ_ROWS
+        i1 = min(nt, i0 + TQ_ROWS)
+        prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
+                       t0, i0, rule, res[h, i0 * g:i1 * g])
+
+
+_prefill_items_ser = njit(**_OPTS)(serial_twin(prefill_items))
+# the argument block of the parallel entry (int64 words: array addresses, then sizes)
+(PB_QS, PB_QP, PB_KF, PB_VF, PB_PF, PB_KD, PB_VD, PB_PC, PB_UM, PB_RULE, PB_RES, PB_HKV, PB_T, PB_G, PB_D,
+ PB_DPK, PB_DPV, PB_NF, PB_NC, PB_T0) = range(20)
+PB_WORDS = 20
+
+
 @njit(**_OPTS)
 def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
-             fp_slots, pf, old_idx, pc, new_c, n_new_read, out):
+             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, par_entry, out):
     t, hq, d = q.shape
     hkv, nfs, _ = fpk.shape
     g = hq // hkv
@@ -196,20 +218,35 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
     dpk = kc[5]
     pq, um = kc[6], vc[6]
     rule = np.array([sinks, window, ring, fp_lo, 1 if exact else 0], np.int64)
-    qs = np.empty((t * g, d), np.float32)
-    qp = np.empty((t * g, dpk), np.float32)
-    res = np.empty((t * g, d), np.float32)
+    qs = np.empty((hkv, t * g, d), np.float32)
+    qp = np.empty((hkv, t * g, dpk), np.float32)
+    res = np.empty((hkv, t * g, d), np.float32)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):
                 r = i * g + gg
                 for x in range(d):
-                    qs[r, x] = q[i, h * g + gg, x] * scale
-                matvec(qs[r], pq, qp[r])
-        prefill_attend(qs, qp, g, kf[h], vf[h], pf, kd[h], vd[h], pc, um, t0, rule, res)
+                    qs[h, r, x] = q[i, h * g + gg, x] * scale
+                matvec(qs[h, r], pq, qp[h, r])
+    um = np.ascontiguousarray(um)
+    if threads > 1 and par_entry != 0 and try_acquire(lock):
+        block = np.empty(PB_WORDS, np.int64)
+        block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
+            vf.ctypes.data
+        block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
+            pc.ctypes.data
+        block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
+        block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, t, g, d
+        block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = dpk, vd.shape[2], nf, \
+            kd.shape[1], t0
+        ccall(par_entry, (block.ctypes.data,))
+        release(lock)
+    else:
+        _prefill_items_ser(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res)
+    for h in range(hkv):
         for i in range(t):
             for gg in range(g):
-                out[i, h * g + gg] = res[i * g + gg]
+                out[i, h * g + gg] = res[h, i * g + gg]
     # store after attending: the new tokens overwrite slots earlier rows of this step read
     for i in range(t):
         p = t0 + i
@@ -308,5 +345,6 @@ def compute(desc, nd, layer, q, k, v, scale, out):
     pf = carray(as_ptr(desc[KD.TQ_PF], np.int64), (n_pf,))
     pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
     _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
-             fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, out)
+             fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
+             desc[KD.TQ_PAR_PREFILL], out)
     return 0

@@ -58,9 +58,15 @@ def test_prefill_attend_matches_numpy(t, t0, n_old, exact):
     um = rng.standard_normal((dpv, d)).astype(np.float32)
     rule = np.array([sinks, window, ring, t0 - window if t0 > window else 0, exact], np.int64)
     out = np.full((t * g, d), np.nan, np.float32)
-    KF.prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out)
+    KF.prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, 0, rule, out)
     want = _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule)
     np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
+    # the same rows in two calls (a work item starts at token i_first): the same result
+    half = (t // 2) * g
+    split = np.full_like(out, np.nan)
+    KF.prefill_attend(qs[:half], qp[:half], g, kf, vf, pf, kd, vd, pc, um, t0, 0, rule, split[:half])
+    KF.prefill_attend(qs[half:], qp[half:], g, kf, vf, pf, kd, vd, pc, um, t0, t // 2, rule, split[half:])
+    np.testing.assert_allclose(split, out, rtol=1e-5, atol=1e-6)
     assert len(pf) > KF.TK_KEYS or len(pc) > KF.TK_KEYS or t < KF.TQ_ROWS  # the oracle sees several tiles
 
 

@@ -272,7 +272,7 @@ def _dot_into(a, b, s, r, j):
 
 
 @njit(**_OPTS)
-def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out):
+def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, i_first, rule, out):
     """Causal prefill attention of one KV head's query rows over fp16-slot keys (float32 here)
     and compressed keys (dequantized, projected domain), flash-style: tiles of
     :data:`TQ_ROWS` tokens × the GQA group against :data:`TK_KEYS` keys, online softmax, memory
@@ -284,7 +284,8 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out):
         kf: (Nf, D) fp keys; vf: (Nf, D) fp values; pf: (Nf,) their positions.
         kd: (Nc, Dpk) compressed keys; vd: (Nc, Dpv) values; pc: (Nc,) positions.
         um: (Dpv, D) back-projection of compressed value sums.
-        t0: position of the first query token.
+        t0: position of the step's first token (the read rule's ``exact`` reads depend on it).
+        i_first: index in the step of the token of row 0 (its position is ``t0 + i_first``).
         rule: int64 (sinks, window, ring, fp_lo, exact) — the read rule.
         out: (T·G, D) results.
     """
@@ -301,7 +302,7 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out):
         ti = min(TQ_ROWS, nt - i0)
         rows = ti * g
         r0 = i0 * g
-        last = t0 + i0 + ti - 1
+        last = t0 + i_first + i0 + ti - 1
         m[:rows] = -np.inf
         den[:rows] = 0.0
         acc[:, :rows] = 0.0
@@ -316,10 +317,10 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, out):
                     continue  # every key of the tile lies in the future of every query row
                 if fp:
                     _scores_tile(qs, r0, rows, kf, j0, n, s)
-                    _tile_update(s, n, rows, g, i0, t0, pf, True, rule, m, den, acc, vf, j0)
+                    _tile_update(s, n, rows, g, i_first + i0, t0, pf, True, rule, m, den, acc, vf, j0)
                 else:
                     _scores_tile(qp, r0, rows, kd, j0, n, s)
-                    _tile_update(s, n, rows, g, i0, t0, pc, False, rule, m, den, acc, vd, j0)
+                    _tile_update(s, n, rows, g, i_first + i0, t0, pc, False, rule, m, den, acc, vd, j0)
         for r in range(rows):
             matvec(acc[1, r, :um.shape[0]], um, tmp)
             inv = np.float32(1.0) / den[r]

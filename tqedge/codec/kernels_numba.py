@@ -25,12 +25,10 @@ after the first call (:mod:`tqedge.codec.numba_runtime`).
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 from numba import prange
 
-from tqedge.codec.numba_runtime import launch, njit
+from tqedge.codec.numba_runtime import launch, njit, serial_twin
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
 BACKEND = "numba"
@@ -311,21 +309,12 @@ def pack_into(codes, bits, out, byte_off):
                 out[i, byte_off + byte + 1] |= np.uint8(v >> 8)
 
 
-def _serial_twin(fn):
-    """A copy of ``fn`` under its own name. Numba's disk cache keys entries by the function's
-    name, line and bytecode, not by ``parallel``: compiled from one function object, the serial
-    twin would load the parallel machine code from the cache (or the reverse)."""
-    name = fn.__name__ + "_serial"
-    code = fn.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
-
-
 _scores_par = njit(parallel=True, **_OPTS)(_scores_impl)
-_scores_ser = njit(**_OPTS)(_serial_twin(_scores_impl))
+_scores_ser = njit(**_OPTS)(serial_twin(_scores_impl))
 _value_sum_par = njit(parallel=True, **_OPTS)(_value_sum_impl)
-_value_sum_ser = njit(**_OPTS)(_serial_twin(_value_sum_impl))
+_value_sum_ser = njit(**_OPTS)(serial_twin(_value_sum_impl))
 _dequantize_par = njit(parallel=True, **_OPTS)(_dequantize_impl)
-_dequantize_ser = njit(**_OPTS)(_serial_twin(_dequantize_impl))
+_dequantize_ser = njit(**_OPTS)(serial_twin(_dequantize_impl))
 # the serial twins, for callers that must not start Numba's thread pool (the native op)
 scores_serial, value_sum_serial, dequantize_serial = _scores_ser, _value_sum_ser, _dequantize_ser
 

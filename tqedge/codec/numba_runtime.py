@@ -9,8 +9,10 @@ settled before Numba compiles or launches anything:
   pool steals the core onnxruntime or another process needs (GNU OpenMP spins by default
   unless ``OMP_WAIT_POLICY=PASSIVE``, which users don't set). Its one flaw, aborting the
   process when two threads launch parallel kernels at once, is removed by :func:`launch`:
-  a parallel kernel runs only while holding one process-wide lock, and a thread that finds it
-  held runs the kernel's serial twin instead (same results) rather than waiting.
+  a parallel kernel runs only while holding one process-wide lock word (:data:`LOCK_ADDRESS`,
+  taken by compare-and-swap, so the native op takes the same lock from nopython code on
+  onnxruntime's thread), and a thread that finds it held runs the kernel's serial twin
+  instead (same results) rather than waiting.
 - **Thread count**: :func:`set_threads` (per calling thread, like ``numba.set_num_threads``;
   ``Model.forward`` sets it from ``load(threads=)`` / ``--threads``). With 1 thread the
   parallel twins never run, so Numba's pool is never even started.
@@ -32,6 +34,7 @@ import logging
 import os
 import tempfile
 import threading
+import types
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +47,10 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # read by numba at import and at 
     os.environ["NUMBA_THREADING_LAYER"] = LAYER
 
 import numba  # noqa: E402  (after the threading layer is chosen)
+import numpy as np  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba.core import types as _nt  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
 from numba.np.ufunc import parallel as _parallel  # noqa: E402
 
 if os.environ["NUMBA_THREADING_LAYER"] == LAYER and numba.config.THREADING_LAYER != LAYER:
@@ -52,7 +59,6 @@ if _parallel._is_initialized and numba.threading_layer() != numba.config.THREADI
     log.warning("Numba's thread pool already runs the %s layer (started before tqedge was imported)",
                 numba.threading_layer())
 
-_LOCK = threading.Lock()  # held while a parallel kernel runs (workqueue is not thread-safe)
 _tls = threading.local()
 
 
@@ -72,21 +78,6 @@ def set_threads(n: int | None) -> None:
 
     Values above :data:`MAX_THREADS` are clamped; 1 runs every kernel serially."""
     _tls.threads = MAX_THREADS if n is None else max(1, min(int(n), MAX_THREADS))
-
-
-def launch(parallel, serial, *args):
-    """Run ``parallel(*args)`` on this thread's thread count if it is > 1 and no other parallel
-    kernel is running in the process, else ``serial(*args)`` (same results)."""
-    n = getattr(_tls, "threads", MAX_THREADS)
-    if n > 1 and _LOCK.acquire(blocking=False):
-        try:
-            if getattr(_tls, "numba_threads", 0) != n:  # numba's count is per thread, too
-                numba.set_num_threads(n)
-                _tls.numba_threads = n
-            return parallel(*args)
-        finally:
-            _LOCK.release()
-    return serial(*args)
 
 
 # -- the on-disk cache ---------------------------------------------------------------------
@@ -174,3 +165,73 @@ def cfunc(sig, **opts):
         with _cache_dir_scope():
             return numba.cfunc(sig, cache=True, **opts)(fn)
     return decorate
+
+
+def serial_twin(fn):
+    """A copy of ``fn`` under its own name. Numba's disk cache keys entries by the function's
+    name, line and bytecode, not by ``parallel``: compiled from one function object, the serial
+    twin would load the parallel machine code from the cache (or the reverse)."""
+    name = fn.__name__ + "_serial"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+# -- the launch lock: one int64 word, taken with compare-and-swap from Python (``launch``) and
+# from nopython code (the native op reads its address from kv_desc)
+@intrinsic
+def _cas64(typingctx, addr, expected, new):
+    """Atomic compare-and-swap of the int64 at ``addr`` (seq_cst); returns the old value."""
+    if not all(isinstance(t, _nt.Integer) for t in (addr, expected, new)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(context.cast(builder, args[0], addr, _nt.int64), ir.IntType(64).as_pointer())
+        old = builder.cmpxchg(ptr, context.cast(builder, args[1], expected, _nt.int64),
+                              context.cast(builder, args[2], new, _nt.int64), "seq_cst", "seq_cst")
+        return builder.extract_value(old, 0)
+
+    return _nt.int64(addr, expected, new), codegen
+
+
+@njit(warm=False, nogil=True)
+def try_acquire(addr: int) -> bool:
+    """Take the launch lock at ``addr`` if it is free (never waits)."""
+    return _cas64(addr, 0, 1) == 0
+
+
+@njit(warm=False, nogil=True)
+def release(addr: int) -> None:
+    """Free the launch lock at ``addr`` (held by the caller)."""
+    _cas64(addr, 1, 0)
+
+
+#: the process-wide launch lock word (0 free, 1 held): a parallel kernel runs only while holding it
+LOCK_WORD = np.zeros(1, np.int64)
+LOCK_ADDRESS = LOCK_WORD.ctypes.data
+
+
+def current_threads() -> int:
+    """Threads the kernels may use when called from this thread (see :func:`set_threads`)."""
+    return getattr(_tls, "threads", MAX_THREADS)
+
+
+def sync_pool_threads() -> int:
+    """Give Numba's per-thread pool size this thread's :func:`current_threads` (for a parallel
+    kernel launched from nopython code on this thread, e.g. inside the native op); returns it."""
+    n = current_threads()
+    if n > 1 and getattr(_tls, "numba_threads", 0) != n:  # numba's count is per thread, too
+        numba.set_num_threads(n)
+        _tls.numba_threads = n
+    return n
+
+
+def launch(parallel, serial, *args):
+    """Run ``parallel(*args)`` on this thread's thread count if it is > 1 and no other parallel
+    kernel is running in the process, else ``serial(*args)`` (same results)."""
+    if current_threads() > 1 and try_acquire(LOCK_ADDRESS):
+        try:
+            sync_pool_threads()
+            return parallel(*args)
+        finally:
+            release(LOCK_ADDRESS)
+    return serial(*args)
