@@ -89,6 +89,31 @@ def test_turboquant_op_matches_cache_attend(op_session):
                                rtol=2e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_turboquant_op_long_context_parallel_twins(op_session, threads):
+    """Past PARALLEL_MIN head·keys the op splits prefill into (head, tile) items and decode into
+    ring chunks (parallel with 2 threads, serial with 1): the same output as cache.attend."""
+    import sys
+
+    from tqedge.codec import numba_runtime
+
+    def mk():
+        k, v = build_codecs(KVSpec(), L, D, (4, 3))
+        return CompressedKVCache(k, v, HKV, D, ring=3000, sinks=4, window=64, policy="slide")
+
+    numba_runtime.set_threads(threads)
+    try:
+        ours, ref = mk(), mk()
+        assert _run_twins(op_session, ours, ref, [700, 700, 700, 200] + [1] * 3) < 1e-4
+    finally:
+        numba_runtime.set_threads(None)
+    desc = ours._native_desc
+    assert desc[kv_descriptor.THREADS] == threads
+    if threads > 1:  # the parallel entries were handed to the op
+        assert "tqedge.runtime.native_parallel" in sys.modules
+        assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_PAR_DECODE]
+
+
 def test_bad_descriptor_is_a_one_line_error(op_session):
     cache = ExactKVCache(L, HKV, D, capacity=8)
     cache.prepare(2)

@@ -27,6 +27,12 @@ from tqedge.errors import TqedgeError
 log = logging.getLogger(__name__)
 FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
 FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
+#: onnxruntime's intra-op threads in the native session, whatever ``threads`` is: a decode step is
+#: ~1,800 small nodes, and a pool thread that sleeps between them (no spinning: other processes
+#: need the core) costs more to wake than it saves — measured on SmolLM2 int4 at 512 tokens,
+#: 2 cores: 18.3 ms/step with one thread, 30.0 ms with two (17.1 ms spinning, at twice the CPU).
+#: ``threads`` goes to the attention op's kernels instead (prefill tiles in parallel).
+ORT_THREADS = 1
 
 
 def _step_fn():
@@ -76,7 +82,8 @@ class NativeBackend:
     Args:
         bundle_dir: the bundle directory.
         manifest: its validated manifest (``graphs["onnx"]`` with ``file`` and ``descriptor``).
-        threads: onnxruntime intra-op threads (None = onnxruntime default).
+        threads: threads of the attention kernels (Model.forward sets them per call; onnxruntime
+            itself runs :data:`ORT_THREADS`).
     """
 
     name = "native"
@@ -94,7 +101,7 @@ class NativeBackend:
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
-        self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=threads,
+        self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=ORT_THREADS,
                                         config={"session.intra_op.allow_spinning": "0"})
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:
