@@ -29,23 +29,11 @@ def _weighted_sum_numpy(p, v16):
 
 
 if BACKEND == "numba":
+    from tqedge.codec.kernels_fused import f16_row_to_f32
     from tqedge.codec.numba_runtime import njit  # cached in the user's cache dir
 
     # no nnan/ninf: the bias holds -inf for slots not to read
     _FLAGS = {"reassoc", "contract", "nsz", "arcp", "afn"}
-    _MAGIC = np.float32(2.0 ** 112)  # float16 → float32 exponent re-bias (2^(127-15))
-
-    @njit(inline="always", fastmath=_FLAGS)
-    def _row(src, bits, buf):
-        """Decode one float16 row (uint16 bit patterns) into ``buf`` float32 (finite values,
-        subnormals included): move exponent+mantissa into float32 position, re-bias by ×2^112."""
-        for j in range(src.shape[0]):
-            h = np.uint32(src[j])
-            bits[j] = (h & np.uint32(0x7FFF)) << np.uint32(13)
-        f = bits.view(np.float32)
-        for j in range(src.shape[0]):
-            v = f[j] * _MAGIC
-            buf[j] = -v if src[j] & 0x8000 else v
 
     @njit(fastmath=_FLAGS, nogil=True)
     def _scores_numba(qh, k16u, bias):
@@ -53,14 +41,13 @@ if BACKEND == "numba":
         n = k16u.shape[1]
         out = np.empty((nh, ng, n), dtype=np.float32)
         buf = np.empty(d, dtype=np.float32)
-        bits = np.empty(d, dtype=np.uint32)
         for h in range(nh):
             for i in range(n):
                 if bias[i] == -np.inf:
                     for g in range(ng):
                         out[h, g, i] = -np.inf
                     continue
-                _row(k16u[h, i], bits, buf)
+                f16_row_to_f32(k16u[h, i], buf)
                 for g in range(ng):
                     acc = np.float32(0.0)
                     for j in range(d):
@@ -74,7 +61,6 @@ if BACKEND == "numba":
         d = v16u.shape[2]
         out = np.zeros((nh, ng, d), dtype=np.float32)
         buf = np.empty(d, dtype=np.float32)
-        bits = np.empty(d, dtype=np.uint32)
         for h in range(nh):
             for i in range(n):
                 skip = True
@@ -83,7 +69,7 @@ if BACKEND == "numba":
                         skip = False
                 if skip:
                     continue
-                _row(v16u[h, i], bits, buf)
+                f16_row_to_f32(v16u[h, i], buf)
                 for g in range(ng):
                     w = p[h, g, i]
                     for j in range(d):

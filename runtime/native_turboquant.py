@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
-from tqedge.codec.kernels_fused import TQ_ROWS, f16_to_f32, f32_to_f16, matvec, prefill_attend
+from tqedge.codec.kernels_fused import (TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec,
+                                        prefill_attend)
 from tqedge.codec.kernels_numba import PARALLEL_MIN, dequantize_serial, scores_serial, value_sum_serial
 from tqedge.codec.numba_runtime import njit, release, serial_twin, try_acquire
 from tqedge.runtime import kv_descriptor as KD
@@ -243,15 +244,13 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
     vf = np.empty((hkv, nf, d), np.float32)
     for h in range(hkv):
         for j in range(nfo):
-            for x in range(d):
-                kf[h, j, x] = f16_to_f32(fpk[h, fp_slots[j], x])
-                vf[h, j, x] = f16_to_f32(fpv[h, fp_slots[j], x])
+            f16_row_to_f32(fpk[h, fp_slots[j]], kf[h, j])
+            f16_row_to_f32(fpv[h, fp_slots[j]], vf[h, j])
         for i in range(t):
-            for x in range(d):
-                k16[i, h, x] = f32_to_f16(k[i, h, x])
-                v16[i, h, x] = f32_to_f16(v[i, h, x])
-                kf[h, nfo + i, x] = f16_to_f32(k16[i, h, x])
-                vf[h, nfo + i, x] = f16_to_f32(v16[i, h, x])
+            f32_row_to_f16(k[i, h], k16[i, h])
+            f32_row_to_f16(v[i, h], v16[i, h])
+            f16_row_to_f32(k16[i, h], kf[h, nfo + i])
+            f16_row_to_f32(v16[i, h], vf[h, nfo + i])
     # codes of the new non-sink tokens
     kcn = np.empty((hkv, n_new, kc[0].shape[2]), np.uint8)
     ksn = np.empty((hkv, n_new, kc[1].shape[2]), np.uint16)
@@ -357,9 +356,8 @@ def compute(desc, nd, layer, q, k, v, scale, out):
         k16 = np.empty((hkv, d), np.uint16)
         v16 = np.empty((hkv, d), np.uint16)
         for h in range(hkv):
-            for x in range(d):
-                k16[h, x] = f32_to_f16(k[0, h, x])
-                v16[h, x] = f32_to_f16(v[0, h, x])
+            f32_row_to_f16(k[0, h], k16[h])
+            f32_row_to_f16(v[0, h], v16[h])
         if t0 < sinks or window > 0:
             slot = t0 if t0 < sinks else sinks + t0 % window
             for h in range(hkv):
@@ -369,11 +367,9 @@ def compute(desc, nd, layer, q, k, v, scale, out):
             r = (t0 - sinks) % ring
             row = np.empty(d, np.float32)
             for h in range(hkv):
-                for x in range(d):
-                    row[x] = f16_to_f32(k16[h, x])
+                f16_row_to_f32(k16[h], row)
                 encode_row(row, kc[7], kc[8], kc[9], kc[10], kc[11], kc[0][h, r], kc[1][h, r])
-                for x in range(d):
-                    row[x] = f16_to_f32(v16[h, x])
+                f16_row_to_f32(v16[h], row)
                 encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
         _decode(q[0], scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, desc[KD.THREADS],
                 desc[KD.TQ_LOCK], desc[KD.TQ_PAR_DECODE], out[0])

@@ -76,3 +76,33 @@ def test_matvec_matches_numpy():
     out = np.empty(11, np.float32)
     KF.matvec(x, m, out)
     np.testing.assert_allclose(out, x @ m, rtol=1e-5, atol=1e-5)
+
+
+def test_f16_rows_match_numpy_on_every_half():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(halves.shape, np.float32)
+    KF.f16_row_to_f32(halves, out)
+    want = halves.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(out), nan)
+    assert np.array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))  # bit for bit, ±0 too
+
+
+def test_f32_rows_round_like_numpy():
+    rng = np.random.default_rng(0)
+    edges = np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 1e9, np.inf, -np.inf, np.nan,
+                      2.0 ** -14, 2.0 ** -24, 2.0 ** -25, 2.0 ** -25 * 1.5, 3 * 2.0 ** -26, 1e-30,
+                      1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 2049.0, 2051.0], np.float32)
+    # every half, its neighbours and the midpoints between halves (the rounding ties)
+    h = np.arange(0, 0x7C00, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float64)
+    mids = ((h[1:] + h[:-1]) / 2).astype(np.float32)
+    near = [np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(1e6))]
+    wide = (rng.standard_normal(20000) * 10.0 ** rng.integers(-8, 6, 20000)).astype(np.float32)
+    x = np.concatenate([edges, -edges, mids, -mids, *near, wide])
+    out = np.empty(x.shape, np.uint16)
+    KF.f32_row_to_f16(x, out)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(out[~nan], want[~nan])
+    assert (out[nan] & 0x7FFF == 0x7E00).all()

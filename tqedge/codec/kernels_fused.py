@@ -7,8 +7,9 @@ raise (callers validate shapes first) and write only into the arrays they are gi
 
 - :func:`exact_attend`: causal GQA softmax attention over an fp32 slot cache (old slots a
   prefix or a mask, new tokens causal among themselves), then stores the new keys/values.
-- :func:`f32_to_f16` / :func:`f16_to_f32`: IEEE half conversions (round to nearest even, like
-  NumPy's ``astype(np.float16)``) without Numba float16 support.
+- :func:`f32_to_f16` (one value) and :func:`f32_row_to_f16` / :func:`f16_row_to_f32` (rows,
+  on the bits): IEEE half conversions (round to nearest even, like NumPy's
+  ``astype(np.float16)``) without Numba float16 support.
 
 Every function gives the results of its NumPy counterpart (``runtime/cache.py``'s
 ``exact_attention``) up to float32 summation order.
@@ -122,19 +123,44 @@ def f32_to_f16(x):
     return sign | np.uint16((e + 15) << 10) | np.uint16(mant)
 
 
+_MAGIC = np.float32(2.0 ** 112)  # float16 → float32 exponent re-bias (2^(127-15))
+
+
 @njit(inline="always", **_OPTS)
-def f16_to_f32(h):
-    """float16 bit pattern → float32."""
-    h = np.int32(h)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0:
-        v = np.float32(m) * np.float32(5.960464477539063e-08)
-    elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32((1024 + m) * 2.0 ** (e - 25))
-    return -v if h & 0x8000 else v
+def f16_row_to_f32(src, dst):
+    """float16 bit patterns (uint16, C-contiguous) → float32 ``dst``: exponent and mantissa
+    moved into float32 position and re-biased by ×2^112 (exact for normals and subnormals;
+    infinities and NaNs rebuilt), a loop LLVM vectorizes."""
+    bits = dst.view(np.uint32)
+    for j in range(src.shape[0]):
+        bits[j] = (np.uint32(src[j]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for j in range(src.shape[0]):
+        h = src[j]
+        v = dst[j] * _MAGIC
+        if h & 0x7C00 == 0x7C00:  # inf / NaN: the re-bias would make them finite
+            v = np.float32(np.inf) if h & 0x3FF == 0 else np.float32(np.nan)
+        dst[j] = -v if h & 0x8000 else v
+
+
+@njit(inline="always", **_OPTS)
+def f32_row_to_f16(src, dst):
+    """float32 ``src`` (C-contiguous) → float16 bit patterns ``dst`` (uint16), round to
+    nearest even like NumPy's ``astype(np.float16)``, on the bits (no log/pow per value)."""
+    bits = src.view(np.uint32)
+    for j in range(src.shape[0]):
+        x = bits[j]
+        sign = (x >> np.uint32(16)) & np.uint32(0x8000)
+        a = x & np.uint32(0x7FFFFFFF)
+        if a >= np.uint32(0x7F800000):  # inf, NaN
+            h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
+        elif a >= np.uint32(0x477FF000):  # rounds past 65504
+            h = np.uint32(0x7C00)
+        elif a < np.uint32(0x38800000):  # below 2^-14: a subnormal half (units of 2^-24) or zero
+            h = np.uint32(np.rint(np.float64(abs(src[j])) * 16777216.0))
+        else:  # normal: drop 13 mantissa bits rounding half to even, re-bias the exponent
+            h = ((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)) \
+                - np.uint32(0x1C000)
+        dst[j] = np.uint16(sign | h)
 
 
 TQ_ROWS = 16  # query tokens per prefill tile (× the GQA group: one K/V tile read serves them all)
