@@ -187,10 +187,12 @@ def tqedge_worker(args) -> dict:
     import tqedge
     from tqedge.runtime.eval_ppl import build_cache, evaluate, text_windows
 
-    model = tqedge.load(args.bundle, threads=args.threads, verify="none")
+    backend = None if args.backend in (None, "default") else args.backend
+    model = tqedge.load(args.bundle, threads=args.threads, verify="none", backend=backend)
     cfg = tqedge_config(args.kv)
     text = Path(args.text).read_text(encoding="utf-8")
-    out = {"side": "tqedge", "kv": args.kv, "phase": args.phase}
+    kv = args.kv if backend is None else f"{args.kv} [{backend}]"
+    out = {"side": "tqedge", "kv": kv, "phase": args.phase, "backend": model.backend_name}
     if args.phase == "speed":
         ids = model.tokenizer.encode(text[: max(args.contexts) * 8], add_special_tokens=False).ids
         cache, out["kv_bytes_per_token"] = build_cache(model, cfg, max(args.contexts) + DECODE_STEPS + 1)
@@ -216,8 +218,9 @@ def plan(args) -> list[dict]:
     """The worker runs, one process each: (python executable, side, kv, phase)."""
     jobs = []
     for phase in args.phases:
-        jobs += [{"python": str(args.llama_python), "side": "llama", "kv": kv, "phase": phase} for kv in LLAMA_KV]
-        jobs += [{"python": sys.executable, "side": "tqedge", "kv": kv, "phase": phase} for kv in args.tqedge_kv]
+        jobs += [{"python": str(args.llama_python), "side": "llama", "kv": kv, "phase": phase} for kv in args.llama_kv]
+        jobs += [{"python": sys.executable, "side": "tqedge", "kv": kv, "phase": phase, "backend": b}
+                 for kv in args.tqedge_kv for b in args.tqedge_backends]
     return jobs
 
 
@@ -289,11 +292,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tqedge-kv", type=lambda s: s.split(";"), default=TQEDGE_KV,
                     help="tqedge KV configs, ';'-separated (exact, tqedge-default, K4V2, K4V3+L3,4@K4V2, ...)")
     ap.add_argument("--phases", type=lambda s: s.split(","), default=["ppl", "speed"], help="ppl,speed")
+    ap.add_argument("--tqedge-backends", type=lambda s: s.split(","), default=["default"],
+                    help="tqedge backends to run: 'default' (what tqedge.load picks) and/or names (onnx,native)")
+    ap.add_argument("--llama-kv", type=lambda s: s.split(","), default=list(LLAMA_KV), help="llama.cpp KV types")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "vs_llamacpp.json")
     ap.add_argument("--dry-run", action="store_true", help="check inputs and print the plan; run nothing")
     ap.add_argument("--worker", choices=["llama", "tqedge"], help=argparse.SUPPRESS)
     ap.add_argument("--kv", help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=["ppl", "speed"], help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps((llama_worker if args.worker == "llama" else tqedge_worker)(args)))
@@ -314,7 +321,7 @@ def main(argv=None) -> int:
               "--threads", str(args.threads)]
     for job in jobs:
         cmd = [job["python"], str(Path(__file__).resolve()), "--worker", job["side"], "--kv", job["kv"],
-               "--phase", job["phase"], *common]
+               "--phase", job["phase"], *common, *(["--backend", job["backend"]] if job.get("backend") else [])]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if res.returncode:
             raise SystemExit(f"{job['side']} {job['kv']} {job['phase']} failed:\n{res.stderr[-2000:]}")

@@ -103,7 +103,7 @@ def decode_items(qp, kc_row, vc_row, hkv, ring, d, chunks, mo, dno, acco):
 
 
 _decode_items_ser = njit(**_OPTS)(serial_twin(decode_items))
-DECODE_CHUNK = 256  # compressed keys per decode work item
+DECODE_CHUNK = 512  # compressed keys per decode work item
 # the argument block of the parallel decode entry
 DB_QP, DB_KROW, DB_VROW, DB_HKV, DB_RING, DB_D, DB_G, DB_DPK, DB_DPV, DB_CHUNKS, DB_NCH, DB_MO, DB_DNO, DB_ACCO = \
     range(14)

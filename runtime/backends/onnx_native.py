@@ -112,6 +112,10 @@ class NativeBackend:
         self._name_ptrs = np.array([ctypes.addressof(b) for b in self._names], np.int64)
         self._fns = np.array([self.lib.addr(f) for f in FNS], np.int64)
         self._step = _step_fn()
+        from tqedge.codec import numba_runtime
+
+        if (threads or numba_runtime.MAX_THREADS) > 1:  # load the parallel twins now, not in the first prompt
+            from tqedge.runtime import native_parallel  # noqa: F401  (starts Numba's pool)
         log.info("native: one session (onnxruntime %s C API) in %.2fs", self.lib.version, time.perf_counter() - t0)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:
