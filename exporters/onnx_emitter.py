@@ -50,6 +50,7 @@ class GraphBuilder:
         self.store = store
         self.nodes: list = []
         self.inits: dict[str, TensorProto] = {}
+        self.shared: dict = {}
 
     def weight(self, name: str, array) -> str:
         """Register an initializer (array or lazy function) and return its name."""
@@ -59,6 +60,13 @@ class GraphBuilder:
 
     def const(self, name: str, values, dtype=np.int64) -> str:
         return self.weight(name, np.asarray(values, dtype=dtype))
+
+    def once(self, key, build) -> str:
+        """The output of ``build()``, emitted once per graph for ``key``: a subexpression that
+        several nodes read (e.g. the block sums of an input feeding q, k and v)."""
+        if key not in self.shared:
+            self.shared[key] = build()
+        return self.shared[key]
 
     def op(self, op_type: str, inputs: list[str], out: str, domain: str | None = None, **attrs) -> str:
         """Append a node with one output named ``out``; returns ``out``."""

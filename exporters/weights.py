@@ -281,9 +281,12 @@ def _nbits(bits: int, fmt: str) -> Callable:
                  K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level(fmt, a.name))
         if not carried:
             return y
-        xb = g.op("Reshape", [a.x, g.const(f"shape.blocks{k // block}x{block}", [0, k // block, block])],
-                  a.name + ".xblocks")  # (T, nb, bs)
-        xs = g.op("ReduceSum", [xb, g.const("axes.-1", [-1])], a.name + ".xsum", keepdims=0)  # (T, nb)
+        def block_sums() -> str:  # (T, nb): one per input, shared by the linears reading it (q/k/v, gate/up)
+            xb = g.op("Reshape", [a.x, g.const(f"shape.blocks{k // block}x{block}", [0, k // block, block])],
+                      a.name + ".xblocks")  # (T, nb, bs)
+            return g.op("ReduceSum", [xb, g.const("axes.-1", [-1])], a.name + ".xsum", keepdims=0)
+
+        xs = g.once(("block_sums", a.x, k, block), block_sums)
         corr = g.op("MatMul", [xs, g.weight(key + ".offsets", part(3))], a.name + ".offset")  # (T, N)
         return g.op("Add", [y, corr], a.name)
 

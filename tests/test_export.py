@@ -178,7 +178,8 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
 
 @pytest.mark.parametrize("level", [0, 4])
 def test_carried_over_q4_1_blocks_are_exact(tmp_path, level):
-    """GGUF Q4_1 blocks (w = d*q + m, any m) → MatMulNBits + block-sum offset, vs NumPy."""
+    """GGUF Q4_1 blocks (w = d*q + m, any m) → MatMulNBits + block-sum offset, vs NumPy; two
+    linears on one input share the block sums."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -201,19 +202,26 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level):
     weights.ACCURACY_LEVELS["int4"] = level
     try:
         y = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
+        # a second linear reading the same input (as k after q) shares its block sums
+        qb2 = QuantBlocks(bits=4, block=32, q=qb.q[::-1].copy(), scale=qb.scale[::-1].copy(), min=-qb.min[::-1])
+        w2 = qb2.q * np.repeat(qb2.scale, 32, 1) + np.repeat(qb2.min, 32, 1)
+        y2 = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin2", x="x", w=w2, weight_key="w2", quant=qb2))
     finally:
         weights.ACCURACY_LEVELS.update(old)
     store.close()
+    assert [n.op_type for n in g.nodes].count("ReduceSum") == 1
     model = helper.make_model(
         helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
-                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], list(g.inits.values())),
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in (y, y2)],
+                          list(g.inits.values())),
         opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
     (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
     x = rng.standard_normal((5, k)).astype(np.float32)
-    (got,) = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    ref = x @ w.T
-    tol = 1e-4 if level == 0 else 0.02 * np.abs(ref).max()  # level 4 quantizes x to int8 per block
-    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for out, weight in zip(got, (w, w2)):
+        ref = x @ weight.T
+        tol = 1e-4 if level == 0 else 0.02 * np.abs(ref).max()  # level 4 quantizes x to int8 per block
+        np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
 
 
 def test_block_quantizer_error_bound():
