@@ -134,12 +134,13 @@ def f16_row_to_f32(src, dst):
     bits = dst.view(np.uint32)
     for j in range(src.shape[0]):
         bits[j] = (np.uint32(src[j]) & np.uint32(0x7FFF)) << np.uint32(13)
-    for j in range(src.shape[0]):
-        h = src[j]
+    for j in range(src.shape[0]):  # selects, no branches: the loop vectorizes
+        h = np.uint32(src[j])
         v = dst[j] * _MAGIC
-        if h & 0x7C00 == 0x7C00:  # inf / NaN: the re-bias would make them finite
-            v = np.float32(np.inf) if h & 0x3FF == 0 else np.float32(np.nan)
-        dst[j] = -v if h & 0x8000 else v
+        special = (h & np.uint32(0x7C00)) == np.uint32(0x7C00)  # inf / NaN: the re-bias made them finite
+        w = np.float32(np.inf) if (h & np.uint32(0x3FF)) == 0 else np.float32(np.nan)
+        v = w if special else v
+        dst[j] = -v if (h & np.uint32(0x8000)) != 0 else v
 
 
 @njit(inline="always", **_OPTS)
