@@ -14,7 +14,8 @@ Workers run in the *default environment*: ``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT`
 A variant is ``label=SRC[:VAR=VALUE,...]``: the source tree to import tqedge from (e.g. an
 exported copy of an older commit, for before/after) and extra environment;
 ``BENCH_KERNEL_THREADS=1`` runs the attention kernels on one thread while onnxruntime keeps
-``--threads`` (serial decode kernels, for the "parallel at decode or not" comparison).
+``--threads`` (serial decode kernels, for the "parallel at decode or not" comparison);
+``BENCH_BACKEND=native`` picks the backend (default: what ``tqedge.load`` picks).
 
     python benchmarks/threads.py --bundle /tmp/int4.tqe --variant now=. \\
         --variant before=/tmp/base --variant passive=/tmp/base:OMP_WAIT_POLICY=PASSIVE
@@ -48,7 +49,7 @@ def worker(bundle: str, context: int, steps: int, repeats: int, threads: int | N
     sys.path.insert(0, str(HERE))
     from decode import synthetic_fill
 
-    model = tqedge.load(bundle, threads=threads, verify="none")
+    model = tqedge.load(bundle, threads=threads, verify="none", backend=os.environ.get("BENCH_BACKEND") or None)
     kernel_threads = os.environ.get("BENCH_KERNEL_THREADS")
     if kernel_threads:
         from tqedge.codec import kernels
