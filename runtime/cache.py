@@ -52,8 +52,9 @@ class SlotRing:
         self.new_slots: np.ndarray | None = None  # slots of the step in flight
         self.old_valid: np.ndarray | int = 0  # slots the step may read: a count (prefix) or a bool mask
 
-    def prepare(self, t: int, error_hint: str = "") -> None:
-        """Assign slots to ``t`` new tokens, evicting the oldest non-sink tokens if needed."""
+    def prepare(self, t: int, error_hint=None) -> None:
+        """Assign slots to ``t`` new tokens, evicting the oldest non-sink tokens if needed
+        (``error_hint()``: text added to the cache-full error, built only when it is raised)."""
         if t <= 0:
             raise TqedgeError("a forward step needs at least one token")
         free = self.capacity - self.length
@@ -64,7 +65,7 @@ class SlotRing:
         if self.policy == "error":
             raise TqedgeError(
                 f"KV cache full: {self.length} + {t} tokens exceed the capacity of {self.capacity} tokens"
-                f"{error_hint}; use a larger --kv-budget or --policy slide"
+                f"{error_hint() if error_hint else ''}; use a larger --kv-budget or --policy slide"
             )
         ring = self.capacity - self.sinks
         if t > ring:

@@ -147,11 +147,7 @@ class CompressedKVCache:
     def prepare(self, t: int) -> None:
         """Assign slots to ``t`` new tokens and plan this step's reads (shared by all layers)."""
         s = self.slots
-        hint = ""
-        if self.budget is not None:  # the budget that would hold every token so far plus these
-            need = self.fixed_bytes + max(self.window + MIN_COMPRESSED, s.length + t - self.sinks) * self.bytes_per_token
-            hint = f" (budget {format_bytes(self.budget)}; {s.length + t} tokens need a budget of {format_bytes(need)})"
-        s.prepare(t, error_hint=hint)
+        s.prepare(t, error_hint=lambda: self._full_hint(t))
         t0 = s.offset
         self._rule = attention.ReadRule(self.sinks, self.window, self.ring, self.fp_lo, t0,
                                         self.exact_prefill and t > 1)
@@ -159,6 +155,14 @@ class CompressedKVCache:
             self._plan_decode(t0)
         else:
             self._plan_prefill(t0, t)
+
+    def _full_hint(self, t: int) -> str:
+        """The budget that would hold every token so far plus ``t`` (for the cache-full error)."""
+        if self.budget is None:
+            return ""
+        s = self.slots
+        need = self.fixed_bytes + max(self.window + MIN_COMPRESSED, s.length + t - self.sinks) * self.bytes_per_token
+        return f" (budget {format_bytes(self.budget)}; {s.length + t} tokens need a budget of {format_bytes(need)})"
 
     def commit(self) -> None:
         self.slots.commit()
