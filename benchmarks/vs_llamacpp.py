@@ -19,6 +19,10 @@ Then, from the tqedge venv::
         --llama-python /tmp/llama-venv/bin/python [--ctx 1024 --windows 8] [--contexts 512,2048,8192]
     python benchmarks/vs_llamacpp.py ... --dry-run     # print the plan, check inputs, run nothing
 
+With ``--og-python /work/og-venv/bin/python --og-model /tmp/og/model`` the speed phase also runs
+onnxruntime-genai (its int4 build of the same weights; setup in ``benchmarks/peers.py``) and the
+table gains ratios against it (speed, and peak RSS: tqedge / genai).
+
 Every measurement runs in its own worker process (one per llama.cpp KV type, one per tqedge KV
 config), so peak RSS is per configuration. Perplexity uses the same non-overlapping windows of
 the same token ids on both sides and reports both the mean over all positions and over the
@@ -36,6 +40,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import peers  # onnxruntime-genai peer (stdlib only at import time, like this file)
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
@@ -141,6 +147,7 @@ def llama_worker(args) -> dict:
             llm.eval(ids[:c])
 
         out.update(timed_contexts(prefill, lambda tok: llm.eval([tok]), ids, args.contexts))
+        out["speed_ids"] = ids_digest(ids[: max(args.contexts) + DECODE_STEPS])
     else:
         ids = llm.tokenize(text[: args.ctx * args.windows * 8].encode(), add_bos=False, special=False)
         tot = tot_h = 0.0
@@ -204,6 +211,7 @@ def tqedge_worker(args) -> dict:
 
         out.update(timed_contexts(prefill, lambda tok: model.forward([tok], cache), ids, args.contexts))
         out["kv_cache_mib"] = cache.nbytes / 2**20
+        out["speed_ids"] = ids_digest(ids[: max(args.contexts) + DECODE_STEPS])
     else:
         wins = text_windows(model, text, args.ctx, args.windows)
         (r,) = evaluate(model, wins, [cfg])
@@ -221,6 +229,8 @@ def plan(args) -> list[dict]:
         jobs += [{"python": str(args.llama_python), "side": "llama", "kv": kv, "phase": phase} for kv in args.llama_kv]
         jobs += [{"python": sys.executable, "side": "tqedge", "kv": kv, "phase": phase, "backend": b}
                  for kv in args.tqedge_kv for b in args.tqedge_backends]
+        if args.og_python and phase == "speed":
+            jobs.append({"python": str(args.og_python), "side": "og", "kv": "fp32", "phase": phase})
     return jobs
 
 
@@ -229,6 +239,9 @@ def check_inputs(args) -> list[str]:
                                                           ("--text", args.text)) if p is None or not Path(p).exists()]
     if args.llama_python is None or not Path(args.llama_python).exists():
         problems.append("--llama-python (the llama-cpp-python venv's python) not found; see this script's docstring")
+    og_model = Path(args.og_model or "", "genai_config.json")
+    if args.og_python and not (Path(args.og_python).exists() and og_model.exists()):
+        problems.append("--og-python / --og-model (genai venv, built model) not found; see benchmarks/peers.py")
     return problems
 
 
@@ -242,21 +255,24 @@ def merge_rows(results: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
-def ratios(rows: list[dict]) -> list[dict]:
-    """tqedge speed / llama.cpp's fastest KV type, per context, for decode and prefill.
+def ratios(rows: list[dict], peer: str = "llama.cpp") -> list[dict]:
+    """tqedge speed / the peer's fastest row (llama.cpp: KV type), per context, for decode and
+    prefill; peak RSS (speed phase) / the peer's smallest.
 
     Returns:
-        one dict per tqedge row: {"kv", "decode": {ctx: ratio}, "prefill": {ctx: ratio}}.
+        one dict per tqedge row: {"kv", "vs", "decode": {ctx: ratio}, "prefill": {ctx: ratio}, "rss": ratio | None}.
     """
-    llama = [r for r in rows if r["side"] == "llama.cpp" and "decode_tok_s" in r]
+    others = [r for r in rows if r["side"] == peer and "decode_tok_s" in r]
     out = []
     for r in rows:
-        if r["side"] != "tqedge" or "decode_tok_s" not in r or not llama:
+        if r["side"] != "tqedge" or "decode_tok_s" not in r or not others:
             continue
-        entry = {"kv": r["kv"]}
+        entry = {"kv": r["kv"], "vs": peer}
         for key in ("decode", "prefill"):
-            entry[key] = {c: v / max(lr[f"{key}_tok_s"][c] for lr in llama)
+            entry[key] = {c: v / max(o[f"{key}_tok_s"][c] for o in others)
                           for c, v in r[f"{key}_tok_s"].items()}
+        rss = [o.get("peak_rss_mib_speed") for o in others]
+        entry["rss"] = (r["peak_rss_mib_speed"] / min(rss) if r.get("peak_rss_mib_speed") and all(rss) else None)
         out.append(entry)
     return out
 
@@ -273,9 +289,10 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['side']} | {r['kv']} | {f(r, 'ppl', '.3f')} | {f(r, 'ppl_second_half', '.3f')} | "
                      f"{r['kv_bytes_per_token']:.0f} | " + " | ".join(speed) +
                      f" | {r.get('peak_rss_mib_speed') or r.get('peak_rss_mib_ppl') or 0:.0f} |")
-    for q in ratios(rows):
+    for q in ratios(rows) + ratios(rows, peers.SIDE):
         cells = [f"{q['prefill'][c]:.2f}x" for c in ctxs] + [f"{q['decode'][c]:.2f}x" for c in ctxs]
-        lines.append(f"| ratio vs llama.cpp's fastest | {q['kv']} | | | | " + " | ".join(cells) + " | |")
+        rss = f"{q['rss']:.2f}x" if q["rss"] else ""
+        lines.append(f"| ratio vs {q['vs']}'s fastest | {q['kv']} | | | | " + " | ".join(cells) + f" | {rss} |")
     return "\n".join(lines)
 
 
@@ -295,13 +312,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tqedge-backends", type=lambda s: s.split(","), default=["default"],
                     help="tqedge backends to run: 'default' (what tqedge.load picks) and/or names (onnx,native)")
     ap.add_argument("--llama-kv", type=lambda s: s.split(","), default=list(LLAMA_KV), help="llama.cpp KV types")
+    ap.add_argument("--og-python", type=Path, default=None, help="onnxruntime-genai venv's python (peers.py)")
+    ap.add_argument("--og-model", type=Path, default=None, help="onnxruntime-genai model folder (its builder's output)")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "vs_llamacpp.json")
     ap.add_argument("--dry-run", action="store_true", help="check inputs and print the plan; run nothing")
-    ap.add_argument("--worker", choices=["llama", "tqedge"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["llama", "tqedge", "og"], help=argparse.SUPPRESS)
     ap.add_argument("--kv", help=argparse.SUPPRESS)
     ap.add_argument("--phase", choices=["ppl", "speed"], help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker == "og":
+        print(json.dumps(peers.og_worker(args, timed_contexts, DECODE_STEPS, peak_rss_mib, ids_digest)))
+        return 0
     if args.worker:
         print(json.dumps((llama_worker if args.worker == "llama" else tqedge_worker)(args)))
         return 0
@@ -318,7 +340,7 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     common = ["--gguf", str(args.gguf), "--bundle", str(args.bundle), "--text", str(args.text), "--ctx",
               str(args.ctx), "--windows", str(args.windows), "--contexts", ",".join(map(str, args.contexts)),
-              "--threads", str(args.threads)]
+              "--threads", str(args.threads), *(["--og-model", str(args.og_model)] if args.og_model else [])]
     for job in jobs:
         cmd = [job["python"], str(Path(__file__).resolve()), "--worker", job["side"], "--kv", job["kv"],
                "--phase", job["phase"], *common, *(["--backend", job["backend"]] if job.get("backend") else [])]
@@ -329,8 +351,12 @@ def main(argv=None) -> int:
         print(f"done {job['side']} {job['kv']} {job['phase']}", file=sys.stderr)
         rows = merge_rows(results)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "ratios": ratios(rows), "ctx": args.ctx,
-                                        "windows": args.windows, "threads": args.threads}, indent=1))
+        ids = {r["speed_ids"] for r in rows if "speed_ids" in r}  # every speed side fed the same token ids?
+        args.out.write_text(json.dumps({"rows": rows, "ratios": ratios(rows), "ratios_vs_og": ratios(rows, peers.SIDE),
+                                        "same_speed_ids": len(ids) <= 1, "ctx": args.ctx, "windows": args.windows,
+                                        "threads": args.threads}, indent=1))
+    if len(ids) > 1:
+        print(f"warning: the speed sides tokenized the text differently: {sorted(ids)}", file=sys.stderr)
     print(table(rows))
     return 0
 

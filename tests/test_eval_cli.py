@@ -113,6 +113,29 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     assert tq["ppl"] == 13.0 and tq["peak_rss_mib_speed"] == 500 and tq["peak_rss_mib_ppl"] == 700
 
 
+def test_vs_llamacpp_onnxruntime_genai_peer(tmp_path, capsys):
+    """--og-python adds one onnxruntime-genai job (speed phase only) and ratios against it."""
+    vs_llamacpp = _bench("vs_llamacpp")
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert vs_llamacpp.main(["--gguf", str(gguf), "--bundle", str(tmp_path), "--text", str(text_path()), "--dry-run",
+                             "--llama-python", sys.executable, "--og-python", sys.executable,
+                             "--og-model", str(tmp_path / "no-model")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [(j["side"], j["phase"]) for j in plan["jobs"] if j["side"] == "og"] == [("og", "speed")]
+    assert len(plan["problems"]) == 1 and "--og-model" in plan["problems"][0]  # no genai_config.json there
+    assert "onnxruntime_genai" not in sys.modules
+    rows = vs_llamacpp.merge_rows([
+        {"side": "onnxruntime-genai", "kv": "fp32", "phase": "speed", "decode_tok_s": {"512": 40.0},
+         "prefill_tok_s": {"512": 200.0}, "peak_rss_mib": 400, "kv_bytes_per_token": 46080},
+        {"side": "tqedge", "kv": "exact", "phase": "speed", "decode_tok_s": {"512": 60.0},
+         "prefill_tok_s": {"512": 100.0}, "peak_rss_mib": 300, "kv_bytes_per_token": 5400}])
+    assert vs_llamacpp.ratios(rows) == []  # no llama.cpp row: no ratio against it
+    (q,) = vs_llamacpp.ratios(rows, "onnxruntime-genai")
+    assert q["decode"] == {"512": 1.5} and q["prefill"] == {"512": 0.5} and q["rss"] == 0.75
+    assert "ratio vs onnxruntime-genai's fastest | exact | | | | 0.50x | 1.50x | 0.75x |" in vs_llamacpp.table(rows)
+
+
 def test_layer_allocation_lowers_the_cheapest_layers():
     """allocate: fewest lowered layers that meet the byte target, cheapest KL cost first."""
     layer_bits = _bench("layer_bits")
