@@ -4,7 +4,8 @@ Each run is one worker of ``benchmarks/vs_llamacpp.py`` (``--phase speed``) give
 context: it loads the model, prefills ``c`` tokens of the same text, times 16 decode steps and
 reports its peak RSS — so the peak belongs to that context alone (the combined speed phase of
 vs_llamacpp.py reports the peak of all its contexts). Sides: llama.cpp KV types (through the
-llama-cpp-python venv) and tqedge backends (default KV cache). Repeats alternate the sides
+llama-cpp-python venv), tqedge backends (default KV cache) and, given ``--og-python`` /
+``--og-model``, onnxruntime-genai's int4 build (benchmarks/peers.py). Repeats alternate the sides
 within each round, after one untimed run per side (kernel caches); medians per (side, context). Every side runs in its default environment
 (no ``OMP_WAIT_POLICY``); the load average is recorded before and after each round.
 
@@ -33,10 +34,11 @@ DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
 
 def run_one(args, side: str, kv: str, ctx: int, backend: str | None) -> dict:
     """One worker process; returns its JSON (prefill/decode tok/s at ``ctx``, peak RSS)."""
-    py = str(args.llama_python) if side == "llama" else sys.executable
+    py = {"llama": str(args.llama_python), "og": str(args.og_python)}.get(side, sys.executable)
     cmd = [py, str(VS), "--worker", side, "--kv", kv, "--phase", "speed", "--gguf", str(args.gguf),
            "--bundle", str(args.bundle), "--text", str(args.text), "--contexts", str(ctx),
-           "--threads", str(args.threads), *(["--backend", backend] if backend else [])]
+           "--threads", str(args.threads), *(["--backend", backend] if backend else []),
+           *(["--og-model", str(args.og_model)] if side == "og" else [])]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode:
@@ -89,11 +91,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--llama-kv", type=lambda s: s.split(","), default=["q8_0", "q4_0"])
     ap.add_argument("--tqedge-backends", type=lambda s: s.split(","), default=["native", "onnx"])
+    ap.add_argument("--og-python", type=Path, default=None, help="onnxruntime-genai venv's python (peers.py)")
+    ap.add_argument("--og-model", type=Path, default=None, help="onnxruntime-genai model folder")
     ap.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="skip the untimed first run per side")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "rss_context.json")
     args = ap.parse_args(argv)
     sides = [("llama", kv, None, f"llama.cpp {kv}") for kv in args.llama_kv]
     sides += [("tqedge", "tqedge-default", b, f"tqedge {b}") for b in args.tqedge_backends]
+    if args.og_python and args.og_model:
+        sides.append(("og", "int4", None, "onnxruntime-genai int4"))
     runs, loads = [], []
     if args.prewarm:  # compile caches (Numba's kernel cache, a first load) before any timed run
         for side, kv, backend, _ in sides:
