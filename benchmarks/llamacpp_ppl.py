@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     kinds = ["f16"] + [k for k in a.types.split(",") if k != "f16"]
     ctxs = {k: open_ctx(a.gguf, k, ctx, a.chunk, a.threads) for k in kinds}
     print(json.dumps({"system_info": llama_cpp.llama_print_system_info().decode(),
-                      "llama_cpp_python": llama_cpp.__version__, "flash_attn": True}), flush=True)
+                      "llama_cpp_python": llama_cpp.__version__, "flash_attn": True,
+                      "swa_full": bool(ctxs["f16"].context_params.swa_full)}), flush=True)
     for ids in windows:
         tallies = score_window(ctxs, ids, a.chunk)
         rows = []

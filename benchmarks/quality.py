@@ -166,9 +166,10 @@ LLAMA_PYTHON = "/work/llama-venv/bin/python"  # a venv with llama-cpp-python (be
 
 
 def llama_tokens_in_32mib(a, per: float, ubatch: int) -> int:
-    """Tokens llama.cpp's cache holds in 32 MiB at ``per`` bytes/token of the full-attention layers:
-    its sliding layers keep ``sliding_window + ubatch`` cells (llama_kv_cache_iswa, not swa_full)
-    at the same type, paid first."""
+    """Tokens llama.cpp's cache holds in 32 MiB at ``per`` bytes/token of the full-attention layers
+    with ``swa_full=False``: its sliding layers keep ``sliding_window + ubatch`` cells
+    (llama_kv_cache_iswa) at the same type, paid first. (llama-cpp-python's default is the
+    full-size SWA cache: every layer pays per token, ``tokens_in_32mib_swa_full``.)"""
     paying = sum(a.layer_window(i) is None for i in range(a.num_layers))
     sliding = [a.layer_window(i) for i in range(a.num_layers) if a.layer_window(i) is not None]
     rings = sum((w + ubatch) * per / paying for w in sliding)
@@ -209,7 +210,8 @@ def run_llamacpp(bundle: Path, gguf: Path, text: str, ctx: int, windows: int, ou
             if isinstance(msg, dict):
                 meta.update(msg)
                 continue
-            per_window.append([{**r, "tokens_in_32mib": llama_tokens_in_32mib(a, r["bytes_per_token"], chunk)}
+            per_window.append([{**r, "tokens_in_32mib": llama_tokens_in_32mib(a, r["bytes_per_token"], chunk),
+                                "tokens_in_32mib_swa_full": int(BUDGET_32MIB * paying // (r["bytes_per_token"] * a.num_layers))}
                                for r in msg])
             doc = {"meta": {**meta, "windows_done": len(per_window), "seconds": round(time.perf_counter() - t0, 1)},
                    "results": merge(per_window)}
