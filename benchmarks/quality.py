@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -115,35 +116,112 @@ def avg_log(ws: list[dict], key: str) -> float:
     return sum(math.log(w[key]) for w in ws) / len(ws)
 
 
-def sizes(r: dict, head_dim: int = 64, layers: int = 30, kv_heads: int = 3) -> dict:
-    """Bits per stored value (scales included) and tokens that fit a 32 MiB budget."""
-    per, fixed = r["bytes_per_token"], r["fixed_bytes"]
-    values = 2 * layers * kv_heads * head_dim  # keys + values of one token
-    fp16_tokens = fixed // (2 * values)  # sinks + window held in fp16
+def sizes(r: dict) -> dict:
+    """Bits per stored value beyond the fp16 window (scales included) and the compression against fp16,
+    from ``values_per_token`` (keys + values of the layers that pay per token: sliding layers live in
+    fixed rings) and the ``tokens_in_32mib`` the cache itself reported."""
+    per, values = r["bytes_per_token"], r["values_per_token"]
     return {"bits_per_value": 8 * per / values, "ratio_vs_fp16": 2 * values / per,
-            "tokens_in_32mib": int(fp16_tokens + (BUDGET_32MIB - fixed) // per)}
+            "tokens_in_32mib": r["tokens_in_32mib"]}
+
+
+def budget_facts(model, cfg) -> dict:
+    """``values_per_token`` and ``tokens_in_32mib`` of ``cfg`` on this model (a 32 MiB cache, pages untouched)."""
+    import dataclasses
+
+    from tqedge.runtime.eval_ppl import build_cache
+
+    a = model.manifest.architecture
+    paying = sum(a.layer_window(i) is None for i in range(a.num_layers))
+    cache, _ = build_cache(model, dataclasses.replace(cfg, kv_budget=BUDGET_32MIB), 0)
+    return {"values_per_token": 2 * paying * a.num_kv_heads * a.head_dim, "tokens_in_32mib": int(cache.capacity)}
 
 
 def run(bundle: Path, text: str, ctx: int, windows: int, configs: list, out: Path | None, chunk: int,
-        skip: int = 0) -> dict:
+        skip: int = 0, threads: int | None = None) -> dict:
     import tqedge
     from tqedge.runtime.eval_ppl import evaluate, text_windows
 
-    model = tqedge.load(bundle, verify="none")
+    model = tqedge.load(bundle, verify="none", threads=threads)
+    facts = [budget_facts(model, c) for c in configs]
     path = TEXTS.get(text, Path(text))
     wins = text_windows(model, Path(path).read_text(encoding="utf-8"), ctx, skip + windows)[skip:]
     meta = {"bundle": str(bundle), "text": text, "ctx": ctx, "windows_planned": len(wins), "first_window": skip,
-            "configs": [c.name for c in configs], "chunk": chunk}
+            "configs": [c.name for c in configs], "chunk": chunk,
+            "threads": threads}
     per_window, t0 = [], time.perf_counter()
     doc = {"meta": meta, "results": []}
     for i, w in enumerate(wins):
-        per_window.append(evaluate(model, [w], configs, chunk=chunk))
+        per_window.append([{**r, **f} for r, f in zip(evaluate(model, [w], configs, chunk=chunk), facts)])
         doc = {"meta": {**meta, "windows_done": i + 1, "seconds": round(time.perf_counter() - t0, 1)},
                "results": merge(per_window)}
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(doc, indent=1))
         log.info("window %d/%d done (%.0fs)", i + 1, len(wins), time.perf_counter() - t0)
+    return doc
+
+
+LLAMA_PYTHON = "/work/llama-venv/bin/python"  # a venv with llama-cpp-python (benchmarks/llamacpp_ppl.py)
+
+
+def llama_tokens_in_32mib(a, per: float, ubatch: int) -> int:
+    """Tokens llama.cpp's cache holds in 32 MiB at ``per`` bytes/token of the full-attention layers
+    with ``swa_full=False``: its sliding layers keep ``sliding_window + ubatch`` cells
+    (llama_kv_cache_iswa) at the same type, paid first. (llama-cpp-python's default is the
+    full-size SWA cache: every layer pays per token, ``tokens_in_32mib_swa_full``.)"""
+    paying = sum(a.layer_window(i) is None for i in range(a.num_layers))
+    sliding = [a.layer_window(i) for i in range(a.num_layers) if a.layer_window(i) is not None]
+    rings = sum((w + ubatch) * per / paying for w in sliding)
+    return int((BUDGET_32MIB - rings) // per)
+
+
+def run_llamacpp(bundle: Path, gguf: Path, text: str, ctx: int, windows: int, out: Path | None, chunk: int,
+                 skip: int = 0, threads: int = 1, types: str = "f16,q8_0,q4_0", python: str = LLAMA_PYTHON) -> dict:
+    """llama.cpp's quantized KV caches against its f16 cache on the windows ``run`` scores: the
+    bundle's tokenizer cuts the windows (same ids, BOS included), ``benchmarks/llamacpp_ppl.py``
+    scores them on ``gguf`` in a ``python`` subprocess; JSON rewritten after each window."""
+    import subprocess
+    import tempfile
+    import types as _types
+
+    from tokenizers import Tokenizer
+
+    from tqedge.bundle import read_manifest
+    from tqedge.runtime.eval_ppl import text_windows
+
+    manifest = read_manifest(bundle, verify="none")
+    tok = _types.SimpleNamespace(manifest=manifest, tokenizer=Tokenizer.from_file(str(bundle / manifest.tokenizer.file)))
+    wins = text_windows(tok, Path(TEXTS.get(text, Path(text))).read_text(encoding="utf-8"), ctx, skip + windows)[skip:]
+    a = manifest.architecture
+    paying = sum(a.layer_window(i) is None for i in range(a.num_layers))
+    meta = {"bundle": str(bundle), "gguf": str(gguf), "text": text, "ctx": ctx, "windows_planned": len(wins),
+            "first_window": skip, "configs": [f"llama.cpp {t}" for t in types.split(",") if t != "f16"],
+            "chunk": chunk, "threads": threads, "peer": "llama.cpp (KV types vs its own f16 cache)"}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(wins, f)
+    cmd = [python, str(HERE / "llamacpp_ppl.py"), "--gguf", str(gguf), "--windows", f.name, "--types", types,
+           "--chunk", str(chunk), "--threads", str(threads), "--paying", str(paying),
+           "--kv-heads", str(a.num_kv_heads), "--head-dim", str(a.head_dim)]
+    per_window, t0, doc = [], time.perf_counter(), {"meta": meta, "results": []}
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            msg = json.loads(line)
+            if isinstance(msg, dict):
+                meta.update(msg)
+                continue
+            per_window.append([{**r, "tokens_in_32mib": llama_tokens_in_32mib(a, r["bytes_per_token"], chunk),
+                                "tokens_in_32mib_swa_full": int(BUDGET_32MIB * paying // (r["bytes_per_token"] * a.num_layers))}
+                               for r in msg])
+            doc = {"meta": {**meta, "windows_done": len(per_window), "seconds": round(time.perf_counter() - t0, 1)},
+                   "results": merge(per_window)}
+            if out:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(doc, indent=1))
+            log.info("llama.cpp window %d/%d done (%.0fs)", len(per_window), len(wins), time.perf_counter() - t0)
+    Path(f.name).unlink()
+    if proc.returncode:
+        raise SystemExit(f"llama.cpp peer failed (exit {proc.returncode})")
     return doc
 
 
@@ -177,22 +255,28 @@ def combine(docs: list[dict]) -> list[dict]:
 
 
 def table(docs: list[dict]) -> str:
-    """Markdown table: one row per config, columns per text."""
+    """Markdown table: one row per config, columns per text; ΔPPL as the median over windows, then
+    the token-weighted mean and the per-window range."""
     texts = [d["meta"]["text"] for d in docs]
     head = ("| config | bits/value | bytes/token | tokens in 32 MiB | " +
-            " | ".join(f"{t}: ΔPPL % | ΔPPL last ¼ % | KL | top-1" for t in texts) + " |")
+            " | ".join(f"{t}: PPL (ref) | ΔPPL % median / mean [min, max] | KL | top-1" for t in texts) + " |")
     sep = "|" + "---|" * (4 + 4 * len(texts))
     names = list(dict.fromkeys(r["config"] for d in docs for r in d["results"]))
     lines = [head, sep]
     for n in names:
         rs = [next((r for r in d["results"] if r["config"] == n), None) for d in docs]
         r0 = next(r for r in rs if r)
+        fits = r0.get("tokens_in_32mib")
         cells = [f"{n} ({'/'.join(str(r['windows']) if r else '0' for r in rs)} win)", f"{r0['bits_per_value']:.2f}",
-                 str(r0["bytes_per_token"]), str(r0["tokens_in_32mib"])]
+                 f"{r0['bytes_per_token']:g}", "–" if fits is None else str(fits)]
         for r in rs:
-            cells += (["–"] * 4 if r is None else
-                      [f"{r['delta_pct']:+.2f}", f"{r['delta_last_quarter_pct']:+.2f}", f"{r['kl']:.4f}",
-                       f"{100 * r['top1_agree']:.1f}%"])
+            if r is None:
+                cells += ["–"] * 4
+                continue
+            w = r["window_delta_pct"]
+            cells += [f"{r['ppl']:.3f} ({r['ppl_exact']:.3f})",
+                      f"{statistics.median(w):+.2f} / {r['delta_pct']:+.2f} [{min(w):+.2f}, {max(w):+.2f}]",
+                      f"{r['kl']:.4f}", f"{100 * r['top1_agree']:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -244,26 +328,36 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=0, help="start after this many windows (to extend a run)")
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="onnxruntime and attention-kernel threads")
+    ap.add_argument("--llamacpp", type=Path, default=None, metavar="GGUF",
+                    help="instead: llama.cpp's q8_0/q4_0 KV vs its f16 on this GGUF, same windows (--llama-types)")
+    ap.add_argument("--llama-types", default="f16,q8_0,q4_0")
     ap.add_argument("--smoke", action="store_true", help="1 window of 256 tokens, configs K4V4,K2V2, window 32")
     ap.add_argument("--table", nargs="*", type=Path, help="print a markdown table of result files and exit")
     ap.add_argument("--plot", type=Path, default=None, help="with --table: also write this PNG")
+    ap.add_argument("--merged", type=Path, default=None, help="with --table: also write the merged JSON")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if a.table is not None:
         docs = combine([json.loads(p.read_text()) for p in a.table])
         print(table(docs))
+        if a.merged:
+            a.merged.write_text(json.dumps({"files": [str(p) for p in a.table], "docs": docs}, indent=1))
         if a.plot:
             plot(docs, a.plot)
         return 0
     if a.bundle is None:
         ap.error("--bundle is required")
-    if a.smoke:
+    if a.llamacpp:
+        doc = run_llamacpp(a.bundle, a.llamacpp, a.text, 256 if a.smoke else a.ctx, 1 if a.smoke else a.windows, a.out, a.chunk,
+                           a.skip, a.threads or 1, a.llama_types)
+    elif a.smoke:
         import dataclasses
 
         configs = [dataclasses.replace(c, window=32) for c in pick("smoke")]
-        doc = run(a.bundle, a.text, 256, 1, configs, a.out, a.chunk)
+        doc = run(a.bundle, a.text, 256, 1, configs, a.out, a.chunk, threads=a.threads)
     else:
-        doc = run(a.bundle, a.text, a.ctx, a.windows, pick(a.configs), a.out, a.chunk, a.skip)
+        doc = run(a.bundle, a.text, a.ctx, a.windows, pick(a.configs), a.out, a.chunk, a.skip, a.threads)
     print(json.dumps(doc if a.out is None else {"meta": doc["meta"]}, indent=1))
     return 0
 

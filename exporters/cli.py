@@ -71,8 +71,9 @@ def _summary(out: Path, manifest) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to create.")
 @click.option("--weights", type=click.Choice(WEIGHT_FORMATS), default="fp32", show_default=True,
               help="Dense weight format.")
-@click.option("--kv-bits", default="4,3", show_default=True,
-              help="Default KV bits (keys,values) in the manifest; per-layer overrides as K4V3+L4,7@K4V2.")
+@click.option("--kv-bits", default=None,
+              help="Default KV bits (keys,values) in the manifest; per-layer overrides as K4V3+L4,7@K4V2. "
+                   "[default: the architecture's measured one: 4,3; gemma3 8,4]")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Graph formats, comma-separated: onnx, tflite.")
 @click.option("--drop-layers", default=None,

@@ -69,7 +69,7 @@ def _scales_file(graphs) -> str | None:
     return next((f for g in graphs.values() for f in g.data if f.endswith(DQ_FILE)), None)
 
 
-def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = False,
+def export(src, out, weights: str = "fp32", kv_bits=None, overwrite: bool = False,
            progress: Progress | None = None, name: str | None = None, formats="onnx",
            drop_layers: str | None = None, calibration=None) -> Manifest:
     """Export a model to a tqedge bundle.
@@ -80,7 +80,8 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
         out: bundle directory to create.
         weights: dense weight format: fp32 | fp16 | int8 | int4 | nf4 | nf4-dq.
         kv_bits: default TurboQuant (key_bits, value_bits) recorded in the manifest, or a
-            spec with per-layer overrides such as ``"K4V3+L4,7@K4V2"``.
+            spec with per-layer overrides such as ``"K4V3+L4,7@K4V2"``; None = the
+            architecture's measured default (``Architecture.kv_bits``: 4,3, Gemma 3 8,4).
         overwrite: replace an existing ``out``.
         progress: optional ``callback(stage, done, total)``.
         name: bundle name (default: ``out``'s stem).
@@ -98,7 +99,8 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     """
     if weights not in WEIGHT_FORMATS:
         raise TqedgeError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
-    (key_bits, value_bits), layer_bits = _kv_bits(kv_bits)
+    if kv_bits is not None:
+        (key_bits, value_bits), layer_bits = _kv_bits(kv_bits)  # before minutes of parsing
     formats = _formats(formats)
     if "tflite" in formats and (weights == "int4" or weights in NF4_FORMATS):
         raise TqedgeError(f"tflite graphs support fp32, fp16 and int8 weights; export {weights} with --format onnx")
@@ -110,8 +112,11 @@ def export(src, out, weights: str = "fp32", kv_bits=(4, 3), overwrite: bool = Fa
     spec = load_source(src)
     if progress:
         progress("read", 1, 1)
+    from tqedge.exporters.architectures import get_architecture
     from tqedge.runtime.kv_spec import check_layer_bits
 
+    if kv_bits is None:
+        (key_bits, value_bits), layer_bits = _kv_bits(get_architecture(spec.arch.name).kv_bits)
     check_layer_bits(layer_bits, spec.arch.num_layers)
     if "tflite" in formats and spec.arch.name not in TFLITE_FAMILIES:
         raise TqedgeError(f"tflite graphs are not built for {spec.arch.name} models (only {', '.join(TFLITE_FAMILIES)}); export with --format onnx")

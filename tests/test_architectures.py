@@ -125,6 +125,22 @@ def test_manifest_records_the_architecture(tiny):
         assert a.rope_scaling["rope_type"] == "llama3"
 
 
+def test_default_kv_bits_are_per_architecture(tiny):
+    """An export that names no --kv-bits records the architecture's measured default: Gemma 3
+    (head_dim 256, one KV head) needs 8-bit keys to stay within 1 % PPL, the others keep K4V3
+    (docs/RESULTS.md)."""
+    kind, _, manifest, _, _ = tiny
+    want = (8.0, 4.0) if kind == "gemma3" else (4.0, 3.0)
+    assert (manifest.kv.key_bits, manifest.kv.value_bits, manifest.kv.layer_bits) == (*want, None)
+
+
+def test_explicit_kv_bits_override_the_architecture_default(tmp_path):
+    src = build(tmp_path / "hf", "gemma3")
+    m = tqedge.export(src, tmp_path / "g.tqe", kv_bits="K4V3+L1@K8V8")
+    assert (m.kv.key_bits, m.kv.value_bits, m.kv.layer_bits) == (4.0, 3.0, {"1": [8.0, 8.0]})
+    assert tqedge.load(tmp_path / "g.tqe").manifest.kv == m.kv
+
+
 def test_tflite_is_refused_for_new_families(tmp_path):
     src = build(tmp_path / "hf", "qwen3")
     with pytest.raises(tqedge.TqedgeError, match="tflite graphs are not built for qwen3"):

@@ -197,4 +197,5 @@ GEMMA3 = Architecture(
     name="gemma3", hf_classes=("Gemma3ForCausalLM",), gguf_arch="gemma3",
     args_from_hf=args_from_hf, args_from_gguf=args_from_gguf, gguf_names=GGUF_NAMES,
     sanitize=sanitize_gemma3, hf_fixup=hf_fixup,
+    kv_bits="8,4",  # 4-bit keys cost head_dim-256 Gemma > 1 % PPL (docs/RESULTS.md, Gemma KV quality)
 )

@@ -206,6 +206,7 @@ class Architecture:
     sanitize: Callable
     gguf_fixup: Callable | None = None  # e.g. un-permute Q/K
     hf_fixup: Callable | None = None  # HF names/conventions → canonical (after sanitize)
+    kv_bits: str = "4,3"  # the manifest's default KV bits when the export names none (measured per model)
 
 
 LLAMA = Architecture(
