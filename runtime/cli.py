@@ -79,7 +79,8 @@ SAMPLING_OPTIONS = [
 ]
 MODEL_OPTIONS = [
     click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path)),
-    click.option("--backend", type=click.Choice(["native", "onnx", "tflite"]), default=None, help="Default: first available."),
+    click.option("--backend", type=click.Choice(["native", "onnx", "tflite"]), default=None,
+                 help="Default: native where the bundle and cache options allow, else onnx, else tflite."),
     click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
                  help="Threads for onnxruntime and the attention kernels."),
     click.option("--system", default=None, help="System message (chat template)."),

@@ -93,6 +93,20 @@ CODEC_WORDS = 20
 LAYER_WORDS = 2 * CODEC_WORDS
 
 
+def supports(manifest, kv_bits=None, qjl=None) -> bool:
+    """Whether the native op runs the caches these options make (checked on the codec configs:
+    nothing built): the exact cache, and TurboQuant with whole bits and no QJL in every layer."""
+    from tqedge.runtime.cache import codec_configs
+    from tqedge.runtime.kv_spec import parse_kv_spec
+
+    bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
+    if kv_bits is not None and bits is None:
+        return True  # the exact cache
+    a = manifest.architecture
+    keys, values = codec_configs(manifest.kv, a.num_layers, a.head_dim, bits, qjl=qjl, layer_bits=layer_bits)
+    return all(float(c.bits).is_integer() and not c.qjl for c in (*keys, *values))
+
+
 def _codec_words(row: np.ndarray, tq, codes: np.ndarray, scales: np.ndarray, keys: bool, keep: list) -> None:
     t = tq.segments
     d = tq.dim

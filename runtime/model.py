@@ -37,7 +37,8 @@ class Model:
     Args:
         path: bundle directory.
         manifest: its validated manifest.
-        backend: backend name ("onnx" | "tflite") or None to choose.
+        backend: backend name ("native" | "onnx" | "tflite") or None to choose
+            (:func:`tqedge.runtime.backends.choose_backend`).
         threads: threads for the backend's intra-op pool and the attention kernels (None: the
             backend's default and every usable core for the kernels; 1: one thread).
         kv_budget / kv_bits / window / sinks / policy: defaults for :meth:`new_cache`.
@@ -59,15 +60,15 @@ class Model:
         self._set_kernel_threads = kernels.set_threads
         self.path, self.manifest = Path(path), manifest
         self.arch = manifest.architecture
-        self.backend_name = choose_backend(manifest, backend)
+        self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
+                                   sinks=sinks, policy=policy)
+        self.backend_name = choose_backend(manifest, backend, self.cache_defaults)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
-                                   sinks=sinks, policy=policy)
         self.memory = self.fixed_bytes = None
         if memory is not None:
             self._fit(memory, kv_budget)
@@ -208,7 +209,8 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
 
     Args:
         path: bundle directory (made by ``tqedge export``).
-        backend: "onnx" or "tflite"; default: the first the bundle has and this device runs.
+        backend: "native", "onnx" or "tflite"; default: the first the bundle has and this device
+            runs for these cache options (native where it can).
         threads: threads for onnxruntime's intra-op pool and the attention kernels (≥ 1;
             None: onnxruntime's default and every usable core).
         verify: "auto" (SHA-256 of every file the first time this device loads the bundle and

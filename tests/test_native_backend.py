@@ -151,12 +151,18 @@ def _greedy(model, cache, prompt, n):
     return out
 
 
-def test_native_is_opt_in_and_old_graphs_are_refused(pair):
+def test_native_is_the_default_where_it_runs(pair):
     native, seg = pair
     assert native.backend_name == "native" and seg.backend_name == "onnx"
     m = native.manifest
-    assert choose_backend(m) == "onnx"  # the default: measured faster (runtime/backends/__init__.py)
-    assert choose_backend(m, "native") == "native"
+    assert choose_backend(m) == "native"  # the default: measured faster (runtime/backends/__init__.py)
+    assert choose_backend(m, "onnx") == "onnx"
+    assert choose_backend(m, batched=True) == "onnx"  # the server batches conversations: segments
+    # cache options the op cannot run pick the segments (fractional bits split outliers; QJL)
+    assert choose_backend(m, cache_defaults={"kv_bits": "3.5,3"}) == "onnx"
+    assert choose_backend(m, cache_defaults={"kv_bits": "exact"}) == "native"
+    assert choose_backend(m, cache_defaults={"kv_bits": "4,3"}) == "native"
+    assert choose_backend(dataclasses.replace(m, kv=dataclasses.replace(m.kv, qjl=True))) == "onnx"
     old = dataclasses.replace(m, graphs={"onnx": dataclasses.replace(m.graphs["onnx"], descriptor=0)})
     assert choose_backend(old) == "onnx"
     with pytest.raises(TqedgeError, match="re-export"):

@@ -1,9 +1,8 @@
 """Graph backends, by name: ``Backend(bundle_dir, manifest, threads).forward(ids, positions,
-logits_index, cache) -> logits``. ``onnx`` / ``tflite`` run the dense segments and call the
-cache's attention between them (``onnx`` is the default: measured faster); ``native`` runs the
-uncut ``model.onnx`` in one onnxruntime session with the attention op in Numba (opt-in with
-``backend="native"``; needs Numba and a graph that carries the cache descriptor). Imported lazily so a missing
-optional runtime costs nothing.
+logits_index, cache) -> logits``. ``native`` (the default where it runs) runs the uncut
+``model.onnx`` in one onnxruntime session with the attention op in Numba (needs Numba and a
+graph that carries the cache descriptor); ``onnx`` / ``tflite`` run the dense segments and call
+the cache's attention between them. Imported lazily so a missing optional runtime costs nothing.
 """
 
 from __future__ import annotations
@@ -15,15 +14,17 @@ import os
 from tqedge.errors import TqedgeError
 
 # name -> (class, packages it needs, the manifest graph it runs)
-# Order = preference. The segment path comes first: on a quiet 2-core x86 machine it decoded
-# SmolLM2 int4 at 512 tokens in 31.5 ms/step against the native session's 54.5 ms (the native
-# session does not yet gain from its second intra-op thread) at nearly the same peak RSS
-# (463 vs 443 MiB). ``--backend native`` opts in.
+# Order = preference. The native session comes first where it runs (see docs/RESULTS.md, "native
+# backend, round 12": faster decode and prefill than the segments on SmolLM2 int4 at every measured
+# context, at lower peak RSS). The segments run what it cannot (sliding-window layers, nf4-dq
+# weights, fractional-bit or QJL caches) and batches of sequences (UNBATCHED).
 BACKENDS = {
-    "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime", "onnx"),
     "native": ("tqedge.runtime.backends.onnx_native:NativeBackend", "onnxruntime and numba", "onnx"),
+    "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime", "onnx"),
     "tflite": ("tqedge.runtime.backends.litert:LiteRTBackend", "ai-edge-litert", "tflite"),
 }
+#: backends that run a batch one sequence at a time (the server prefers the others by default)
+UNBATCHED = {"native"}
 
 
 def available(name: str) -> bool:
@@ -78,8 +79,11 @@ def get_backend(name: str):
     return getattr(mod, attr)
 
 
-def choose_backend(manifest, requested: str | None = None) -> str:
-    """Pick a backend: the requested one, else the first the bundle has and this device can run."""
+def choose_backend(manifest, requested: str | None = None, cache_defaults: dict | None = None,
+                   batched: bool = False) -> str:
+    """Pick a backend: the requested one, else the first the bundle has and this device can run
+    (for ``cache_defaults`` — the load-time cache options — and, with ``batched``, one that
+    runs batches as batches)."""
     if requested:
         if requested not in BACKENDS:
             raise TqedgeError(f"unknown backend {requested!r} (choose from {', '.join(BACKENDS)})")
@@ -88,6 +92,14 @@ def choose_backend(manifest, requested: str | None = None) -> str:
                               f"(it has: {', '.join(manifest.graphs) or 'none'}; native needs a re-export)")
         return requested
     for name in BACKENDS:
-        if runs(name, manifest) and available(name):
+        if batched and name in UNBATCHED:
+            continue
+        if runs(name, manifest) and available(name) and (name != "native" or _native_caches(manifest, cache_defaults)):
             return name
     raise TqedgeError(f"no installed backend can run this bundle (graphs: {', '.join(manifest.graphs) or 'none'})")
+
+
+def _native_caches(manifest, cache_defaults: dict | None) -> bool:
+    from tqedge.runtime.kv_descriptor import supports
+
+    return supports(manifest, **{k: v for k, v in (cache_defaults or {}).items() if k in ("kv_bits", "qjl")})
