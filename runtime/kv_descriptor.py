@@ -16,7 +16,7 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
       prefill  24 fp_slots* 25 n   26 pf* 27 n   28 old_idx* 29 n   30 pc* 31 n   32 new_c* 33 n
                34 n_new_read   (the arrays of CompressedKVCache._plan_prefill, int64)
              35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 parallel prefill entry*
-             37 parallel decode entry* (C functions, runtime/native_parallel.py; 0: serial)
+                (a C function, runtime/native_parallel.py; 0: serial)
     layer table row: a key block then a value block of CODEC_WORDS words each (codes*, scales*,
     code bytes B, scales P, projected dim Dp, segment table*, segments, codebook*, n, byte LUT*, n,
     rotation^T* (D,D) f32, boundaries* f64, n, centroids* f64, bits, corrected norm, encodable,
@@ -85,8 +85,8 @@ TQ_S, TQ_W, TQ_R, TQ_FP_LO, TQ_EXACT_PREFILL, TQ_FP_K, TQ_FP_V, TQ_LAYERS, TQ_LW
 MODE_DECODE, MODE_PREFILL = 1, 2
 TQ_BIAS, TQ_NR, TQ_RANGES = 18, 19, 20
 TQ_FP_SLOTS, TQ_PF, TQ_OLD_IDX, TQ_PC, TQ_NEW_C, TQ_N_NEW_READ = 24, 26, 28, 30, 32, 34
-TQ_LOCK, TQ_PAR_PREFILL, TQ_PAR_DECODE = 35, 36, 37
-TQ_WORDS = 38
+TQ_LOCK, TQ_PAR_PREFILL = 35, 36
+TQ_WORDS = 37
 (C_CODES, C_SCALES, C_B, C_P, C_DP, C_TABLE, C_NSEG, C_CB, C_NCB, C_LUT, C_NLUT, C_ROT, C_BOUNDS, C_NB,
  C_CENT, C_BITS, C_CORR, C_OK, C_PROJ) = range(19)
 CODEC_WORDS = 20
@@ -146,7 +146,7 @@ def layer_table(cache) -> tuple[np.ndarray, list]:
 def _parallel_entries(d: np.ndarray) -> None:
     from tqedge.runtime import native_parallel  # starts Numba's pool: only once it will be used
 
-    d[TQ_PAR_PREFILL], d[TQ_PAR_DECODE] = native_parallel.PREFILL_ENTRY, native_parallel.DECODE_ENTRY
+    d[TQ_PAR_PREFILL] = native_parallel.PREFILL_ENTRY
 
 
 def turboquant(cache) -> np.ndarray:

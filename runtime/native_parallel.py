@@ -1,11 +1,11 @@
-"""Parallel twins of the native op's work loops, entered through C function pointers.
+"""The parallel twin of the native op's prefill loop, entered through a C function pointer.
 
 The ``TurboQuantAttention`` callback (:mod:`tqedge.runtime.native_op`) is cached machine code
 with no parallel region in it: Numba links a cached parallel kernel against its thread pool's
 symbols when the kernel is loaded, so code loaded before the pool started crashes when it
 launches. This module starts the pool first (importing it is the decision to run in
 parallel: :mod:`tqedge.runtime.kv_descriptor` imports it at the first prefill step whose thread
-count is above one), then loads the parallel twins and exposes them as ``cfunc`` addresses that
+count is above one), then loads the parallel twin and exposes it as a ``cfunc`` address that
 the descriptor hands to the op. The op calls one only while holding the process-wide launch
 lock (:data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`), else runs the serial twin.
 """
@@ -17,7 +17,6 @@ from numba import carray, types
 from numba.np.ufunc.parallel import _launch_threads
 
 from tqedge.codec.numba_runtime import cfunc, njit
-from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime import native_turboquant as NT
 from tqedge.runtime.ort_numba import as_ptr
 
@@ -49,25 +48,4 @@ def _prefill_entry(block_addr):
     return 0
 
 
-_decode_items_par = njit(warm=False, parallel=True, nogil=True,
-                         fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})(NT.decode_items)
-
-
-@cfunc(types.intp(types.intp), nogil=True)
-def _decode_entry(block_addr):
-    """``decode_items`` in parallel over the argument block at ``block_addr`` (NT.DB_*)."""
-    b = carray(as_ptr(block_addr, np.int64), (NT.DB_WORDS,))
-    hkv, g, nch, dpk, dpv = b[NT.DB_HKV], b[NT.DB_G], b[NT.DB_NCH], b[NT.DB_DPK], b[NT.DB_DPV]
-    qp = carray(as_ptr(b[NT.DB_QP], np.float32), (hkv, g, dpk))
-    krow = carray(as_ptr(b[NT.DB_KROW], np.int64), (KD.CODEC_WORDS,))
-    vrow = carray(as_ptr(b[NT.DB_VROW], np.int64), (KD.CODEC_WORDS,))
-    chunks = carray(as_ptr(b[NT.DB_CHUNKS], np.int64), (nch, 2))
-    mo = carray(as_ptr(b[NT.DB_MO], np.float32), (nch, hkv, g))
-    dno = carray(as_ptr(b[NT.DB_DNO], np.float32), (nch, hkv, g))
-    acco = carray(as_ptr(b[NT.DB_ACCO], np.float32), (nch, hkv, g, dpv))
-    _decode_items_par(qp, krow, vrow, hkv, b[NT.DB_RING], b[NT.DB_D], chunks, mo, dno, acco)
-    return 0
-
-
 PREFILL_ENTRY = _prefill_entry.address
-DECODE_ENTRY = _decode_entry.address

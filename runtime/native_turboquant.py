@@ -18,7 +18,7 @@ from numba import carray, prange
 
 from tqedge.codec.kernels_fused import (TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec,
                                         prefill_attend)
-from tqedge.codec.kernels_numba import PARALLEL_MIN, dequantize_serial, scores_serial, value_sum_serial
+from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
 from tqedge.codec.numba_runtime import njit, release, serial_twin, try_acquire
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
@@ -77,113 +77,65 @@ def encode_row(x, rot, bounds, cent, bits, corrected, codes_out, scales_out):
     scales_out[0] = f32_to_f16(min(scale, F16_MAX))
 
 
-def decode_items(qp, kc_row, vc_row, hkv, ring, d, chunks, mo, dno, acco):
-    """Per chunk ``c`` of compressed ring rows ``[chunks[c, 0], chunks[c, 1])``, for every head:
-    the scores' max ``mo[c]``, the sum of ``exp(score - max)`` ``dno[c]`` and the compressed-domain
-    value sum ``acco[c]`` (a ``prange``: :mod:`tqedge.runtime.native_parallel` compiles the
-    parallel twin; the op calls it through a pointer on long contexts when threads > 1)."""
-    kc = _codec(kc_row, hkv, ring, d, True)
-    vc = _codec(vc_row, hkv, ring, d, False)
-    for c in prange(chunks.shape[0]):
-        a, b = chunks[c, 0], chunks[c, 1]
-        sc = scores_serial(qp, kc[0][:, a:b], kc[1][:, a:b], kc[2], kc[3], kc[4])  # (Hkv, G, n)
-        for h in range(sc.shape[0]):
-            for gg in range(sc.shape[1]):
-                mx = -np.inf
-                for n in range(b - a):
-                    mx = max(mx, sc[h, gg, n])
-                tot = np.float32(0.0)
-                for n in range(b - a):
-                    e = np.exp(sc[h, gg, n] - mx)
-                    sc[h, gg, n] = e
-                    tot += e
-                mo[c, h, gg] = mx
-                dno[c, h, gg] = tot
-        acco[c] = value_sum_serial(sc, vc[0][:, a:b], vc[1][:, a:b], vc[2], vc[3], vc[4], vc[5])
-
-
-_decode_items_ser = njit(**_OPTS)(serial_twin(decode_items))
-DECODE_CHUNK = 512  # compressed keys per decode work item
-# the argument block of the parallel decode entry
-DB_QP, DB_KROW, DB_VROW, DB_HKV, DB_RING, DB_D, DB_G, DB_DPK, DB_DPV, DB_CHUNKS, DB_NCH, DB_MO, DB_DNO, DB_ACCO = \
-    range(14)
-DB_WORDS = 14
-
-
 @njit(**_OPTS)
-def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, threads, lock, par_entry, out):
+def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
     """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, with
-    the kernels of the segment path (fp16_kernels, kernels_numba), as ``attention.decode``: the
-    fp16 part and chunks of the compressed ring each get their own softmax max, merged at the
-    end (the chunks run in parallel past ``PARALLEL_MIN`` head·keys when threads > 1)."""
+    the kernels of the segment path (fp16_kernels, kernels_numba), as ``attention.decode``."""
     hkv, nf, d = fpk.shape
     hq = q.shape[0]
     g = hq // hkv
-    dpk, pq, dpv, um = kc[5], kc[6], vc[5], vc[6]
+    kcodes, kscales, ktab, kcb, klut, dpk, pq = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6]
+    vcodes, vscales, vtab, vcb, vlut, dpv, um = vc[0], vc[1], vc[2], vc[3], vc[4], vc[5], vc[6]
     qh = np.empty((hkv, g, d), np.float32)
     for h in range(hkv):
         for gg in range(g):
             for x in range(d):
                 qh[h, gg, x] = q[h * g + gg, x] * scale
     s_fp = scores_u16(qh, fpk, bias)  # (Hkv, G, Nf)
-    m_fp = np.full((hkv, g), -np.inf, np.float32)
-    den = np.zeros((hkv, g), np.float32)
+    m = np.full((hkv, g), -np.inf, np.float32)
     for h in range(hkv):
         for gg in range(g):
             for n in range(nf):
-                m_fp[h, gg] = max(m_fp[h, gg], s_fp[h, gg, n])
-            for n in range(nf):
-                p = np.exp(s_fp[h, gg, n] - m_fp[h, gg]) if m_fp[h, gg] != -np.inf else np.float32(0.0)
-                s_fp[h, gg, n] = p
-                den[h, gg] += p
-    acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D), relative to m_fp
+                m[h, gg] = max(m[h, gg], s_fp[h, gg, n])
     qp = np.empty((hkv, g, dpk), np.float32)
     for h in range(hkv):
         for gg in range(g):
             matvec(qh[h, gg], pq, qp[h, gg])
-    nch = 0
+    s_c = []
     for r in range(nr):
-        nch += (ranges[2 * r + 1] - ranges[2 * r] + DECODE_CHUNK - 1) // DECODE_CHUNK
-    chunks = np.empty((nch, 2), np.int64)
-    c, total = 0, 0
+        a, b = ranges[2 * r], ranges[2 * r + 1]
+        s = scores_serial(qp, kcodes[:, a:b], kscales[:, a:b], ktab, kcb, klut)  # (Hkv, G, n)
+        for h in range(hkv):
+            for gg in range(g):
+                for n in range(b - a):
+                    m[h, gg] = max(m[h, gg], s[h, gg, n])
+        s_c.append(s)
+    den = np.zeros((hkv, g), np.float32)
+    for h in range(hkv):
+        for gg in range(g):
+            for n in range(nf):
+                p = np.exp(s_fp[h, gg, n] - m[h, gg])
+                s_fp[h, gg, n] = p
+                den[h, gg] += p
+    acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D)
+    accp = np.zeros((hkv, g, dpv), np.float32)
     for r in range(nr):
-        for a in range(ranges[2 * r], ranges[2 * r + 1], DECODE_CHUNK):
-            chunks[c, 0], chunks[c, 1] = a, min(a + DECODE_CHUNK, ranges[2 * r + 1])
-            total += chunks[c, 1] - a
-            c += 1
-    mo = np.empty((nch, hkv, g), np.float32)
-    dno = np.empty((nch, hkv, g), np.float32)
-    acco = np.empty((nch, hkv, g, dpv), np.float32)
-    if nch > 1 and threads > 1 and par_entry != 0 and total * hkv >= PARALLEL_MIN and try_acquire(lock):
-        block = np.empty(DB_WORDS, np.int64)
-        block[DB_QP], block[DB_KROW], block[DB_VROW], block[DB_HKV] = qp.ctypes.data, krow.ctypes.data, \
-            vrow.ctypes.data, hkv
-        block[DB_RING], block[DB_D], block[DB_G], block[DB_DPK], block[DB_DPV] = ring, d, g, dpk, dpv
-        block[DB_CHUNKS], block[DB_NCH], block[DB_MO], block[DB_DNO], block[DB_ACCO] = chunks.ctypes.data, nch, \
-            mo.ctypes.data, dno.ctypes.data, acco.ctypes.data
-        ccall(par_entry, (block.ctypes.data,))
-        release(lock)
-    else:
-        _decode_items_ser(qp, krow, vrow, hkv, ring, d, chunks, mo, dno, acco)
-    accp = np.zeros(dpv, np.float32)
+        a, b = ranges[2 * r], ranges[2 * r + 1]
+        s = s_c[r]
+        for h in range(hkv):
+            for gg in range(g):
+                for n in range(b - a):
+                    p = np.exp(s[h, gg, n] - m[h, gg])
+                    s[h, gg, n] = p
+                    den[h, gg] += p
+        accp += value_sum_serial(s, vcodes[:, a:b], vscales[:, a:b], vtab, vcb, vlut, dpv)
     tmp = np.empty(d, np.float32)
     for h in range(hkv):
         for gg in range(g):
-            m = m_fp[h, gg]
-            for c in range(nch):
-                m = max(m, mo[c, h, gg])
-            f = np.exp(m_fp[h, gg] - m) if m_fp[h, gg] != -np.inf else np.float32(0.0)
-            tot = den[h, gg] * f
-            accp[:] = 0.0
-            for c in range(nch):
-                fc = np.exp(mo[c, h, gg] - m)
-                tot += dno[c, h, gg] * fc
-                for x in range(dpv):
-                    accp[x] += acco[c, h, gg, x] * fc
-            matvec(accp, um, tmp)
-            inv = np.float32(1.0) / tot
+            matvec(accp[h, gg], um, tmp)
+            inv = np.float32(1.0) / den[h, gg]
             for x in range(d):
-                out[h * g + gg, x] = (acc[h, gg, x] * f + tmp[x]) * inv
+                out[h * g + gg, x] = (acc[h, gg, x] + tmp[x]) * inv
 
 
 @njit(**_OPTS)
@@ -371,8 +323,7 @@ def compute(desc, nd, layer, q, k, v, scale, out):
                 encode_row(row, kc[7], kc[8], kc[9], kc[10], kc[11], kc[0][h, r], kc[1][h, r])
                 f16_row_to_f32(v16[h], row)
                 encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
-        _decode(q[0], scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, desc[KD.THREADS],
-                desc[KD.TQ_LOCK], desc[KD.TQ_PAR_DECODE], out[0])
+        _decode(q[0], scale, fpk, fpv, bias, kc, vc, ranges, nr, out[0])
         return 0
     if mode != KD.MODE_PREFILL:
         return 1

@@ -91,8 +91,8 @@ def test_turboquant_op_matches_cache_attend(op_session):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_turboquant_op_long_context_parallel_twins(op_session, threads):
-    """Past PARALLEL_MIN head·keys the op splits prefill into (head, tile) items and decode into
-    ring chunks (parallel with 2 threads, serial with 1): the same output as cache.attend."""
+    """The op splits prefill into (head, 16-token tile) items (parallel with 2 threads, serial with
+    1) and decodes over long contexts: the same output as cache.attend."""
     import sys
 
     from tqedge.codec import numba_runtime
@@ -111,7 +111,7 @@ def test_turboquant_op_long_context_parallel_twins(op_session, threads):
     assert desc[kv_descriptor.THREADS] == threads
     if threads > 1:  # the parallel entries were handed to the op
         assert "tqedge.runtime.native_parallel" in sys.modules
-        assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_PAR_DECODE]
+        assert desc[kv_descriptor.TQ_PAR_PREFILL]
 
 
 def test_bad_descriptor_is_a_one_line_error(op_session):
