@@ -1,5 +1,5 @@
-"""The native op's prefill attention kernel (``kernels_fused.prefill_attend``) against NumPy
-written from the read rule (docs/CODEC.md, ``runtime/attention.py``): a dense masked softmax over
+"""The native op's prefill attention kernel (``kernels_fused.prefill_attend``) against a dense
+NumPy masked softmax whose masks come from the segment path's ``attention.ReadRule``: over
 fp16-slot keys and compressed (projected) keys. Sizes span several query and key tiles, odd
 row counts (G = 3), partial key quads, tiles wholly masked and wholly visible."""
 
@@ -11,24 +11,16 @@ import pytest
 pytest.importorskip("numba")
 
 from tqedge.codec import kernels_fused as KF  # noqa: E402
-
-
-def _visible(tp, p, fp, sinks, window, ring, fp_lo, t0, exact):
-    dist = tp - p
-    if dist < 0:
-        return False
-    if fp:
-        return p < sinks or dist < window or (exact and p >= t0)
-    return dist < ring and p >= sinks and (dist >= window or p < fp_lo) and (not exact or p < t0)
+from tqedge.runtime.attention import ReadRule  # noqa: E402
 
 
 def _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule):
     sinks, window, ring, fp_lo, exact = (int(x) for x in rule)
+    read = ReadRule(sinks, window, ring, fp_lo, t0, bool(exact))  # the segment path's rule
     out = np.zeros_like(qs, dtype=np.float64)
     for r in range(qs.shape[0]):
-        tp = t0 + r // g
-        mf = np.array([_visible(tp, p, True, sinks, window, ring, fp_lo, t0, exact) for p in pf], bool)
-        mc = np.array([_visible(tp, p, False, sinks, window, ring, fp_lo, t0, exact) for p in pc], bool)
+        tp = np.array([t0 + r // g])
+        mf, mc = read.fp_mask(tp, pf)[0], read.compressed_mask(tp, pc)[0]
         s = np.concatenate([kf[mf] @ qs[r].astype(np.float64), kd[mc] @ qp[r].astype(np.float64)])
         w = np.exp(s - s.max())
         w /= w.sum()
