@@ -41,6 +41,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # prefill chunk of the warm-up
+WARM_PARALLEL_MIN = 4096  # the parallel twins' threshold during the warm-up (the code is the same at any size)
 SHORT_PROMPT = 32  # inside the window: a short chat's prefill reads no compressed keys
 
 
@@ -112,13 +113,13 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
         short: what a short chat needs first: a prompt inside the window, decode (the serial
             twins) until keys are read compressed, a window backlog encode.
         long: the rest: prefill over compressed keys (dequantize, in every layout), the
-            parallel twins past ``PARALLEL_MIN`` head·keys, a trim and re-prefill.
+            parallel twins (with their threshold lowered to :data:`WARM_PARALLEL_MIN` head·keys
+            for the warm-up, so a few thousand keys reach them), a trim and re-prefill.
 
     Returns:
         Seconds it took.
     """
-    from tqedge.codec import kernels
-    from tqedge.codec.kernels_numba import PARALLEL_MIN
+    from tqedge.codec import kernels, kernels_numba
     from tqedge.runtime.cache import build_codecs
     from tqedge.runtime.compressed_cache import CompressedKVCache
 
@@ -126,31 +127,35 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
     kv, h, d = shape.kv_spec(), shape.num_kv_heads, shape.head_dim
     rng = np.random.default_rng(0)
     kernels.set_threads(None)  # the parallel twins too (where there is more than one core)
-    for bits in _layouts(shape):
-        keys, values = build_codecs(kv, 1, d, bits)
-        n_long = -(-PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
+    threshold, kernels_numba.PARALLEL_MIN = kernels_numba.PARALLEL_MIN, WARM_PARALLEL_MIN
+    try:
+        for bits in _layouts(shape):
+            keys, values = build_codecs(kv, 1, d, bits)
+            n_long = -(-WARM_PARALLEL_MIN // h) + kv.window + CHUNK  # compressed keys past the parallel threshold
 
-        def step(cache, t: int) -> None:
-            cache.prepare(t)
-            q = rng.standard_normal((t, 2 * h, d), dtype=np.float32)  # 2 query heads per KV head
-            k = rng.standard_normal((t, h, d), dtype=np.float32)
-            v = rng.standard_normal((t, h, d), dtype=np.float32)
-            cache.attend(0, q, k, v, d ** -0.5)
-            cache.commit()
+            def step(cache, t: int) -> None:
+                cache.prepare(t)
+                q = rng.standard_normal((t, 2 * h, d), dtype=np.float32)  # 2 query heads per KV head
+                k = rng.standard_normal((t, h, d), dtype=np.float32)
+                v = rng.standard_normal((t, h, d), dtype=np.float32)
+                cache.attend(0, q, k, v, d ** -0.5)
+                cache.commit()
 
-        if short:  # a short chat: prompt inside the window, decode until keys leave it
-            cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
-            step(cache, SHORT_PROMPT)
-            for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode
+            if short:  # a short chat: prompt inside the window, decode until keys leave it
+                cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
+                step(cache, SHORT_PROMPT)
+                for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode
+                    step(cache, 1)
+            if long:  # prefill over compressed keys, then long contexts (the parallel twins)
+                cache = CompressedKVCache(keys, values, h, d, ring=n_long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
+                while cache.offset < n_long:
+                    step(cache, min(CHUNK, n_long - cache.offset))
                 step(cache, 1)
-        if long:  # prefill over compressed keys, then long contexts (the parallel twins)
-            cache = CompressedKVCache(keys, values, h, d, ring=n_long + 2 * kv.window, sinks=kv.sinks, window=kv.window)
-            while cache.offset < n_long:
-                step(cache, min(CHUNK, n_long - cache.offset))
-            step(cache, 1)
-            cache.trim(3)  # a regenerated reply: re-prefill over keys that lost their fp16 copy
-            step(cache, 2)
-            step(cache, 1)
+                cache.trim(3)  # a regenerated reply: re-prefill over keys that lost their fp16 copy
+                step(cache, 2)
+                step(cache, 1)
+    finally:
+        kernels_numba.PARALLEL_MIN = threshold
     return time.perf_counter() - t0
 
 

@@ -30,7 +30,8 @@ from tqedge.codec.quantizer import CodecConfig, TurboQuant
 
 tq = TurboQuant(CodecConfig(dim=64, bits=4))
 rng = np.random.default_rng(0)
-h, g, n = 2, 3, PARALLEL_MIN  # H·N ≥ PARALLEL_MIN: the parallel twins
+h, g = 2, 3
+n = PARALLEL_MIN // h  # H·N ≥ PARALLEL_MIN: the parallel twins
 codes, scales = tq.encode(rng.standard_normal((h * n, 64)).astype(np.float32))
 args = (codes.reshape(h, n, -1), scales.reshape(h, n, -1).view(np.uint16), tq.segments.table,
         tq.segments.cb, tq.segments.lut)
