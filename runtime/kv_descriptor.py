@@ -7,7 +7,7 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
 (chats, models) — the caller passes the one to use on each call. Layout version
 :data:`tqedge.bundle.DESCRIPTOR_VERSION` (word offsets below; docs/ARCHITECTURE.md):
 
-    header   0 version  1 kind (1 exact, 2 turboquant)  2 T  3 layers  4 Hkv  5 D  6 t0  7 threads
+    header   0 version  1 kind (1 exact, 2 turboquant, 3 layered)  2 T  3 layers  4 Hkv  5 D  6 t0  7 threads
     exact    8 capacity C  9 keys* (L,Hkv,C,D) f32  10 values*  11 n_old (visible slot prefix,
              -1: mask)  12 mask* (C,) u8  13 new_slots* (T,) i64
     turboquant  8 sinks S  9 window W  10 ring R  11 fp_lo  12 exact_prefill  13 fp_k* (L,Hkv,S+W,D) f16
@@ -17,6 +17,14 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
                34 n_new_read   (the arrays of CompressedKVCache._plan_prefill, int64)
              35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 parallel prefill entry*
                 (a C function, runtime/native_parallel.py; 0: serial)
+    layered  (a model with sliding-window layers: runtime/sliding_cache.py's LayeredKVCache)
+             8 window W  9 ring keys* (Ls, Hkv, W, D)  10 ring values*  11 ring element bytes (4: f32,
+             2: f16)  12 sliding layers Ls  13 offset O of the full layers' descriptor  14 launch lock*
+             15 parallel prefill entry*  16..16+L route of layer i: its index among the full layers
+             (≥ 0) or -1 - its index among the sliding layers (position p in ring slot p % W; a query
+             at t reads p with 0 ≤ t - p < W, no sinks, nothing compressed)
+             O..  the full layers' own descriptor (exact or turboquant above, its own header,
+             ``layers`` = full layers)
     layer table row: a key block then a value block of CODEC_WORDS words each (codes*, scales*,
     code bytes B, scales P, projected dim Dp, segment table*, segments, codebook*, n, byte LUT*, n,
     rotation^T* (D,D) f32, boundaries* f64, n, centroids* f64, bits, corrected norm, encodable,
@@ -36,7 +44,7 @@ from tqedge.errors import TqedgeError
 
 VERSION, KIND, T, LAYERS, HKV, DIM, T0, THREADS = range(8)
 HEADER = 8
-KIND_EXACT, KIND_TURBOQUANT = 1, 2
+KIND_EXACT, KIND_TURBOQUANT, KIND_LAYERED = 1, 2, 3
 X_CAP, X_KEYS, X_VALUES, X_N_OLD, X_MASK, X_NEW_SLOTS = range(8, 14)
 EXACT_WORDS = 14
 
@@ -143,10 +151,10 @@ def layer_table(cache) -> tuple[np.ndarray, list]:
     return table, keep
 
 
-def _parallel_entries(d: np.ndarray) -> None:
+def _parallel_entry() -> int:
     from tqedge.runtime import native_parallel  # starts Numba's pool: only once it will be used
 
-    d[TQ_PAR_PREFILL] = native_parallel.PREFILL_ENTRY
+    return native_parallel.PREFILL_ENTRY
 
 
 def turboquant(cache) -> np.ndarray:
@@ -171,7 +179,7 @@ def turboquant(cache) -> np.ndarray:
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
     if d[THREADS] > 1 and not d[TQ_PAR_PREFILL]:
-        _parallel_entries(d)
+        d[TQ_PAR_PREFILL] = _parallel_entry()
     if plan[0] == "decode":
         ranges = plan[1]
         d[T], d[TQ_MODE], d[TQ_NR] = 1, MODE_DECODE, len(ranges)
@@ -189,4 +197,35 @@ def turboquant(cache) -> np.ndarray:
         keep.append(a)
         d[word], d[word + 1] = _addr(a), len(a)
     cache._native_keep = keep  # alive until the next step
+    return d
+
+
+LY_W, LY_KEYS, LY_VALUES, LY_ESIZE, LY_NS, LY_SUB, LY_LOCK, LY_PAR_PREFILL = range(8, 16)
+LY_ROUTE = 16
+
+
+def layered(cache) -> np.ndarray:
+    """Descriptor of a :class:`~tqedge.runtime.sliding_cache.LayeredKVCache` for the prepared step:
+    the sliding rings and the layer routes, then the full layers' descriptor copied in."""
+    sub = cache.full.descriptor()
+    d = cache._native_desc
+    if d is None:
+        rings = cache.rings
+        if rings.dtype not in (np.float32, np.float16):
+            raise TqedgeError(f"the native backend needs float32 or float16 window rings, not {rings.dtype}")
+        n = len(cache.windows)
+        d = np.zeros(LY_ROUTE + n + len(sub), np.int64)
+        header(d, KIND_LAYERED, 0, n, sub[HKV], sub[DIM], 0)
+        d[LY_W], d[LY_KEYS], d[LY_VALUES] = rings.window, _addr(rings.keys), _addr(rings.values)
+        d[LY_ESIZE], d[LY_NS], d[LY_SUB] = rings.dtype.itemsize, rings.keys.shape[0], LY_ROUTE + n
+        d[LY_ROUTE:LY_ROUTE + n] = [j if part is cache.full else -1 - j for part, j in cache._route]
+        from tqedge.codec import numba_runtime  # the native op needs Numba anyway
+
+        d[LY_LOCK] = numba_runtime.LOCK_ADDRESS
+        cache._native_threads, cache._native_desc = numba_runtime.sync_pool_threads, d
+    d[T], d[T0] = sub[T], sub[T0]
+    d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
+    if d[THREADS] > 1 and not d[LY_PAR_PREFILL]:
+        d[LY_PAR_PREFILL] = _parallel_entry()
+    d[d[LY_SUB]:] = sub
     return d

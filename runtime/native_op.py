@@ -19,6 +19,7 @@ from numba import carray, types
 from tqedge.codec.kernels_fused import exact_attend
 from tqedge.codec.numba_runtime import cfunc
 from tqedge.runtime import kv_descriptor as KD
+from tqedge.runtime import native_sliding as NS
 from tqedge.runtime import native_turboquant as NT
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import PAYLOAD, CustomOp, as_ptr, fail, kernel_ext, tensor_in, tensor_out
@@ -33,8 +34,9 @@ MESSAGES = [
     "TurboQuantAttention: unknown cache kind in kv_desc",  # 6
     "TurboQuantAttention: turboquant descriptor out of range (ring, window or plan)",  # 7
     "TurboQuantAttention: this cache configuration is not supported by the native op",  # 8
+    "TurboQuantAttention: layered descriptor out of range (layer route, window ring or full layers)",  # 9
 ]
-BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED = range(1, 9)
+BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED, BAD_LAYERED = range(1, 10)
 
 
 @cfunc(types.intp(types.intp, types.intp), nogil=True)
@@ -81,6 +83,26 @@ def attention_compute(kernel, ctx):
     out = carray(as_ptr(oa, np.float32), (t, hq, d))
     scale = np.float32(carray(as_ptr(ext[PAYLOAD], np.float64), (layer + 1,))[layer])
     kind = desc[KD.KIND]
+    if kind == KD.KIND_LAYERED:  # sliding layers here; a full layer reads the embedded descriptor
+        if nd < KD.LY_ROUTE + nl:
+            return fail(ext, table, BAD_LAYERED)
+        route = desc[KD.LY_ROUTE + layer]
+        if route < 0:
+            if NS.compute(desc, nd, -1 - route, q, k, v, scale, out) != 0:
+                return fail(ext, table, BAD_LAYERED)
+            return 0
+        off = desc[KD.LY_SUB]
+        if off < KD.LY_ROUTE + nl or off + KD.HEADER > nd:
+            return fail(ext, table, BAD_LAYERED)
+        t0 = desc[KD.T0]
+        desc = carray(as_ptr(da + 8 * off, np.int64), (nd - off,))
+        nd -= off
+        layer = route
+        nl = desc[KD.LAYERS]
+        kind = desc[KD.KIND]
+        if desc[KD.VERSION] != 1 or desc[KD.T] != t or desc[KD.HKV] != hkv or desc[KD.DIM] != d \
+                or desc[KD.T0] != t0 or layer >= nl or kind == KD.KIND_LAYERED:
+            return fail(ext, table, BAD_LAYERED)
     if kind == KD.KIND_EXACT:
         if nd < KD.EXACT_WORDS:
             return fail(ext, table, BAD_DESC)

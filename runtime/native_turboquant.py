@@ -181,6 +181,27 @@ PB_WORDS = 20
 
 
 @njit(**_OPTS)
+def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, par_entry):
+    """:func:`prefill_items` (arguments as there, all C-contiguous): the parallel twin through
+    ``par_entry`` when ``threads`` > 1 and the launch ``lock`` is free, else the serial one."""
+    if threads > 1 and par_entry != 0 and try_acquire(lock):
+        hkv, tg, d = qs.shape
+        block = np.empty(PB_WORDS, np.int64)
+        block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
+            vf.ctypes.data
+        block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
+            pc.ctypes.data
+        block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
+        block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
+        block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
+            kf.shape[1], kd.shape[1], t0
+        ccall(par_entry, (block.ctypes.data,))
+        release(lock)
+    else:
+        _prefill_items_ser(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res)
+
+
+@njit(**_OPTS)
 def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
              fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, par_entry, out):
     t, hq, d = q.shape
@@ -227,21 +248,7 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
                 for x in range(d):
                     qs[h, r, x] = q[i, h * g + gg, x] * scale
                 matvec(qs[h, r], pq, qp[h, r])
-    um = np.ascontiguousarray(um)
-    if threads > 1 and par_entry != 0 and try_acquire(lock):
-        block = np.empty(PB_WORDS, np.int64)
-        block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
-            vf.ctypes.data
-        block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
-            pc.ctypes.data
-        block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
-        block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, t, g, d
-        block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = dpk, vd.shape[2], nf, \
-            kd.shape[1], t0
-        ccall(par_entry, (block.ctypes.data,))
-        release(lock)
-    else:
-        _prefill_items_ser(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res)
+    run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, par_entry)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from tqedge.errors import TqedgeError
+from tqedge.runtime import kv_descriptor
 from tqedge.units import format_bytes
 
 ROW_BLOCK = 256  # query rows per score block in a prefill step
@@ -114,6 +115,7 @@ class LayeredKVCache:
         self.windows, self.full, self.rings = list(windows), full, rings
         self.budget = None  # the byte budget it was sized from (rings + full layers), if any
         self.kind = full.kind
+        self._native_desc = None  # the native op's descriptor (runtime/kv_descriptor.py), built once
         self._route: list[tuple[object, int]] = []
         n_full = n_slide = 0
         for w in self.windows:
@@ -198,6 +200,10 @@ class LayeredKVCache:
     def prepare(self, t: int) -> None:
         self.full.prepare(t)
         self.rings.prepare(t)
+
+    def descriptor(self) -> np.ndarray:
+        """This step's int64 descriptor for the native op (kv_descriptor.layered); after prepare()."""
+        return kv_descriptor.layered(self)
 
     def attend(self, layer: int, q, k, v, scale: float):
         part, j = self._route[layer]

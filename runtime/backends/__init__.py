@@ -16,7 +16,7 @@ from tqedge.errors import TqedgeError
 # name -> (class, packages it needs, the manifest graph it runs)
 # Order = preference. The native session comes first where it runs (see docs/RESULTS.md, "native
 # backend, round 12": faster decode and prefill than the segments on SmolLM2 int4 at every measured
-# context, at lower peak RSS). The segments run what it cannot (sliding-window layers, nf4-dq
+# context, at lower peak RSS). The segments run what it cannot (nf4-dq
 # weights, fractional-bit or QJL caches) and batches of sequences (UNBATCHED).
 BACKENDS = {
     "native": ("tqedge.runtime.backends.onnx_native:NativeBackend", "onnxruntime and numba", "onnx"),
@@ -58,11 +58,9 @@ def runs(name: str, manifest) -> bool:
     if name == "native":
         from tqedge.bundle import DESCRIPTOR_VERSION
 
-        # the native op has no sliding-window read rule yet, and the one session does not yet
-        # receive nf4-dq's expanded scales: such bundles run on the segments
-        sliding = "sliding_attention" in (manifest.architecture.layer_types or ())
-        return (bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and not sliding
-                and not manifest.weights.scales)
+        # the one session does not yet receive nf4-dq's expanded scales: such bundles run on the
+        # segments (sliding-window layers run natively: runtime/native_sliding.py)
+        return bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and not manifest.weights.scales
     return True
 
 
