@@ -159,16 +159,14 @@ class CoopPool:
         self.workers = []
 
 
-_POOL: dict = {}
-_POOL_LOCK = threading.Lock()
+_POOLS: dict = {}  # (pid, workers) → pool; never closed: descriptors hold their addresses
+_POOLS_LOCK = threading.Lock()
 
 
 def pool(threads: int) -> CoopPool:
-    """The process's pool with at least ``threads - 1`` workers (grown on demand)."""
-    with _POOL_LOCK:
-        p = _POOL.get(os.getpid())
-        if p is None or len(p.workers) < threads - 1:
-            if p is not None:
-                p.close()
-            p = _POOL[os.getpid()] = CoopPool(max(0, threads - 1))
-        return p
+    """The process's pool for ``threads`` threads (``threads - 1`` workers), started on first use."""
+    key = (os.getpid(), max(0, int(threads) - 1))
+    with _POOLS_LOCK:
+        if key not in _POOLS:
+            _POOLS[key] = CoopPool(key[1])
+        return _POOLS[key]

@@ -80,9 +80,9 @@ def test_no_workers_runs_on_the_caller():
     pool.close()
 
 
-def test_the_process_pool_grows_on_demand():
+def test_one_process_pool_per_thread_count():
     a = coop_pool.pool(2)
-    assert len(a.workers) >= 1
-    assert coop_pool.pool(1) is a
+    assert len(a.workers) == 1 and coop_pool.pool(2) is a
+    assert len(coop_pool.pool(3).workers) == 2 and a.workers  # the first pool lives on
     out, count, _ = _job(a, 64, 50)
     assert (count == 1).all()
