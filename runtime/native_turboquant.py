@@ -14,12 +14,12 @@ count and index against the descriptor's geometry before touching a buffer.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, prange, types
+from numba import carray, types
 
 from tqedge.codec.kernels_fused import (TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec,
                                         prefill_attend)
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
-from tqedge.codec.numba_runtime import cfunc, njit, release, serial_twin, try_acquire
+from tqedge.codec.numba_runtime import cfunc, njit, release, try_acquire
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.coop_pool import run as coop_run
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
@@ -233,53 +233,75 @@ def _gather_deq(codec, idx, extra_c, extra_s, n_extra):
     return dequantize_serial(c, s, tab, cb, lut, dp)
 
 
-def prefill_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res):
-    """:func:`~tqedge.codec.kernels_fused.prefill_attend` over every (KV head, query tile) pair,
-    the work items of a prefill step (a ``prange``: :mod:`tqedge.runtime.native_parallel`
-    compiles the parallel twin; the op calls it through a pointer when threads > 1)."""
-    hkv, tg, _ = qs.shape
-    nt = tg // g
-    ntile = (nt + TQ_ROWS - 1) // TQ_ROWS
-    for w in prange(hkv * ntile):
-        h = w // ntile
-        i0 = (w % ntile) * TQ_ROWS
-        i1 = min(nt, i0 + TQ_ROWS)
-        prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
-                       t0, i0, rule, res[h, i0 * g:i1 * g])
-
-
-_prefill_items_ser = njit(**_OPTS)(serial_twin(prefill_items))
-# the argument block of the parallel entry (int64 words: array addresses, then sizes)
+# the argument block of one prefill step's work items (int64 words)
 (PB_QS, PB_QP, PB_KF, PB_VF, PB_PF, PB_KD, PB_VD, PB_PC, PB_UM, PB_RULE, PB_RES, PB_HKV, PB_T, PB_G, PB_D,
  PB_DPK, PB_DPV, PB_NF, PB_NC, PB_T0) = range(20)
 PB_WORDS = 20
 
 
 @njit(**_OPTS)
-def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, par_entry):
-    """:func:`prefill_items` (arguments as there, all C-contiguous): the parallel twin through
-    ``par_entry`` when ``threads`` > 1 and the launch ``lock`` is free, else the serial one."""
-    if threads > 1 and par_entry != 0 and try_acquire(lock):
-        hkv, tg, d = qs.shape
-        block = np.empty(PB_WORDS, np.int64)
-        block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
-            vf.ctypes.data
-        block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
-            pc.ctypes.data
-        block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
-        block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
-        block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
-            kf.shape[1], kd.shape[1], t0
-        ccall(par_entry, (block.ctypes.data,))
-        release(lock)
-        return block[PB_T]  # a read after the call: Numba frees a local after its last use
-    _prefill_items_ser(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res)
+def prefill_item(block_addr, w):
+    """Work item ``w`` of a prefill step (argument block ``PB_*``): :func:`~tqedge.codec.kernels_fused.prefill_attend`
+    for KV head ``w // tiles`` and query tile ``w % tiles`` (:data:`TQ_ROWS` tokens)."""
+    b = carray(as_ptr(block_addr, np.int64), (PB_WORDS,))
+    hkv, t, g, d = b[PB_HKV], b[PB_T], b[PB_G], b[PB_D]
+    dpk, dpv, nf, nc = b[PB_DPK], b[PB_DPV], b[PB_NF], b[PB_NC]
+    f32 = np.float32
+    qs = carray(as_ptr(b[PB_QS], f32), (hkv, t * g, d))
+    qp = carray(as_ptr(b[PB_QP], f32), (hkv, t * g, dpk))
+    kf = carray(as_ptr(b[PB_KF], f32), (hkv, nf, d))
+    vf = carray(as_ptr(b[PB_VF], f32), (hkv, nf, d))
+    pf = carray(as_ptr(b[PB_PF], np.int64), (nf,))
+    kd = carray(as_ptr(b[PB_KD], f32), (hkv, nc, dpk))
+    vd = carray(as_ptr(b[PB_VD], f32), (hkv, nc, dpv))
+    pc = carray(as_ptr(b[PB_PC], np.int64), (nc,))
+    um = carray(as_ptr(b[PB_UM], f32), (dpv, d))
+    rule = carray(as_ptr(b[PB_RULE], np.int64), (5,))
+    res = carray(as_ptr(b[PB_RES], f32), (hkv, t * g, d))
+    ntile = (t + TQ_ROWS - 1) // TQ_ROWS
+    h = w // ntile
+    i0 = (w % ntile) * TQ_ROWS
+    i1 = min(t, i0 + TQ_ROWS)
+    prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
+                   b[PB_T0], i0, rule, res[h, i0 * g:i1 * g])
     return 0
+
+
+@cfunc(types.int64(types.int64, types.int64), nogil=True)
+def _prefill_item_entry(block_addr, w):
+    return prefill_item(block_addr, w)
+
+
+PREFILL_ITEM_ENTRY = _prefill_item_entry.address  # descriptor words TQ_PAR_PREFILL / LY_PAR_PREFILL
+
+
+@njit(**_OPTS)
+def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn):
+    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous): on the cooperative
+    pool when ``threads`` > 1 and the launch ``lock`` is free, else on this thread (same bits)."""
+    hkv, tg, d = qs.shape
+    block = np.empty(PB_WORDS, np.int64)
+    block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
+        vf.ctypes.data
+    block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
+        pc.ctypes.data
+    block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
+    block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
+    block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
+        kf.shape[1], kd.shape[1], t0
+    n = hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS)
+    if n > 1 and threads > 1 and pool != 0 and item_fn != 0 and try_acquire(lock):
+        coop_run(pool, item_fn, block.ctypes.data, n)
+        release(lock)
+    else:
+        for w in range(n):
+            prefill_item(block.ctypes.data, w)
+    return block[PB_T]  # a read after the items: ``block`` must not be freed while they run
 
 
 @njit(**_OPTS)
 def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
-             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, par_entry, out):
+             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, pool, item_fn, out):
     t, hq, d = q.shape
     hkv, nfs, _ = fpk.shape
     g = hq // hkv
@@ -324,7 +346,8 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
                 for x in range(d):
                     qs[h, r, x] = q[i, h * g + gg, x] * scale
                 matvec(qs[h, r], pq, qp[h, r])
-    run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, par_entry)
+    run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, pool,
+              item_fn)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):
@@ -426,5 +449,5 @@ def compute(desc, nd, layer, q, k, v, scale, out):
     pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
     _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
              fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
-             desc[KD.TQ_PAR_PREFILL], out)
+             desc[KD.TQ_POOL], desc[KD.TQ_PAR_PREFILL], out)
     return 0

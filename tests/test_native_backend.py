@@ -91,8 +91,9 @@ def test_turboquant_op_matches_cache_attend(op_session):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_turboquant_op_long_context_parallel_twins(op_session, threads):
-    """The op splits prefill into (head, 16-token tile) items (parallel with 2 threads, serial with
-    1) and decodes over long contexts: the same output as cache.attend."""
+    """The op splits prefill into (head, 16-token tile) items and decode into 512-key items (on the
+    cooperative pool with 2 threads, serial with 1) over long contexts: the same output as
+    cache.attend."""
     import sys
 
     from tqedge.codec import numba_runtime
@@ -110,7 +111,7 @@ def test_turboquant_op_long_context_parallel_twins(op_session, threads):
     desc = ours._native_desc
     assert desc[kv_descriptor.THREADS] == threads
     if threads > 1:  # the parallel entries were handed to the op
-        assert "tqedge.runtime.native_parallel" in sys.modules
+        assert "tqedge.runtime.coop_pool" in sys.modules
         assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_POOL] and desc[kv_descriptor.TQ_DECODE_ITEM]
 
 
