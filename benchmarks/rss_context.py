@@ -7,7 +7,9 @@ vs_llamacpp.py reports the peak of all its contexts). Sides: llama.cpp KV types 
 llama-cpp-python venv), tqedge backends (default KV cache) and, given ``--og-python`` /
 ``--og-model``, onnxruntime-genai's int4 build (benchmarks/peers.py). Repeats alternate the sides
 within each round, after one untimed run per side (kernel caches); medians per (side, context). Every side runs in its default environment
-(no ``OMP_WAIT_POLICY``); the load average is recorded before and after each round.
+(no ``OMP_WAIT_POLICY``); the load average is recorded before and after each round. ``--busy N``
+runs N CPU-bound ``while 1: pass`` processes beside every worker (contention: a phone or a Pi
+always has other processes); compare with an idle run of the same sides.
 
     python benchmarks/rss_context.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --bundle smol-int4.tqe \\
         --llama-python /tmp/llama-venv/bin/python [--contexts 512,2048,8192] [--repeats 2] \\
@@ -40,7 +42,13 @@ def run_one(args, side: str, kv: str, ctx: int, backend: str | None) -> dict:
            "--threads", str(args.threads), *(["--backend", backend] if backend else []),
            *(["--og-model", str(args.og_model)] if side == "og" else [])]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    busy = [subprocess.Popen([sys.executable, "-c", "while 1: pass"]) for _ in range(args.busy)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    finally:
+        for b in busy:
+            b.kill()
+            b.wait()
     if res.returncode:
         raise SystemExit(f"{side} {kv} {backend or ''} at {ctx} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -94,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--og-python", type=Path, default=None, help="onnxruntime-genai venv's python (peers.py)")
     ap.add_argument("--og-model", type=Path, default=None, help="onnxruntime-genai model folder")
     ap.add_argument("--no-prewarm", dest="prewarm", action="store_false", help="skip the untimed first run per side")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="CPU-bound 'while 1: pass' processes running beside every timed worker (contention)")
     ap.add_argument("--out", type=Path, default=HERE / "out" / "rss_context.json")
     args = ap.parse_args(argv)
     sides = [("llama", kv, None, f"llama.cpp {kv}") for kv in args.llama_kv]
@@ -118,7 +128,8 @@ def main(argv=None) -> int:
                 summary = summarize(runs)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"summary": summary, "runs": runs, "loadavg": loads,
-                                                "threads": args.threads, "contexts": args.contexts}, indent=1))
+                                                "threads": args.threads, "contexts": args.contexts,
+                                                "busy_processes": args.busy}, indent=1))
         loads[-1]["after"] = os.getloadavg()
     plot(summarize(runs), args.out.with_suffix(".png"))
     return 0
