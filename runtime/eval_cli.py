@@ -2,6 +2,7 @@
 
     tqedge eval ppl smollm2.tqe --text wikitext2-valid.txt --ctx 2048 --windows 16 --kv-bits 4,3
     tqedge eval needle smollm2.tqe --ctx 1K,2K,4K,8K --depths 0,0.25,0.5,0.75,1 --haystack wiki.txt
+    tqedge eval needle gemma.tqe --raw --ctx 1K,2K --kv-bits exact   # a base model: no chat template
 
 Without ``--text`` / ``--haystack`` both read the WikiText-2 excerpt shipped in ``tqedge.data``.
 
@@ -144,8 +145,10 @@ def ppl_cmd(bundle, threads, verify, as_json, memory, text_file, ctx, windows, c
 @click.option("--haystack", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Filler text (UTF-8) [default: the WikiText-2 excerpt shipped with tqedge].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the needle values.")
+@click.option("--chat/--raw", "chat", default=None,
+              help="Ask through the chat template (default when the bundle has one) or as a raw completion prompt.")
 @_apply(KV_EVAL_OPTIONS)
-def needle_cmd(bundle, threads, verify, as_json, memory, contexts, depths, haystack, seed, **kw):
+def needle_cmd(bundle, threads, verify, as_json, memory, contexts, depths, haystack, seed, chat, **kw):
     """Needle in a haystack: depth × context grid of exact-match retrieval (greedy)."""
     from tqedge.runtime.eval_needle import format_grid, run_needle
 
@@ -154,7 +157,7 @@ def needle_cmd(bundle, threads, verify, as_json, memory, contexts, depths, hayst
     text = read_text_file(haystack, "--haystack")
     model, cfg = _load(bundle, threads, verify, memory, _config(kw))
     with click.progressbar(length=len(ctxs) * len(ds), label="probes", file=sys.stderr) as bar:
-        r = run_needle(model, text, ctxs, ds, cfg, seed=seed, progress=bar.update)
+        r = run_needle(model, text, ctxs, ds, cfg, seed=seed, progress=bar.update, chat=chat)
     if as_json:
         r["grid"] = {str(c): {str(d): v for d, v in row.items()} for c, row in r["grid"].items()}
         click.echo(json.dumps(r))

@@ -1,9 +1,10 @@
 """Needle in a haystack: can the model still find one fact in a long prompt read through the cache?
 
 A sentence like ``"The secret code is 48613."`` is hidden at a relative depth (0 = start,
-1 = end) of filler text (e.g. wikitext or tinyshakespeare) cut so the whole chat prompt is
-``ctx`` tokens; the question then asks for the code through the bundle's chat template. The
-reply is greedy and scored by exact match: the needle's value must appear in it as a whole
+1 = end) of filler text (e.g. wikitext or tinyshakespeare) cut so the whole prompt is ``ctx``
+tokens; the question then asks for the code through the bundle's chat template, or — for a
+base model, which has none — as a raw completion ending in ``"Answer: The secret code is"``
+(no template, BOS as the bundle says). The reply is greedy and scored by exact match: the needle's value must appear in it as a whole
 number. The cache is sized to hold the prompt and the reply (no eviction), so what is measured
 is the read path (fp16 window + compressed codes), not the overflow policy.
 """
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 NEEDLE = "The secret code is {value}."
 QUESTION = "What is the secret code mentioned in the text above? Answer with the number only."
+RAW_QUESTION = "Question: What is the secret code mentioned in the text above?\nAnswer: The secret code is"
 MAX_REPLY = 16
 
 
@@ -46,9 +48,11 @@ def score_reply(reply: str, value: str) -> bool:
     return value in re.findall(r"\d+", reply.replace(",", ""))
 
 
-def build_prompt(model, filler_ids: Sequence[int], case: NeedleCase) -> list[int]:
-    """Chat-template prompt ids of exactly about ``case.ctx`` tokens with the needle at ``case.depth``.
+def build_prompt(model, filler_ids: Sequence[int], case: NeedleCase, chat: bool = True) -> list[int]:
+    """Prompt ids of at most (about exactly) ``case.ctx`` tokens with the needle at ``case.depth``.
 
+    ``chat``: the question as a user message through the bundle's chat template; False: a raw
+    completion prompt (haystack, question, ``"Answer: The secret code is"``) for base models.
     The filler is cut at a token boundary to fill the room the template, needle and question
     leave; the needle goes in at ``depth`` of the filler, moved forward to the next sentence end.
 
@@ -63,6 +67,8 @@ def build_prompt(model, filler_ids: Sequence[int], case: NeedleCase) -> list[int
     needle = " " + NEEDLE.format(value=case.value) + " "
 
     def render(haystack: str) -> list[int]:
+        if not chat:
+            return model.encode(f"{haystack}\n\n{RAW_QUESTION}")
         msgs = [{"role": "user", "content": f"{haystack}\n\n{QUESTION}"}]
         return model.encode(render_for(model.manifest, msgs, add_generation_prompt=True))
 
@@ -87,26 +93,34 @@ def build_prompt(model, filler_ids: Sequence[int], case: NeedleCase) -> list[int
 
 
 def run_needle(model, filler_text: str, contexts: Sequence[int], depths: Sequence[float], cfg=None,
-               seed: int = 0, progress: Callable[[int], None] | None = None) -> dict:
+               seed: int = 0, progress: Callable[[int], None] | None = None, chat: bool | None = None) -> dict:
     """Probe every (context, depth) pair with greedy decoding.
 
     Args:
-        model: a loaded model with a chat template.
+        model: a loaded model.
         filler_text: haystack text.
         contexts: prompt lengths in tokens.
         depths: needle depths in [0, 1].
         cfg: a :class:`~tqedge.runtime.eval_ppl.KVConfig` (None = the bundle's default cache).
         seed: seed of the needle values.
         progress: called with 1 after each probe.
+        chat: ask through the chat template (True) or with a raw completion prompt (False);
+            None = the template when the bundle has one, raw otherwise (a base model).
 
     Returns:
-        ``{"grid": {ctx: {depth: bool}}, "cases": [...], "accuracy": float, "config": ...}``.
+        ``{"grid": {ctx: {depth: bool}}, "cases": [...], "accuracy": float, "config": ...,
+        "prompt": "chat" | "raw"}``.
+
+    Raises:
+        TqedgeError: ``chat=True`` for a bundle without a chat template.
     """
     from tqedge.runtime.eval_ppl import KVConfig, build_cache
     from tqedge.runtime.generate import generate
 
-    if model.manifest.tokenizer.chat_template is None:
-        raise TqedgeError("needle eval needs a bundle with a chat template")
+    has_template = model.manifest.tokenizer.chat_template is not None
+    if chat and not has_template:
+        raise TqedgeError("this bundle has no chat template (a base model): ask the needle raw")
+    chat = has_template if chat is None else chat
     cfg = cfg or KVConfig("default")
     filler_ids = model.tokenizer.encode(filler_text[: max(contexts) * 12], add_special_tokens=False).ids
     grid, cases = {}, []
@@ -114,7 +128,7 @@ def run_needle(model, filler_text: str, contexts: Sequence[int], depths: Sequenc
         grid[ctx] = {}
         for depth in depths:
             case = NeedleCase(int(ctx), float(depth), needle_value(ctx, depth, seed))
-            ids = build_prompt(model, filler_ids, case)
+            ids = build_prompt(model, filler_ids, case, chat)
             cache, _ = build_cache(model, cfg, len(ids) + MAX_REPLY + 1)
             reply = generate(model, ids, cache=cache, temperature=0.0, max_tokens=MAX_REPLY)
             ok = score_reply(reply, case.value)
@@ -125,7 +139,8 @@ def run_needle(model, filler_text: str, contexts: Sequence[int], depths: Sequenc
             if progress:
                 progress(1)
     acc = sum(c["found"] for c in cases) / len(cases)
-    return {"config": cfg.name, "settings": cfg.describe(), "accuracy": acc, "grid": grid, "cases": cases}
+    return {"config": cfg.name, "settings": cfg.describe(), "prompt": "chat" if chat else "raw", "accuracy": acc,
+            "grid": grid, "cases": cases}
 
 
 def format_grid(result: dict) -> str:
@@ -136,5 +151,5 @@ def format_grid(result: dict) -> str:
     lines = ["depth \\ ctx " + " ".join(f"{c:>6}" for c in contexts)]
     for d in depths:
         lines.append(f"{d:>11.2f} " + " ".join(f"{'✓' if grid[c][d] else '✗':>6}" for c in contexts))
-    lines.append(f"accuracy {100 * result['accuracy']:.0f}% ({result['config']})")
+    lines.append(f"accuracy {100 * result['accuracy']:.0f}% ({result['config']}, {result['prompt']} prompt)")
     return "\n".join(lines)

@@ -148,3 +148,12 @@ def test_layer_allocation_lowers_the_cheapest_layers():
     assert got["config"] == "K4V3+L1,3@K4V2" and abs(got["predicted_kl_cost"] - 0.3) < 1e-12
     assert layer_bits.allocate([{"results": rows}], max_bytes=400)["config"] == "K4V3"
     assert [c.name for c in layer_bits.sweep_configs("4,3", "4,2", 2)] == ["K4V3", "K4V3+L0@K4V2", "K4V3+L1@K4V2"]
+
+
+def test_eval_needle_raw(smollm2_bundle):
+    """--raw: a raw completion prompt even though the bundle has a chat template."""
+    res = CliRunner().invoke(cli, ["eval", "needle", str(smollm2_bundle), "--raw", "--ctx", "300", "--depths", "0.5",
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["prompt"] == "raw" and r["cases"][0]["prompt_tokens"] <= 300
