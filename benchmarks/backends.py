@@ -1,4 +1,4 @@
-"""Prefill and decode speed and memory of the graph backends (onnx, tflite) on the same bundle(s).
+"""Prefill and decode speed and memory of the graph backends (native, onnx, tflite) on the same bundle(s).
 
 Each (bundle, backend) pair runs in its own worker process so RSS is that backend's alone. The
 worker loads the model, prefills ``--prefill`` wikitext tokens (exact KV cache; one warm-up run,
@@ -9,7 +9,7 @@ Memory: RSS split into anonymous (heap, packed weights, arenas) and file-backed 
 graph/weights files, reclaimable), plus the peak. Results go to ``benchmarks/out/backends.json``.
 
     python benchmarks/backends.py --bundle /tmp/smol.tqe [--bundle /tmp/smol-int8.tqe] \\
-        [--backends onnx,tflite] [--threads 2] [--prefill 128] [--decode 32]
+        [--backends native,onnx,tflite] [--threads 2] [--prefill 128] [--decode 32]
 """
 
 from __future__ import annotations
@@ -84,12 +84,13 @@ def main() -> None:
     if not args.bundle:
         ap.error("give at least one --bundle")
     from tqedge.bundle import read_manifest
+    from tqedge.runtime.backends import BACKENDS
 
     results = []
     for bundle in args.bundle:
         have = read_manifest(bundle, verify="none").graphs
         for backend in args.backends.split(","):
-            if backend not in have:
+            if BACKENDS[backend][2] not in have:  # native runs the "onnx" graph
                 continue
             cmd = [sys.executable, __file__, "--worker", bundle, backend, "--threads", str(args.threads),
                    "--prefill", str(args.prefill), "--decode", str(args.decode), "--repeats", str(args.repeats)]

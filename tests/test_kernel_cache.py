@@ -17,13 +17,10 @@ from numba.core.dispatcher import Dispatcher  # noqa: E402
 
 MODULES = ("tqedge.codec.kernels_numba", "tqedge.codec.kernels_fused", "tqedge.runtime.fp16_kernels",
            "tqedge.runtime.ort_numba", "tqedge.runtime.native_turboquant", "tqedge.runtime.native_op",
-           "tqedge.runtime.coop_pool")
+           "tqedge.runtime.coop_pool", "tqedge.runtime.native_sliding", "tqedge.runtime.backends.onnx_native")
 
 
 def _kernels():
-    from tqedge.runtime.backends.onnx_native import _step_fn
-
-    yield "onnx_native._step_fn", _step_fn()
     for name in MODULES:
         for attr, obj in vars(importlib.import_module(name)).items():
             if isinstance(obj, (Dispatcher, CFunc)) and obj.__module__ == name:

@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
+from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
+from tqedge.runtime.ort_capi import FLOAT, INT64
+from tqedge.runtime.ort_numba import ccall
 
 log = logging.getLogger(__name__)
 FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
@@ -35,39 +38,33 @@ FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
 ORT_THREADS = 1
 
 
-def _step_fn():
+@njit(warm=False, nogil=True)
+def _step(fns, session, memory_info, names, ids, positions, index, desc, logits):
     """The per-step Run in nopython code: wrap the four int64 inputs and the caller's logits
-    buffer as OrtValues, Run, release them. Returns the ``OrtStatus*`` of the first failure."""
-    from tqedge.codec.numba_runtime import njit
-
-    from tqedge.runtime.ort_capi import FLOAT, INT64
-    from tqedge.runtime.ort_numba import ccall
-
-    @njit(warm=False, nogil=True)
-    def step(fns, session, memory_info, names, ids, positions, index, desc, logits):
-        # one buffer: OrtValue* slots [0, 5), shapes [5, 11); read at the end, so it stays alive
-        buf = np.zeros(11, np.int64)
-        buf[5], buf[6], buf[7], buf[8] = ids.shape[0], positions.shape[0], index.shape[0], desc.shape[0]
-        buf[9], buf[10] = logits.shape[0], logits.shape[1]
-        va = buf.ctypes.data
-        sa = va + 40
-        st = ccall(fns[0], (memory_info, ids.ctypes.data, 8 * ids.shape[0], sa, 1, INT64, va))
-        if st == 0:
-            st = ccall(fns[0], (memory_info, positions.ctypes.data, 8 * positions.shape[0], sa + 8, 1, INT64, va + 8))
-        if st == 0:
-            st = ccall(fns[0], (memory_info, index.ctypes.data, 8 * index.shape[0], sa + 16, 1, INT64, va + 16))
-        if st == 0:
-            st = ccall(fns[0], (memory_info, desc.ctypes.data, 8 * desc.shape[0], sa + 24, 1, INT64, va + 24))
-        if st == 0:
-            st = ccall(fns[0], (memory_info, logits.ctypes.data, 4 * logits.size, sa + 32, 2, FLOAT, va + 32))
-        if st == 0:
-            st = ccall(fns[1], (session, 0, names.ctypes.data, va, 4, names.ctypes.data + 32, 1, va + 32))
-        for i in range(5):
-            if buf[i] != 0:
-                ccall(fns[2], (buf[i],))
-        return st
-
-    return step
+    buffer as OrtValues, Run, release them. Returns the ``OrtStatus*`` of the first failure.
+    (Module level, no closure: Numba caches it on disk; a function made per backend was compiled
+    again in every process, ~2 s of the first forward.)"""
+    # one buffer: OrtValue* slots [0, 5), shapes [5, 11); read at the end, so it stays alive
+    buf = np.zeros(11, np.int64)
+    buf[5], buf[6], buf[7], buf[8] = ids.shape[0], positions.shape[0], index.shape[0], desc.shape[0]
+    buf[9], buf[10] = logits.shape[0], logits.shape[1]
+    va = buf.ctypes.data
+    sa = va + 40
+    st = ccall(fns[0], (memory_info, ids.ctypes.data, 8 * ids.shape[0], sa, 1, INT64, va))
+    if st == 0:
+        st = ccall(fns[0], (memory_info, positions.ctypes.data, 8 * positions.shape[0], sa + 8, 1, INT64, va + 8))
+    if st == 0:
+        st = ccall(fns[0], (memory_info, index.ctypes.data, 8 * index.shape[0], sa + 16, 1, INT64, va + 16))
+    if st == 0:
+        st = ccall(fns[0], (memory_info, desc.ctypes.data, 8 * desc.shape[0], sa + 24, 1, INT64, va + 24))
+    if st == 0:
+        st = ccall(fns[0], (memory_info, logits.ctypes.data, 4 * logits.size, sa + 32, 2, FLOAT, va + 32))
+    if st == 0:
+        st = ccall(fns[1], (session, 0, names.ctypes.data, va, 4, names.ctypes.data + 32, 1, va + 32))
+    for i in range(5):
+        if buf[i] != 0:
+            ccall(fns[2], (buf[i],))
+    return st
 
 
 def supports(manifest: Manifest) -> bool:
@@ -111,7 +108,7 @@ class NativeBackend:
         self._names = [ctypes.create_string_buffer(n.encode()) for n in (*FEEDS, LOGITS)]
         self._name_ptrs = np.array([ctypes.addressof(b) for b in self._names], np.int64)
         self._fns = np.array([self.lib.addr(f) for f in FNS], np.int64)
-        self._step = _step_fn()
+        self._step = _step
         from tqedge.codec import numba_runtime
 
         if (threads or numba_runtime.MAX_THREADS) > 1:  # start the op's worker threads now, not in the first prompt

@@ -216,6 +216,27 @@ def _visible(tp, p, fp, sinks, window, ring, fp_lo, t0, exact):
 
 
 @njit(**_OPTS)
+def _tile_seen(pos, j0, n, fp, rule, t0, first, last):
+    """Whether some query position in ``[first, last]`` sees some key ``pos[j0:j0+n]`` under the
+    read rule: each key is seen from an interval of query positions (``_visible``), so this is an
+    interval overlap per key — a tile wholly in the rows' future, or wholly older than their window
+    (fp keys) or ring (compressed), is skipped unscored."""
+    sinks, window, ring, fp_lo, exact = rule[0], rule[1], rule[2], rule[3], rule[4] != 0
+    for j in range(n):
+        p = pos[j0 + j]
+        forever = p < sinks or (exact and p >= t0)
+        if fp:
+            lo, hi = p, (last if forever else p + window - 1)
+        else:
+            if forever:
+                continue
+            lo, hi = (p if p < fp_lo else p + window), p + ring - 1
+        if max(lo, first) <= min(hi, last):
+            return True
+    return False
+
+
+@njit(**_OPTS)
 def _tile_update(s, n, rows, g, i0, t0, pos, fp, rule, m, den, acc, vals, j0):
     """Online-softmax update of query rows ``rows`` with the score tile ``s`` (rows, n) of keys
     ``j0 … j0+n`` (positions ``pos``): mask by the read rule, rescale, accumulate ``p · vals``.
@@ -338,7 +359,8 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, i_first, rule, out
     """Causal prefill attention of one KV head's query rows over fp16-slot keys (float32 here)
     and compressed keys (dequantized, projected domain), flash-style: tiles of
     :data:`TQ_ROWS` tokens × the GQA group against :data:`TK_KEYS` keys, online softmax, memory
-    bounded by the tiles. Tiles wholly in a query tile's future are skipped.
+    bounded by the tiles. Key tiles no row of a query tile sees (its future, or older than its
+    window or ring) are skipped.
 
     Args:
         qs: (T·G, D) scaled queries, row ``i·G + g``; qp: (T·G, Dpk) the same, projected.
@@ -372,11 +394,8 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, i_first, rule, out
             npos = nf if fp else nc
             for j0 in range(0, npos, TK_KEYS):
                 n = min(TK_KEYS, npos - j0)
-                first = pf[j0] if fp else pc[j0]
-                for j in range(n):
-                    first = min(first, pf[j0 + j] if fp else pc[j0 + j])
-                if first > last:
-                    continue  # every key of the tile lies in the future of every query row
+                if not _tile_seen(pf if fp else pc, j0, n, fp, rule, t0, last - ti + 1, last):
+                    continue  # no query row sees any key of the tile (its future, or out of window/ring)
                 if fp:
                     _scores_tile(qs, r0, rows, kf, j0, n, s)
                     _tile_update(s, n, rows, g, i_first + i0, t0, pf, True, rule, m, den, acc, vf, j0)
