@@ -15,12 +15,14 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
       decode   18 fp_bias* (S+W,) f32  19 ranges n (≤ 2)  20..23 ring index ranges [a0, b0), [a1, b1)
       prefill  24 fp_slots* 25 n   26 pf* 27 n   28 old_idx* 29 n   30 pc* 31 n   32 new_c* 33 n
                34 n_new_read   (the arrays of CompressedKVCache._plan_prefill, int64)
-             35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 parallel prefill entry*
-                (a C function, runtime/native_parallel.py; 0: serial)
+             35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 prefill work item entry*
+                (a C function: native_turboquant.prefill_item)  37 cooperative pool* (the control
+                block of runtime/coop_pool.py; 0: one thread)  38 decode work item entry* (a C
+                function: native_turboquant.decode_item)
     layered  (a model with sliding-window layers: runtime/sliding_cache.py's LayeredKVCache)
              8 window W  9 ring keys* (Ls, Hkv, W, D)  10 ring values*  11 ring element bytes (4: f32,
              2: f16)  12 sliding layers Ls  13 offset O of the full layers' descriptor  14 launch lock*
-             15 parallel prefill entry*  16..16+L route of layer i: its index among the full layers
+             15 prefill work item entry*  16 cooperative pool*  17..17+L route of layer i: its index among the full layers
              (≥ 0) or -1 - its index among the sliding layers (position p in ring slot p % W; a query
              at t reads p with 0 ≤ t - p < W, no sinks, nothing compressed)
              O..  the full layers' own descriptor (exact or turboquant above, its own header,
@@ -93,8 +95,8 @@ TQ_S, TQ_W, TQ_R, TQ_FP_LO, TQ_EXACT_PREFILL, TQ_FP_K, TQ_FP_V, TQ_LAYERS, TQ_LW
 MODE_DECODE, MODE_PREFILL = 1, 2
 TQ_BIAS, TQ_NR, TQ_RANGES = 18, 19, 20
 TQ_FP_SLOTS, TQ_PF, TQ_OLD_IDX, TQ_PC, TQ_NEW_C, TQ_N_NEW_READ = 24, 26, 28, 30, 32, 34
-TQ_LOCK, TQ_PAR_PREFILL = 35, 36
-TQ_WORDS = 37
+TQ_LOCK, TQ_PAR_PREFILL, TQ_POOL, TQ_DECODE_ITEM = 35, 36, 37, 38
+TQ_WORDS = 39
 (C_CODES, C_SCALES, C_B, C_P, C_DP, C_TABLE, C_NSEG, C_CB, C_NCB, C_LUT, C_NLUT, C_ROT, C_BOUNDS, C_NB,
  C_CENT, C_BITS, C_CORR, C_OK, C_PROJ) = range(19)
 CODEC_WORDS = 20
@@ -151,10 +153,12 @@ def layer_table(cache) -> tuple[np.ndarray, list]:
     return table, keep
 
 
-def _parallel_entry() -> int:
-    from tqedge.runtime import native_parallel  # starts Numba's pool: only once it will be used
+def _entries(threads: int) -> tuple[int, int, int]:
+    """(cooperative pool with ``threads - 1`` workers, prefill item entry, decode item entry)."""
+    from tqedge.runtime import coop_pool
+    from tqedge.runtime.native_turboquant import DECODE_ITEM_ENTRY, PREFILL_ITEM_ENTRY
 
-    return native_parallel.PREFILL_ENTRY
+    return coop_pool.pool(threads).address, PREFILL_ITEM_ENTRY, DECODE_ITEM_ENTRY
 
 
 def turboquant(cache) -> np.ndarray:
@@ -173,13 +177,14 @@ def turboquant(cache) -> np.ndarray:
         from tqedge.codec import numba_runtime  # the native op needs Numba anyway
 
         d[TQ_LOCK] = numba_runtime.LOCK_ADDRESS
-        cache._native_threads = numba_runtime.sync_pool_threads
+        cache._native_threads, cache._native_pool_threads = numba_runtime.sync_pool_threads, 0
         cache._native_static, cache._native_desc = (table, keep), d
     rule = cache._rule
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
-    if d[THREADS] > 1 and not d[TQ_PAR_PREFILL]:
-        d[TQ_PAR_PREFILL] = _parallel_entry()
+    if d[THREADS] > 1 and cache._native_pool_threads != d[THREADS]:
+        d[TQ_POOL], d[TQ_PAR_PREFILL], d[TQ_DECODE_ITEM] = _entries(int(d[THREADS]))
+        cache._native_pool_threads = d[THREADS]
     if plan[0] == "decode":
         ranges = plan[1]
         d[T], d[TQ_MODE], d[TQ_NR] = 1, MODE_DECODE, len(ranges)
@@ -200,8 +205,8 @@ def turboquant(cache) -> np.ndarray:
     return d
 
 
-LY_W, LY_KEYS, LY_VALUES, LY_ESIZE, LY_NS, LY_SUB, LY_LOCK, LY_PAR_PREFILL = range(8, 16)
-LY_ROUTE = 16
+LY_W, LY_KEYS, LY_VALUES, LY_ESIZE, LY_NS, LY_SUB, LY_LOCK, LY_PAR_PREFILL, LY_POOL = range(8, 17)
+LY_ROUTE = 17
 
 
 def layered(cache) -> np.ndarray:
@@ -223,9 +228,11 @@ def layered(cache) -> np.ndarray:
 
         d[LY_LOCK] = numba_runtime.LOCK_ADDRESS
         cache._native_threads, cache._native_desc = numba_runtime.sync_pool_threads, d
+        cache._native_pool_threads = 0
     d[T], d[T0] = sub[T], sub[T0]
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
-    if d[THREADS] > 1 and not d[LY_PAR_PREFILL]:
-        d[LY_PAR_PREFILL] = _parallel_entry()
+    if d[THREADS] > 1 and cache._native_pool_threads != d[THREADS]:
+        d[LY_POOL], d[LY_PAR_PREFILL], _ = _entries(int(d[THREADS]))
+        cache._native_pool_threads = d[THREADS]
     d[d[LY_SUB]:] = sub
     return d

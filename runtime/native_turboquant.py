@@ -14,13 +14,14 @@ count and index against the descriptor's geometry before touching a buffer.
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, prange
+from numba import carray, types
 
 from tqedge.codec.kernels_fused import (TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec,
                                         prefill_attend)
 from tqedge.codec.kernels_numba import dequantize_serial, scores_serial, value_sum_serial
-from tqedge.codec.numba_runtime import njit, release, serial_twin, try_acquire
+from tqedge.codec.numba_runtime import cfunc, njit, release, try_acquire
 from tqedge.runtime import kv_descriptor as KD
+from tqedge.runtime.coop_pool import run as coop_run
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
 from tqedge.runtime.ort_numba import as_ptr, ccall
 
@@ -77,65 +78,139 @@ def encode_row(x, rot, bounds, cent, bits, corrected, codes_out, scales_out):
     scales_out[0] = f32_to_f16(min(scale, F16_MAX))
 
 
+DECODE_CHUNK = 512  # compressed keys per decode work item (all KV heads)
+# the argument block of one decode step's work items (int64 words; addresses marked *)
+DB_QP, DB_KROW, DB_VROW, DB_HKV, DB_RING, DB_D, DB_G, DB_CHUNKS, DB_MO, DB_DNO, DB_ACCO, DB_NCH = range(12)
+DB_WORDS = 12
+
+
 @njit(**_OPTS)
-def _decode(q, scale, fpk, fpv, bias, kc, vc, ranges, nr, out):
-    """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, with
-    the kernels of the segment path (fp16_kernels, kernels_numba), as ``attention.decode``."""
+def decode_item(block_addr, c):
+    """Work item ``c`` of a decode step: over the compressed ring rows ``[chunks[c, 0],
+    chunks[c, 1])``, for every head and query, the scores' max ``mo[c]``, the sum of
+    ``exp(score - max)`` ``dno[c]`` and the projected value sum ``acco[c]`` relative to that max."""
+    b = carray(as_ptr(block_addr, np.int64), (DB_WORDS,))
+    hkv, ring, d, g, nch = b[DB_HKV], b[DB_RING], b[DB_D], b[DB_G], b[DB_NCH]
+    kc = _codec(carray(as_ptr(b[DB_KROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, True)
+    vc = _codec(carray(as_ptr(b[DB_VROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, False)
+    dpk, dpv = kc[5], vc[5]
+    qp = carray(as_ptr(b[DB_QP], np.float32), (hkv, g, dpk))
+    chunks = carray(as_ptr(b[DB_CHUNKS], np.int64), (nch, 2))
+    mo = carray(as_ptr(b[DB_MO], np.float32), (nch, hkv, g))[c]
+    dno = carray(as_ptr(b[DB_DNO], np.float32), (nch, hkv, g))[c]
+    acco = carray(as_ptr(b[DB_ACCO], np.float32), (nch, hkv, g, dpv))[c]
+    a, e = chunks[c, 0], chunks[c, 1]
+    sc = scores_serial(qp, kc[0][:, a:e], kc[1][:, a:e], kc[2], kc[3], kc[4])  # (Hkv, G, n)
+    for h in range(hkv):
+        for gg in range(g):
+            mx = -np.inf
+            for n in range(e - a):
+                mx = max(mx, sc[h, gg, n])
+            tot = np.float32(0.0)
+            for n in range(e - a):
+                p = np.exp(sc[h, gg, n] - mx)
+                sc[h, gg, n] = p
+                tot += p
+            mo[h, gg] = mx
+            dno[h, gg] = tot
+    acco[:] = value_sum_serial(sc, vc[0][:, a:e], vc[1][:, a:e], vc[2], vc[3], vc[4], dpv)
+    return 0
+
+
+@cfunc(types.int64(types.int64, types.int64), nogil=True)
+def _decode_item_entry(block_addr, c):
+    return decode_item(block_addr, c)
+
+
+DECODE_ITEM_ENTRY = _decode_item_entry.address  # what the descriptor hands the op (word TQ_DECODE_ITEM)
+
+
+@njit(**_OPTS)
+def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn):
+    """Every :func:`decode_item` of a step, serially or on the cooperative pool. The arrays are
+    arguments so they outlive the items (Numba frees a local after its last use in the code)."""
+    hkv, g, _ = qp.shape
+    nch = chunks.shape[0]
+    block = np.empty(DB_WORDS, np.int64)
+    block[DB_QP], block[DB_KROW], block[DB_VROW], block[DB_HKV] = qp.ctypes.data, krow.ctypes.data, \
+        vrow.ctypes.data, hkv
+    block[DB_RING], block[DB_D], block[DB_G], block[DB_CHUNKS] = ring, d, g, chunks.ctypes.data
+    block[DB_MO], block[DB_DNO], block[DB_ACCO], block[DB_NCH] = mo.ctypes.data, dno.ctypes.data, \
+        acco.ctypes.data, nch
+    if nch > 1 and threads > 1 and pool != 0 and item_fn != 0 and try_acquire(lock):
+        coop_run(pool, item_fn, block.ctypes.data, nch)
+        release(lock)
+    else:
+        for c in range(nch):
+            decode_item(block.ctypes.data, c)
+    return block[DB_NCH]  # a read after the items: ``block`` must not be freed while they run
+
+
+@njit(**_OPTS)
+def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, threads, lock, pool, item_fn, out):
+    """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, as
+    ``attention.decode``: the fp16 part, then the compressed ring in chunks of
+    :data:`DECODE_CHUNK` keys (:func:`decode_item`), each with its own softmax max, merged in
+    chunk order. The chunks run on this thread alone, or with the cooperative pool's workers
+    (:mod:`tqedge.runtime.coop_pool`) when ``threads`` > 1, there are two chunks or more and the
+    launch ``lock`` is free: same items, same merge, the same result either way."""
     hkv, nf, d = fpk.shape
     hq = q.shape[0]
     g = hq // hkv
-    kcodes, kscales, ktab, kcb, klut, dpk, pq = kc[0], kc[1], kc[2], kc[3], kc[4], kc[5], kc[6]
-    vcodes, vscales, vtab, vcb, vlut, dpv, um = vc[0], vc[1], vc[2], vc[3], vc[4], vc[5], vc[6]
+    dpk, pq, dpv, um = kc[5], kc[6], vc[5], vc[6]
     qh = np.empty((hkv, g, d), np.float32)
     for h in range(hkv):
         for gg in range(g):
             for x in range(d):
                 qh[h, gg, x] = q[h * g + gg, x] * scale
     s_fp = scores_u16(qh, fpk, bias)  # (Hkv, G, Nf)
-    m = np.full((hkv, g), -np.inf, np.float32)
-    for h in range(hkv):
-        for gg in range(g):
-            for n in range(nf):
-                m[h, gg] = max(m[h, gg], s_fp[h, gg, n])
-    qp = np.empty((hkv, g, dpk), np.float32)
-    for h in range(hkv):
-        for gg in range(g):
-            matvec(qh[h, gg], pq, qp[h, gg])
-    s_c = []
-    for r in range(nr):
-        a, b = ranges[2 * r], ranges[2 * r + 1]
-        s = scores_serial(qp, kcodes[:, a:b], kscales[:, a:b], ktab, kcb, klut)  # (Hkv, G, n)
-        for h in range(hkv):
-            for gg in range(g):
-                for n in range(b - a):
-                    m[h, gg] = max(m[h, gg], s[h, gg, n])
-        s_c.append(s)
+    m_fp = np.full((hkv, g), -np.inf, np.float32)
     den = np.zeros((hkv, g), np.float32)
     for h in range(hkv):
         for gg in range(g):
             for n in range(nf):
-                p = np.exp(s_fp[h, gg, n] - m[h, gg])
+                m_fp[h, gg] = max(m_fp[h, gg], s_fp[h, gg, n])
+            for n in range(nf):
+                p = np.exp(s_fp[h, gg, n] - m_fp[h, gg]) if m_fp[h, gg] != -np.inf else np.float32(0.0)
                 s_fp[h, gg, n] = p
                 den[h, gg] += p
-    acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D)
-    accp = np.zeros((hkv, g, dpv), np.float32)
+    acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D), relative to m_fp
+    qp = np.empty((hkv, g, dpk), np.float32)
+    for h in range(hkv):
+        for gg in range(g):
+            matvec(qh[h, gg], pq, qp[h, gg])
+    nch = 0
     for r in range(nr):
-        a, b = ranges[2 * r], ranges[2 * r + 1]
-        s = s_c[r]
-        for h in range(hkv):
-            for gg in range(g):
-                for n in range(b - a):
-                    p = np.exp(s[h, gg, n] - m[h, gg])
-                    s[h, gg, n] = p
-                    den[h, gg] += p
-        accp += value_sum_serial(s, vcodes[:, a:b], vscales[:, a:b], vtab, vcb, vlut, dpv)
+        nch += (ranges[2 * r + 1] - ranges[2 * r] + DECODE_CHUNK - 1) // DECODE_CHUNK
+    chunks = np.empty((nch, 2), np.int64)
+    c = 0
+    for r in range(nr):
+        for a in range(ranges[2 * r], ranges[2 * r + 1], DECODE_CHUNK):
+            chunks[c, 0], chunks[c, 1] = a, min(a + DECODE_CHUNK, ranges[2 * r + 1])
+            c += 1
+    mo = np.empty((nch, hkv, g), np.float32)
+    dno = np.empty((nch, hkv, g), np.float32)
+    acco = np.empty((nch, hkv, g, dpv), np.float32)
+    _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn)
+    accp = np.empty(dpv, np.float32)
     tmp = np.empty(d, np.float32)
     for h in range(hkv):
         for gg in range(g):
-            matvec(accp[h, gg], um, tmp)
-            inv = np.float32(1.0) / den[h, gg]
+            m = m_fp[h, gg]
+            for c in range(nch):
+                m = max(m, mo[c, h, gg])
+            f = np.exp(m_fp[h, gg] - m) if m_fp[h, gg] != -np.inf else np.float32(0.0)
+            tot = den[h, gg] * f
+            accp[:] = 0.0
+            for c in range(nch):
+                fc = np.exp(mo[c, h, gg] - m) if mo[c, h, gg] != -np.inf else np.float32(0.0)
+                tot += dno[c, h, gg] * fc
+                for x in range(dpv):
+                    accp[x] += acco[c, h, gg, x] * fc
+            matvec(accp, um, tmp)
+            inv = np.float32(1.0) / tot
             for x in range(d):
-                out[h * g + gg, x] = (acc[h, gg, x] + tmp[x]) * inv
+                out[h * g + gg, x] = (acc[h, gg, x] * f + tmp[x]) * inv
 
 
 @njit(**_OPTS)
@@ -158,52 +233,75 @@ def _gather_deq(codec, idx, extra_c, extra_s, n_extra):
     return dequantize_serial(c, s, tab, cb, lut, dp)
 
 
-def prefill_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res):
-    """:func:`~tqedge.codec.kernels_fused.prefill_attend` over every (KV head, query tile) pair,
-    the work items of a prefill step (a ``prange``: :mod:`tqedge.runtime.native_parallel`
-    compiles the parallel twin; the op calls it through a pointer when threads > 1)."""
-    hkv, tg, _ = qs.shape
-    nt = tg // g
-    ntile = (nt + TQ_ROWS - 1) // TQ_ROWS
-    for w in prange(hkv * ntile):
-        h = w // ntile
-        i0 = (w % ntile) * TQ_ROWS
-        i1 = min(nt, i0 + TQ_ROWS)
-        prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
-                       t0, i0, rule, res[h, i0 * g:i1 * g])
-
-
-_prefill_items_ser = njit(**_OPTS)(serial_twin(prefill_items))
-# the argument block of the parallel entry (int64 words: array addresses, then sizes)
+# the argument block of one prefill step's work items (int64 words)
 (PB_QS, PB_QP, PB_KF, PB_VF, PB_PF, PB_KD, PB_VD, PB_PC, PB_UM, PB_RULE, PB_RES, PB_HKV, PB_T, PB_G, PB_D,
  PB_DPK, PB_DPV, PB_NF, PB_NC, PB_T0) = range(20)
 PB_WORDS = 20
 
 
 @njit(**_OPTS)
-def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, par_entry):
-    """:func:`prefill_items` (arguments as there, all C-contiguous): the parallel twin through
-    ``par_entry`` when ``threads`` > 1 and the launch ``lock`` is free, else the serial one."""
-    if threads > 1 and par_entry != 0 and try_acquire(lock):
-        hkv, tg, d = qs.shape
-        block = np.empty(PB_WORDS, np.int64)
-        block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
-            vf.ctypes.data
-        block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
-            pc.ctypes.data
-        block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
-        block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
-        block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
-            kf.shape[1], kd.shape[1], t0
-        ccall(par_entry, (block.ctypes.data,))
+def prefill_item(block_addr, w):
+    """Work item ``w`` of a prefill step (argument block ``PB_*``): :func:`~tqedge.codec.kernels_fused.prefill_attend`
+    for KV head ``w // tiles`` and query tile ``w % tiles`` (:data:`TQ_ROWS` tokens)."""
+    b = carray(as_ptr(block_addr, np.int64), (PB_WORDS,))
+    hkv, t, g, d = b[PB_HKV], b[PB_T], b[PB_G], b[PB_D]
+    dpk, dpv, nf, nc = b[PB_DPK], b[PB_DPV], b[PB_NF], b[PB_NC]
+    f32 = np.float32
+    qs = carray(as_ptr(b[PB_QS], f32), (hkv, t * g, d))
+    qp = carray(as_ptr(b[PB_QP], f32), (hkv, t * g, dpk))
+    kf = carray(as_ptr(b[PB_KF], f32), (hkv, nf, d))
+    vf = carray(as_ptr(b[PB_VF], f32), (hkv, nf, d))
+    pf = carray(as_ptr(b[PB_PF], np.int64), (nf,))
+    kd = carray(as_ptr(b[PB_KD], f32), (hkv, nc, dpk))
+    vd = carray(as_ptr(b[PB_VD], f32), (hkv, nc, dpv))
+    pc = carray(as_ptr(b[PB_PC], np.int64), (nc,))
+    um = carray(as_ptr(b[PB_UM], f32), (dpv, d))
+    rule = carray(as_ptr(b[PB_RULE], np.int64), (5,))
+    res = carray(as_ptr(b[PB_RES], f32), (hkv, t * g, d))
+    ntile = (t + TQ_ROWS - 1) // TQ_ROWS
+    h = w // ntile
+    i0 = (w % ntile) * TQ_ROWS
+    i1 = min(t, i0 + TQ_ROWS)
+    prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
+                   b[PB_T0], i0, rule, res[h, i0 * g:i1 * g])
+    return 0
+
+
+@cfunc(types.int64(types.int64, types.int64), nogil=True)
+def _prefill_item_entry(block_addr, w):
+    return prefill_item(block_addr, w)
+
+
+PREFILL_ITEM_ENTRY = _prefill_item_entry.address  # descriptor words TQ_PAR_PREFILL / LY_PAR_PREFILL
+
+
+@njit(**_OPTS)
+def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn):
+    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous): on the cooperative
+    pool when ``threads`` > 1 and the launch ``lock`` is free, else on this thread (same bits)."""
+    hkv, tg, d = qs.shape
+    block = np.empty(PB_WORDS, np.int64)
+    block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
+        vf.ctypes.data
+    block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
+        pc.ctypes.data
+    block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
+    block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
+    block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
+        kf.shape[1], kd.shape[1], t0
+    n = hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS)
+    if n > 1 and threads > 1 and pool != 0 and item_fn != 0 and try_acquire(lock):
+        coop_run(pool, item_fn, block.ctypes.data, n)
         release(lock)
     else:
-        _prefill_items_ser(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res)
+        for w in range(n):
+            prefill_item(block.ctypes.data, w)
+    return block[PB_T]  # a read after the items: ``block`` must not be freed while they run
 
 
 @njit(**_OPTS)
 def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
-             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, par_entry, out):
+             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, pool, item_fn, out):
     t, hq, d = q.shape
     hkv, nfs, _ = fpk.shape
     g = hq // hkv
@@ -248,7 +346,8 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
                 for x in range(d):
                     qs[h, r, x] = q[i, h * g + gg, x] * scale
                 matvec(qs[h, r], pq, qp[h, r])
-    run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, par_entry)
+    run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, pool,
+              item_fn)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):
@@ -330,7 +429,8 @@ def compute(desc, nd, layer, q, k, v, scale, out):
                 encode_row(row, kc[7], kc[8], kc[9], kc[10], kc[11], kc[0][h, r], kc[1][h, r])
                 f16_row_to_f32(v16[h], row)
                 encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
-        _decode(q[0], scale, fpk, fpv, bias, kc, vc, ranges, nr, out[0])
+        _decode(q[0], scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, desc[KD.THREADS],
+                desc[KD.TQ_LOCK], desc[KD.TQ_POOL], desc[KD.TQ_DECODE_ITEM], out[0])
         return 0
     if mode != KD.MODE_PREFILL:
         return 1
@@ -349,5 +449,5 @@ def compute(desc, nd, layer, q, k, v, scale, out):
     pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
     _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
              fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
-             desc[KD.TQ_PAR_PREFILL], out)
+             desc[KD.TQ_POOL], desc[KD.TQ_PAR_PREFILL], out)
     return 0

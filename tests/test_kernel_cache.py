@@ -17,7 +17,7 @@ from numba.core.dispatcher import Dispatcher  # noqa: E402
 
 MODULES = ("tqedge.codec.kernels_numba", "tqedge.codec.kernels_fused", "tqedge.runtime.fp16_kernels",
            "tqedge.runtime.ort_numba", "tqedge.runtime.native_turboquant", "tqedge.runtime.native_op",
-           "tqedge.runtime.native_parallel", "tqedge.runtime.native_sliding", "tqedge.runtime.backends.onnx_native")
+           "tqedge.runtime.coop_pool", "tqedge.runtime.native_sliding", "tqedge.runtime.backends.onnx_native")
 
 
 def _kernels():

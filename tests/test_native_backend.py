@@ -91,8 +91,9 @@ def test_turboquant_op_matches_cache_attend(op_session):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_turboquant_op_long_context_parallel_twins(op_session, threads):
-    """The op splits prefill into (head, 16-token tile) items (parallel with 2 threads, serial with
-    1) and decodes over long contexts: the same output as cache.attend."""
+    """The op splits prefill into (head, 16-token tile) items and decode into 512-key items (on the
+    cooperative pool with 2 threads, serial with 1) over long contexts: the same output as
+    cache.attend."""
     import sys
 
     from tqedge.codec import numba_runtime
@@ -110,8 +111,36 @@ def test_turboquant_op_long_context_parallel_twins(op_session, threads):
     desc = ours._native_desc
     assert desc[kv_descriptor.THREADS] == threads
     if threads > 1:  # the parallel entries were handed to the op
-        assert "tqedge.runtime.native_parallel" in sys.modules
-        assert desc[kv_descriptor.TQ_PAR_PREFILL]
+        assert "tqedge.runtime.coop_pool" in sys.modules
+        assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_POOL] and desc[kv_descriptor.TQ_DECODE_ITEM]
+
+
+def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
+    """A decode step over ~2.3K compressed keys (5 work items): the cooperative pool's result is
+    bit for bit the single thread's (same items, same merge order)."""
+    from tqedge.codec import numba_runtime
+
+    k, v = build_codecs(KVSpec(), L, D, (4, 3))
+    cache = CompressedKVCache(k, v, HKV, D, ring=3000, sinks=4, window=64, policy="slide")
+    ref = CompressedKVCache(*build_codecs(KVSpec(), L, D, (4, 3)), HKV, D, ring=3000, sinks=4, window=64, policy="slide")
+    rng = np.random.default_rng(1)
+    numba_runtime.set_threads(2)
+    try:
+        _run_twins(op_session, cache, ref, [700, 700, 700, 200], seed=1)
+        outs = []
+        q, kk, vv = (rng.normal(size=(1, h, D)).astype(np.float32) for h in (HQ, HKV, HKV))
+        cache.prepare(1)
+        for threads in (1, 2, 1, 2):
+            desc = cache.descriptor().copy()
+            desc[kv_descriptor.THREADS] = threads
+            (out,) = op_session.run({"q": q, "k": kk, "v": vv, "kv_desc": desc}, ["out"])
+            outs.append(out)
+        cache.commit()
+    finally:
+        numba_runtime.set_threads(None)
+    assert desc[kv_descriptor.TQ_POOL] != 0 and desc[kv_descriptor.TQ_DECODE_ITEM] != 0
+    for out in outs[1:]:
+        assert np.array_equal(out.view(np.uint32), outs[0].view(np.uint32))
 
 
 def test_bad_descriptor_is_a_one_line_error(op_session):

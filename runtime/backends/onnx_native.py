@@ -111,8 +111,10 @@ class NativeBackend:
         self._step = _step
         from tqedge.codec import numba_runtime
 
-        if (threads or numba_runtime.MAX_THREADS) > 1:  # load the parallel twins now, not in the first prompt
-            from tqedge.runtime import native_parallel  # noqa: F401  (starts Numba's pool)
+        if (threads or numba_runtime.MAX_THREADS) > 1:  # start the op's worker threads now, not in the first prompt
+            from tqedge.runtime import coop_pool
+
+            coop_pool.pool(threads or numba_runtime.MAX_THREADS)
         log.info("native: one session (onnxruntime %s C API) in %.2fs", self.lib.version, time.perf_counter() - t0)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:

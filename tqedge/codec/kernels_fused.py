@@ -127,20 +127,55 @@ _MAGIC = np.float32(2.0 ** 112)  # float16 → float32 exponent re-bias (2^(127-
 
 
 @njit(inline="always", **_OPTS)
+def _f16_magnitude(h):
+    """float16 bits → exponent and mantissa in float32 position (re-bias still to apply)."""
+    return (np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)
+
+
+@njit(inline="always", **_OPTS)
+def _f16_sign_special(h):
+    """float16 bits → the float32 bits to OR in after the re-bias: the sign, and an all-ones
+    exponent for infinities and NaNs (the re-bias made them finite; the mantissa, hence a NaN's
+    payload, is already in place, as NumPy converts them)."""
+    h = np.uint32(h)
+    special = np.uint32(0x7F800000) if (h & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
+    return special | ((h & np.uint32(0x8000)) << np.uint32(16))
+
+
+@njit(inline="always", **_OPTS)
 def f16_row_to_f32(src, dst):
     """float16 bit patterns (uint16, C-contiguous) → float32 ``dst``: exponent and mantissa
-    moved into float32 position and re-biased by ×2^112 (exact for normals and subnormals;
-    infinities and NaNs rebuilt), a loop LLVM vectorizes."""
+    moved into float32 position and re-biased by ×2^112 (exact for normals and subnormals),
+    then sign and inf/NaN exponents OR-ed in: three branch-free loops LLVM vectorizes."""
     bits = dst.view(np.uint32)
     for j in range(src.shape[0]):
-        bits[j] = (np.uint32(src[j]) & np.uint32(0x7FFF)) << np.uint32(13)
-    for j in range(src.shape[0]):  # selects, no branches: the loop vectorizes
-        h = np.uint32(src[j])
-        v = dst[j] * _MAGIC
-        special = (h & np.uint32(0x7C00)) == np.uint32(0x7C00)  # inf / NaN: the re-bias made them finite
-        w = np.float32(np.inf) if (h & np.uint32(0x3FF)) == 0 else np.float32(np.nan)
-        v = w if special else v
-        dst[j] = -v if (h & np.uint32(0x8000)) != 0 else v
+        bits[j] = _f16_magnitude(src[j])
+    for j in range(src.shape[0]):
+        dst[j] = dst[j] * _MAGIC
+    for j in range(src.shape[0]):
+        bits[j] = bits[j] | _f16_sign_special(src[j])
+
+
+@njit(inline="always", **_OPTS)
+def f16_rows_to_f32(src, i0, nr, skip, tile):
+    """Rows ``i0 .. i0+nr`` of ``src`` (N, D) float16 bits → ``tile[:nr]`` (float32, C-contiguous
+    rows), as :func:`f16_row_to_f32`, a tile of rows per pass; rows with ``skip[i]`` become
+    zeros (unwritten slots may hold any bits, NaN included)."""
+    d = src.shape[1]
+    tb = tile.view(np.uint32)
+    for r in range(nr):
+        s, t = src[i0 + r], tb[r]
+        for j in range(d):
+            t[j] = _f16_magnitude(s[j])
+    for r in range(nr):
+        t = tile[r]
+        for j in range(d):
+            t[j] = t[j] * _MAGIC
+    for r in range(nr):
+        s, t = src[i0 + r], tb[r]
+        keep = np.uint32(0) if skip[i0 + r] else np.uint32(0xFFFFFFFF)
+        for j in range(d):
+            t[j] = (t[j] | _f16_sign_special(s[j])) & keep
 
 
 @njit(inline="always", **_OPTS)
