@@ -16,7 +16,7 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
       prefill  24 fp_slots* 25 n   26 pf* 27 n   28 old_idx* 29 n   30 pc* 31 n   32 new_c* 33 n
                34 n_new_read   (the arrays of CompressedKVCache._plan_prefill, int64)
              35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 prefill work item entry*
-                (a C function: native_turboquant.prefill_item)  37 cooperative pool* (the control
+                (a C function: native_prefill.prefill_item)  37 cooperative pool* (the control
                 block of runtime/coop_pool.py; 0: one thread)  38 decode work item entry* (a C
                 function: native_turboquant.decode_item)
     layered  (a model with sliding-window layers: runtime/sliding_cache.py's LayeredKVCache)
@@ -156,7 +156,8 @@ def layer_table(cache) -> tuple[np.ndarray, list]:
 def _entries(threads: int) -> tuple[int, int, int]:
     """(cooperative pool with ``threads - 1`` workers, prefill item entry, decode item entry)."""
     from tqedge.runtime import coop_pool
-    from tqedge.runtime.native_turboquant import DECODE_ITEM_ENTRY, PREFILL_ITEM_ENTRY
+    from tqedge.runtime.native_prefill import PREFILL_ITEM_ENTRY
+    from tqedge.runtime.native_turboquant import DECODE_ITEM_ENTRY
 
     return coop_pool.pool(threads).address, PREFILL_ITEM_ENTRY, DECODE_ITEM_ENTRY
 

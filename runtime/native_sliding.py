@@ -12,7 +12,7 @@ result does not depend on how a prompt is chunked.
   one pass over the ring's valid slots;
 - prefill (any number of tokens, longer than ``W`` too): the old in-window positions and the new
   tokens go through the flash-style tiles of the compressed branch
-  (:func:`~tqedge.runtime.native_turboquant.run_items`, parallel when threads allow) under the
+  (:func:`~tqedge.runtime.native_prefill.run_items`, parallel when threads allow) under the
   read rule ``sinks=0, window=W``, with no compressed keys; then the last ``min(T, W)`` new
   tokens are stored.
 
@@ -28,7 +28,7 @@ from numba import carray
 from tqedge.codec.kernels_fused import f16_row_to_f32, f32_row_to_f16
 from tqedge.codec.numba_runtime import njit
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.native_turboquant import run_items
+from tqedge.runtime.native_prefill import run_items
 from tqedge.runtime.ort_numba import as_ptr
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})

@@ -132,7 +132,9 @@ def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
         cache.prepare(1)
         for threads in (1, 2, 1, 2):
             desc = cache.descriptor().copy()
-            desc[kv_descriptor.THREADS] = threads
+            desc[kv_descriptor.THREADS] = threads  # the pool even where fewer cores are usable
+            desc[kv_descriptor.TQ_POOL], desc[kv_descriptor.TQ_PAR_PREFILL], desc[kv_descriptor.TQ_DECODE_ITEM] = \
+                kv_descriptor._entries(2)
             (out,) = op_session.run({"q": q, "k": kk, "v": vv, "kv_desc": desc}, ["out"])
             outs.append(out)
         cache.commit()
