@@ -116,17 +116,20 @@ def test_turboquant_op_long_context_parallel_twins(op_session, threads):
 
 
 def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
-    """A decode step over ~2.3K compressed keys (5 work items): the cooperative pool's result is
-    bit for bit the single thread's (same items, same merge order)."""
+    """A decode step over ~4.6K compressed keys (9 work items, past DECODE_POOL_MIN_ITEMS): the
+    cooperative pool's result is bit for bit the single thread's (same items, same merge order)."""
     from tqedge.codec import numba_runtime
+    from tqedge.runtime.native_turboquant import DECODE_CHUNK, DECODE_POOL_MIN_ITEMS
 
     k, v = build_codecs(KVSpec(), L, D, (4, 3))
-    cache = CompressedKVCache(k, v, HKV, D, ring=3000, sinks=4, window=64, policy="slide")
-    ref = CompressedKVCache(*build_codecs(KVSpec(), L, D, (4, 3)), HKV, D, ring=3000, sinks=4, window=64, policy="slide")
+    cache = CompressedKVCache(k, v, HKV, D, ring=5000, sinks=4, window=64, policy="slide")
+    ref = CompressedKVCache(*build_codecs(KVSpec(), L, D, (4, 3)), HKV, D, ring=5000, sinks=4, window=64, policy="slide")
     rng = np.random.default_rng(1)
+    steps = [700] * 6 + [500]
+    assert (sum(steps) - 4 - 64) // DECODE_CHUNK + 1 >= DECODE_POOL_MIN_ITEMS
     numba_runtime.set_threads(2)
     try:
-        _run_twins(op_session, cache, ref, [700, 700, 700, 200], seed=1)
+        _run_twins(op_session, cache, ref, steps, seed=1)
         outs = []
         q, kk, vv = (rng.normal(size=(1, h, D)).astype(np.float32) for h in (HQ, HKV, HKV))
         cache.prepare(1)
