@@ -125,8 +125,9 @@ def _libc_fn(libc, name: str) -> int:
 class CoopPool:
     """``workers`` sleeping threads and the control block :func:`run` reads (``address``).
 
-    Start it once per process (:func:`pool`); it lives as long as the process. After a fork
-    the child gets a fresh block and no workers (jobs then run on the caller alone)."""
+    Start it once per process (:func:`pool`); it lives as long as the process. In a forked child
+    every pool gets fresh pthread objects and no workers: jobs then run on the caller alone, and
+    :func:`pool` starts the child's own pools."""
 
     def __init__(self, workers: int):
         libc = ctypes.CDLL(None)
@@ -135,9 +136,7 @@ class CoopPool:
         self.address = self._mem.ctypes.data
         base = self.address + 8 * WORDS
         self.ctl[W_MUTEX], self.ctl[W_WORK_CV], self.ctl[W_DONE_CV] = base, base + PTHREAD_BYTES, base + 2 * PTHREAD_BYTES
-        if libc.pthread_mutex_init(ctypes.c_void_p(base), None) or any(
-                libc.pthread_cond_init(ctypes.c_void_p(base + k * PTHREAD_BYTES), None) for k in (1, 2)):
-            raise OSError("pthread_mutex_init / pthread_cond_init failed")
+        self._init_sync(libc)
         for word, name in ((W_LOCK, "pthread_mutex_lock"), (W_UNLOCK, "pthread_mutex_unlock"),
                            (W_WAIT, "pthread_cond_wait"), (W_BROADCAST, "pthread_cond_broadcast"),
                            (W_SIGNAL, "pthread_cond_signal")):
@@ -146,6 +145,19 @@ class CoopPool:
                                          name=f"tqedge-coop-{i}") for i in range(workers)]
         for t in self.workers:
             t.start()
+
+    def _init_sync(self, libc) -> None:
+        base = int(self.ctl[W_MUTEX])
+        if libc.pthread_mutex_init(ctypes.c_void_p(base), None) or any(
+                libc.pthread_cond_init(ctypes.c_void_p(base + k * PTHREAD_BYTES), None) for k in (1, 2)):
+            raise OSError("pthread_mutex_init / pthread_cond_init failed")
+
+    def _after_fork(self) -> None:
+        """In a forked child: the workers did not come along and a copied mutex may be held;
+        fresh pthread objects and no workers (its jobs then run on the caller alone)."""
+        self._init_sync(ctypes.CDLL(None))
+        self.ctl[W_STOP] = 0
+        self.workers = []
 
     def close(self) -> None:
         """Stop and join the workers (tests; the process pool is never closed)."""
@@ -161,6 +173,17 @@ class CoopPool:
 
 _POOLS: dict = {}  # (pid, workers) → pool; never closed: descriptors hold their addresses
 _POOLS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    for p in _POOLS.values():  # descriptors made before the fork still hold these addresses
+        p._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def pool(threads: int) -> CoopPool:

@@ -86,3 +86,22 @@ def test_one_process_pool_per_thread_count():
     assert len(coop_pool.pool(3).workers) == 2 and a.workers  # the first pool lives on
     out, count, _ = _job(a, 64, 50)
     assert (count == 1).all()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_jobs_on_a_pool_made_before_the_fork():
+    pool = coop_pool.pool(2)
+    _job(pool, 8, 10)
+    pid = os.fork()
+    if pid == 0:  # the child: no workers came along; the job must still complete, correctly
+        ok = False
+        try:
+            out, count, _ = _job(pool, 16, 100)
+            ok = pool.workers == [] and (count == 1).all() and (out == _expected(16, 100)).all()
+            fresh = coop_pool.pool(2)
+            out2, count2, _ = _job(fresh, 16, 100)
+            ok = ok and fresh is not pool and (count2 == 1).all()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
