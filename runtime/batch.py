@@ -78,6 +78,13 @@ class BatchView:
         for _, _, c in self.parts:
             c.commit()
 
+    def descriptor(self) -> np.ndarray:
+        """The native op's descriptor of the step: every cache's own, behind a table of row ranges
+        (:func:`tqedge.runtime.kv_descriptor.batch`)."""
+        from tqedge.runtime.kv_descriptor import batch
+
+        return batch([(a, b, c.descriptor()) for a, b, c in self.parts])
+
 
 def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     """One forward over the next tokens of several sequences.
@@ -93,8 +100,7 @@ def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     if not items:
         raise TqedgeError("a batched step needs at least one sequence")
     if not getattr(model.backend, "batched_rows", True):
-        # a backend that reaches the cache through one descriptor per step (the native op, until
-        # per-sequence descriptors land) runs the sequences one after another: same results
+        # a backend whose attention cannot route rows runs the sequences one after another
         return [_one(model, toks, cache, want) for toks, cache, want in items]
     ids, pos, index, counts = [], [], [], []
     end = 0
@@ -112,6 +118,7 @@ def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     if ids_a.min() < 0 or ids_a.max() >= model.arch.vocab_size:
         raise TqedgeError(f"token id out of range 0..{model.arch.vocab_size - 1}")
     view = BatchView([c for _, c, _ in items], counts)
+    model._set_kernel_threads(model.threads)  # per calling thread, as Model.forward
     view.prepare(end)
     out = model.backend.forward(ids_a, np.concatenate(pos), np.asarray(index, np.int64), view)  # (n, V)
     view.commit()

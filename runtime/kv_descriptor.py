@@ -7,7 +7,8 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
 (chats, models) — the caller passes the one to use on each call. Layout version
 :data:`tqedge.bundle.DESCRIPTOR_VERSION` (word offsets below; docs/ARCHITECTURE.md):
 
-    header   0 version  1 kind (1 exact, 2 turboquant, 3 layered)  2 T  3 layers  4 Hkv  5 D  6 t0  7 threads
+    header   0 version  1 kind (1 exact, 2 turboquant, 3 layered, 4 batch)  2 T  3 layers  4 Hkv  5 D  6 t0
+             7 threads
     exact    8 capacity C  9 keys* (L,Hkv,C,D) f32  10 values*  11 n_old (visible slot prefix,
              -1: mask)  12 mask* (C,) u8  13 new_slots* (T,) i64
     turboquant  8 sinks S  9 window W  10 ring R  11 fp_lo  12 exact_prefill  13 fp_k* (L,Hkv,S+W,D) f16
@@ -34,7 +35,11 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
 
 Addresses (``*``) point into arrays owned by the cache; the arrays a step's plan adds are kept on
 the cache until its next ``prepare``. The op checks every count against its tensors' shapes before
-touching memory. A batch of sequences will carry one such row per sequence (a (B, n) tensor).
+touching memory.
+
+    batch    (several sequences in one step: runtime/batch.py's row-concatenation protocol)
+             8 parts n  9.. per part 4 words: its rows [a, b) of the step, the word offset and the
+             length of its own cache's descriptor (any kind but batch), which follow the part table
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from tqedge.errors import TqedgeError
 
 VERSION, KIND, T, LAYERS, HKV, DIM, T0, THREADS = range(8)
 HEADER = 8
-KIND_EXACT, KIND_TURBOQUANT, KIND_LAYERED = 1, 2, 3
+KIND_EXACT, KIND_TURBOQUANT, KIND_LAYERED, KIND_BATCH = 1, 2, 3, 4
 X_CAP, X_KEYS, X_VALUES, X_N_OLD, X_MASK, X_NEW_SLOTS = range(8, 14)
 EXACT_WORDS = 14
 
@@ -236,4 +241,26 @@ def layered(cache) -> np.ndarray:
         d[LY_POOL], d[LY_PAR_PREFILL], _ = _entries(int(d[THREADS]))
         cache._native_pool_threads = d[THREADS]
     d[d[LY_SUB]:] = sub
+    return d
+
+
+B_N, B_PARTS, B_PART_WORDS = 8, 9, 4
+
+
+def batch(parts) -> np.ndarray:
+    """Descriptor of a batched step: ``parts`` is ``(row_start, row_end, descriptor)`` per sequence
+    (contiguous row ranges covering the step, each descriptor built by its own cache)."""
+    if len(parts) == 1:
+        return parts[0][2]
+    n = len(parts)
+    off = B_PARTS + B_PART_WORDS * n
+    d = np.empty(off + sum(len(p[2]) for p in parts), np.int64)
+    first = parts[0][2]
+    header(d, KIND_BATCH, parts[-1][1], int(first[LAYERS]), int(first[HKV]), int(first[DIM]), 0)
+    d[THREADS], d[B_N] = first[THREADS], n
+    for i, (a, b, sub) in enumerate(parts):
+        w = B_PARTS + B_PART_WORDS * i
+        d[w], d[w + 1], d[w + 2], d[w + 3] = a, b, off, len(sub)
+        d[off:off + len(sub)] = sub
+        off += len(sub)
     return d

@@ -17,7 +17,7 @@ import numpy as np
 from numba import carray, types
 
 from tqedge.codec.kernels_fused import exact_attend
-from tqedge.codec.numba_runtime import cfunc
+from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime import native_sliding as NS
 from tqedge.runtime import native_turboquant as NT
@@ -35,8 +35,61 @@ MESSAGES = [
     "TurboQuantAttention: turboquant descriptor out of range (ring, window or plan)",  # 7
     "TurboQuantAttention: this cache configuration is not supported by the native op",  # 8
     "TurboQuantAttention: layered descriptor out of range (layer route, window ring or full layers)",  # 9
+    "TurboQuantAttention: batch descriptor out of range (row ranges or per-sequence descriptors)",  # 10
 ]
-BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED, BAD_LAYERED = range(1, 10)
+BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED, BAD_LAYERED, BAD_BATCH = range(1, 11)
+
+
+@njit(warm=False, nogil=True)
+def _attend(desc, nd, da, layer, q, k, v, scale, out):
+    """One cache's rows (``desc`` at address ``da``, ``nd`` words): 0, or the message number."""
+    t, hkv, d = q.shape[0], k.shape[1], q.shape[2]
+    nl = desc[KD.LAYERS]
+    kind = desc[KD.KIND]
+    if kind == KD.KIND_LAYERED:  # sliding layers here; a full layer reads the embedded descriptor
+        if nd < KD.LY_ROUTE + nl:
+            return BAD_LAYERED
+        route = desc[KD.LY_ROUTE + layer]
+        if route < 0:
+            if NS.compute(desc, nd, -1 - route, q, k, v, scale, out) != 0:
+                return BAD_LAYERED
+            return 0
+        off = desc[KD.LY_SUB]
+        if off < KD.LY_ROUTE + nl or off + KD.HEADER > nd:
+            return BAD_LAYERED
+        t0 = desc[KD.T0]
+        desc = carray(as_ptr(da + 8 * off, np.int64), (nd - off,))
+        nd -= off
+        layer = route
+        nl = desc[KD.LAYERS]
+        kind = desc[KD.KIND]
+        if desc[KD.VERSION] != 1 or desc[KD.T] != t or desc[KD.HKV] != hkv or desc[KD.DIM] != d \
+                or desc[KD.T0] != t0 or layer >= nl or kind == KD.KIND_LAYERED:
+            return BAD_LAYERED
+    if kind == KD.KIND_EXACT:
+        if nd < KD.EXACT_WORDS:
+            return BAD_DESC
+        c = desc[KD.X_CAP]
+        n_old = desc[KD.X_N_OLD]
+        if c <= 0 or n_old < -1 or n_old > c or (n_old == -1 and desc[KD.X_MASK] == 0) \
+                or desc[KD.X_KEYS] == 0 or desc[KD.X_VALUES] == 0 or desc[KD.X_NEW_SLOTS] == 0:
+            return BAD_EXACT
+        new = carray(as_ptr(desc[KD.X_NEW_SLOTS], np.int64), (t,))
+        for i in range(t):
+            if new[i] < 0 or new[i] >= c:
+                return BAD_EXACT
+        keys = carray(as_ptr(desc[KD.X_KEYS], np.float32), (nl, hkv, c, d))
+        values = carray(as_ptr(desc[KD.X_VALUES], np.float32), (nl, hkv, c, d))
+        mask = carray(as_ptr(desc[KD.X_MASK] if n_old == -1 else desc[KD.X_NEW_SLOTS], np.uint8),
+                      (c if n_old == -1 else 1,))
+        exact_attend(q, k, v, keys[layer], values[layer], n_old, mask, new, scale, out)
+        return 0
+    if kind == KD.KIND_TURBOQUANT:
+        err = NT.compute(desc, nd, layer, q, k, v, scale, out)
+        if err != 0:
+            return BAD_TQ if err == 1 else UNSUPPORTED
+        return 0
+    return BAD_KIND
 
 
 @cfunc(types.intp(types.intp, types.intp), nogil=True)
@@ -82,51 +135,35 @@ def attention_compute(kernel, ctx):
     v = carray(as_ptr(va, np.float32), (t, hkv, d))
     out = carray(as_ptr(oa, np.float32), (t, hq, d))
     scale = np.float32(carray(as_ptr(ext[PAYLOAD], np.float64), (layer + 1,))[layer])
-    kind = desc[KD.KIND]
-    if kind == KD.KIND_LAYERED:  # sliding layers here; a full layer reads the embedded descriptor
-        if nd < KD.LY_ROUTE + nl:
-            return fail(ext, table, BAD_LAYERED)
-        route = desc[KD.LY_ROUTE + layer]
-        if route < 0:
-            if NS.compute(desc, nd, -1 - route, q, k, v, scale, out) != 0:
-                return fail(ext, table, BAD_LAYERED)
-            return 0
-        off = desc[KD.LY_SUB]
-        if off < KD.LY_ROUTE + nl or off + KD.HEADER > nd:
-            return fail(ext, table, BAD_LAYERED)
-        t0 = desc[KD.T0]
-        desc = carray(as_ptr(da + 8 * off, np.int64), (nd - off,))
-        nd -= off
-        layer = route
-        nl = desc[KD.LAYERS]
-        kind = desc[KD.KIND]
-        if desc[KD.VERSION] != 1 or desc[KD.T] != t or desc[KD.HKV] != hkv or desc[KD.DIM] != d \
-                or desc[KD.T0] != t0 or layer >= nl or kind == KD.KIND_LAYERED:
-            return fail(ext, table, BAD_LAYERED)
-    if kind == KD.KIND_EXACT:
-        if nd < KD.EXACT_WORDS:
-            return fail(ext, table, BAD_DESC)
-        c = desc[KD.X_CAP]
-        n_old = desc[KD.X_N_OLD]
-        if c <= 0 or n_old < -1 or n_old > c or (n_old == -1 and desc[KD.X_MASK] == 0) \
-                or desc[KD.X_KEYS] == 0 or desc[KD.X_VALUES] == 0 or desc[KD.X_NEW_SLOTS] == 0:
-            return fail(ext, table, BAD_EXACT)
-        new = carray(as_ptr(desc[KD.X_NEW_SLOTS], np.int64), (t,))
-        for i in range(t):
-            if new[i] < 0 or new[i] >= c:
-                return fail(ext, table, BAD_EXACT)
-        keys = carray(as_ptr(desc[KD.X_KEYS], np.float32), (nl, hkv, c, d))
-        values = carray(as_ptr(desc[KD.X_VALUES], np.float32), (nl, hkv, c, d))
-        mask = carray(as_ptr(desc[KD.X_MASK] if n_old == -1 else desc[KD.X_NEW_SLOTS], np.uint8),
-                      (c if n_old == -1 else 1,))
-        exact_attend(q, k, v, keys[layer], values[layer], n_old, mask, new, scale, out)
-        return 0
-    if kind == KD.KIND_TURBOQUANT:
-        err = NT.compute(desc, nd, layer, q, k, v, scale, out)
+    if desc[KD.KIND] != KD.KIND_BATCH:
+        err = _attend(desc, nd, da, layer, q, k, v, scale, out)
+        return fail(ext, table, err) if err != 0 else 0
+    # a batch: row ranges [a, b) of the step, each with its own cache's descriptor (no nesting)
+    n = desc[KD.B_N]
+    if n < 1 or nd < KD.B_PARTS + KD.B_PART_WORDS * n:
+        return fail(ext, table, BAD_BATCH)
+    end = 0
+    for i in range(n):
+        w = KD.B_PARTS + KD.B_PART_WORDS * i
+        a, b, off, ln = desc[w], desc[w + 1], desc[w + 2], desc[w + 3]
+        if a != end or b <= a or b > t or off < KD.B_PARTS + KD.B_PART_WORDS * n or ln < KD.HEADER \
+                or off + ln > nd:
+            return fail(ext, table, BAD_BATCH)
+        end = b
+        sub = carray(as_ptr(da + 8 * off, np.int64), (ln,))
+        if sub[KD.VERSION] != 1 or sub[KD.KIND] == KD.KIND_BATCH or sub[KD.T] != b - a or sub[KD.HKV] != hkv \
+                or sub[KD.DIM] != d or layer >= sub[KD.LAYERS]:
+            return fail(ext, table, BAD_BATCH)
+        err = _attend(sub, ln, da + 8 * off, layer,
+                      carray(as_ptr(qa + 4 * a * hq * d, np.float32), (b - a, hq, d)),
+                      carray(as_ptr(ka + 4 * a * hkv * d, np.float32), (b - a, hkv, d)),
+                      carray(as_ptr(va + 4 * a * hkv * d, np.float32), (b - a, hkv, d)), scale,
+                      carray(as_ptr(oa + 4 * a * hq * d, np.float32), (b - a, hq, d)))
         if err != 0:
-            return fail(ext, table, BAD_TQ if err == 1 else UNSUPPORTED)
-        return 0
-    return fail(ext, table, BAD_KIND)
+            return fail(ext, table, err)
+    if end != t:
+        return fail(ext, table, BAD_BATCH)
+    return 0
 
 
 def make_op(lib, scales) -> CustomOp:

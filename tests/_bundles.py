@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tqedge.bundle import ArchSpec, GenerationSpec, Manifest, TokenizerSpec, WeightSpec
+from tqedge.codec import kernels
 from tqedge.runtime.cache import make_cache
 from tqedge.runtime.model import Model
 
@@ -109,6 +110,8 @@ class TinyLM:
             w["o"] = rng.normal(0, s, (self.hq * self.d, self.h)).astype(np.float32)  # (Hq*D, H)
         self.cache_defaults = dict(kv_budget=kv_budget, kv_bits="exact", window=None, sinks=4, policy="slide")
         self.calls: list[int] = []  # tokens per forward call (tests inspect prefill sizes)
+        self.threads = None
+        self._set_kernel_threads = kernels.set_threads
 
     def new_cache(self, **overrides):
         opts = {**self.cache_defaults, **{k: v for k, v in overrides.items() if v is not None}}

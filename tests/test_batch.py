@@ -76,24 +76,35 @@ def test_batcher_budget_chunks_and_fairness():
 
 @pytest.fixture(scope="module")
 def smol(smollm2_bundle):
-    """fp32 weights, exact cache by default, on the segment backend: the one that concatenates
-    rows (the native backend runs a batch's sequences one by one, see runtime/batch.py)."""
+    """fp32 weights, exact cache by default, on the segment backend."""
     import tqedge
 
     return tqedge.load(smollm2_bundle, backend="onnx", kv_bits="exact", kv_budget="64MiB", verify="size")
 
 
-def test_native_backend_runs_a_batch_one_sequence_at_a_time(smollm2_bundle, smol):
+@pytest.mark.parametrize("kv_bits", ["exact", "4,3"])
+def test_native_batch_routes_each_row_range_to_its_own_cache(smollm2_bundle, kv_bits):
+    """The native op under a batch descriptor: whole prompts of three conversations in one Run,
+    then a step mixing decode rows with a prompt chunk; every sequence's logits equal the same
+    sequence run alone on the same backend, bit for bit (attention rows never mix)."""
     import tqedge
 
-    smollm2_model = tqedge.load(smollm2_bundle, backend="native", kv_bits="exact", kv_budget="64MiB", verify="size")
-    assert smollm2_model.backend_name == "native" and not smollm2_model.backend.batched_rows
-    seqs = [chat_ids(smol, q) for q in QUESTIONS[:2]]
-    caches = [smollm2_model.new_cache() for _ in seqs]
-    got = smollm2_model.forward_batch([(ids, c, True) for ids, c in zip(seqs, caches)])
-    for ids, c, out in zip(seqs, caches, got):
-        assert c.offset == len(ids)
-        np.testing.assert_array_equal(out, smollm2_model.forward(ids, smollm2_model.new_cache()))
+    m = tqedge.load(smollm2_bundle, backend="native", kv_bits=kv_bits, kv_budget="64MiB", verify="size")
+    assert m.backend_name == "native" and m.backend.batched_rows
+    seqs = [chat_ids(m, q) for q in QUESTIONS[:3]]
+    ref = []
+    for ids in seqs:
+        c = m.new_cache(kv_budget="8MiB")
+        ref.append((m.forward(ids, c), m.forward([7], c), m.forward(ids[:5], c)))
+    caches = [m.new_cache(kv_budget="8MiB") for _ in seqs]
+    pre = m.forward_batch([(ids, c, True) for ids, c in zip(seqs, caches)])
+    dec = m.forward_batch([([7], c, True) for c in caches[:2]] + [([7], caches[2], True)])
+    mixed = m.forward_batch([(ids[:5], c, True) for ids, c in zip(seqs, caches)])  # 5-row chunks
+    for (p, d, x), p2, d2, x2, ids, c in zip(ref, pre, dec, mixed, seqs, caches):
+        assert c.offset == len(ids) + 6
+        assert np.array_equal(p, p2) and np.array_equal(d, d2) and np.array_equal(x, x2)
+    one = m.forward_batch([([9], caches[0], True), (seqs[1][:3], caches[1], False)])
+    assert one[1] is None and caches[1].offset == len(seqs[1]) + 9
 
 
 def test_batched_rows_equal_single_rows_bit_for_bit(smol):

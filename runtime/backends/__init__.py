@@ -17,14 +17,14 @@ from tqedge.errors import TqedgeError
 # Order = preference. The native session comes first where it runs (see docs/RESULTS.md, "native
 # backend, round 12": faster decode and prefill than the segments on SmolLM2 int4 at every measured
 # context, at lower peak RSS). The segments run what it cannot (nf4-dq
-# weights, fractional-bit or QJL caches) and batches of sequences (UNBATCHED).
+# weights, fractional-bit or QJL caches).
 BACKENDS = {
     "native": ("tqedge.runtime.backends.onnx_native:NativeBackend", "onnxruntime and numba", "onnx"),
     "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime", "onnx"),
     "tflite": ("tqedge.runtime.backends.litert:LiteRTBackend", "ai-edge-litert", "tflite"),
 }
 #: backends that run a batch one sequence at a time (the server prefers the others by default)
-UNBATCHED = {"native"}
+UNBATCHED: set[str] = set()
 
 
 def available(name: str) -> bool:

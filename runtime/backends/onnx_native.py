@@ -5,7 +5,9 @@ ctypes; the ``onnxruntime`` Python module is never imported). Its ``TurboQuantAt
 run :mod:`tqedge.runtime.native_op` (Numba machine code) on the thread that calls ``Run``. The
 cache is passed on every call as the int64 descriptor ``kv_desc`` (``cache.descriptor()``):
 no Python runs between layers and no state is kept in the op, so one backend serves every
-cache (chat) of its model, and several models live side by side.
+cache (chat) of its model, and several models live side by side. A batched step (the rows of
+several sequences, :mod:`tqedge.runtime.batch`) passes a batch descriptor: one table of row
+ranges, then each sequence's own descriptor.
 
 The backend owns, for as long as it lives, everything ORT holds pointers into: the custom-op
 struct, its callbacks and strings, the per-layer scales, the session and its options.
@@ -84,7 +86,7 @@ class NativeBackend:
     """
 
     name = "native"
-    batched_rows = False  # one cache descriptor per step: runtime.batch runs sequences one by one
+    batched_rows = True  # a batch's descriptor routes each row range to its own cache (kv_descriptor.batch)
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None):
         graph = manifest.graphs.get("onnx")
