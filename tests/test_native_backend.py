@@ -191,7 +191,6 @@ def test_native_is_the_default_where_it_runs(pair):
     m = native.manifest
     assert choose_backend(m) == "native"  # the default: measured faster (runtime/backends/__init__.py)
     assert choose_backend(m, "onnx") == "onnx"
-    assert choose_backend(m, batched=True) == "onnx"  # the server batches conversations: segments
     # cache options the op cannot run pick the segments (fractional bits split outliers; QJL)
     assert choose_backend(m, cache_defaults={"kv_bits": "3.5,3"}) == "onnx"
     assert choose_backend(m, cache_defaults={"kv_bits": "exact"}) == "native"

@@ -23,8 +23,6 @@ BACKENDS = {
     "onnx": ("tqedge.runtime.backends.onnx:OnnxBackend", "onnxruntime", "onnx"),
     "tflite": ("tqedge.runtime.backends.litert:LiteRTBackend", "ai-edge-litert", "tflite"),
 }
-#: backends that run a batch one sequence at a time (the server prefers the others by default)
-UNBATCHED: set[str] = set()
 
 
 def available(name: str) -> bool:
@@ -78,10 +76,9 @@ def get_backend(name: str):
 
 
 def choose_backend(manifest, requested: str | None = None, cache_defaults: dict | None = None,
-                   batched: bool = False) -> str:
+                   ) -> str:
     """Pick a backend: the requested one, else the first the bundle has and this device can run
-    (for ``cache_defaults`` — the load-time cache options — and, with ``batched``, one that
-    runs batches as batches)."""
+    (for ``cache_defaults``, the load-time cache options)."""
     if requested:
         if requested not in BACKENDS:
             raise TqedgeError(f"unknown backend {requested!r} (choose from {', '.join(BACKENDS)})")
@@ -90,8 +87,6 @@ def choose_backend(manifest, requested: str | None = None, cache_defaults: dict 
                               f"(it has: {', '.join(manifest.graphs) or 'none'}; native needs a re-export)")
         return requested
     for name in BACKENDS:
-        if batched and name in UNBATCHED:
-            continue
         if runs(name, manifest) and available(name) and (name != "native" or _native_caches(manifest, cache_defaults)):
             return name
     raise TqedgeError(f"no installed backend can run this bundle (graphs: {', '.join(manifest.graphs) or 'none'})")

@@ -39,7 +39,8 @@ def _is_loopback(host: str) -> bool:
 @click.option("--max-body", default="1MiB", show_default=True, help="Largest request body.")
 @click.option("--threads", default=None, type=click.IntRange(1, 256), help="Backend intra-op threads.")
 @click.option("--backend", default=None,
-              help="native, onnx or tflite [default: the first that batches conversations: onnx, else tflite].")
+              help="native, onnx or tflite [default: native where it runs the bundle and --kv-bits, else onnx, "
+              "else tflite].")
 @VERIFY_OPTION
 @click.option("--store", default=None, help="redis://HOST:PORT: write each turn's compressed KV through to "
               "Redis so any replica continues any conversation (docs/SCALE.md).")
@@ -76,11 +77,9 @@ def serve_cmd(bundle, host, port, kv_budget, memory, session_budget, max_session
         n = replicas or 1
         click.echo(f"tqedge serve: http://{host}:{port}/v1  ({n}{f'..{max_replicas}' if max_replicas else ''} "
                    f"replicas on Ray Serve, store {store or 'none'})", err=True)
-        ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend or serving_backend(bundle),
-                    ray_address, verify)
+        ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend, ray_address, verify)
         return
-    backend = backend or serving_backend(bundle)
-    model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory,
+    model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory, kv_bits=kv_bits,
                         **({"kv_budget": kv_budget} if kv_budget else {}))
     if memory and not kv_budget:
         cfg.kv_budget = model.cache_defaults["kv_budget"]
@@ -88,12 +87,3 @@ def serve_cmd(bundle, host, port, kv_budget, memory, session_budget, max_session
     click.echo(f"tqedge serve: http://{host}:{port}/v1  ({app.state.sessions.slots} conversations, "
                f"{format_bytes(parse_bytes(cfg.kv_budget))} KV)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-
-
-def serving_backend(bundle) -> str:
-    """The server's default backend: the first that runs batches of conversations as batches
-    (continuous batching; the native session runs a batch one sequence at a time)."""
-    from tqedge.bundle import read_manifest
-    from tqedge.runtime.backends import choose_backend
-
-    return choose_backend(read_manifest(bundle, verify="none"), batched=True)

@@ -116,7 +116,7 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
         replicas: replicas to start (the autoscaling minimum when ``max_replicas`` is larger).
         max_replicas: autoscale up to this many on ongoing requests (None: fixed ``replicas``).
         threads: backend intra-op threads per replica (also the CPUs Ray reserves for it).
-        backend: "onnx" | "tflite" | None.
+        backend: "native" | "onnx" | "tflite" | None (the first that runs the bundle and ``kv_bits``).
         verify: bundle verification on each replica's load (see :func:`tqedge.load`).
     """
     try:
@@ -142,7 +142,7 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
             import tqedge
             from tqedge.runtime.server.app import ServerConfig, create_app
 
-            model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify)
+            model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, kv_bits=config.get("kv_bits"))
             self.app = create_app(model, ServerConfig(**config))
             self.engine = self.app.state.engine
             self.engine.start()  # no ASGI lifespan here: the replica owns the engine
