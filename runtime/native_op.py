@@ -1,7 +1,8 @@
 """The TurboQuantAttention op of ``model.onnx`` as a Numba cfunc (``KernelComputeV2``).
 
 Inputs ``q (T, Hq, D)``, ``k``/``v (T, Hkv, D)`` float32 and the cache descriptor ``kv_desc``
-int64 (:mod:`tqedge.runtime.kv_descriptor`); output ``out (T, Hq, D)`` float32. The op validates
+int64 (:mod:`tqedge.runtime.kv_descriptor`; a batch descriptor hands each row range its own
+cache's descriptor); output ``out (T, Hq, D)`` float32. The op validates
 the descriptor against the tensors' shapes, then hands the cache's buffers (by address) to the
 fused kernels (:mod:`tqedge.codec.kernels_fused`), which store the new keys/values and attend
 under the same read rule as ``runtime/attention.py``. Errors come back as an ``OrtStatus*``
@@ -143,7 +144,7 @@ def attention_compute(kernel, ctx):
     if n < 1 or nd < KD.B_PARTS + KD.B_PART_WORDS * n:
         return fail(ext, table, BAD_BATCH)
     end = 0
-    for i in range(n):
+    for i in range(n):  # the whole table first: a bad part fails the step before any cache is written
         w = KD.B_PARTS + KD.B_PART_WORDS * i
         a, b, off, ln = desc[w], desc[w + 1], desc[w + 2], desc[w + 3]
         if a != end or b <= a or b > t or off < KD.B_PARTS + KD.B_PART_WORDS * n or ln < KD.HEADER \
@@ -154,15 +155,18 @@ def attention_compute(kernel, ctx):
         if sub[KD.VERSION] != 1 or sub[KD.KIND] == KD.KIND_BATCH or sub[KD.T] != b - a or sub[KD.HKV] != hkv \
                 or sub[KD.DIM] != d or layer >= sub[KD.LAYERS]:
             return fail(ext, table, BAD_BATCH)
-        err = _attend(sub, ln, da + 8 * off, layer,
+    if end != t:
+        return fail(ext, table, BAD_BATCH)
+    for i in range(n):
+        w = KD.B_PARTS + KD.B_PART_WORDS * i
+        a, b, off, ln = desc[w], desc[w + 1], desc[w + 2], desc[w + 3]
+        err = _attend(carray(as_ptr(da + 8 * off, np.int64), (ln,)), ln, da + 8 * off, layer,
                       carray(as_ptr(qa + 4 * a * hq * d, np.float32), (b - a, hq, d)),
                       carray(as_ptr(ka + 4 * a * hkv * d, np.float32), (b - a, hkv, d)),
                       carray(as_ptr(va + 4 * a * hkv * d, np.float32), (b - a, hkv, d)), scale,
                       carray(as_ptr(oa + 4 * a * hq * d, np.float32), (b - a, hq, d)))
         if err != 0:
             return fail(ext, table, err)
-    if end != t:
-        return fail(ext, table, BAD_BATCH)
     return 0
 
 

@@ -3,7 +3,8 @@ descriptor of runtime/kv_descriptor.py): a graph of three TurboQuantAttention no
 full, sliding) run through the C API against the segment path's ``LayeredKVCache.attend``
 (runtime/sliding_cache.py) and against a NumPy oracle written from the rule (a sliding query at t
 sees keys at 0 ≤ t − p < W), over prompts shorter and longer than the window, decode across it,
-exact and TurboQuant caches, serial and parallel prefill."""
+exact and TurboQuant caches, serial and parallel prefill, and a batch descriptor over several
+caches against each cache run alone."""
 
 from __future__ import annotations
 
@@ -137,3 +138,60 @@ def test_bad_route_is_a_one_line_error(session):
         session.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
     assert "\n" not in str(e.value)
     assert not cache.rings.keys.any() and not cache.full.keys.any()  # nothing written
+
+
+def _batched(sess, caches, seqs, steps):
+    """Run several sequences' (q, k, v) through the op together, ``steps`` = rows per sequence."""
+    from tqedge.runtime.batch import BatchView
+
+    outs, starts = [np.zeros(s[0].shape, np.float32) for s in seqs], [0] * len(seqs)
+    for counts in steps:
+        view = BatchView(caches, counts)
+        view.prepare(sum(counts))
+        feeds = {"kv_desc": view.descriptor()}
+        for i in range(N_LAYERS):
+            for j, name in enumerate("qkv"):
+                feeds[f"{name}{i}"] = np.concatenate([s[j][i, a:a + n] for s, a, n in zip(seqs, starts, counts)])
+        got = sess.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
+        view.commit()
+        for (a, b, _), o, st, n in zip(view.parts, outs, starts, counts):
+            for i in range(N_LAYERS):
+                o[i, st:st + n] = got[i][a:b]
+        starts = [st + n for st, n in zip(starts, counts)]
+    return outs
+
+
+def test_batch_of_layered_caches_equals_each_alone(session):
+    """A batch descriptor over an exact and a TurboQuant layered cache: prompt rows of both in one
+    Run (longer than the window), then decode rows and a chunk beside a decode row; each
+    sequence's outputs and cache equal the same sequence run alone, bit for bit."""
+    steps = [(20, 9), (1, 1), (1, 1), (1, 12), (1, 1), (3, 1)]
+    seqs = [_qkv(sum(s[j] for s in steps), seed=11 + j) for j in range(2)]
+    mk = [lambda: make_cache(manifest(), "1MiB", kv_bits="exact"),
+          lambda: make_cache(manifest(), "1MiB", kv_bits="4,3", window=16, sinks=4)]
+    caches = [f() for f in mk]
+    got = _batched(session, caches, seqs, steps)
+    for j, (f, s) in enumerate(zip(mk, seqs)):
+        alone = f()
+        want = _native(session, alone, *s, [st[j] for st in steps])
+        assert np.array_equal(got[j], want)
+        assert np.array_equal(caches[j].rings.keys, alone.rings.keys)
+    assert caches[0].offset == 27 and caches[1].offset == 25
+
+
+def test_bad_batch_descriptor_is_a_one_line_error(session):
+    from tqedge.runtime.batch import BatchView
+
+    caches = [make_cache(manifest(), "1MiB", kv_bits="exact") for _ in range(2)]
+    view = BatchView(caches, [2, 1])
+    view.prepare(3)
+    desc = view.descriptor().copy()
+    desc[KD.B_PARTS + KD.B_PART_WORDS] = 1  # the second part's rows overlap the first's
+    q, k, v = _qkv(3, seed=0)
+    feeds = {"kv_desc": desc}
+    for i in range(N_LAYERS):
+        feeds[f"q{i}"], feeds[f"k{i}"], feeds[f"v{i}"] = q[i], k[i], v[i]
+    with pytest.raises(TqedgeError, match="batch descriptor out of range") as e:
+        session.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
+    assert "\n" not in str(e.value)
+    assert not any(c.rings.keys.any() or c.full.keys.any() for c in caches)  # checked before anything is written
