@@ -62,7 +62,7 @@ def _load(bundle: Path, threads, verify, memory=None, cfg=None):
 
     import tqedge
 
-    model = tqedge.load(bundle, threads=threads, verify=verify, memory=memory)
+    model = tqedge.load(bundle, threads=threads, verify=verify, memory=memory, batched=True)  # long prefills
     if memory and cfg is not None and cfg.kv_budget is None:
         cfg = dataclasses.replace(cfg, kv_budget=model.cache_defaults["kv_budget"])
     return model, cfg

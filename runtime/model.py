@@ -46,11 +46,15 @@ class Model:
             what the measured fixed cost and working set leave (:mod:`tqedge.runtime.memory`),
             or ``kv_budget`` is checked against it. None: no process budget, ``kv_budget``
             defaults to :data:`DEFAULT_KV_BUDGET`.
+        batched: the model will run mostly steps of many rows (a server batching
+            conversations, an evaluation): the native backend then gives onnxruntime ``threads``
+            as well (:data:`tqedge.runtime.backends.onnx_native.ORT_THREADS`).
     """
 
     def __init__(self, path: Path, manifest: Manifest, backend: str | None = None,
                  threads: int | None = None, kv_budget=None, kv_bits=None,
-                 window: int | None = None, sinks: int | None = None, policy: str = "slide", memory=None):
+                 window: int | None = None, sinks: int | None = None, policy: str = "slide", memory=None,
+                 batched: bool = False):
         from tokenizers import Tokenizer
 
         from tqedge.codec import kernels
@@ -63,7 +67,7 @@ class Model:
         self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
                                    sinks=sinks, policy=policy)
         self.backend_name = choose_backend(manifest, backend, self.cache_defaults)
-        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads)
+        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
@@ -204,7 +208,7 @@ class Model:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
-         memory=None, **cache_defaults) -> Model:
+         memory=None, batched: bool = False, **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
@@ -219,6 +223,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
             The first load on a device also compiles the attention kernels (see
             :mod:`tqedge.runtime.warmup`; ``tqedge doctor --warmup`` does it ahead).
         memory: peak RSS the process may reach, e.g. "512MiB" (see :class:`Model`).
+        batched: True for a model that runs mostly batched steps (see :class:`Model`).
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -231,7 +236,8 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     t0 = time.perf_counter()
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
-    model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, **cache_defaults)
+    model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, batched=batched,
+                  **cache_defaults)
     check_cache_options(manifest, **model.cache_defaults)  # bad options refused before compiling, nothing allocated
     ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)

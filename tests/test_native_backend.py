@@ -6,6 +6,7 @@ on small graphs built here, and the whole backend against the segment backend on
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import tqedge  # noqa: E402
 from tqedge.bundle import KVSpec  # noqa: E402
 from tqedge.errors import TqedgeError  # noqa: E402
 from tqedge.runtime import kv_descriptor, native_op, ort_capi  # noqa: E402
+from tqedge.runtime.backends import onnx_native as native_backend  # noqa: E402
 from tqedge.runtime.backends import choose_backend  # noqa: E402
 from tqedge.runtime.cache import ExactKVCache, build_codecs  # noqa: E402
 from tqedge.runtime.compressed_cache import CompressedKVCache  # noqa: E402
@@ -234,3 +236,26 @@ def test_two_models_two_chats_interleaved(pair, smollm2_bundle):  # noqa: F811
             together[i].append(int(logits[i].argmax()))
             logits[i] = m.forward([together[i][-1]], caches[i])
     assert together == alone
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_batched_model_gives_onnxruntime_the_threads(smollm2_bundle):  # noqa: F811
+    """An interactive model runs onnxruntime on one thread whatever ``threads`` is; a model loaded
+    ``batched`` (the server, evaluations) gives it ``threads``: its session starts one more
+    pool thread at threads=2 than an interactive one loaded just after it, and the two agree
+    on the next token (the op's threads are the same)."""
+    tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    load = lambda batched: tqedge.load(smollm2_bundle, backend="native", threads=2, kv_bits="exact",  # noqa: E731
+                                       verify="size", batched=batched)
+    load(False).backend.close()  # the op's cooperative pool for 2 threads exists from here on
+    n0 = tasks()
+    batched = load(True)
+    n1 = tasks()
+    inter = load(False)
+    n2 = tasks()
+    assert batched.backend.ort_threads == 2 and inter.backend.ort_threads == native_backend.ORT_THREADS == 1
+    assert n1 - n0 == (n2 - n1) + 1
+    ids = batched.encode("The capital of France is")
+    a, b = batched.forward(ids, batched.new_cache()), inter.forward(ids, inter.new_cache())
+    assert int(np.argmax(a)) == int(np.argmax(b))
+    np.testing.assert_allclose(a, b, atol=1e-3)

@@ -56,11 +56,12 @@ class LiteRTBackend:
         bundle_dir: bundle directory.
         manifest: its validated manifest (must have a "tflite" graph).
         threads: interpreter threads (None = all cores, as onnxruntime's default).
+        batched: unused (every step already runs on ``threads``).
     """
 
     name = "tflite"
 
-    def __init__(self, bundle_dir, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir, manifest: Manifest, threads: int | None = None, batched: bool = False):
         graph = manifest.graphs.get("tflite")
         if graph is None or not graph.file:
             raise TqedgeError("this bundle has no tflite graph (re-export with --format tflite)")

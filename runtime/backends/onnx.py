@@ -96,11 +96,13 @@ class OnnxBackend:
         bundle_dir: the bundle directory.
         manifest: its validated manifest (must have ``graphs["onnx"]``).
         threads: intra-op threads per session (None = onnxruntime default).
+        batched: unused (every step already runs on ``threads``).
     """
 
     name = "onnx"
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None,
+                 batched: bool = False):
         graph = manifest.graphs.get("onnx")
         if graph is None:
             raise TqedgeError("this bundle has no ONNX graph")

@@ -32,11 +32,14 @@ from tqedge.runtime.ort_numba import ccall
 log = logging.getLogger(__name__)
 FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
 FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
-#: onnxruntime's intra-op threads in the native session, whatever ``threads`` is: a decode step is
-#: ~1,800 small nodes, and a pool thread that sleeps between them (no spinning: other processes
-#: need the core) costs more to wake than it saves — measured on SmolLM2 int4 at 512 tokens,
-#: 2 cores: 18.3 ms/step with one thread, 30.0 ms with two (17.1 ms spinning, at twice the CPU).
-#: ``threads`` goes to the attention op's kernels instead (prefill tiles in parallel).
+#: onnxruntime's intra-op threads in the native session of an interactive model (generate, chat),
+#: whatever ``threads`` is: a decode step is ~1,800 small nodes, and a pool thread that sleeps
+#: between them (no spinning: other processes need the core) costs more to wake than it saves on
+#: one row (SmolLM2 int4, 2 cores, interleaved A/B in one process: decode 50.0 vs 43.9 tok/s at
+#: 512 tokens, 28.7 vs 27.3 at 2K). ``threads`` goes to the attention op's kernels instead. A
+#: model loaded ``batched`` (a server, an evaluation: steps of many rows) gives onnxruntime
+#: ``threads`` too: 8 decode rows 155 vs 122 tok/s (int8), 190 vs 159 (int4); prefill 277 vs 227
+#: tok/s at 512, 197 vs 169 at 2K.
 ORT_THREADS = 1
 
 
@@ -82,13 +85,15 @@ class NativeBackend:
         bundle_dir: the bundle directory.
         manifest: its validated manifest (``graphs["onnx"]`` with ``file`` and ``descriptor``).
         threads: threads of the attention kernels (Model.forward sets them per call; onnxruntime
-            itself runs :data:`ORT_THREADS`).
+            itself runs :data:`ORT_THREADS`, or ``threads`` when ``batched``).
+        batched: the model runs mostly steps of many rows (see :data:`ORT_THREADS`).
     """
 
     name = "native"
     batched_rows = True  # a batch's descriptor routes each row range to its own cache (kv_descriptor.batch)
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None,
+                 batched: bool = False):
         graph = manifest.graphs.get("onnx")
         if not supports(manifest):
             have = graph.descriptor if graph else None
@@ -100,7 +105,8 @@ class NativeBackend:
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
-        self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=ORT_THREADS,
+        self.ort_threads = threads if batched else ORT_THREADS  # None: onnxruntime's default
+        self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=self.ort_threads,
                                         config={"session.intra_op.allow_spinning": "0"})
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:

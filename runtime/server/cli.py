@@ -80,6 +80,7 @@ def serve_cmd(bundle, host, port, kv_budget, memory, session_budget, max_session
         ray_app.run(bundle, cfg, host, port, n, max_replicas, threads, backend, ray_address, verify)
         return
     model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory, kv_bits=kv_bits,
+                        batched=True,
                         **({"kv_budget": kv_budget} if kv_budget else {}))
     if memory and not kv_budget:
         cfg.kv_budget = model.cache_defaults["kv_budget"]

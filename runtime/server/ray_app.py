@@ -142,7 +142,8 @@ def build_app(bundle: str, config: dict, replicas: int = 2, max_replicas: int | 
             import tqedge
             from tqedge.runtime.server.app import ServerConfig, create_app
 
-            model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, kv_bits=config.get("kv_bits"))
+            model = tqedge.load(bundle, backend=backend, threads=threads, verify=verify, kv_bits=config.get("kv_bits"),
+                                batched=True)
             self.app = create_app(model, ServerConfig(**config))
             self.engine = self.app.state.engine
             self.engine.start()  # no ASGI lifespan here: the replica owns the engine
