@@ -307,8 +307,8 @@ def batching_curve(a) -> None:
             "kv_bytes_total": s["kv_bytes_total"], "kv_within_budget": s["kv_bytes_allocated"] <= s["kv_bytes_total"],
             "rss_end_mib": rss, "server_requests": st["requests"]}
     if a.llama_server:
-        with serve_peer.llama_serving(a.llama_server, a.gguf, a.llama_parallel, a.llama_ctx, wait_healthy) as (
-                proc, base, cmd, log):
+        args = (a.llama_server, a.gguf, a.llama_parallel, a.llama_ctx, wait_healthy, a.llama_threads)
+        with serve_peer.llama_serving(*args) as (proc, base, cmd, log):
             peer.update(command=cmd, log=str(log), rows=curve(base, proc.pid, a, serve_peer.SIDE),
                         rss_end_mib=rss_mib(proc.pid))
         report["llama_server"] = peer
@@ -342,6 +342,7 @@ def main() -> None:
     p.add_argument("--gguf", default=None, help="the GGUF llama-server serves (--llama-server)")
     p.add_argument("--llama-parallel", type=int, default=8, help="llama-server --parallel (slots)")
     p.add_argument("--llama-ctx", type=int, default=8192, help="llama-server -c (shared by its slots)")
+    p.add_argument("--llama-threads", type=int, default=None, help="llama-server -t (default: its own)")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
     if a.llama_server and not (a.streams and a.gguf and Path(a.llama_server).is_file() and Path(a.gguf).is_file()):

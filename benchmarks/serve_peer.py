@@ -68,12 +68,13 @@ def probe_system_info(binary: str, gguf: str, timeout: float = 60) -> dict:
 
 
 @contextlib.contextmanager
-def llama_serving(binary: str, gguf: str, parallel: int, ctx: int, wait_healthy):
+def llama_serving(binary: str, gguf: str, parallel: int, ctx: int, wait_healthy, threads: int | None = None):
     """``llama-server -m gguf --parallel N -c ctx`` on a free loopback port, healthy (``/health``
     answers 200 once the model is loaded): yields (process, base URL, command, log path); stopped
     with SIGINT on exit. Its log goes to a temporary file (a pipe nobody reads would fill)."""
     port = free_port()
     cmd = [binary, "-m", gguf, "--parallel", str(parallel), "-c", str(ctx), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-t", str(threads)] if threads else []  # a diagnostic: the measured default is llama-server's own
     log_path = Path(tempfile.gettempdir()) / f"llama-server-{port}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
