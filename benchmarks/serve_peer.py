@@ -123,15 +123,15 @@ def plot_curve(report: dict, path: Path) -> None:
     peer = report.get("llama_server")
     sides = {**report["bundles"], **({f"{SIDE} ({Path(peer['gguf']).name})": peer} if peer else {})}
     fig, ax = plt.subplots(1, 5 if peer else 4, figsize=(22 if peer else 18, 4))
-    for name, b in sides.items():
-        rows = [r for r in b["rows"] if r["decode_tok_s"]]
+    for i, (name, b) in enumerate(sides.items()):  # one colour per side in every panel
+        rows, c = [r for r in b["rows"] if r["decode_tok_s"]], f"C{i}"
         n = [r["streams"] for r in rows]
-        ax[0].plot(n, [r["decode_tok_s"] for r in rows], "o-", label=name)
-        ax[3].plot(n, [r["decode_tok_per_cpu_s"] for r in rows], "o-", label=name)
-        ax[1].plot(n, [r["ttft_p50_s"] for r in rows], "o-", label=f"{name} p50")
-        ax[1].plot(n, [r["ttft_p95_s"] for r in rows], "x--", label=f"{name} p95")
-        ax[2].plot(n, [r["itl_p50_ms"] for r in rows], "o-", label=f"{name} p50")
-        ax[2].plot(n, [r["itl_p95_ms"] for r in rows], "x--", label=f"{name} p95")
+        ax[0].plot(n, [r["decode_tok_s"] for r in rows], "o-", c=c, label=name)
+        ax[3].plot(n, [r["decode_tok_per_cpu_s"] for r in rows], "o-", c=c, label=name)
+        ax[1].plot(n, [r["ttft_p50_s"] for r in rows], "o-", c=c, label=f"{name} p50")
+        ax[1].plot(n, [r["ttft_p95_s"] for r in rows], "x--", c=c, label=f"{name} p95")
+        ax[2].plot(n, [r["itl_p50_ms"] for r in rows], "o-", c=c, label=f"{name} p50")
+        ax[2].plot(n, [r["itl_p95_ms"] for r in rows], "x--", c=c, label=f"{name} p95")
     titles = ["aggregate decode tok/s (steady state)", "time to first token (s)", "inter-token latency (ms)",
               "decode tokens per server CPU-second"]
     if peer:
