@@ -23,6 +23,11 @@ window — prefill is excluded and reported apart (TTFT p50/p95). Inter-token la
 over all streams. JSON to ``benchmarks/out/serve_batching.json`` and a PNG beside it.
 
     python benchmarks/serve_load.py --bundle int8.tqe --bundle int4.tqe --streams 1,2,4,8,16 --max-tokens 48
+
+With ``--llama-server PATH --gguf FILE`` the same curve, by the same client code, runs against
+llama.cpp's ``llama-server -m FILE --parallel 8 -c 8192`` after the bundles (:mod:`serve_peer`:
+how to build it, what it runs with); the JSON gets its rows, CPU features and the tqedge /
+llama-server ratios at each N, the PNG its curve and the ratios.
 """
 
 from __future__ import annotations
@@ -80,13 +85,15 @@ def serving(a, bundle: str):
             proc.kill()
 
 
-def wait_healthy(proc, base: str, timeout: float) -> None:
+def wait_healthy(proc, base: str, timeout: float, log: Path | None = None) -> None:
+    """Poll ``base``/health until 200; the server's stderr (or its ``log`` file) tail if it exits."""
     import httpx
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()[-2000:]}")
+            tail = log.read_text(errors="replace") if log else proc.stderr.read()
+            raise SystemExit(f"server exited: {tail[-2000:]}")
         try:
             if httpx.get(base + "/health", timeout=2).status_code == 200:
                 return
@@ -254,73 +261,66 @@ def one_round(base: str, n: int, tag: str, max_tokens: int, clock: CpuClock | No
             "itl_p95_ms": round(1e3 * pct(gaps, 0.95), 1) if gaps else None}
 
 
+def curve(base: str, pid: int, a, label: str) -> list[dict]:
+    """The batching curve against one healthy server at ``base`` (process ``pid``): best of
+    ``--repeats`` per N; the same prompts for every server (tagged by N and repeat only)."""
+    clock = CpuClock(pid)
+    one_round(base, 1, "warm-up", 4)
+    rows = []
+    for n in (int(x) for x in a.streams.split(",")):  # best of --repeats by decode tok/s: the least disturbed run
+        tries = [one_round(base, n, f"n{n} r{r}", a.max_tokens, clock) for r in range(a.repeats)]
+        row = max(tries, key=lambda r: r["decode_tok_s"] or 0)
+        row["decode_tok_s_all_repeats"] = [r["decode_tok_s"] for r in tries]
+        row["decode_tok_per_cpu_s_all_repeats"] = [r["decode_tok_per_cpu_s"] for r in tries]
+        row["loadavg"] = os.getloadavg()
+        rows.append(row)
+        print(json.dumps({"server": label, **{k: v for k, v in row.items()
+                                              if k not in ("completion_tokens", "prompt_tokens")}}), flush=True)
+    clock.stop.set()
+    for key in ("decode_tok_s", "decode_tok_per_cpu_s"):
+        one = next((r[key] for r in rows if r["streams"] == 1 and r[key]), None)
+        for r in rows:
+            r[f"x_one_stream_{key}"] = round(r[key] / one, 2) if one and r[key] else None
+    return rows
+
+
 def batching_curve(a) -> None:
-    """The ``--streams`` mode (see the module docstring)."""
+    """The ``--streams`` mode (see the module docstring); with ``--llama-server`` the peer too."""
     import httpx
 
-    streams = [int(x) for x in a.streams.split(",")]
+    import serve_peer
+
     report = {"config": {k: v for k, v in vars(a).items() if k != "out"}, "uptime_before": os.getloadavg(),
               "bundles": {}}
+    if a.llama_server:  # first: a wrong binary or GGUF fails before the long tqedge runs
+        peer = {"side": serve_peer.SIDE, "binary": a.llama_server, "gguf": a.gguf,
+                **serve_peer.probe_system_info(a.llama_server, a.gguf)}
+        print(json.dumps({k: peer[k] for k in ("cpu_features", "default_threads")}), flush=True)
     for bundle in a.bundle:
-        rows = []
         with serving(a, bundle) as (proc, base, _):
-            clock = CpuClock(proc.pid)
-            one_round(base, 1, "warm-up", 4)
-            for n in streams:  # best of --repeats by decode tok/s: the run least disturbed by other load
-                tries = [one_round(base, n, f"{Path(bundle).stem} n{n} r{r}", a.max_tokens, clock)
-                         for r in range(a.repeats)]
-                row = max(tries, key=lambda r: r["decode_tok_s"] or 0)
-                row["decode_tok_s_all_repeats"] = [r["decode_tok_s"] for r in tries]
-                row["decode_tok_per_cpu_s_all_repeats"] = [r["decode_tok_per_cpu_s"] for r in tries]
-                row["loadavg"] = os.getloadavg()
-                rows.append(row)
-                print(json.dumps({"bundle": Path(bundle).name, **{k: v for k, v in row.items()
-                                  if k not in ("completion_tokens", "prompt_tokens")}}), flush=True)
+            rows = curve(base, proc.pid, a, Path(bundle).name)
             st = httpx.get(base + "/v1/stats", timeout=10).json()
             rss = rss_mib(proc.pid)
-        clock.stop.set()
-        for key in ("decode_tok_s", "decode_tok_per_cpu_s"):
-            one = next((r[key] for r in rows if r["streams"] == 1 and r[key]), None)
-            for r in rows:
-                r[f"x_one_stream_{key}"] = round(r[key] / one, 2) if one and r[key] else None
         s = st["sessions"]
         report["bundles"][Path(bundle).name] = {
-            "rows": rows, "kv_bytes_allocated": s["kv_bytes_allocated"], "kv_bytes_total": s["kv_bytes_total"],
-            "kv_within_budget": s["kv_bytes_allocated"] <= s["kv_bytes_total"], "rss_end_mib": rss,
-            "server_requests": st["requests"]}
+            "side": "tqedge", "rows": rows, "kv_bytes_allocated": s["kv_bytes_allocated"],
+            "kv_bytes_total": s["kv_bytes_total"], "kv_within_budget": s["kv_bytes_allocated"] <= s["kv_bytes_total"],
+            "rss_end_mib": rss, "server_requests": st["requests"]}
+    if a.llama_server:
+        args = (a.llama_server, a.gguf, a.llama_parallel, a.llama_ctx, wait_healthy, a.llama_threads)
+        with serve_peer.llama_serving(*args) as (proc, base, cmd, log):
+            peer.update(command=cmd, log=str(log), rows=curve(base, proc.pid, a, serve_peer.SIDE),
+                        rss_end_mib=rss_mib(proc.pid))
+        report["llama_server"] = peer
+        report["vs_llama_server"] = serve_peer.ratios(report["bundles"], peer)
+        for r in report["vs_llama_server"]:
+            print(json.dumps(r), flush=True)
     report["uptime_after"] = os.getloadavg()
     out = Path(a.out if a.out != DEFAULT_OUT else HERE / "out" / "serve_batching.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    plot_curve(report, out.with_suffix(".png"))
+    serve_peer.plot_curve(report, out.with_suffix(".png"))
     print(f"wrote {out}")
-
-
-def plot_curve(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
-    for name, b in report["bundles"].items():
-        rows = [r for r in b["rows"] if r["decode_tok_s"]]
-        n = [r["streams"] for r in rows]
-        ax[0].plot(n, [r["decode_tok_s"] for r in rows], "o-", label=name)
-        ax[3].plot(n, [r["decode_tok_per_cpu_s"] for r in rows], "o-", label=name)
-        ax[1].plot(n, [r["ttft_p50_s"] for r in rows], "o-", label=f"{name} p50")
-        ax[1].plot(n, [r["ttft_p95_s"] for r in rows], "x--", label=f"{name} p95")
-        ax[2].plot(n, [r["itl_p50_ms"] for r in rows], "o-", label=f"{name} p50")
-        ax[2].plot(n, [r["itl_p95_ms"] for r in rows], "x--", label=f"{name} p95")
-    for a_, title in zip(ax, ("aggregate decode tok/s (steady state)", "time to first token (s)",
-                              "inter-token latency (ms)", "decode tokens per server CPU-second")):
-        a_.set_xscale("log", base=2)
-        a_.set_xlabel("concurrent streams")
-        a_.set_title(title)
-        a_.legend(fontsize=7)
-    fig.suptitle(f"tqedge serve, continuous batching (load avg before {report['uptime_before'][0]:.1f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -338,8 +338,15 @@ def main() -> None:
     p.add_argument("--kv-bits", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--deadline", type=float, default=600.0, help="seconds for the whole load phase")
+    p.add_argument("--llama-server", default=None, help="--streams: also run this llama-server binary (serve_peer.py)")
+    p.add_argument("--gguf", default=None, help="the GGUF llama-server serves (--llama-server)")
+    p.add_argument("--llama-parallel", type=int, default=8, help="llama-server --parallel (slots)")
+    p.add_argument("--llama-ctx", type=int, default=8192, help="llama-server -c (shared by its slots)")
+    p.add_argument("--llama-threads", type=int, default=None, help="llama-server -t (default: its own)")
     p.add_argument("--out", default=DEFAULT_OUT)
     a = p.parse_args()
+    if a.llama_server and not (a.streams and a.gguf and Path(a.llama_server).is_file() and Path(a.gguf).is_file()):
+        p.error("--llama-server needs --streams and --gguf, both files existing")
     if a.streams:
         batching_curve(a)
         return
