@@ -99,9 +99,6 @@ def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     """
     if not items:
         raise TqedgeError("a batched step needs at least one sequence")
-    if not getattr(model.backend, "batched_rows", True):
-        # a backend whose attention cannot route rows runs the sequences one after another
-        return [_one(model, toks, cache, want) for toks, cache, want in items]
     ids, pos, index, counts = [], [], [], []
     end = 0
     for toks, cache, want in items:
@@ -124,11 +121,6 @@ def forward_batch(model, items: Sequence[tuple]) -> list[np.ndarray | None]:
     view.commit()
     rows = iter(out)
     return [next(rows) if want else None for _, _, want in items]
-
-
-def _one(model, toks, cache, want: bool):
-    out = model.forward(toks, cache)  # (vocab,) after the last token
-    return out if want else None
 
 
 class BatchStream:

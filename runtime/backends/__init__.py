@@ -75,8 +75,7 @@ def get_backend(name: str):
     return getattr(mod, attr)
 
 
-def choose_backend(manifest, requested: str | None = None, cache_defaults: dict | None = None,
-                   ) -> str:
+def choose_backend(manifest, requested: str | None = None, cache_defaults: dict | None = None) -> str:
     """Pick a backend: the requested one, else the first the bundle has and this device can run
     (for ``cache_defaults``, the load-time cache options)."""
     if requested:

@@ -90,7 +90,6 @@ class NativeBackend:
     """
 
     name = "native"
-    batched_rows = True  # a batch's descriptor routes each row range to its own cache (kv_descriptor.batch)
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None,
                  batched: bool = False):
