@@ -36,8 +36,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -64,9 +62,9 @@ def rss_mib(pid: int) -> dict:
 def serving(a, bundle: str):
     """``tqedge serve`` of ``bundle`` on a free loopback port, healthy: yields (process, base URL,
     start-up seconds); stopped with SIGINT on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    import serve_peer
+
+    port = serve_peer.free_port()
     cmd = [sys.executable, "-m", "tqedge.cli", "serve", bundle, "--port", str(port), "--kv-budget", a.kv_budget,
            "--max-sessions", str(a.max_sessions), "--max-queue", str(a.max_queue)]
     cmd += ["--threads", str(a.threads)] if a.threads else []
@@ -74,15 +72,9 @@ def serving(a, bundle: str):
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
-    try:
+    with serve_peer.stopped_on_exit(proc):
         wait_healthy(proc, base, 300)
         yield proc, base, time.perf_counter() - t
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def wait_healthy(proc, base: str, timeout: float, log: Path | None = None) -> None:

@@ -79,9 +79,16 @@ def llama_serving(binary: str, gguf: str, parallel: int, ctx: int, wait_healthy,
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
-    try:
+    with stopped_on_exit(proc):
         wait_healthy(proc, base, 300, log_path)
         yield proc, base, cmd, log_path
+
+
+@contextlib.contextmanager
+def stopped_on_exit(proc: subprocess.Popen):
+    """Run the body, then stop the server ``proc`` with SIGINT (killed if not gone in 30 s)."""
+    try:
+        yield
     finally:
         proc.send_signal(signal.SIGINT)
         try:
