@@ -125,18 +125,23 @@ def test_turboquant_layered_matches_segments(session, threads):
     assert bool(desc[KD.LY_PAR_PREFILL]) == (desc[KD.THREADS] > 1)
 
 
+def _refused(session, desc, n, message):
+    """Running ``n`` random rows under ``desc`` is refused with a one-line error naming ``message``."""
+    q, k, v = _qkv(n, seed=0)
+    feeds = {"kv_desc": desc}
+    for i in range(N_LAYERS):
+        feeds[f"q{i}"], feeds[f"k{i}"], feeds[f"v{i}"] = q[i], k[i], v[i]
+    with pytest.raises(TqedgeError, match=message) as e:
+        session.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
+    assert "\n" not in str(e.value)
+
+
 def test_bad_route_is_a_one_line_error(session):
     cache = make_cache(manifest(), "1MiB", kv_bits="exact")
     cache.prepare(2)
     desc = cache.descriptor().copy()
     desc[KD.LY_ROUTE:KD.LY_ROUTE + N_LAYERS] = [-5, 3, -9]  # sliding layers 4 and 8 of 2, full layer 3 of 1
-    q, k, v = _qkv(2, seed=0)
-    feeds = {"kv_desc": desc}
-    for i in range(N_LAYERS):
-        feeds[f"q{i}"], feeds[f"k{i}"], feeds[f"v{i}"] = q[i], k[i], v[i]
-    with pytest.raises(TqedgeError, match="layered descriptor out of range") as e:
-        session.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
-    assert "\n" not in str(e.value)
+    _refused(session, desc, 2, "layered descriptor out of range")
     assert not cache.rings.keys.any() and not cache.full.keys.any()  # nothing written
 
 
@@ -187,11 +192,5 @@ def test_bad_batch_descriptor_is_a_one_line_error(session):
     view.prepare(3)
     desc = view.descriptor().copy()
     desc[KD.B_PARTS + KD.B_PART_WORDS] = 1  # the second part's rows overlap the first's
-    q, k, v = _qkv(3, seed=0)
-    feeds = {"kv_desc": desc}
-    for i in range(N_LAYERS):
-        feeds[f"q{i}"], feeds[f"k{i}"], feeds[f"v{i}"] = q[i], k[i], v[i]
-    with pytest.raises(TqedgeError, match="batch descriptor out of range") as e:
-        session.run(feeds, [f"out{i}" for i in range(N_LAYERS)])
-    assert "\n" not in str(e.value)
+    _refused(session, desc, 3, "batch descriptor out of range")
     assert not any(c.rings.keys.any() or c.full.keys.any() for c in caches)  # checked before anything is written
