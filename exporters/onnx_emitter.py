@@ -27,12 +27,12 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from tqedge.bundle import (DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode,
-                           GraphSpec)
+from tqedge.bundle import (DESCRIPTOR_VERSION, EMBED_QUANTIZED, HEAD_FORMATS, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX,
+                           POSITIONS, AttentionNode, GraphSpec)
 from tqedge.exporters.plan import (ROPE_COS, ROPE_LOCAL_COS, ROPE_LOCAL_SIN, ROPE_SIN, Segment, attention_scale, attn_name,
                                    local_rope, resid, rope_inv_freq, rope_names, segment_plan)
 from tqedge.exporters.spec import ModelSpec
-from tqedge.exporters.weights import (BLOCK_SIZES, EMBED_DTYPES, EMBED_QUANTIZED, HEAD_FORMATS, LINEAR_FORMATS, LinearArgs,
+from tqedge.exporters.weights import (BLOCK_SIZES, EMBED_DTYPES, LINEAR_FORMATS, LinearArgs,
                                       WeightStore, quantized_gather)
 
 log = logging.getLogger(__name__)

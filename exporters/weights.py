@@ -354,15 +354,6 @@ LINEAR_FORMATS: dict[str, Callable] = {
     "fp32": _fp32, "fp16": _fp16, "int8": _nbits(8, "int8"), "int4": _nbits(4, "int4"),
     "nf4": _nf4(False), "nf4-dq": _nf4(True),
 }
-# The LM head's format per weight format: 4-bit logits cost too much top-1 agreement (SmolLM2,
-# accuracy_level 0: 83 % with a 4-bit head vs 99 % with an 8-bit one), so int4 bundles keep an
-# 8-bit head, like llama.cpp's Q4_K_M keeps output.weight at higher precision.
-HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8", "nf4": "int8", "nf4-dq": "int8"}
-# dtype of the embedding gather table per weight format (the LM head may be quantized)
-EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16, "int4": np.float16,
-                "nf4": np.float16, "nf4-dq": np.float16}
-# Weight formats whose embedding is a quantized gather (GatherBlockQuantized) in the head's
-# format instead of the EMBED_DTYPES table: a tied head then shares its bytes (one copy).
-# int4 only: with int8 linears too, int8 embedding rows cost SmolLM2 its README answer (the last
-# prompt position's top-1 flipped, max |Δlogit| 1.7): the quality format keeps a float16 table.
-EMBED_QUANTIZED = {"int4": "int8"}
+# dtype of the embedding gather table of the formats that keep a float one (tqedge/bundle.py:
+# EMBED_QUANTIZED names the others)
+EMBED_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float16}

@@ -31,7 +31,7 @@ import functools
 import types
 from pathlib import Path
 
-from tqedge.bundle import WEIGHT_BLOCK_SIZES, ArchSpec, KVSpec, Manifest
+from tqedge.bundle import EMBED_QUANTIZED, HEAD_FORMATS, WEIGHT_BLOCK_SIZES, ArchSpec, KVSpec, Manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime import memory as process_memory
 
@@ -56,8 +56,10 @@ KV_CONFIGS: dict[str, tuple[float, float] | int] = {
     "K8V8": (8, 8), "K4V4": (4, 4), "K4V3": (4, 3), "K3V3": (3, 3), "K4V2": (4, 2), "K2V2": (2, 2),
 }
 
-# Weight formats, most precise first: bytes of one (N, K) linear weight on disk and resident,
-# and bytes per element of the embedding table (exporters/weights.py: EMBED_DTYPES).
+# Weight formats, most precise first: bytes of one (N, K) linear weight on disk and resident, and
+# bytes per element of a float embedding table (exporters/weights.py: EMBED_DTYPES). The LM head
+# is sized in its own format (HEAD_FORMATS); the formats in EMBED_QUANTIZED gather the embedding
+# as int8 rows instead (:func:`_int8_rows`).
 def _nbits(bits: int, block: int):
     def size(n: int, k: int) -> int:
         nb = -(-k // block)  # blocks per row (K padded to a multiple of the block)
@@ -79,16 +81,19 @@ WEIGHT_FORMATS: dict[str, dict] = {
     # fp32 with tied embeddings: the LM head MatMul reads the embedding table itself
     "fp32": {"disk": lambda n, k: 4 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 4, "shares_tied": True},
     "fp16": {"disk": lambda n, k: 2 * n * k, "resident": lambda n, k: 4 * n * k, "embed": 2},
-    # int4: the embedding gathers int8 rows (codes + fp32 scale + zero point per int8 block);
-    # tied, they are the LM head's own bytes on disk (exporters/weights.py: EMBED_QUANTIZED)
     "int8": {"disk": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]), "resident": _nbits(8, WEIGHT_BLOCK_SIZES["int8"]),
              "embed": 2},
-    "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]),
-             "embed": 1 + 5 / WEIGHT_BLOCK_SIZES["int8"], "embed_is_head": True},
+    "int4": {"disk": _nbits(4, WEIGHT_BLOCK_SIZES["int4"]), "resident": _nbits(4, WEIGHT_BLOCK_SIZES["int4"])},
     # nf4: MatMulBnb4 dequantizes into an fp32 workspace per call (the largest is kept resident)
-    "nf4": {"disk": _nf4(False, False), "resident": _nf4(False, True), "embed": 2, "head": "int8", "workspace": True},
-    "nf4-dq": {"disk": _nf4(True, False), "resident": _nf4(True, True), "embed": 2, "head": "int8", "workspace": True},
+    "nf4": {"disk": _nf4(False, False), "resident": _nf4(False, True), "workspace": True},
+    "nf4-dq": {"disk": _nf4(True, False), "resident": _nf4(True, True), "workspace": True},
 }
+
+
+def _int8_rows(n: int, k: int) -> int:
+    """Bytes of an (N, K) embedding gathered as int8 rows (GatherBlockQuantized): MatMulNBits'
+    int8 layout, so a tied head's bytes are the same ones."""
+    return WEIGHT_FORMATS["int8"]["disk"](n, k)
 
 
 # -- weights -------------------------------------------------------------------------------
@@ -128,18 +133,19 @@ def weight_bytes(a: ArchSpec, fmt: str, resident: bool = True) -> int:
     shapes = linear_shapes(a)
     if a.tie_word_embeddings and spec.get("shares_tied"):
         shapes = shapes[:-1]
-    if "head" in spec:  # the LM head in its own format (exporters/weights.py: HEAD_FORMATS)
-        head = WEIGHT_FORMATS[spec["head"]]["resident" if resident else "disk"](*shapes[-1])
-        shapes, lin = shapes[:-1], head
-    else:
-        lin = 0
+    head, lin = HEAD_FORMATS[fmt], 0
+    if head != fmt:  # the LM head in its own format
+        lin, shapes = WEIGHT_FORMATS[head]["resident" if resident else "disk"](*shapes[-1]), shapes[:-1]
     lin += sum(size(n, k) for n, k in shapes)
     if resident and spec.get("workspace"):
         lin += 4 * max(n * k for n, k in shapes)
-    # on disk a tied int embedding is the head's bytes; resident, the gather segment's session holds
-    # its own copy beside the head's (measured: benchmarks/out/gemma_embed.json)
-    embed = 0 if a.tie_word_embeddings and spec.get("embed_is_head") and not resident else spec["embed"]
-    return lin + int(embed * a.vocab_size * a.hidden_size) + 4 * _norms_and_biases(a)
+    if fmt in EMBED_QUANTIZED:
+        # on disk a tied int embedding is the head's bytes; resident, the gather segment's session
+        # holds its own copy beside the head's (measured: benchmarks/out/gemma_embed.json)
+        embed = 0 if a.tie_word_embeddings and not resident else _int8_rows(a.vocab_size, a.hidden_size)
+    else:
+        embed = spec["embed"] * a.vocab_size * a.hidden_size
+    return lin + embed + 4 * _norms_and_biases(a)
 
 
 def bundle_weight_files(bundle: str | Path, m: Manifest) -> int:

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import tqedge  # noqa: E402
+from tqedge.bundle import EMBED_QUANTIZED, HEAD_FORMATS  # noqa: E402
 from tqedge.errors import TqedgeError  # noqa: E402
 
 VOCAB = 96
@@ -163,9 +164,9 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
             if name.endswith("proj.weight"):
                 p.copy_(torch.from_numpy(_degrade(p.numpy(), fmt)))
             elif name == "lm_head.weight":
-                p.copy_(torch.from_numpy(_degrade(p.numpy(), weights.HEAD_FORMATS[fmt])))
-            elif name == "model.embed_tokens.weight" and fmt in weights.EMBED_QUANTIZED:  # int rows
-                p.copy_(torch.from_numpy(_degrade(p.numpy(), weights.EMBED_QUANTIZED[fmt])))
+                p.copy_(torch.from_numpy(_degrade(p.numpy(), HEAD_FORMATS[fmt])))
+            elif name == "model.embed_tokens.weight" and fmt in EMBED_QUANTIZED:  # int rows
+                p.copy_(torch.from_numpy(_degrade(p.numpy(), EMBED_QUANTIZED[fmt])))
             elif name == "model.embed_tokens.weight" and fmt != "fp32":
                 p.copy_(torch.from_numpy(p.numpy().astype(np.float16).astype(np.float32)))
         ref = model_ref(torch.tensor([ids])).logits[0].numpy()

@@ -55,11 +55,11 @@ def test_weight_bytes_by_hand_for_one_format():
         return n * blocks * 20 + n * math.ceil(blocks / 2)
 
     linears = 30 * (int4(576, 576) * 2 + int4(192, 576) * 2 + int4(1536, 576) * 2 + int4(576, 1536))
-    head = int4(49152, 576)
+    head = 49152 * 576 * 21 // 16  # 8-bit head: blocks of 16 codes + a 4 B scale + a 1 B zero point
     norms_fp32 = 4 * (61 * 576)
     # tied: on disk the embedding gathers the head's own int8 rows; resident, the gather's copy counts
     assert footprint.weight_bytes(SMOL, "int4", resident=False) == linears + head + norms_fp32
-    assert footprint.weight_bytes(SMOL, "int4") == linears + head + norms_fp32 + 49152 * 576 * 21 // 16
+    assert footprint.weight_bytes(SMOL, "int4") == linears + 2 * head + norms_fp32
 
 
 def test_weight_bytes_untied_counts_the_head_once_per_copy():
@@ -190,3 +190,51 @@ def test_cli_json_on_a_bundle(smollm2_bundle):
     md = p["model"]
     # the estimate for the bundle's own format is its real weights file, within 1%
     assert md["bundle_weight_files"] == pytest.approx(p["weights"][md["format"]]["disk"], rel=0.01)
+
+
+def _initializer_bytes(bundle) -> int:
+    """Bytes of every initializer model.onnx reads (inline or external, a shared offset once)
+    plus an nf4-dq side file's codes and constants: the weights as the exporter wrote them."""
+    import numpy as np
+    import onnx
+
+    from tqedge.bundle import read_manifest
+    from tqedge.runtime import dq_scales
+
+    g = onnx.load(str(bundle / "onnx" / "model.onnx"), load_external_data=False).graph
+    seen, total = set(), 0
+    for t in g.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        if ext.get("location") == dq_scales.PLACEHOLDER:  # nf4-dq: expanded at load from the side file
+            continue
+        if ext:
+            if (ext["location"], ext.get("offset")) not in seen:
+                seen.add((ext["location"], ext.get("offset")))
+                total += int(ext["length"])
+        else:
+            total += onnx.numpy_helper.to_array(t).nbytes
+    scales = read_manifest(bundle, verify="size").weights.scales
+    if scales:
+        with np.load(bundle / scales) as z:
+            total += z["codes"].nbytes + z["scales"].nbytes
+    return total
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4", "nf4", "nf4-dq"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_planner_sizes_each_format_as_the_exporter_writes_it(tmp_path, fmt, tied):
+    """The planner's bytes on disk equal the weights a real export writes (a tiny model with the
+    exporter's own quantization), tied and untied: the LM head in its own format, the embedding
+    as a float table or as int8 rows shared with a tied head."""
+    pytest.importorskip("transformers")
+    from test_export import build_tiny_hf
+
+    import tqedge
+    from tqedge.bundle import read_manifest
+
+    src = build_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=tied)
+    tqedge.export(src, tmp_path / "b.tqe", weights=fmt)
+    m = read_manifest(tmp_path / "b.tqe", verify="size")
+    assert m.architecture.tie_word_embeddings == tied
+    want = footprint.weight_bytes(m.architecture, fmt, resident=False)
+    assert _initializer_bytes(tmp_path / "b.tqe") == pytest.approx(want, rel=0.01)

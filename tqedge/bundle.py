@@ -37,6 +37,16 @@ WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "nf4", "nf4-dq")
 # sized by the planner. int8: 16 measured +2.5 points top-1 over 32 at equal speed; nf4: absmax
 # per block of 64 (QLoRA), run by MatMulBnb4.
 WEIGHT_BLOCK_SIZES = {"int8": 16, "int4": 32, "nf4": 64, "nf4-dq": 64}
+# The LM head's format per weight format: 4-bit logits cost too much top-1 agreement (SmolLM2,
+# accuracy_level 0: 83 % with a 4-bit head vs 99 % with an 8-bit one), so 4-bit bundles keep an
+# 8-bit head, like llama.cpp's Q4_K_M keeps output.weight at higher precision.
+HEAD_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "int4": "int8", "nf4": "int8", "nf4-dq": "int8"}
+# Weight formats whose embedding is a quantized gather (GatherBlockQuantized) in this format instead
+# of a float table: a tied head then shares its bytes (one copy). The 4-bit formats only: with int8
+# linears too, int8 embedding rows cost SmolLM2 its README answer (the last prompt position's top-1
+# flipped, max |Δlogit| 1.7), so the quality format keeps a float16 table. nf4 shares int4's 8-bit
+# head and so its rows (Gemma 3: a 320 MiB float16 table less; docs/RESULTS.md "weights").
+EMBED_QUANTIZED = {"int4": "int8", "nf4": "int8", "nf4-dq": "int8"}
 ROTATIONS = ("hadamard", "dense")
 NORMS = ("corrected", "plain")
 VERIFY_MODES = ("auto", "full", "size", "none")  # read_manifest(verify=...); "auto": see tqedge/verified.py
