@@ -17,7 +17,8 @@ count every thread of the process; on a loaded machine they are the steadier fig
 
 Calls: a child loads the bundle, prefills a short prompt and counts ``sys.setprofile`` events
 (``call`` and ``c_call``: Python functions and builtins, ctypes calls included) during
-``model.forward`` of single decode steps, and separately inside ``backend.forward``.
+``model.forward`` of single decode steps (median), and per token of ``stream_generate``, greedy
+and with the bundle's default sampling.
 
     python benchmarks/native.py --bundle models/smollm2-int4.tqe [--contexts 512,2048] [--repeats 3]
 """
@@ -69,45 +70,52 @@ def generate_child(bundle: str, backend: str, prompt: str, max_tokens: int, thre
             "peak_rss_mib": peak / 2**20, "cpu_s": cpu_s}
 
 
-def count_calls(bundle: str, backend: str, threads: int, steps: int = 8) -> dict:
-    """Python-level calls (call + c_call events) per decode step inside model.forward and inside
-    backend.forward (run in this process: call from a child)."""
+def count_calls(bundle: str, backend: str, threads: int, steps: int = 16) -> dict:
+    """Python-level calls (call + c_call events) per decode step: inside ``model.forward``, and
+    per token of ``stream_generate`` (forward, sampling, detokenizing, stats) greedy and with the
+    bundle's default sampling (run in this process: call from a child)."""
     import tqedge
+    from tqedge.runtime.generate import stream_generate
 
     model = tqedge.load(bundle, backend=backend, threads=threads, verify="none")
-    cache = model.new_cache()
-    logits = model.forward(model.encode("The history of the city begins"), cache)
-    counts = {"forward": [], "backend": []}
-    inner = model.backend.forward
     n = [0]
 
     def prof(frame, event, arg):
         if event in ("call", "c_call"):
             n[0] += 1
 
-    def wrapped(*a):
-        before = n[0]
+    def counted(fn, *args):
+        n[0] = 0
         sys.setprofile(prof)
         try:
-            return inner(*a)
+            fn(*args)
         finally:
             sys.setprofile(None)
-            counts["backend"].append(n[0] - before)
+        return n[0] - 1  # minus the setprofile(None) c_call
 
-    tok = int(logits.argmax())
-    for _ in range(steps):  # model.forward, backend not wrapped
-        n[0] = 0
-        sys.setprofile(prof)
-        logits = model.forward([tok], cache)
-        sys.setprofile(None)
-        counts["forward"].append(n[0] - 1)  # minus the setprofile(None) c_call
+    cache = model.new_cache()
+    logits = model.forward(model.encode("The history of the city begins"), cache)
+    forward = []
+    for i in range(steps + 1):  # the first step loads machine code: not counted
         tok = int(logits.argmax())
-    model.backend.forward = wrapped
-    for _ in range(steps):
-        n[0] = 0
+        c = counted(model.forward, [tok], cache)
+        if i:
+            forward.append(c)
         logits = model.forward([tok], cache)
-        tok = int(logits.argmax())
-    return {k: statistics.median(v) for k, v in counts.items()}
+    out = {"forward": statistics.median(forward)}
+    for name, temperature in (("generate_greedy", 0.0), ("generate_default_sampling", None)):
+        it = stream_generate(model, "The history of the city of Paris begins with", max_tokens=steps + 8,
+                             temperature=temperature, seed=0)
+        for _ in range(4):
+            next(it)
+
+        def tokens(k):
+            for _ in zip(range(k), it):
+                pass
+
+        out[name] = (counted(tokens, steps) - 1) / steps  # minus tokens() itself
+        it.close()
+    return out
 
 
 def step_bench(bundle: str, contexts: list[int], threads: int, steps: int = 16) -> dict:

@@ -65,6 +65,7 @@ class CompressedKVCache:
         self.sinks, self.window, self.ring = sinks, window, ring
         self.exact_prefill, self.budget = exact_prefill, budget
         self.slots = SlotRing(sinks + ring, sinks, policy)
+        self.capacity = self.slots.capacity  # tokens held at most (fixed)
         self.fixed_bytes, self.bytes_per_token = self.layout_bytes(key_codecs, value_codecs, num_kv_heads,
                                                         self.head_dim, sinks, window)
         h, d = num_kv_heads, self.head_dim
@@ -74,6 +75,8 @@ class CompressedKVCache:
         self.k_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in key_codecs]  # (Hkv, R, Pk)
         self.v_codes = [np.zeros((h, ring, c.code_bytes), np.uint8) for c in value_codecs]
         self.v_scales = [np.zeros((h, ring, c.num_scales), np.float16) for c in value_codecs]
+        arrays = [self.fp_k, self.fp_v, *self.k_codes, *self.k_scales, *self.v_codes, *self.v_scales]
+        self.nbytes = sum(a.nbytes for a in arrays)  # bytes of all preallocated buffers (fixed)
         self._native_desc = None  # the native op's descriptor, built at the first descriptor() call
         self.reset()
 
@@ -121,14 +124,7 @@ class CompressedKVCache:
     # -- the interface ----------------------------------------------------------------------
     offset = property(lambda self: self.slots.offset)
     length = property(lambda self: self.slots.length)
-    capacity = property(lambda self: self.slots.capacity)
     evicted = property(lambda self: self.slots.evicted)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all preallocated buffers."""
-        arrays = [self.fp_k, self.fp_v, *self.k_codes, *self.k_scales, *self.v_codes, *self.v_scales]
-        return sum(a.nbytes for a in arrays)
 
     def reset(self) -> None:
         self.slots.reset()

@@ -57,13 +57,15 @@ class StreamingDetokenizer:
         Returns:
             New complete characters, possibly empty while a character is split.
         """
-        self.tokens.append(int(token))
-        prefix_text = self._decode(self.tokens[self._prefix:self._read])
-        new_text = self._decode(self.tokens[self._prefix:])
-        held = len(self.tokens) - self._read
-        if len(new_text) > len(prefix_text) and (not new_text.endswith(REPLACEMENT) or held > MAX_HELD_TOKENS):
-            piece = new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self.tokens)
+        tokens = self.tokens
+        tokens.append(int(token))
+        n = len(tokens)
+        prefix_text = self._decode(tokens[self._prefix:self._read])
+        new_text = self._decode(tokens[self._prefix:])
+        k = len(prefix_text)
+        if len(new_text) > k and (not new_text.endswith(REPLACEMENT) or n - self._read > MAX_HELD_TOKENS):
+            piece = new_text[k:]
+            self._prefix, self._read = self._read, n
             self.text += piece
             return piece
         return ""

@@ -107,7 +107,8 @@ def prefill(model, cache, ids: Sequence[int], chunk: int | None = None) -> np.nd
 
 def decode_one_token(model, cache, token: int) -> np.ndarray:
     """Feed one token and return the (vocab,) logits predicting the next."""
-    check_room(cache, 1, "the reply")
+    if cache.length >= cache.capacity:  # only a full cache can refuse (policy "error")
+        check_room(cache, 1, "the reply")
     return model.forward([int(token)], cache)
 
 
@@ -220,12 +221,13 @@ class GenerationResponse:
 
 def _stats(cache, n_prompt, n_gen, t0, t1, t2, cached, final: bool) -> GenerationStats:
     prefill_s, decode_s = t1 - t0, t2 - t1
-    used = cache.nbytes * cache.length // max(cache.capacity, 1)
+    length = cache.length
+    used = cache.nbytes * length // cache.capacity  # (a cache holds ≥ 1 token)
     return GenerationStats(
         prompt_tokens=n_prompt, generation_tokens=n_gen, prefill_s=prefill_s, decode_s=decode_s,
         prefill_tps=n_prompt / prefill_s if prefill_s > 0 else 0.0,
         decode_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
-        kv_tokens=cache.length, kv_capacity_tokens=cache.capacity, kv_bytes_used=int(used),
+        kv_tokens=length, kv_capacity_tokens=cache.capacity, kv_bytes_used=int(used),
         kv_capacity_bytes=int(cache.nbytes), evicted=int(cache.evicted), cached_tokens=cached,
         peak_memory_bytes=peak_rss() if final else None)
 
@@ -303,6 +305,7 @@ def stream_generate(model, prompt, *, max_tokens: int | None = None, temperature
     detok, stopper = StreamingDetokenizer(model.tokenizer), StopMatcher(stop)
     max_n = int(s["max_tokens"])
 
+    n_prompt = len(ids)
     t0 = time.perf_counter()
     steps = generate_step(model, cache, ids, sampler, processors, history=history, prefill_chunk=prefill_chunk)
     t1 = None
@@ -312,7 +315,7 @@ def stream_generate(model, prompt, *, max_tokens: int | None = None, temperature
                 t1 = time.perf_counter()
             text, finish = _release(token, token in eos, n >= max_n, detok, stopper)
             yield GenerationResponse(text, token, finish,
-                                     _stats(cache, len(ids), n, t0, t1, time.perf_counter(), cached_tokens,
+                                     _stats(cache, n_prompt, n, t0, t1, time.perf_counter(), cached_tokens,
                                             finish is not None))
             if finish:
                 return

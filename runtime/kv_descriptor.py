@@ -185,6 +185,7 @@ def turboquant(cache) -> np.ndarray:
         d[TQ_LOCK] = numba_runtime.LOCK_ADDRESS
         cache._native_threads, cache._native_pool_threads = numba_runtime.sync_pool_threads, 0
         cache._native_static, cache._native_desc = (table, keep), d
+        cache._native_bias = np.zeros(cache.sinks + cache.window, np.float32)  # the decode fast path's
     rule = cache._rule
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)

@@ -68,6 +68,7 @@ class Model:
                                    sinks=sinks, policy=policy)
         self.backend_name = choose_backend(manifest, backend, self.cache_defaults)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
+        self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
         try:
             self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
@@ -120,7 +121,12 @@ class Model:
         Returns:
             float32 logits, (vocab,) for "last" or (T, vocab) for "all".
         """
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64)
+        if self._decode is not None and ids.ndim == 1 and ids.shape[0] == 1 and logits == "last":
+            out = self._decode(ids, cache)  # the native backend's whole-step call (no Python per layer or plan)
+            if out is not None:
+                return out
+        ids = ids.reshape(-1)
         t = len(ids)
         if t == 0:
             raise TqedgeError("forward needs at least one token")

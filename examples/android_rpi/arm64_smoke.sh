@@ -6,8 +6,10 @@
 #   1. builds the tqedge wheel on this (x86_64) host and installs it in the chroot with the
 #      runtime dependencies only (aarch64 wheels from PyPI: numpy, numba, onnxruntime, ...);
 #   2. copies in a bundle exported on the host (int8 weights recommended);
-#   3. runs `tqedge doctor`, then a greedy `tqedge generate ... --temperature 0 --json` with the
-#      default TurboQuant cache, once with the Numba kernels and once with TQEDGE_KERNELS=numpy;
+#   3. runs `tqedge doctor`, checks that the native backend (one onnxruntime session, the cache op
+#      a Numba cfunc) is the one picked, then a greedy `tqedge generate ... --temperature 0 --json`
+#      with the default TurboQuant cache three times: native, `--backend onnx` (segments, Numba
+#      kernels) and TQEDGE_KERNELS=numpy (segments, NumPy kernels);
 #   4. compares the token ids with the host's for the same bundle and prompt: PASS/FAIL.
 #
 # What it proves: the wheels exist for aarch64, import, compute the same greedy tokens, and use
@@ -201,9 +203,19 @@ say "host ($(uname -m)): greedy generate"
 "$PY" -m tqedge.cli generate "$BUNDLE" "${GEN[@]}" > "$WORK/host.json"
 say "arm64: tqedge doctor"
 "$ROOT/armrun" tqedge doctor
-say "arm64: greedy generate, Numba kernels (first run compiles: slow under emulation)"
+say "arm64: the backend tqedge.load picks with Numba present (the native one-session op)"
+"$ROOT/armrun" python -c '
+import tqedge
+m = tqedge.load("/opt/bundle", verify="size")
+print("  backend:", m.backend_name)
+assert m.backend_name == "native", m.backend_name'
+say "arm64: greedy generate, native backend (first run compiles: slow under emulation)"
 t0=$(date +%s)
 "$ROOT/armrun" tqedge generate /opt/bundle "${GEN[@]}" > "$WORK/arm-numba.json"
+echo "  took $(( $(date +%s) - t0 )) s (emulated)"
+say "arm64: greedy generate, segment backend with the Numba kernels"
+t0=$(date +%s)
+"$ROOT/armrun" tqedge generate /opt/bundle --backend onnx "${GEN[@]}" > "$WORK/arm-segments.json"
 echo "  took $(( $(date +%s) - t0 )) s (emulated)"
 say "arm64: greedy generate, TQEDGE_KERNELS=numpy"
 t0=$(date +%s)
@@ -231,16 +243,16 @@ def ids(name):
 host = ids("host.json")
 print(f"  host      : {host}")
 ok = True
-for name in ("arm-numba.json", "arm-numpy.json"):
+for name in ("arm-numba.json", "arm-segments.json", "arm-numpy.json"):
     got = ids(name)
     label = name[4:-5]
     if got == host:
-        print(f"  arm64 {label:5s}: identical ({len(got)} tokens)  PASS")
+        print(f"  arm64 {label:8s}: identical ({len(got)} tokens)  PASS")
         continue
     ok = False
     first = next((i for i, (a, b) in enumerate(zip(host, got)) if a != b), min(len(host), len(got)))
-    print(f"  arm64 {label:5s}: {got}")
-    print(f"  arm64 {label:5s}: FAIL — first divergence at token {first}: "
+    print(f"  arm64 {label:8s}: {got}")
+    print(f"  arm64 {label:8s}: FAIL — first divergence at token {first}: "
           f"host {host[first] if first < len(host) else '<end>'} vs arm64 {got[first] if first < len(got) else '<end>'}")
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)

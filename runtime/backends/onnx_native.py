@@ -26,6 +26,7 @@ import numpy as np
 from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
+from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import ccall
 
@@ -70,6 +71,65 @@ def _step(fns, session, memory_info, names, ids, positions, index, desc, logits)
         if buf[i] != 0:
             ccall(fns[2], (buf[i],))
     return st
+
+
+@njit(warm=False, nogil=True)
+def _tq_decode_plan(d, bias, offset, length, ptr, capacity, slide, encoded, fp_lo):
+    """One token's step of a TurboQuant cache, planned in nopython code: what ``SlotRing.prepare(1)``,
+    ``CompressedKVCache._plan_decode`` and :func:`kv_descriptor.turboquant` do in Python, written
+    into the cache's descriptor ``d`` and its read-bias buffer ``bias`` (S+W,). Returns (ok, the
+    slot ring's length, evictions, ptr, the cache's ``encoded``) after the step. Not ok, nothing
+    written: the step needs the Python path (the window backlog to encode, a full cache under
+    policy "error", or a descriptor of another kind)."""
+    s, w, r = d[KD.TQ_S], d[KD.TQ_W], d[KD.TQ_R]
+    t0 = offset
+    if d[KD.KIND] != KD.KIND_TURBOQUANT or (w > 0 and encoded <= t0 - w):
+        return False, length, 0, ptr, encoded
+    evicted = 0
+    if length < capacity:
+        length += 1
+    elif slide:  # evict the oldest non-sink token: the ring pointer moves on (length stays)
+        ptr = s + (ptr - s + 1) % (capacity - s)
+        evicted = 1
+    else:
+        return False, length, 0, ptr, encoded
+    for i in range(s):
+        bias[i] = 0.0 if i <= t0 else -np.inf
+    for j in range(w):  # the position window slot j holds once this token is written
+        p = t0 - ((t0 - j) % w + w) % w
+        bias[s + j] = 0.0 if p >= s and (p >= fp_lo or p == t0) else -np.inf
+    lo = max(s, t0 - r + 1)
+    hi = t0 + 1 if w == 0 else max(t0 - w + 1, fp_lo)
+    n, nr = hi - lo, 0
+    if n > 0:
+        a = ((lo - s) % r + r) % r
+        d[KD.TQ_RANGES], nr = a, 1
+        if a + n <= r:
+            d[KD.TQ_RANGES + 1] = a + n
+        else:
+            d[KD.TQ_RANGES + 1], d[KD.TQ_RANGES + 2], d[KD.TQ_RANGES + 3], nr = r, 0, a + n - r, 2
+    d[KD.T], d[KD.T0], d[KD.TQ_FP_LO], d[KD.TQ_EXACT_PREFILL] = 1, t0, fp_lo, 0
+    d[KD.TQ_MODE], d[KD.TQ_NR], d[KD.TQ_BIAS] = KD.MODE_DECODE, nr, bias.ctypes.data
+    return True, length, evicted, ptr, t0 + 1 if w == 0 and t0 >= s else encoded
+
+
+@njit(warm=False, nogil=True)
+def _tq_decode(fns, session, memory_info, names, ids, vocab, d, bias, offset, length, ptr, capacity, slide,
+               encoded, fp_lo):
+    """:func:`_tq_decode_plan`, then :func:`_step` for the one token: a whole decode step in one
+    call. Returns (0 ok | 1 token id out of range | 2 the Python path | 3 Run failed, the
+    ``OrtStatus*``, the (1, vocab) logits, then the counters of :func:`_tq_decode_plan`). The
+    cache's counters are the caller's to store, and only on 0."""
+    logits = np.empty((1, vocab), np.float32)
+    if ids[0] < 0 or ids[0] >= vocab:
+        return 1, 0, logits, length, 0, ptr, encoded
+    ok, length, evicted, ptr, encoded = _tq_decode_plan(d, bias, offset, length, ptr, capacity, slide, encoded, fp_lo)
+    if not ok:
+        return 2, 0, logits, length, 0, ptr, encoded
+    positions = np.full(1, offset, np.int64)
+    index = np.zeros(1, np.int64)
+    st = _step(fns, session, memory_info, names, ids, positions, index, d, logits)
+    return (3 if st else 0), st, logits, length, evicted, ptr, encoded
 
 
 def supports(manifest: Manifest) -> bool:
@@ -132,6 +192,27 @@ class NativeBackend:
         if st:
             self.lib.check(st, "onnxruntime run failed")
         return logits
+
+    def decode(self, ids: np.ndarray, cache):
+        """The next token's logits (vocab,) when ``cache`` is a TurboQuant cache past its first step
+        and this step needs no Python (see :func:`_tq_decode`): prepare, Run and commit in one
+        nopython call. None otherwise (nothing changed): then ``Model.forward`` takes the
+        general path, which also raises any error."""
+        d = cache._native_desc
+        if d is None or d[1] != KD.KIND_TURBOQUANT:
+            return None
+        s = cache.slots
+        code, st, logits, length, evicted, ptr, encoded = _tq_decode(
+            self._fns, self.session.session, self.session.memory_info, self._name_ptrs, ids, self.vocab, d,
+            cache._native_bias, s.offset, s.length, s._ptr, s.capacity, s.policy == "slide", cache.encoded,
+            cache.fp_lo)
+        if code == 3:
+            self.lib.check(st, "onnxruntime run failed")
+        if code:
+            return None
+        s.offset, s.length, s._ptr, cache.encoded = s.offset + 1, length, ptr, encoded
+        s.evicted += evicted
+        return logits[0]
 
     def close(self) -> None:
         """Release the session (then the op may go)."""
