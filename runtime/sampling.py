@@ -151,6 +151,12 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
     if temperature == 0.0:
         return lambda logits: int(logits.argmax())  # (the method: one call per token, not four)
     rng = np.random.default_rng(seed)
+    from tqedge.codec import kernels
+
+    if kernels.BACKEND == "numba":  # the same filters and draw in one nopython call
+        from tqedge.runtime.sampling_numba import sample as nopython
+
+        return lambda logits: int(nopython(logits, temperature, top_k, top_p, min_p, rng.random()))
 
     def sample(logits: np.ndarray) -> int:
         idx, x = candidates(logits, temperature, top_k, top_p, min_p)  # (n,), (n,)

@@ -94,7 +94,7 @@ def marker_path(shape: Shape = Shape()) -> Path | None:
     import numba
 
     from tqedge.codec import numba_runtime
-    from tqedge.runtime import compressed_cache  # noqa: F401  (imports every kernel module it uses)
+    from tqedge.runtime import compressed_cache, sampling_numba  # noqa: F401  (every kernel module)
 
     sources = sorted({d.py_func.__code__.co_filename for d in numba_runtime.DISPATCHERS})
     key = {"numba": numba.__version__, "python": sys.version, "machine": platform.machine(),
@@ -142,6 +142,9 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
                 cache.commit()
 
             if short:  # a short chat: prompt inside the window, decode until keys leave it
+                from tqedge.runtime.sampling_numba import sample
+
+                sample(rng.standard_normal(64).astype(np.float32), 0.7, 8, 0.9, 0.05, 0.5)  # make_sampler's types
                 cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
                 step(cache, SHORT_PROMPT)
                 for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode

@@ -85,7 +85,18 @@ def test_greedy_is_argmax():
         assert sampler(x) == int(np.argmax(x))
 
 
-def test_sampled_distribution_matches_filtered_softmax():
+@pytest.fixture(params=["numba", "numpy"])
+def sampler_backend(request, monkeypatch):
+    """make_sampler's nopython sampler (with the Numba kernels) and its NumPy twin."""
+    from tqedge.codec import kernels
+
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    monkeypatch.setattr(kernels, "BACKEND", request.param)
+    return request.param
+
+
+def test_sampled_distribution_matches_filtered_softmax(sampler_backend):
     rng = np.random.default_rng(11)
     x = rng.normal(0, 1.5, 12)
     settings = dict(temperature=0.8, top_k=8, top_p=0.9, min_p=0.02)
@@ -101,7 +112,7 @@ def test_sampled_distribution_matches_filtered_softmax():
     assert np.all(np.abs(counts / n - expected) <= 5 * se + 1e-12)
 
 
-def test_seed_reproducible_and_seeds_differ():
+def test_seed_reproducible_and_seeds_differ(sampler_backend):
     rng = np.random.default_rng(5)
     xs = [rng.normal(0, 1, 500) for _ in range(50)]
 
@@ -155,3 +166,25 @@ def test_bad_settings_raise(bad):
 def test_bad_penalty_raises():
     with pytest.raises(TqedgeError, match="repetition_penalty"):
         S.make_logits_processors(repetition_penalty=0)
+
+
+def test_nopython_sampler_draws_what_the_numpy_sampler_draws():
+    """runtime/sampling_numba.py (the sampler when the Numba kernels run) against the NumPy
+    filters drawn at the same u: random vocabularies, temperatures and filter settings."""
+    pytest.importorskip("numba")
+    from tqedge.runtime.sampling_numba import sample
+
+    rng = np.random.default_rng(7)
+    draws = differ = 0
+    for _ in range(200):
+        v = int(rng.integers(10, 50_000))
+        logits = (rng.standard_normal(v) * rng.uniform(0.5, 6)).astype(np.float32)
+        t = float(rng.uniform(0.2, 1.5))
+        k, p, mp = int(rng.choice([0, 5, 50, 1000])), float(rng.choice([1.0, 0.99, 0.9, 0.5])), float(rng.choice([0.0, 0.05]))
+        idx, x = S.candidates(logits, t, k, p, mp)
+        cdf = np.cumsum(S._softmax(x))
+        for u in rng.random(20):
+            want = int(idx[min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(idx) - 1)])
+            draws += 1
+            differ += int(sample(logits, t, k, p, mp, u)) != want
+    assert draws == 4000 and differ <= 2  # only a draw on a boundary within float32 rounding may differ

@@ -37,6 +37,7 @@ model.generate(ids, max_tokens=40, temperature=0, window=16)  # backlog encodes 
 chat = model.chat()  # short context: the serial twins; a second turn reuses the cache
 chat.send("Name a colour.", max_tokens=20, temperature=0)
 chat.send("And another one?", max_tokens=20, temperature=0)
+model.generate("Once upon a time", max_tokens=8, seed=0)  # the bundle's default sampling
 after = signatures()
 print(json.dumps({"new": {k: sorted(after[k] - before[k]) for k in after if after[k] - before[k]},
                   "warm": sorted(k for k, v in before.items() if v)}))
@@ -52,7 +53,7 @@ def test_warmup_compiles_every_signature_a_real_generate_uses(smollm2_bundle):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["new"] == {}  # the generate and chat compiled nothing the warm-up had not
     entry_points = {"quantize", "pack_into", "_scores_impl_serial", "_value_sum_impl_serial",
-                    "_dequantize_impl_serial", "_scores_numba", "_weighted_sum_numba"}
+                    "_dequantize_impl_serial", "_scores_numba", "_weighted_sum_numba", "sample"}
     if len(os.sched_getaffinity(0)) > 1:
         # the parallel twins (prefill dequantizes tiles of KEY_TILE keys: below the parallel threshold)
         entry_points |= {"_scores_impl", "_value_sum_impl"}
