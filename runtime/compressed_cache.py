@@ -8,10 +8,11 @@ Layout (per layer ``l``; ``S`` sinks, ``W`` window, ``R`` ring slots, ``Hkv`` he
     k_scales[l]  float16 (Hkv, R, Pk_l)       at ring index (p - S) % R  (same for values)
 
 A token's codes are computed from its fp16-rounded key/value, so where or when it was encoded
-never changes them. Decode encodes lazily: new tokens go to the fp16 window only, and the
-window's backlog is encoded in one batch per layer when its oldest token is about to leave it
-(every ``W`` steps), which keeps the encoder off the per-token path. Prefill encodes its tokens
-at once. Which copy a query reads is decided by :class:`tqedge.runtime.attention.ReadRule`,
+never changes them. Decode encodes lazily: new tokens go to the fp16 window only. On the
+native backend's one-call step the op encodes the token leaving the window in the step it
+leaves (one token per step); the Python path (:meth:`prepare`) encodes the window's backlog in
+one batch per layer when its oldest token is about to leave it (every ``W`` steps: a 7× step
+for SmolLM2 at W = 128, docs/RESULTS.md). Prefill encodes its tokens at once. Which copy a query reads is decided by :class:`tqedge.runtime.attention.ReadRule`,
 the same in decode and prefill, so the result does not depend on chunking.
 
 The byte budget pays for the fixed fp16 buffers first; the rest becomes ring slots at the

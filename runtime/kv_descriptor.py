@@ -19,7 +19,8 @@ step's read plan. The op keeps no state of its own, so one session serves any nu
              35 launch lock* (tqedge.codec.numba_runtime.LOCK_ADDRESS)  36 prefill work item entry*
                 (a C function: native_prefill.prefill_item)  37 cooperative pool* (the control
                 block of runtime/coop_pool.py; 0: one thread)  38 decode work item entry* (a C
-                function: native_turboquant.decode_item)
+                function: native_turboquant.decode_item)  39 decode: the position leaving the window
+                whose codes this step writes from its fp16 copy first (t0 - W), or -1
     layered  (a model with sliding-window layers: runtime/sliding_cache.py's LayeredKVCache)
              8 window W  9 ring keys* (Ls, Hkv, W, D)  10 ring values*  11 ring element bytes (4: f32,
              2: f16)  12 sliding layers Ls  13 offset O of the full layers' descriptor  14 launch lock*
@@ -100,8 +101,8 @@ TQ_S, TQ_W, TQ_R, TQ_FP_LO, TQ_EXACT_PREFILL, TQ_FP_K, TQ_FP_V, TQ_LAYERS, TQ_LW
 MODE_DECODE, MODE_PREFILL = 1, 2
 TQ_BIAS, TQ_NR, TQ_RANGES = 18, 19, 20
 TQ_FP_SLOTS, TQ_PF, TQ_OLD_IDX, TQ_PC, TQ_NEW_C, TQ_N_NEW_READ = 24, 26, 28, 30, 32, 34
-TQ_LOCK, TQ_PAR_PREFILL, TQ_POOL, TQ_DECODE_ITEM = 35, 36, 37, 38
-TQ_WORDS = 39
+TQ_LOCK, TQ_PAR_PREFILL, TQ_POOL, TQ_DECODE_ITEM, TQ_ENCODE_OLD = 35, 36, 37, 38, 39
+TQ_WORDS = 40
 (C_CODES, C_SCALES, C_B, C_P, C_DP, C_TABLE, C_NSEG, C_CB, C_NCB, C_LUT, C_NLUT, C_ROT, C_BOUNDS, C_NB,
  C_CENT, C_BITS, C_CORR, C_OK, C_PROJ) = range(19)
 CODEC_WORDS = 20
@@ -194,7 +195,7 @@ def turboquant(cache) -> np.ndarray:
         cache._native_pool_threads = d[THREADS]
     if plan[0] == "decode":
         ranges = plan[1]
-        d[T], d[TQ_MODE], d[TQ_NR] = 1, MODE_DECODE, len(ranges)
+        d[T], d[TQ_MODE], d[TQ_NR], d[TQ_ENCODE_OLD] = 1, MODE_DECODE, len(ranges), -1
         d[TQ_BIAS] = cache._fp_bias.__array_interface__["data"][0]
         if ranges:
             d[TQ_RANGES], d[TQ_RANGES + 1] = ranges[0]

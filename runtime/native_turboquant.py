@@ -225,6 +225,17 @@ def compute(desc, nd, layer, q, k, v, scale, out):
         for h in range(hkv):
             f32_row_to_f16(k[0, h], k16[h])
             f32_row_to_f16(v[0, h], v16[h])
+        p = desc[KD.TQ_ENCODE_OLD]
+        if p >= 0:  # the token leaving the window gets its codes from its fp16 copy, before the new
+            if window == 0 or p < sinks or p != t0 - window:  # token takes that slot
+                return 1
+            slot, r = sinks + p % window, (p - sinks) % ring
+            row = np.empty(d, np.float32)
+            for h in range(hkv):
+                f16_row_to_f32(fpk[h, slot], row)
+                encode_row(row, kc[7], kc[8], kc[9], kc[10], kc[11], kc[0][h, r], kc[1][h, r])
+                f16_row_to_f32(fpv[h, slot], row)
+                encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
         if t0 < sinks or window > 0:
             slot = t0 if t0 < sinks else sinks + t0 % window
             for h in range(hkv):

@@ -80,11 +80,19 @@ def _tq_decode_plan(d, bias, offset, length, ptr, capacity, slide, encoded, fp_l
     into the cache's descriptor ``d`` and its read-bias buffer ``bias`` (S+W,). Returns (ok, the
     slot ring's length, evictions, ptr, the cache's ``encoded``) after the step. Not ok, nothing
     written: the step needs the Python path (the window backlog to encode, a full cache under
-    policy "error", or a descriptor of another kind)."""
+    policy "error", or a descriptor of another kind). The token leaving the window gets its codes
+    in this step (the op encodes it from its fp16 copy: one token per step, never a burst of W);
+    a longer backlog (after a trim, or steps of the Python path) is the Python path's."""
     s, w, r = d[KD.TQ_S], d[KD.TQ_W], d[KD.TQ_R]
     t0 = offset
-    if d[KD.KIND] != KD.KIND_TURBOQUANT or (w > 0 and encoded <= t0 - w):
+    if d[KD.KIND] != KD.KIND_TURBOQUANT:
         return False, length, 0, ptr, encoded
+    old = t0 - w  # the position whose window slot the new token takes
+    enc = -1
+    if w > 0 and old >= s and max(encoded, s) <= old:
+        if max(encoded, s) < old or old < fp_lo:  # more than one token without codes, or no fp16 copy
+            return False, length, 0, ptr, encoded
+        enc, encoded = old, old + 1
     evicted = 0
     if length < capacity:
         length += 1
@@ -109,7 +117,7 @@ def _tq_decode_plan(d, bias, offset, length, ptr, capacity, slide, encoded, fp_l
         else:
             d[KD.TQ_RANGES + 1], d[KD.TQ_RANGES + 2], d[KD.TQ_RANGES + 3], nr = r, 0, a + n - r, 2
     d[KD.T], d[KD.T0], d[KD.TQ_FP_LO], d[KD.TQ_EXACT_PREFILL] = 1, t0, fp_lo, 0
-    d[KD.TQ_MODE], d[KD.TQ_NR], d[KD.TQ_BIAS] = KD.MODE_DECODE, nr, bias.ctypes.data
+    d[KD.TQ_MODE], d[KD.TQ_NR], d[KD.TQ_BIAS], d[KD.TQ_ENCODE_OLD] = KD.MODE_DECODE, nr, bias.ctypes.data, enc
     return True, length, evicted, ptr, t0 + 1 if w == 0 and t0 >= s else encoded
 
 
