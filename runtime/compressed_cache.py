@@ -12,8 +12,9 @@ never changes them. Decode encodes lazily: new tokens go to the fp16 window only
 native backend's one-call step the op encodes the token leaving the window in the step it
 leaves (one token per step); the Python path (:meth:`prepare`) encodes the window's backlog in
 one batch per layer when its oldest token is about to leave it (every ``W`` steps: a 7× step
-for SmolLM2 at W = 128, docs/RESULTS.md). Prefill encodes its tokens at once. Which copy a query reads is decided by :class:`tqedge.runtime.attention.ReadRule`,
-the same in decode and prefill, so the result does not depend on chunking.
+for SmolLM2 at W = 128, docs/RESULTS.md). Prefill encodes its tokens at once. Which copy a query
+reads is decided by :class:`tqedge.runtime.attention.ReadRule`, the same in decode and prefill,
+so the result does not depend on chunking.
 
 The byte budget pays for the fixed fp16 buffers first; the rest becomes ring slots at the
 codec's exact bytes per token (all layers, keys and values, codes and scales). Nothing grows

@@ -127,6 +127,10 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
     kv, h, d = shape.kv_spec(), shape.num_kv_heads, shape.head_dim
     rng = np.random.default_rng(0)
     kernels.set_threads(None)  # the parallel twins too (where there is more than one core)
+    if short:  # the sampled draw, with make_sampler's argument types
+        from tqedge.runtime.sampling_numba import sample
+
+        sample(rng.standard_normal(64).astype(np.float32), 0.7, 8, 0.9, 0.05, 0.5)
     threshold, kernels_numba.PARALLEL_MIN = kernels_numba.PARALLEL_MIN, WARM_PARALLEL_MIN
     try:
         for bits in _layouts(shape):
@@ -142,9 +146,6 @@ def warmup(shape: Shape = Shape(), short: bool = True, long: bool = True) -> flo
                 cache.commit()
 
             if short:  # a short chat: prompt inside the window, decode until keys leave it
-                from tqedge.runtime.sampling_numba import sample
-
-                sample(rng.standard_normal(64).astype(np.float32), 0.7, 8, 0.9, 0.05, 0.5)  # make_sampler's types
                 cache = CompressedKVCache(keys, values, h, d, ring=4 * kv.window, sinks=kv.sinks, window=kv.window)
                 step(cache, SHORT_PROMPT)
                 for _ in range(kv.window + 2):  # compressed keys appear; crosses a window backlog encode

@@ -207,7 +207,7 @@ class NativeBackend:
         nopython call. None otherwise (nothing changed): then ``Model.forward`` takes the
         general path, which also raises any error."""
         d = cache._native_desc
-        if d is None or d[1] != KD.KIND_TURBOQUANT:
+        if d is None or d[KD.KIND] != KD.KIND_TURBOQUANT:
             return None
         s = cache.slots
         code, st, logits, length, evicted, ptr, encoded = _tq_decode(
