@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray
 
+from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.kernels_fused import f16_row_to_f32, f32_row_to_f16
 from tqedge.codec.numba_runtime import njit
 from tqedge.runtime import kv_descriptor as KD
@@ -67,6 +68,7 @@ def _decode(q, k, v, scale, keys, values, t0, half, out):
         _store(v[h], values[h, slot], half)
     n = min(w, t0 + 1)  # valid slots: [0, n) (all once t0 ≥ W - 1)
     s = np.empty((g, n), np.float32)
+    scratch = np.empty(n, np.int32)
     row = np.empty(d, np.float32)
     acc = np.empty((g, d), np.float32)
     for h in range(hkv):
@@ -83,11 +85,12 @@ def _decode(q, k, v, scale, keys, values, t0, half, out):
                 m[gg] = max(m[gg], a)
         acc[:] = 0.0
         den = np.zeros(g, np.float32)
+        for gg in range(g):
+            den[gg] = exp_sub(s[gg], m[gg], scratch)
         for j in range(n):
             _load(values[h, j], row, half)
             for gg in range(g):
-                p = np.exp(s[gg, j] - m[gg])
-                den[gg] += p
+                p = s[gg, j]
                 for x in range(d):
                     acc[gg, x] += p * row[x]
         for gg in range(g):

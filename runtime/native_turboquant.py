@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, types
 
+from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.kernels_fused import f16_row_to_f32, f32_row_to_f16, matvec
 from tqedge.codec.kernels_numba import scores_serial, value_sum_serial
 from tqedge.codec.numba_runtime import cfunc, njit, release, try_acquire
@@ -71,18 +72,14 @@ def decode_item(block_addr, c):
     acco = carray(as_ptr(b[DB_ACCO], np.float32), (nch, hkv, g, dpv))[c]
     a, e = chunks[c, 0], chunks[c, 1]
     sc = scores_serial(qp, kc[0][:, a:e], kc[1][:, a:e], kc[2], kc[3], kc[4])  # (Hkv, G, n)
+    scratch = np.empty(e - a, np.int32)
     for h in range(hkv):
         for gg in range(g):
             mx = -np.inf
             for n in range(e - a):
                 mx = max(mx, sc[h, gg, n])
-            tot = np.float32(0.0)
-            for n in range(e - a):
-                p = np.exp(sc[h, gg, n] - mx)
-                sc[h, gg, n] = p
-                tot += p
             mo[h, gg] = mx
-            dno[h, gg] = tot
+            dno[h, gg] = exp_sub(sc[h, gg], mx, scratch)
     acco[:] = value_sum_serial(sc, vc[0][:, a:e], vc[1][:, a:e], vc[2], vc[3], vc[4], dpv)
     return 0
 
@@ -136,14 +133,15 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, thre
     s_fp = scores_u16(qh, fpk, bias)  # (Hkv, G, Nf)
     m_fp = np.full((hkv, g), -np.inf, np.float32)
     den = np.zeros((hkv, g), np.float32)
+    scratch = np.empty(nf, np.int32)
     for h in range(hkv):
         for gg in range(g):
             for n in range(nf):
                 m_fp[h, gg] = max(m_fp[h, gg], s_fp[h, gg, n])
-            for n in range(nf):
-                p = np.exp(s_fp[h, gg, n] - m_fp[h, gg]) if m_fp[h, gg] != -np.inf else np.float32(0.0)
-                s_fp[h, gg, n] = p
-                den[h, gg] += p
+            if m_fp[h, gg] == -np.inf:  # no fp16 key is read: no weight
+                s_fp[h, gg, :] = 0.0
+            else:
+                den[h, gg] = exp_sub(s_fp[h, gg], m_fp[h, gg], scratch)
     acc = weighted_sum_u16(s_fp, fpv)  # (Hkv, G, D), relative to m_fp
     qp = np.empty((hkv, g, dpk), np.float32)
     for h in range(hkv):

@@ -18,6 +18,8 @@ Every function gives the results of its NumPy counterpart (``runtime/cache.py``'
 from __future__ import annotations
 
 import numpy as np
+
+from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.numba_runtime import njit
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})  # -inf kept
@@ -254,6 +256,7 @@ def _tile_update(s, n, rows, g, i0, t0, pos, fp, rule, m, den, acc, vals, j0):
                 and _visible(last, p, fp, sinks, window, ring, fp_lo, t0, exact)):
             full = False
             break
+    scratch = np.empty(n, np.int32)
     for r in range(rows):
         srow = s[r]
         mx = m[r]
@@ -278,12 +281,7 @@ def _tile_update(s, n, rows, g, i0, t0, pos, fp, rule, m, den, acc, vals, j0):
                 acc[0, r, x] *= alpha
                 acc[1, r, x] *= alpha
             m[r] = mx
-        total = np.float32(0.0)
-        for j in range(n):  # masked scores are -inf: exp gives 0
-            e = np.exp(srow[j] - mx)
-            srow[j] = e
-            total += e
-        den[r] += total
+        den[r] += exp_sub(srow[:n], mx, scratch)  # masked scores are -inf: exp gives 0
     _pv_tile(s, n, rows, acc[0 if fp else 1], vals, j0)
 
 

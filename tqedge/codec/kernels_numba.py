@@ -166,6 +166,10 @@ def _tile_scores(q, tile, nr, table, sh, n0, out_h):
             t1 = tile[r + 1, do : do + nd]  # rows past nr are stale but in bounds (TILE rows)
             t2 = tile[r + 2, do : do + nd]
             t3 = tile[r + 3, do : do + nd]
+            c0 = _half(sh[n0 + r, si])  # the rows' scales, once for all G queries
+            c1 = _half(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
+            c2 = _half(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
+            c3 = _half(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
             for g in range(ng):
                 qg = q[g, do : do + nd]
                 a0 = np.float32(0.0)
@@ -177,13 +181,12 @@ def _tile_scores(q, tile, nr, table, sh, n0, out_h):
                     a1 += qg[j] * t1[j]
                     a2 += qg[j] * t2[j]
                     a3 += qg[j] * t3[j]
-                for i, a in enumerate((a0, a1, a2, a3)):
+                for i, a in enumerate((a0 * c0, a1 * c1, a2 * c2, a3 * c3)):
                     if i < m:
-                        v = a * _half(sh[n0 + r + i, si])
                         if first:
-                            out_h[g, n0 + r + i] = v
+                            out_h[g, n0 + r + i] = a
                         else:
-                            out_h[g, n0 + r + i] += v
+                            out_h[g, n0 + r + i] += a
             r += 4
 
 
