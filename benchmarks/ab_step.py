@@ -1,0 +1,87 @@
+"""Decode step time of two (or more) source trees of tqedge, side by side: an A/B of a change.
+
+For each round, context and tree, a child process with ``PYTHONPATH=<tree>`` (each tree imports
+its own tqedge, and Numba caches its kernels per source) loads the bundle with the given threads,
+prefills a 32-token prompt, fills the default compressed cache to the context with random keys and
+values (benchmarks/decode.py's ``synthetic_fill``: decode speed does not depend on the values),
+then times greedy decode steps through ``Model.forward``: median wall and CPU milliseconds after 3
+untimed steps. Trees alternate within a round; the summary is the median over rounds.
+
+    python benchmarks/ab_step.py --bundle smol-int4.tqe --trees /tmp/wt-old,/tmp/wt-new \\
+        [--contexts 2048,8192] [--rounds 3] [--steps 32] [--threads 2] [--out benchmarks/out/ab_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(bundle: str, ctx: int, steps: int, threads: int) -> dict:
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from decode import synthetic_fill
+
+    from tqedge.runtime.model import load
+
+    model = load(bundle, verify="none", threads=threads)
+    cache = model.new_cache()
+    ids = model.encode("The quick brown fox jumps over the lazy dog. " * 8)[:32]
+    model.forward(ids, cache)
+    synthetic_fill(cache, model.arch, ctx - len(ids), np.random.default_rng(0))
+    tok = np.array([ids[-1]], np.int64)
+    walls, cpus = [], []
+    for i in range(steps + 3):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = model.forward(tok, cache)
+        w1, c1 = time.perf_counter(), time.process_time()
+        if i >= 3:
+            walls.append((w1 - w0) * 1e3)
+            cpus.append((c1 - c0) * 1e3)
+        tok = np.array([int(out.argmax())], np.int64)
+    return {"wall_ms": statistics.median(walls), "cpu_ms": statistics.median(cpus), "offset": cache.offset}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--trees", required=True, type=lambda s: s.split(","))
+    ap.add_argument("--contexts", default=[2048, 8192], type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=HERE / "out" / "ab_step.json")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.bundle, args.child, args.steps, args.threads)))
+        return
+    runs = []
+    for r in range(args.rounds):
+        for ctx in args.contexts:
+            for tree in args.trees:
+                env = dict(os.environ, PYTHONPATH=tree)
+                cmd = [sys.executable, __file__, "--bundle", args.bundle, "--trees", tree, "--child", str(ctx),
+                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+                runs.append({"round": r, "ctx": ctx, "tree": tree, **res, "loadavg": os.getloadavg()})
+                print(json.dumps(runs[-1]), flush=True)
+    summary = {tree: {ctx: {k: statistics.median(x[k] for x in runs if x["tree"] == tree and x["ctx"] == ctx)
+                            for k in ("wall_ms", "cpu_ms")} for ctx in args.contexts} for tree in args.trees}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"bundle": args.bundle, "threads": args.threads, "steps": args.steps,
+                                    "summary": summary, "runs": runs}, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
