@@ -64,8 +64,7 @@ class Model:
         self._set_kernel_threads = kernels.set_threads
         self.path, self.manifest = Path(path), manifest
         self.arch = manifest.architecture
-        self.cache_defaults = dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window,
-                                   sinks=sinks, policy=policy)
+        self.cache_defaults = self.cache_options(kv_budget, kv_bits, window, sinks, policy)
         self.backend_name = choose_backend(manifest, backend, self.cache_defaults)
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
         self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
@@ -77,6 +76,13 @@ class Model:
         self.memory = self.fixed_bytes = None
         if memory is not None:
             self._fit(memory, kv_budget)
+
+    @staticmethod
+    def cache_options(kv_budget=None, kv_bits=None, window: int | None = None, sinks: int | None = None,
+                      policy: str = "slide") -> dict:
+        """The cache defaults a model made with these options has (the budget defaulted)."""
+        return dict(kv_budget=kv_budget or DEFAULT_KV_BUDGET, kv_bits=kv_bits, window=window, sinks=sinks,
+                    policy=policy)
 
     def _fit(self, memory, kv_budget) -> None:
         """Measure the fixed cost and give the KV cache what ``memory`` leaves (or check ``kv_budget``)."""
@@ -242,9 +248,11 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     t0 = time.perf_counter()
     check_threads(threads)
     manifest = read_manifest(path, verify=verify)
+    check_cache_options(manifest, **Model.cache_options(**cache_defaults))  # refused before compiling anything
+    # first load on this install/device: compile every kernel now, not mid-chat, and before the
+    # backend loads any (the native op's kernels load with its session)
+    ensure_warm(manifest)
     model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, batched=batched,
                   **cache_defaults)
-    check_cache_options(manifest, **model.cache_defaults)  # bad options refused before compiling, nothing allocated
-    ensure_warm(manifest)  # first load on this install/device: compile every kernel now, not mid-chat
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

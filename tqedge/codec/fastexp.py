@@ -11,6 +11,12 @@ head here, at float32 accuracy (relative error ≤ 3e-7 against float64; NumPy's
 Arguments below ``EXP_MIN`` (−87: ``exp`` is then below float32's smallest normal) give exactly
 0, ``-inf`` included, so masked scores need no branch; the callers pass ``m`` ≥ every ``x``,
 so arguments are ≤ 0 (they are clamped to ``EXP_MAX`` anyway).
+
+It is inlined into its callers (Numba IR), so it has no machine-code symbol of its own: compiled
+as a function, the copy linked into the native op's cfunc and the standalone copy (loaded once
+Python had called it) shared one weak symbol, and the op ran whichever the process had loaded
+first. Their float sums differ in the last bits, enough to flip a near-tie first token of the
+README's prompt between a fresh and a warm install (measured; ``tests/test_warmup.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ _P = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.333451907
                                     1.6666665459e-1, 5.0000001201e-1))
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)  # no symbol of its own: see the module docstring
 def exp_sub(x, m, scratch):
     """``x[j] = exp(x[j] - m)`` in place over the 1-D float32 ``x``; returns the float32 sum.
 
