@@ -29,6 +29,9 @@ from numba.extending import intrinsic
 from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime.ort_capi import (CUSTOM_OP_FIELDS, CUSTOM_OP_VERSION, INDEX, ORT_INVALID_ARGUMENT,
                                      OrtCustomOp, OrtLib)
+from tqedge.runtime.warmup import register_native_hook
+
+register_native_hook()  # before the first cfunc below: on a cold cache they compile in a child process
 
 OP_WORDS = ctypes.sizeof(OrtCustomOp) // 8  # int64 words of the struct itself
 MAX_IN, MAX_OUT, MSG_BYTES = 8, 4, 160

@@ -216,6 +216,9 @@ def compile_native() -> float:
     return time.perf_counter() - t0
 
 
+CHILD_ENV = "TQEDGE_WARMUP_CHILD"  # set in the child: it compiles, it does not spawn another
+
+
 def warm_in_child(shape: Shape, full: bool) -> float | None:
     """Run the warm-up (:func:`warmup` and :func:`compile_native`) in a child Python process that
     fills the kernel cache, so this process loads every kernel from the cache; returns the
@@ -227,18 +230,25 @@ def warm_in_child(shape: Shape, full: bool) -> float | None:
     last bits were enough to change the README prompt's first token between a fresh and a warm
     install. Loading from the cache in every process, the first one included, gives every run
     the same code. The compiler's peak memory (~400 MiB above a warm load) stays in the child."""
+    arg = json.dumps({"num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
+                      "bits": [list(b) for b in shape.bits], "qjl": shape.qjl, "rotation": shape.rotation})
+    return _run_child([arg] + (["--full"] if full else []))
+
+
+def _run_child(args: list[str]) -> float | None:
     import os
     import subprocess
 
     import tqedge
 
-    arg = json.dumps({"num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
-                      "bits": [list(b) for b in shape.bits], "qjl": shape.qjl, "rotation": shape.rotation})
+    if os.environ.get(CHILD_ENV):
+        return None
     root = str(Path(tqedge.__file__).resolve().parents[1])  # the tqedge this process imported
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "tqedge.runtime.warmup", arg] + (["--full"] if full else [])
+    env = {**os.environ, CHILD_ENV: "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     try:
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        r = subprocess.run([sys.executable, "-m", "tqedge.runtime.warmup", *args], env=env, capture_output=True,
+                           text=True, timeout=3600)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         log.warning("warm-up child did not run (%s); compiling in this process", e)
         return None
@@ -249,11 +259,53 @@ def warm_in_child(shape: Shape, full: bool) -> float | None:
     return float(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
 
 
+def native_marker() -> Path:
+    """The marker of the native op's kernels compiled into the cache (per Numba, Python, CPU;
+    the cache directory itself is per tqedge source)."""
+    import llvmlite.binding as ll
+    import numba
+
+    from tqedge.codec import numba_runtime
+
+    key = [numba.__version__, sys.version, platform.machine(), ll.get_host_cpu_name(),
+           ll.get_host_cpu_features().flatten()]
+    return numba_runtime.cache_dir() / f"native-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+
+
+def _native_in_child() -> None:
+    """Before this process compiles or loads its first cfunc: unless the marker says they are
+    cached, compile the native op's kernels in a child (see :func:`warm_in_child`)."""
+    import os
+
+    if os.environ.get(CHILD_ENV):
+        return
+    path = native_marker()
+    if path.is_file():
+        return
+    log.warning("compiling the native op's kernels for this device (once; cached in %s)", path.parent)
+    seconds = _run_child(["--native"])
+    if seconds is not None:
+        _write_marker(path, seconds)
+
+
+def register_native_hook() -> None:
+    """Make the first cfunc of the process wait for :func:`_native_in_child` (``tqedge.runtime``
+    calls this at import, so importing the native op before ``tqedge.load`` is covered too)."""
+    from tqedge.codec import kernels, numba_runtime
+
+    if kernels.BACKEND == "numba" and _native_in_child not in numba_runtime.BEFORE_FIRST_CFUNC:
+        numba_runtime.BEFORE_FIRST_CFUNC.append(_native_in_child)
+
+
 def _main(argv: list[str]) -> None:
-    """The child of :func:`warm_in_child`: ``python -m tqedge.runtime.warmup SHAPE_JSON [--full]``."""
-    d = json.loads(argv[0])
-    shape = Shape(d["num_kv_heads"], d["head_dim"], tuple(tuple(b) for b in d["bits"]), d["qjl"], d["rotation"])
-    seconds = compile_native() + warmup(shape, long="--full" in argv[1:])
+    """The child of :func:`_run_child`: ``python -m tqedge.runtime.warmup SHAPE_JSON [--full]`` or
+    ``--native`` (the native op's kernels only)."""
+    if argv[0] == "--native":
+        seconds = compile_native()
+    else:
+        d = json.loads(argv[0])
+        shape = Shape(d["num_kv_heads"], d["head_dim"], tuple(tuple(b) for b in d["bits"]), d["qjl"], d["rotation"])
+        seconds = compile_native() + warmup(shape, long="--full" in argv[1:])
     print(json.dumps({"seconds": round(seconds, 2)}))
 
 

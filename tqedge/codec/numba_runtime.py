@@ -159,9 +159,17 @@ def njit(*, parallel: bool = False, warm: bool = True, **opts):
     return decorate
 
 
+#: callables run once, before the first :func:`cfunc` of the process is compiled or loaded
+#: (``tqedge.runtime`` registers the one that compiles the native op in a child process)
+BEFORE_FIRST_CFUNC: list = []
+
+
 def cfunc(sig, **opts):
-    """``numba.cfunc(sig, cache=True, **opts)`` whose cache lives in :func:`cache_dir`."""
+    """``numba.cfunc(sig, cache=True, **opts)`` whose cache lives in :func:`cache_dir` (a cfunc
+    compiles when it is decorated; :data:`BEFORE_FIRST_CFUNC` runs first)."""
     def decorate(fn):
+        while BEFORE_FIRST_CFUNC:
+            BEFORE_FIRST_CFUNC.pop(0)()
         with _cache_dir_scope():
             return numba.cfunc(sig, cache=True, **opts)(fn)
     return decorate
