@@ -243,12 +243,14 @@ def _run_child(args: list[str]) -> float | None:
 
     if os.environ.get(CHILD_ENV):
         return None
+    from tqedge.codec import numba_runtime
+
     root = str(Path(tqedge.__file__).resolve().parents[1])  # the tqedge this process imported
     env = {**os.environ, CHILD_ENV: "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    try:
-        r = subprocess.run([sys.executable, "-m", "tqedge.runtime.warmup", *args], env=env, capture_output=True,
-                           text=True, timeout=3600)
+    try:  # -P: not the working directory first on sys.path (a source checkout there would shadow this tqedge)
+        r = subprocess.run([sys.executable, "-P", "-m", "tqedge.runtime.warmup", *args], env=env,
+                           capture_output=True, text=True, timeout=3600)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         log.warning("warm-up child did not run (%s); compiling in this process", e)
         return None
@@ -256,7 +258,12 @@ def _run_child(args: list[str]) -> float | None:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         log.warning("warm-up child failed (exit %d: %s); compiling in this process", r.returncode, last)
         return None
-    return float(json.loads(r.stdout.strip().splitlines()[-1])["seconds"])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if out["cache_dir"] != str(numba_runtime.cache_dir()):  # it imported other tqedge sources
+        log.warning("warm-up child compiled into %s, not %s; compiling in this process",
+                    out["cache_dir"], numba_runtime.cache_dir())
+        return None
+    return float(out["seconds"])
 
 
 def native_marker() -> Path:
@@ -306,7 +313,9 @@ def _main(argv: list[str]) -> None:
         d = json.loads(argv[0])
         shape = Shape(d["num_kv_heads"], d["head_dim"], tuple(tuple(b) for b in d["bits"]), d["qjl"], d["rotation"])
         seconds = compile_native() + warmup(shape, long="--full" in argv[1:])
-    print(json.dumps({"seconds": round(seconds, 2)}))
+    from tqedge.codec import numba_runtime
+
+    print(json.dumps({"seconds": round(seconds, 2), "cache_dir": str(numba_runtime.cache_dir())}))
 
 
 if __name__ == "__main__":

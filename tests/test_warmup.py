@@ -156,9 +156,16 @@ def test_first_run_after_install_computes_what_later_runs_do(smollm2_bundle, tmp
     between 'L' (24.896 vs 24.879) on a fresh install and 'The' (25.122 vs 25.053) on a warm one."""
     env = {**{k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"},
            "TQEDGE_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    script = tmp_path / "first_token.py"
+    script.write_text(_FIRST_TOKEN)
+    # run from another checkout, as the README's user does: a child that put the working
+    # directory first on sys.path would import that tqedge (here: one that cannot be imported)
+    checkout = tmp_path / "checkout" / "tqedge"
+    checkout.mkdir(parents=True)
+    (checkout / "__init__.py").write_text("raise ImportError('the checkout in the working directory')\n")
 
     def run(mode):
-        r = subprocess.run([sys.executable, "-c", _FIRST_TOKEN, str(smollm2_bundle), mode], env=env,
+        r = subprocess.run([sys.executable, str(script), str(smollm2_bundle), mode], env=env, cwd=checkout.parent,
                            capture_output=True, text=True, timeout=1500)
         assert r.returncode == 0, r.stderr[-3000:]
         return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
