@@ -198,6 +198,8 @@ def ensure_warm(manifest=None, force: bool = False, full: bool = False) -> float
     seconds = warm_in_child(shape, full)
     if seconds is None:  # no child process here: compile in this one
         seconds = warmup(shape, long=full) + compile_native()
+    else:  # the child compiled the native op too
+        _write_marker(native_marker(), seconds)
     _write_marker(path, seconds)
     if full:
         _write_marker(full_path, seconds)
