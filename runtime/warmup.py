@@ -33,7 +33,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,21 +84,26 @@ def _layouts(shape: Shape) -> list[tuple[float, float]]:
     return out
 
 
+def _device_key() -> dict:
+    """What compiled machine code depends on besides the sources: Numba, Python, the CPU."""
+    import llvmlite.binding as ll
+    import numba
+
+    return {"numba": numba.__version__, "python": sys.version, "machine": platform.machine(),
+            "cpu": [ll.get_process_triple(), ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten()]}
+
+
 def marker_path(shape: Shape = Shape()) -> Path | None:
     """The marker of a completed warm-up for this install, device and shape (None without Numba)."""
     from tqedge.codec import kernels
 
     if kernels.BACKEND != "numba":
         return None
-    import llvmlite.binding as ll
-    import numba
-
     from tqedge.codec import numba_runtime
     from tqedge.runtime import compressed_cache, sampling_numba  # noqa: F401  (every kernel module)
 
     sources = sorted({d.py_func.__code__.co_filename for d in numba_runtime.DISPATCHERS})
-    key = {"numba": numba.__version__, "python": sys.version, "machine": platform.machine(),
-           "cpu": [ll.get_process_triple(), ll.get_host_cpu_name(), ll.get_host_cpu_features().flatten()],
+    key = {**_device_key(),
            "sources": [[f, Path(f).stat().st_mtime_ns, Path(f).stat().st_size] for f in sources],
            "shape": [shape.num_kv_heads == 1, _layouts(shape), shape.qjl, shape.rotation]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -232,12 +237,12 @@ def warm_in_child(shape: Shape, full: bool) -> float | None:
     last bits were enough to change the README prompt's first token between a fresh and a warm
     install. Loading from the cache in every process, the first one included, gives every run
     the same code. The compiler's peak memory (~400 MiB above a warm load) stays in the child."""
-    arg = json.dumps({"num_kv_heads": shape.num_kv_heads, "head_dim": shape.head_dim,
-                      "bits": [list(b) for b in shape.bits], "qjl": shape.qjl, "rotation": shape.rotation})
-    return _run_child([arg] + (["--full"] if full else []))
+    return _run_child([json.dumps(asdict(shape))] + (["--full"] if full else []))
 
 
 def _run_child(args: list[str]) -> float | None:
+    """``python -P -m tqedge.runtime.warmup ARGS`` on this process's tqedge: the child's seconds,
+    or None (logged) when it could not run, failed or compiled into another cache directory."""
     import os
     import subprocess
 
@@ -271,14 +276,10 @@ def _run_child(args: list[str]) -> float | None:
 def native_marker() -> Path:
     """The marker of the native op's kernels compiled into the cache (per Numba, Python, CPU;
     the cache directory itself is per tqedge source)."""
-    import llvmlite.binding as ll
-    import numba
-
     from tqedge.codec import numba_runtime
 
-    key = [numba.__version__, sys.version, platform.machine(), ll.get_host_cpu_name(),
-           ll.get_host_cpu_features().flatten()]
-    return numba_runtime.cache_dir() / f"native-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    digest = hashlib.sha256(json.dumps(_device_key(), sort_keys=True).encode()).hexdigest()[:16]
+    return numba_runtime.cache_dir() / f"native-{digest}.json"
 
 
 def _native_in_child() -> None:
@@ -313,7 +314,7 @@ def _main(argv: list[str]) -> None:
         seconds = compile_native()
     else:
         d = json.loads(argv[0])
-        shape = Shape(d["num_kv_heads"], d["head_dim"], tuple(tuple(b) for b in d["bits"]), d["qjl"], d["rotation"])
+        shape = Shape(**{**d, "bits": tuple(map(tuple, d["bits"]))})
         seconds = compile_native() + warmup(shape, long="--full" in argv[1:])
     from tqedge.codec import numba_runtime
 

@@ -150,8 +150,8 @@ print(json.dumps({"backend": model.backend_name, "digest": hashlib.sha256(lg.tob
 @pytest.mark.slow
 def test_first_run_after_install_computes_what_later_runs_do(smollm2_bundle, tmp_path):
     """A fresh kernel cache (a new install): importing the native op and the first load compile
-    in child processes, and this process loads the kernels from the cache like every later run, so the README prompt's logits are bit-equal
-    on the first and a later run — also when the later process loaded kernels the op links (the
+    in child processes, and this process loads the kernels from the cache like every later run,
+    so the README prompt's logits are bit-equal on the first and a later run — also when the later process loaded kernels the op links (the
     segment path, a standalone kernel) before it. Measured before the fix: the first token flipped
     between 'L' (24.896 vs 24.879) on a fresh install and 'The' (25.122 vs 25.053) on a warm one."""
     env = {**{k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"},

@@ -226,7 +226,7 @@ echo "  took $(( $(date +%s) - t0 )) s (emulated)"
 
 say "compare token ids with the host"
 "$PY" - "$WORK" "$BUNDLE" <<'PY'
-import json, sys
+import functools, json, sys
 from pathlib import Path
 
 work, bundle = Path(sys.argv[1]), sys.argv[2]
@@ -244,10 +244,14 @@ def ids(d, name):
         sys.exit(f"FAIL: {name} has no token id list (keys: {sorted(d)})")
     return [int(t) for t in d["tokens"]]
 
+@functools.cache
+def host_model():
+    import tqedge
+    return tqedge.load(bundle, verify="size")
+
 def host_gap(prompt, prefix, a, b):
     """The host model's logit gap between tokens a and b after prompt + prefix (teacher-forced)."""
-    import tqedge
-    m = tqedge.load(bundle, verify="size")
+    m = host_model()
     lg = m.forward(prompt + prefix, m.new_cache())
     return abs(float(lg[a]) - float(lg[b]))
 
