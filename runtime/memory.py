@@ -21,6 +21,7 @@ with one line naming the least memory that would do.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -94,6 +95,71 @@ def wait_child(pid: int) -> tuple[int, int, float]:
     child) and its CPU seconds (user + system). Read its pipes first."""
     _, status, ru = os.wait4(pid, 0)
     return os.waitstatus_to_exitcode(status), _maxrss_bytes(ru.ru_maxrss), ru.ru_utime + ru.ru_stime
+
+
+#: ``madvise`` advice from <linux/mman.h>. DONTNEED: drop these pages from this process (another
+#: process mapping the same file keeps them; a page touched again is read back from the file),
+#: safe only where the mapping holds no private copy of a page (a library's relocated data
+#: does). PAGEOUT (Linux ≥ 5.4): reclaim them, for the other mappings: the kernel skips private
+#: copies (no swap) and pages other processes map.
+MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+
+
+def _file_mappings(paths) -> list[tuple[int, int, bool]]:
+    """(start, end, dontneed_safe) of this process's mappings of the files ``paths`` name (a file,
+    or every file under a directory), from /proc/self/smaps. ``dontneed_safe``: not writable and
+    no anonymous (copy-on-write) pages."""
+    names = [os.path.realpath(p) for p in paths]
+    prefixes = tuple(n + os.sep for n in names)
+    out, cur = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if not head[0].endswith(":"):  # a mapping's header line; its fields ("Rss:", ...) follow
+                path = head[5].rstrip("\n") if len(head) == 6 else ""
+                cur = None
+                if path and (path in names or path.startswith(prefixes)):
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    cur = [lo, hi, "w" not in head[1]]
+                    out.append(cur)
+            elif cur is not None and head[0] == "Anonymous:" and int(head[1]):
+                cur[2] = False
+    return [tuple(m) for m in out]
+
+
+def release_file_pages(paths) -> int:
+    """Drop this process's resident pages of the files ``paths`` name (a file, or every file under
+    a directory): ``madvise`` over their mappings, ``MADV_DONTNEED`` where the mapping holds no
+    private page, ``MADV_PAGEOUT`` elsewhere.
+
+    For files the process has finished reading but keeps mapped: the compiler's library once the
+    kernels are loaded, a bundle's weight file once onnxruntime (or XNNPACK) has packed the
+    weights into its own memory. Their pages are clean and reclaimable anyway, but they count in
+    the resident set (and against ``--memory``) until the kernel needs the room. A page touched
+    again is read back from the file. Returns the bytes of resident file pages released; 0 where
+    the OS has no such call (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+        spans = _file_mappings(paths)
+    except (OSError, AttributeError, ValueError) as e:
+        log.debug("cannot release file pages (%s)", e)
+        return 0
+    before = rss_breakdown().get("file", 0)
+    for lo, hi, dontneed_safe in spans:
+        madvise(lo, hi - lo, MADV_DONTNEED if dontneed_safe else MADV_PAGEOUT)
+    return max(0, before - rss_breakdown().get("file", 0))
+
+
+def compiler_dirs() -> list[str]:
+    """Where the kernel compiler's libraries live (llvmlite's package), if it is loaded: after the
+    kernels are loaded from Numba's cache the process no longer runs the compiler."""
+    mod = sys.modules.get("llvmlite")
+    return [os.path.dirname(mod.__file__)] if mod is not None and getattr(mod, "__file__", None) else []
 
 
 def activation_bytes(a, chunk: int) -> int:

@@ -17,6 +17,8 @@ import numpy as np
 from tqedge.bundle import Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime.backends import choose_backend, get_backend
+from tqedge.runtime.memory import compiler_dirs, release_file_pages
+from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        # the compiler's library and the weight files, read and no longer needed (memory.py)
+        released = release_file_pages([*compiler_dirs(), self.path])
+        log.debug("released %s of file pages after load", format_bytes(released))
         self.memory = self.fixed_bytes = None
         if memory is not None:
             self._fit(memory, kv_budget)

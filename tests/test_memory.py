@@ -94,3 +94,61 @@ def test_the_two_peaks_and_wait_child():
     assert own < 150 * MiB < memory.current_rss(), (own / MiB, memory.current_rss() / MiB)
     assert kernel_peak >= ru_peak >= 160 * MiB  # the parent's resident set at fork
     del held
+
+
+def _resident_kib(path_prefix: str) -> int:
+    """Resident KiB of this process's mappings of files under ``path_prefix`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 5)
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+$", head[0]):
+                inside = len(head) == 6 and head[5].strip().startswith(path_prefix)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/maps mappings")
+def test_release_file_pages_drops_resident_pages_and_keeps_contents(tmp_path):
+    import mmap
+
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 256, 16 * MiB, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        view = np.frombuffer(m, np.uint8)
+        assert int(view[::4096].astype(np.int64).sum()) >= 0  # touch every page
+        before = _resident_kib(str(tmp_path))
+        released = memory.release_file_pages([tmp_path])
+        after = _resident_kib(str(tmp_path))
+        assert before >= 15 * 1024, before
+        assert after <= 1024 and released >= 14 * MiB, (before, after, released)
+        assert np.array_equal(view, data)  # read back from the file, unchanged
+        del view
+    assert memory.release_file_pages([tmp_path / "nothing-here"]) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/maps mappings")
+def test_a_loaded_model_holds_no_compiler_or_prepacked_weight_pages(smollm2_bundle):
+    """After load, the compiler's library (llvmlite: the kernels are loaded) and the weight file
+    (onnxruntime prepacked it) are not resident; one prompt brings back only what it reads."""
+    code = f"""
+import json, os, re, sys
+sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+import llvmlite, tqedge
+from test_memory import _resident_kib
+bundle = {str(smollm2_bundle)!r}
+llvm = os.path.dirname(llvmlite.__file__)
+m = tqedge.load(bundle, threads=2, verify="none")
+after_load = {{"llvm": _resident_kib(llvm), "weights": _resident_kib(os.path.realpath(bundle))}}
+print(json.dumps({{"after_load": after_load, "text": m.generate("Hello", max_tokens=4, temperature=0)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["after_load"]["llvm"] < 8 * 1024, res  # ~68 MiB resident before this change
+    assert res["after_load"]["weights"] < 8 * 1024, res
+    assert res["text"]

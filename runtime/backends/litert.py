@@ -17,7 +17,7 @@ backend. This relies only on the stable ``Interpreter.get_signature_runner`` API
 Memory: XNNPACK packs the weights of every subgraph into its own memory on the first step (the
 interpreter applies the delegate lazily, to all subgraphs at once); the mapped file pages it
 read from then only serve row lookups (embedding GATHER). After that first step the backend
-drops them from the process (``madvise(MADV_DONTNEED)`` on the read-only mapping, Linux only;
+drops them from the process (:func:`tqedge.runtime.memory.release_file_pages`, Linux only;
 pages fault back in from the file if touched), so RSS is the packed weights + arenas, not twice
 the weights. The peak during that first step still holds both (clean file pages, reclaimable).
 
@@ -28,11 +28,9 @@ allocates once, and a prefill of T tokens costs one re-plan per segment.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import numpy as np
 
 from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
 from tqedge.errors import TqedgeError
+from tqedge.runtime.memory import release_file_pages
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -109,36 +108,5 @@ class LiteRTBackend:
                                                  self.scales[i])  # (T, Hq, D)
             if not self._released:  # all subgraphs are prepared and their weights packed
                 self._released = True
-                release_file_pages(self.path)
+                release_file_pages([self.path])
         return env[LOGITS]  # (n, vocab)
-
-
-def release_file_pages(path: Path) -> int:
-    """Drop this process's resident pages of the read-only file mapping(s) of ``path``.
-
-    Safe for read-only mappings: a page touched later is read back from the file. Linux only;
-    elsewhere (or if /proc is unavailable) it does nothing.
-
-    Returns:
-        Number of bytes of mappings advised.
-    """
-    if not sys.platform.startswith("linux"):
-        return 0
-    target = str(path.resolve())
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        lines = Path("/proc/self/maps").read_text().splitlines()
-    except (OSError, AttributeError) as e:
-        log.debug("litert: cannot release file pages (%s)", e)
-        return 0
-    done = 0
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) < 6 or parts[5] != target or "w" in parts[1]:
-            continue
-        start, end = (int(x, 16) for x in parts[0].split("-"))
-        if libc.madvise(start, end - start, 4) == 0:  # MADV_DONTNEED
-            done += end - start
-    log.debug("litert: released %.1f MB of mapped graph pages", done / 1e6)
-    return done
