@@ -16,8 +16,9 @@ valid). A job: ``(fn, block, n)``; ``fn`` is a C function ``int64 fn(int64 block
 (a ``cfunc`` address). Items are claimed by compare-and-swap on the word ``(job id << 32) |
 next item``: a worker that woke late sees another job id and claims nothing of it.
 
-:func:`run` is the entry for nopython callers; it must be called by one thread at a time (the
-op holds the process-wide launch lock, :data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`).
+:func:`run_items` is the entry for nopython callers: the pool when it can have it, this thread
+alone otherwise. :func:`run` must be called by one thread at a time (the caller holds the
+process-wide launch lock, :data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import threading
 import numpy as np
 from numba import carray
 
-from tqedge.codec.numba_runtime import _cas64, njit
+from tqedge.codec.numba_runtime import _cas64, njit, release, try_acquire
 from tqedge.runtime.ort_numba import as_ptr, ccall
 
 # control block words
@@ -115,6 +116,21 @@ def run(ctl_addr, fn, block, n):
         while _load(ctl_addr + 8 * W_DONE) < n:
             ccall(ctl[W_WAIT], (ctl[W_DONE_CV], ctl[W_MUTEX]))
         ccall(ctl[W_UNLOCK], (ctl[W_MUTEX],))
+    return 0
+
+
+@njit(**_OPTS)
+def run_items(ctl_addr, lock, threads, fn, block, n, min_items):
+    """Items ``0 .. n-1`` of ``fn(block, item)`` (a ``cfunc`` address): with the pool's idle
+    workers (:func:`run`) when ``threads`` > 1, there are ``min_items`` items or more, a pool
+    exists (``ctl_addr`` ≠ 0) and the process-wide launch ``lock`` is free; else one after another
+    on this thread. Both ways call ``fn``: one machine-code copy of the item, the same bits."""
+    if n >= min_items and threads > 1 and ctl_addr != 0 and try_acquire(lock):
+        run(ctl_addr, fn, block, n)
+        release(lock)
+    else:
+        for i in range(n):
+            ccall(fn, (block, i))
     return 0
 
 

@@ -159,13 +159,20 @@ def layer_table(cache) -> tuple[np.ndarray, list]:
     return table, keep
 
 
-def _entries(threads: int) -> tuple[int, int, int]:
-    """(cooperative pool with ``threads - 1`` workers, prefill item entry, decode item entry)."""
-    from tqedge.runtime import coop_pool
+def _item_entries() -> tuple[int, int]:
+    """(prefill item entry, decode item entry): the cfuncs every item of the op runs through,
+    on the cooperative pool or on the calling thread (:func:`tqedge.runtime.coop_pool.run_items`)."""
     from tqedge.runtime.native_prefill import PREFILL_ITEM_ENTRY
     from tqedge.runtime.native_turboquant import DECODE_ITEM_ENTRY
 
-    return coop_pool.pool(threads).address, PREFILL_ITEM_ENTRY, DECODE_ITEM_ENTRY
+    return PREFILL_ITEM_ENTRY, DECODE_ITEM_ENTRY
+
+
+def _pool(threads: int) -> int:
+    """The cooperative pool with ``threads - 1`` workers (its control block's address)."""
+    from tqedge.runtime import coop_pool
+
+    return coop_pool.pool(threads).address
 
 
 def turboquant(cache) -> np.ndarray:
@@ -181,6 +188,7 @@ def turboquant(cache) -> np.ndarray:
         d[TQ_S], d[TQ_W], d[TQ_R] = cache.sinks, cache.window, cache.ring
         d[TQ_FP_K], d[TQ_FP_V] = _addr(cache.fp_k), _addr(cache.fp_v)
         d[TQ_LAYERS], d[TQ_LW] = _addr(table), LAYER_WORDS
+        d[TQ_PAR_PREFILL], d[TQ_DECODE_ITEM] = _item_entries()
         from tqedge.codec import numba_runtime  # the native op needs Numba anyway
 
         d[TQ_LOCK] = numba_runtime.LOCK_ADDRESS
@@ -191,7 +199,7 @@ def turboquant(cache) -> np.ndarray:
     d[T0], d[TQ_FP_LO], d[TQ_EXACT_PREFILL] = cache.slots.offset, rule.fp_lo, rule.exact_prefill
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
     if d[THREADS] > 1 and cache._native_pool_threads != d[THREADS]:
-        d[TQ_POOL], d[TQ_PAR_PREFILL], d[TQ_DECODE_ITEM] = _entries(int(d[THREADS]))
+        d[TQ_POOL] = _pool(int(d[THREADS]))
         cache._native_pool_threads = d[THREADS]
     if plan[0] == "decode":
         ranges = plan[1]
@@ -232,6 +240,7 @@ def layered(cache) -> np.ndarray:
         d[LY_W], d[LY_KEYS], d[LY_VALUES] = rings.window, _addr(rings.keys), _addr(rings.values)
         d[LY_ESIZE], d[LY_NS], d[LY_SUB] = rings.dtype.itemsize, rings.keys.shape[0], LY_ROUTE + n
         d[LY_ROUTE:LY_ROUTE + n] = [j if part is cache.full else -1 - j for part, j in cache._route]
+        d[LY_PAR_PREFILL] = _item_entries()[0]
         from tqedge.codec import numba_runtime  # the native op needs Numba anyway
 
         d[LY_LOCK] = numba_runtime.LOCK_ADDRESS
@@ -240,7 +249,7 @@ def layered(cache) -> np.ndarray:
     d[T], d[T0] = sub[T], sub[T0]
     d[THREADS] = cache._native_threads()  # the calling thread's (Model.forward sets it)
     if d[THREADS] > 1 and cache._native_pool_threads != d[THREADS]:
-        d[LY_POOL], d[LY_PAR_PREFILL], _ = _entries(int(d[THREADS]))
+        d[LY_POOL] = _pool(int(d[THREADS]))
         cache._native_pool_threads = d[THREADS]
     d[d[LY_SUB]:] = sub
     return d

@@ -18,8 +18,8 @@ from numba import carray, types
 
 from tqedge.codec.kernels_fused import TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec, prefill_attend
 from tqedge.codec.kernels_numba import dequantize_serial
-from tqedge.codec.numba_runtime import cfunc, njit, release, try_acquire
-from tqedge.runtime.coop_pool import run as coop_run
+from tqedge.codec.numba_runtime import cfunc, njit
+from tqedge.runtime.coop_pool import run_items as coop_run_items
 from tqedge.runtime.ort_numba import as_ptr
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
@@ -136,13 +136,7 @@ def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, loc
     block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
     block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
         kf.shape[1], kd.shape[1], t0
-    n = hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS)
-    if n > 1 and threads > 1 and pool != 0 and item_fn != 0 and try_acquire(lock):
-        coop_run(pool, item_fn, block.ctypes.data, n)
-        release(lock)
-    else:
-        for w in range(n):
-            prefill_item(block.ctypes.data, w)
+    coop_run_items(pool, lock, threads, item_fn, block.ctypes.data, hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS), 2)
     return block[PB_T]  # a read after the items: ``block`` must not be freed while they run
 
 

@@ -166,7 +166,7 @@ def compute(desc, nd, j, q, k, v, scale, out):
     hkv, d, t0 = desc[KD.HKV], desc[KD.DIM], desc[KD.T0]
     w, esize, ns = desc[KD.LY_W], desc[KD.LY_ESIZE], desc[KD.LY_NS]
     if w < 1 or t0 < 0 or j < 0 or j >= ns or desc[KD.LY_KEYS] == 0 or desc[KD.LY_VALUES] == 0 \
-            or (esize != 2 and esize != 4):
+            or (esize != 2 and esize != 4) or desc[KD.LY_PAR_PREFILL] == 0:
         return 1
     threads, lock, pool, par = desc[KD.THREADS], desc[KD.LY_LOCK], desc[KD.LY_POOL], desc[KD.LY_PAR_PREFILL]
     if esize == 2:

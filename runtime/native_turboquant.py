@@ -20,9 +20,9 @@ from numba import carray, types
 from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.kernels_fused import f16_row_to_f32, f32_row_to_f16, matvec
 from tqedge.codec.kernels_numba import scores_serial, value_sum_serial
-from tqedge.codec.numba_runtime import cfunc, njit, release, try_acquire
+from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.coop_pool import run as coop_run
+from tqedge.runtime.coop_pool import run_items as coop_run_items
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
 from tqedge.runtime.native_prefill import _prefill, encode_row
 from tqedge.runtime.ort_numba import as_ptr
@@ -104,12 +104,7 @@ def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, l
     block[DB_RING], block[DB_D], block[DB_G], block[DB_CHUNKS] = ring, d, g, chunks.ctypes.data
     block[DB_MO], block[DB_DNO], block[DB_ACCO], block[DB_NCH] = mo.ctypes.data, dno.ctypes.data, \
         acco.ctypes.data, nch
-    if nch >= DECODE_POOL_MIN_ITEMS and threads > 1 and pool != 0 and item_fn != 0 and try_acquire(lock):
-        coop_run(pool, item_fn, block.ctypes.data, nch)
-        release(lock)
-    else:
-        for c in range(nch):
-            decode_item(block.ctypes.data, c)
+    coop_run_items(pool, lock, threads, item_fn, block.ctypes.data, nch, DECODE_POOL_MIN_ITEMS)
     return block[DB_NCH]  # a read after the items: ``block`` must not be freed while they run
 
 
@@ -197,7 +192,8 @@ def compute(desc, nd, layer, q, k, v, scale, out):
     nl, hkv, d, t, t0 = desc[KD.LAYERS], desc[KD.HKV], desc[KD.DIM], desc[KD.T], desc[KD.T0]
     sinks, window, ring = desc[KD.TQ_S], desc[KD.TQ_W], desc[KD.TQ_R]
     if sinks < 0 or window < 0 or ring < max(1, window) or t0 < 0 or desc[KD.TQ_LW] != KD.LAYER_WORDS \
-            or desc[KD.TQ_FP_K] == 0 or desc[KD.TQ_FP_V] == 0 or desc[KD.TQ_LAYERS] == 0:
+            or desc[KD.TQ_FP_K] == 0 or desc[KD.TQ_FP_V] == 0 or desc[KD.TQ_LAYERS] == 0 \
+            or desc[KD.TQ_PAR_PREFILL] == 0 or desc[KD.TQ_DECODE_ITEM] == 0:
         return 1
     nfs = sinks + window
     fpk = carray(as_ptr(desc[KD.TQ_FP_K], np.uint16), (nl, hkv, nfs, d))[layer]

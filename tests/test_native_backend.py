@@ -112,9 +112,10 @@ def test_turboquant_op_long_context_parallel_twins(op_session, threads):
         numba_runtime.set_threads(None)
     desc = ours._native_desc
     assert desc[kv_descriptor.THREADS] == threads
-    if threads > 1:  # the parallel entries were handed to the op
+    assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_DECODE_ITEM]  # items run through them
+    assert bool(desc[kv_descriptor.TQ_POOL]) == (threads > 1)  # the pool only where there are threads
+    if threads > 1:
         assert "tqedge.runtime.coop_pool" in sys.modules
-        assert desc[kv_descriptor.TQ_PAR_PREFILL] and desc[kv_descriptor.TQ_POOL] and desc[kv_descriptor.TQ_DECODE_ITEM]
 
 
 def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
@@ -138,8 +139,7 @@ def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
         for threads in (1, 2, 1, 2):
             desc = cache.descriptor().copy()
             desc[kv_descriptor.THREADS] = threads  # the pool even where fewer cores are usable
-            desc[kv_descriptor.TQ_POOL], desc[kv_descriptor.TQ_PAR_PREFILL], desc[kv_descriptor.TQ_DECODE_ITEM] = \
-                kv_descriptor._entries(2)
+            desc[kv_descriptor.TQ_POOL] = kv_descriptor._pool(2)
             (out,) = op_session.run({"q": q, "k": kk, "v": vv, "kv_desc": desc}, ["out"])
             outs.append(out)
         cache.commit()

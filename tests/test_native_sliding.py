@@ -122,7 +122,7 @@ def test_turboquant_layered_matches_segments(session, threads):
     assert np.array_equal(ours.rings.keys, ref.rings.keys) and np.array_equal(ours.rings.values, ref.rings.values)
     desc = ours._native_desc
     assert desc[KD.THREADS] == min(threads, numba_runtime.MAX_THREADS)  # one core under taskset: serial
-    assert bool(desc[KD.LY_PAR_PREFILL]) == (desc[KD.THREADS] > 1)
+    assert desc[KD.LY_PAR_PREFILL] != 0 and bool(desc[KD.LY_POOL]) == (desc[KD.THREADS] > 1)
 
 
 def _refused(session, desc, n, message):
