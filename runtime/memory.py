@@ -155,6 +155,31 @@ def release_file_pages(paths) -> int:
     return max(0, before - rss_breakdown().get("file", 0))
 
 
+#: glibc's ``mallopt`` parameter and the value tqedge sets: blocks of 1 MiB or more get their own
+#: mapping, returned to the OS when freed. glibc's default threshold starts at 128 KiB and rises
+#: to the size of any such block freed (up to 32 MiB); after the first prefill the attention op's
+#: per-call temporaries (MBs at long context: the compressed ring decoded for the step) then come
+#: from the heap and stay resident. Measured (SmolLM2 int4, 8K context): peak RSS 487 -> 431 MiB.
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1024**2
+
+
+def fix_mmap_threshold() -> bool:
+    """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (large temporaries
+    go back to the OS when freed), unless the user set one (``MALLOC_MMAP_THRESHOLD_`` or a
+    ``glibc.malloc.mmap_threshold`` tunable). True if set; False on other C libraries."""
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):  # no such name on this OS
+        glibc = ""
+    if not glibc.startswith("glibc") or "MALLOC_MMAP_THRESHOLD_" in os.environ \
+            or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        return ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    except (OSError, AttributeError):
+        return False
+
+
 def compiler_dirs() -> list[str]:
     """Where the kernel compiler's libraries live (llvmlite's package), if it is loaded: after the
     kernels are loaded from Numba's cache the process no longer runs the compiler."""

@@ -152,3 +152,34 @@ print(json.dumps({{"after_load": after_load, "text": m.generate("Hello", max_tok
     assert res["after_load"]["llvm"] < 8 * 1024, res  # ~68 MiB resident before this change
     assert res["after_load"]["weights"] < 8 * 1024, res
     assert res["text"]
+
+
+_HEAP_PROBE = """
+import json, os, sys
+import numpy as np
+from tqedge.runtime import memory
+fixed = memory.fix_mmap_threshold() if sys.argv[1] == "fix" else None
+def rss():
+    return memory.rss_breakdown()["anon"]
+base = rss()
+for _ in range(3):  # a temporary of 24 MiB, made and freed again, as the op's per-call buffers are
+    a = np.ones(3 * 1024 * 1024)
+    del a
+print(json.dumps({"fixed": fixed, "kept": rss() - base}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="/proc/<pid>/status is Linux's")
+def test_freed_temporaries_go_back_to_the_os():
+    """glibc keeps a freed large block in its heap once its dynamic mmap threshold has risen
+    (the default); with tqedge's fixed threshold the block goes back to the OS when freed."""
+    def run(mode):
+        env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
+        out = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True, text=True, env=env,
+                             timeout=120, check=True)
+        return json.loads(out.stdout)
+
+    default, fixed = run("default"), run("fix")
+    assert fixed["fixed"] is True
+    assert fixed["kept"] < 4 * MiB, fixed
+    assert default["kept"] >= 20 * MiB, default  # what the fix is for (glibc's default)
