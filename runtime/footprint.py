@@ -39,13 +39,15 @@ MiB = 1024**2
 
 
 # Measured on the reference x86_64 machine (Python 3.11, numpy 2.4, numba 0.68, onnxruntime
-# 1.32, SmolLM2-135M bundles, 2 threads, warm Numba cache): the fixed cost tqedge.load(memory=)
-# measures (peak RSS after load and warm-up) is 374 / 452 / 721 MiB for int4 / int8 / fp32;
-# minus weight_bytes() that leaves the overhead below (interpreter + numpy + tokenizers ~50 MiB,
-# numba's kernels and LLVM ~115 MiB, onnxruntime's sessions, shared arena and prepacking extras).
-# A cold Numba cache (first run after install) compiles at load: +86 MiB measured for fp32.
-RUNTIME_OVERHEAD = {"fp32": 208 * MiB, "fp16": 208 * MiB, "int8": 230 * MiB, "int4": 238 * MiB,
-                    "nf4": 238 * MiB, "nf4-dq": 238 * MiB}  # nf4: int4's, not measured apart
+# 1.32, SmolLM2-135M bundles exported from its Q4_1 GGUF, native backend, 2 threads, warm Numba
+# cache; round 18): the fixed cost tqedge.load(memory=) measures (peak RSS after load and
+# warm-up) is 323 / 401 / 787 MiB for int4 / int8 / fp32; minus weight_bytes() that leaves the
+# overhead below (interpreter + numpy + numba + tokenizers ~120 MiB, onnxruntime's library and
+# session, what MatMulNBits prepacks beyond the weights). The compiler's library and the weight
+# files' pages are released after load (memory.release_file_pages); the first run after an
+# install compiles in a child process, whose memory is not this process's.
+RUNTIME_OVERHEAD = {"fp32": 274 * MiB, "fp16": 274 * MiB, "int8": 179 * MiB, "int4": 188 * MiB,
+                    "nf4": 188 * MiB, "nf4-dq": 188 * MiB}  # nf4: int4's, not measured apart
 MARGIN = 32 * MiB  # allocator variance and the app around tqedge
 PREFILL_CHUNK = 512  # tokens per prefill step the activation estimate is sized for
 
