@@ -159,13 +159,16 @@ def release_file_pages(paths) -> int:
 #: mapping, returned to the OS when freed. glibc's default threshold starts at 128 KiB and rises
 #: to the size of any such block freed (up to 32 MiB); after the first prefill the attention op's
 #: per-call temporaries (MBs at long context: the compressed ring decoded for the step) then come
-#: from the heap and stay resident. Measured (SmolLM2 int4, 8K context): peak RSS 487 -> 431 MiB.
+#: from the heap and stay resident. Measured (SmolLM2 int4, 8K context): peak RSS 487 -> 431 MiB,
+#: decode unchanged. Set by the native backend only: the segment path's kernels allocate tens of
+#: MB per layer call, and mapping them afresh each call doubled its time (a 4K-token fill through
+#: ``cache.attend``: 37-39 s -> 77-90 s).
 M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1024**2
 
 
 def fix_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (large temporaries
-    go back to the OS when freed), unless the user set one (``MALLOC_MMAP_THRESHOLD_`` or a
+    go back to the OS when freed; the native backend calls it), unless the user set one (``MALLOC_MMAP_THRESHOLD_`` or a
     ``glibc.malloc.mmap_threshold`` tunable). True if set; False on other C libraries."""
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""

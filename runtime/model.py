@@ -17,7 +17,7 @@ import numpy as np
 from tqedge.bundle import Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime.backends import choose_backend, get_backend
-from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_file_pages
+from tqedge.runtime.memory import compiler_dirs, release_file_pages
 from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,6 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
 
     t0 = time.perf_counter()
     check_threads(threads)
-    fix_mmap_threshold()  # before the session and the first prompt allocate (memory.py)
     manifest = read_manifest(path, verify=verify)
     check_cache_options(manifest, **Model.cache_options(**cache_defaults))  # refused before compiling anything
     # first load on this install/device: compile every kernel now, not mid-chat, and before the

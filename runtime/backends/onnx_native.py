@@ -27,7 +27,7 @@ from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.memory import compiler_dirs, release_file_pages
+from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_file_pages
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import ccall
 
@@ -174,6 +174,7 @@ class NativeBackend:
         self.lib = ort_capi.OrtLib()
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
         release_file_pages(compiler_dirs())  # the op's kernels are loaded: not held while the session prepacks
+        fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         self.ort_threads = threads if batched else ORT_THREADS  # None: onnxruntime's default
         self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=self.ort_threads,
                                         config={"session.intra_op.allow_spinning": "0"})
