@@ -168,8 +168,9 @@ M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 1024**2
 
 def fix_mmap_threshold() -> bool:
     """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` for this process (large temporaries
-    go back to the OS when freed; the native backend calls it), unless the user set one (``MALLOC_MMAP_THRESHOLD_`` or a
-    ``glibc.malloc.mmap_threshold`` tunable). True if set; False on other C libraries."""
+    go back to the OS when freed; the native backend calls it), unless the user set one
+    (``MALLOC_MMAP_THRESHOLD_`` or a ``glibc.malloc.mmap_threshold`` tunable). True if set;
+    False on other C libraries."""
     try:
         glibc = os.confstr("CS_GNU_LIBC_VERSION") or ""
     except (ValueError, OSError, AttributeError):  # no such name on this OS
