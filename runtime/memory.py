@@ -98,17 +98,19 @@ def wait_child(pid: int) -> tuple[int, int, float]:
 
 
 #: ``madvise`` advice from <linux/mman.h>. DONTNEED: drop these pages from this process (another
-#: process mapping the same file keeps them; a page touched again is read back from the file),
-#: safe only where the mapping holds no private copy of a page (a library's relocated data
-#: does). PAGEOUT (Linux ≥ 5.4): reclaim them, for the other mappings: the kernel skips private
-#: copies (no swap) and pages other processes map.
+#: process mapping the same file keeps them, dirty pages of a file just written stay in the page
+#: cache; a page touched again is read back from the file), safe only where the mapping holds no
+#: private copy of a page (a library's relocated data does; onnxruntime's writable private
+#: mapping of a weight file does not, it never writes there). PAGEOUT (Linux ≥ 5.4): reclaim
+#: them, for the other mappings: the kernel skips private copies (no swap) and pages other
+#: processes map.
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21
 
 
 def _file_mappings(paths) -> list[tuple[int, int, bool]]:
     """(start, end, dontneed_safe) of this process's mappings of the files ``paths`` name (a file,
-    or every file under a directory), from /proc/self/smaps. ``dontneed_safe``: not writable and
-    no anonymous (copy-on-write) pages."""
+    or every file under a directory), from /proc/self/smaps. ``dontneed_safe``: no anonymous
+    (copy-on-write) page in the mapping, so every resident page is the file's own."""
     names = [os.path.realpath(p) for p in paths]
     prefixes = tuple(n + os.sep for n in names)
     out, cur = [], None
@@ -120,7 +122,7 @@ def _file_mappings(paths) -> list[tuple[int, int, bool]]:
                 cur = None
                 if path and (path in names or path.startswith(prefixes)):
                     lo, hi = (int(x, 16) for x in head[0].split("-"))
-                    cur = [lo, hi, "w" not in head[1]]
+                    cur = [lo, hi, True]
                     out.append(cur)
             elif cur is not None and head[0] == "Anonymous:" and int(head[1]):
                 cur[2] = False
@@ -130,7 +132,8 @@ def _file_mappings(paths) -> list[tuple[int, int, bool]]:
 def release_file_pages(paths) -> int:
     """Drop this process's resident pages of the files ``paths`` name (a file, or every file under
     a directory): ``madvise`` over their mappings, ``MADV_DONTNEED`` where the mapping holds no
-    private page, ``MADV_PAGEOUT`` elsewhere.
+    private (copy-on-write) page, ``MADV_PAGEOUT`` elsewhere. Call it where nothing writes to
+    those mappings concurrently (after a load).
 
     For files the process has finished reading but keeps mapped: the compiler's library once the
     kernels are loaded, a bundle's weight file once onnxruntime (or XNNPACK) has packed the

@@ -110,7 +110,10 @@ def _resident_kib(path_prefix: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/maps mappings")
-def test_release_file_pages_drops_resident_pages_and_keeps_contents(tmp_path):
+@pytest.mark.parametrize("access", ["read", "copy"])  # shared read-only; private writable (onnxruntime's)
+def test_release_file_pages_drops_resident_pages_and_keeps_contents(tmp_path, access):
+    """Also when another process maps the same pages (the pytest process that built a bundle and
+    loaded it; a second server process): PAGEOUT would skip those, DONTNEED drops them here."""
     import mmap
 
     import numpy as np
@@ -118,16 +121,25 @@ def test_release_file_pages_drops_resident_pages_and_keeps_contents(tmp_path):
     data = np.random.default_rng(0).integers(0, 256, 16 * MiB, dtype=np.uint8)
     path = tmp_path / "weights.bin"
     path.write_bytes(data.tobytes())
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        view = np.frombuffer(m, np.uint8)
-        assert int(view[::4096].astype(np.int64).sum()) >= 0  # touch every page
-        before = _resident_kib(str(tmp_path))
-        released = memory.release_file_pages([tmp_path])
-        after = _resident_kib(str(tmp_path))
-        assert before >= 15 * 1024, before
-        assert after <= 1024 and released >= 14 * MiB, (before, after, released)
-        assert np.array_equal(view, data)  # read back from the file, unchanged
-        del view
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import mmap, sys; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ); "
+        "print(sum(m[i] for i in range(0, len(m), 4096)), flush=True); sys.stdin.read()"), str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # the other process has every page mapped
+        mode = mmap.ACCESS_READ if access == "read" else mmap.ACCESS_COPY
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mode) as m:
+            view = np.frombuffer(m, np.uint8)
+            assert int(view[::4096].astype(np.int64).sum()) >= 0  # touch every page
+            before = _resident_kib(str(tmp_path))
+            released = memory.release_file_pages([tmp_path])
+            after = _resident_kib(str(tmp_path))
+            assert before >= 15 * 1024, before
+            assert after <= 1024 and released >= 14 * MiB, (before, after, released)
+            assert np.array_equal(view, data)  # read back from the file, unchanged
+            del view
+    finally:
+        holder.communicate("", timeout=30)
     assert memory.release_file_pages([tmp_path / "nothing-here"]) == 0
 
 
