@@ -7,8 +7,9 @@ cannot choose and gives the KV cache the rest::
     memory = fixed + working set + KV budget
 
 - **fixed**: the peak resident set right after loading, once one short warm-up has run
-  (interpreter and libraries, onnxruntime's sessions and prepacked weights, the kernels
-  compiled or loaded from Numba's cache): :func:`measure_fixed`, measured, not modelled.
+  (:func:`warm_up`: interpreter and libraries, onnxruntime's sessions and prepacked weights,
+  the kernels compiled or loaded from Numba's cache): :func:`measure_fixed`, measured, not
+  modelled.
 - **working set**: what one prefill chunk adds on top (onnxruntime's activations in its
   arena, the attention tiles, allocator slack): :func:`working_set_bytes`, the float32
   activations of a chunk times :data:`WORKING_SET_FACTOR`, measured on the reference machine.
@@ -21,10 +22,12 @@ with one line naming the least memory that would do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import sys
+import threading
 
 from tqedge.errors import TqedgeError
 from tqedge.units import format_bytes, parse_bytes
@@ -103,8 +106,9 @@ def wait_child(pid: int) -> tuple[int, int, float]:
 #: private copy of a page (a library's relocated data does; onnxruntime's writable private
 #: mapping of a weight file does not, it never writes there). PAGEOUT (Linux ≥ 5.4): reclaim
 #: them, for the other mappings: the kernel skips private copies (no swap) and pages other
-#: processes map.
-MADV_DONTNEED, MADV_PAGEOUT = 4, 21
+#: processes map. RANDOM: a fault on this mapping reads no pages around the faulting one.
+MADV_RANDOM, MADV_DONTNEED, MADV_PAGEOUT = 1, 4, 21
+RELEASE_INTERVAL = 0.02  # seconds between the releases of :func:`releasing`
 
 
 def _file_mappings(paths) -> list[tuple[int, int, bool]]:
@@ -129,11 +133,12 @@ def _file_mappings(paths) -> list[tuple[int, int, bool]]:
     return [tuple(m) for m in out]
 
 
-def release_file_pages(paths) -> int:
+def release_file_pages(paths, concurrent: bool = False) -> int:
     """Drop this process's resident pages of the files ``paths`` name (a file, or every file under
     a directory): ``madvise`` over their mappings, ``MADV_DONTNEED`` where the mapping holds no
-    private (copy-on-write) page, ``MADV_PAGEOUT`` elsewhere. Call it where nothing writes to
-    those mappings concurrently (after a load).
+    private (copy-on-write) page, ``MADV_PAGEOUT`` elsewhere. ``concurrent``: another thread may
+    be using those mappings (see :func:`releasing`), so ``MADV_PAGEOUT`` everywhere: it never
+    discards a private page, whereas one written between reading smaps and ``DONTNEED`` would be.
 
     For files the process has finished reading but keeps mapped: the compiler's library once the
     kernels are loaded, a bundle's weight file once onnxruntime (or XNNPACK) has packed the
@@ -154,8 +159,71 @@ def release_file_pages(paths) -> int:
         return 0
     before = rss_breakdown().get("file", 0)
     for lo, hi, dontneed_safe in spans:
-        madvise(lo, hi - lo, MADV_DONTNEED if dontneed_safe else MADV_PAGEOUT)
+        madvise(lo, hi - lo, MADV_DONTNEED if dontneed_safe and not concurrent else MADV_PAGEOUT)
     return max(0, before - rss_breakdown().get("file", 0))
+
+
+@contextlib.contextmanager
+def releasing(paths, interval: float = RELEASE_INTERVAL):
+    """Run the block while a thread releases ``paths``' file pages every ``interval`` seconds
+    (:func:`release_file_pages`, ``concurrent``). For a block that reads files once through its
+    own mappings and releases the GIL, as building an onnxruntime session does: it maps the
+    weight file, reads every weight once to pack it into its own memory, and the packed copy and
+    the pages it was read from were both resident at the end of the build (measured, SmolLM2
+    int4: the load's peak RSS 322 MiB, ~50 MiB of it the weight file's pages)."""
+    done = threading.Event()
+
+    def run():
+        while not done.wait(interval):
+            release_file_pages(paths, concurrent=True)
+
+    thread = threading.Thread(target=run, name="tqedge-release", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def read_sparsely(paths) -> int:
+    """From now on, fetch only the pages of ``paths``' files that are touched: ``MADV_RANDOM`` on
+    this process's mappings of them (a fault reads no pages around it) and ``POSIX_FADV_DONTNEED``
+    on the files (their clean pages no process maps leave the page cache, so a fault has no
+    cached neighbours to map either: Linux maps up to 16 cached pages around a faulting one).
+
+    For a bundle after load, once :func:`release_file_pages` dropped its pages: onnxruntime then
+    reads only the embedding rows of the tokens seen (and a few small tensors), one page each,
+    instead of 64 KiB around each (measured, SmolLM2 int4: 15 MiB of the weight file resident
+    after 512 prompt tokens, under 2 MiB with this; 30 -> 9 MiB at 8K). Other processes keep
+    what they map; one that reads the file later reads it from disk. Returns the number of
+    mappings advised; 0 where the OS has no such calls (not Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+        spans = _file_mappings(paths)
+    except (OSError, AttributeError, ValueError) as e:
+        log.debug("cannot advise file mappings (%s)", e)
+        return 0
+    advised = sum(madvise(lo, hi - lo, MADV_RANDOM) == 0 for lo, hi, _ in spans)
+    for root in paths:
+        files = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+        for path in files:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return advised
 
 
 #: glibc's ``mallopt`` parameter and the value tqedge sets: blocks of 1 MiB or more get their own
@@ -206,40 +274,57 @@ def working_set_bytes(a, chunk: int) -> int:
     return WORKING_SET_FACTOR * activation_bytes(a, chunk)
 
 
-def measure_fixed(model) -> int:
-    """The model's fixed cost: the peak RSS so far, after a warm-up through a throwaway cache with
-    a :data:`WARMUP_WINDOW`-token window (a prefill of :data:`WARMUP_TOKENS` tokens and two decode
-    steps, so every kernel the cache calls is compiled or loaded and the arena is primed).
-
-    The peak, not the current RSS: load and compilation peak above the steady state (for an fp32
-    bundle by ~70 MiB), and the process has already been there."""
+def warm_up(model) -> None:
+    """One short run through a throwaway cache with a :data:`WARMUP_WINDOW`-token window: a prefill
+    of :data:`WARMUP_TOKENS` tokens and two decode steps, so every kernel the default cache calls
+    is loaded from Numba's cache (or compiled) and onnxruntime's arena is primed. ``Model`` runs it
+    at load, before it releases the compiler's pages: loading a kernel touches the compiler's
+    library again, and in a first prompt those pages came back on top of the prompt's own
+    (measured, SmolLM2 int4: peak RSS at 512 tokens -11 MiB, at 8K -22 MiB)."""
     from tqedge.runtime.generate import decode_one_token, prefill
 
-    opts = {**model.cache_defaults, "window": WARMUP_WINDOW}
+    opts = {**model.cache_defaults, "window": WARMUP_WINDOW, "policy": "slide"}
     opts["kv_budget"] = kv_bytes(model.manifest, 0, **opts)
     cache = model.new_cache(**opts)
     token = int(prefill(model, cache, [0] * WARMUP_TOKENS).argmax())
     for _ in range(2):
         token = int(decode_one_token(model, cache, token).argmax())
-    del cache
+
+
+def measure_fixed() -> int:
+    """The model's fixed cost: the peak RSS so far, read after ``Model`` loaded and warmed up
+    (:func:`warm_up`). The peak, not the current RSS: load and compilation peak above the
+    steady state (for an fp32 bundle by ~70 MiB), and the process has already been there."""
     return max(current_rss() or 0, peak_rss() or 0)
 
 
 def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) -> int:
-    """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum)."""
-    from tqedge.runtime.cache import ExactKVCache, build_codecs
-    from tqedge.runtime.kv_spec import parse_kv_spec
+    """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum);
+    a model with sliding-window layers pays their fixed rings first (runtime/sliding_cache.py)."""
+    import numpy as np
+
+    from tqedge.runtime.cache import ExactKVCache, codec_configs
     from tqedge.runtime.compressed_cache import MIN_COMPRESSED, CompressedKVCache
+    from tqedge.runtime.kv_spec import parse_kv_spec
+    from tqedge.runtime.sliding_cache import WindowKVCache
 
     a, kv = manifest.architecture, manifest.kv
+    h, d = a.num_kv_heads, a.head_dim
     sinks = kv.sinks if sinks is None else int(sinks)
     window = kv.window if window is None else int(window)
     bits, layer_bits = (None, None) if kv_bits is None else parse_kv_spec(kv_bits)
-    if kv_bits is not None and bits is None:
-        return max(tokens, sinks + 2) * ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim)
-    keys, values = build_codecs(kv, a.num_layers, a.head_dim, bits, layer_bits=layer_bits)
-    fixed, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, sinks, window)
-    return fixed + max(tokens - sinks, window + MIN_COMPRESSED) * per
+    exact = kv_bits is not None and bits is None
+    windows = [a.layer_window(i) for i in range(a.num_layers)]
+    full = [i for i, w in enumerate(windows) if w is None]
+    sliding = [w for w in windows if w is not None]
+    rings = WindowKVCache.layout_bytes(len(sliding), h, d, sliding[0], np.float32 if exact else np.float16) \
+        if sliding else 0
+    if exact:
+        return rings + max(tokens, sinks + 2) * ExactKVCache.bytes_per_token(len(full), h, d)
+    keys, values = codec_configs(kv, a.num_layers, d, bits, layer_bits=layer_bits)
+    fixed, per = CompressedKVCache.layout_bytes([keys[i] for i in full], [values[i] for i in full], h, d, sinks,
+                                                window)
+    return rings + fixed + max(tokens - sinks, window + MIN_COMPRESSED) * per
 
 
 def kv_budget_for(memory, fixed: int, working: int, min_kv: int, kv_budget=None) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from tqedge.bundle import Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime.backends import choose_backend, get_backend
-from tqedge.runtime.memory import compiler_dirs, release_file_pages
+from tqedge.runtime.memory import compiler_dirs, read_sparsely, release_file_pages, warm_up
 from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,11 @@ class Model:
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-        # the compiler's library and the weight files, read and no longer needed (memory.py)
+        warm_up(self)  # loads the kernels a first prompt calls while the compiler's pages may still go
+        # the compiler's library and the weight files, read and no longer needed; from now on the
+        # weights are read a page at a time where they are read at all (memory.py)
         released = release_file_pages([*compiler_dirs(), self.path])
+        read_sparsely([str(self.path)])
         log.debug("released %s of file pages after load", format_bytes(released))
         self.memory = self.fixed_bytes = None
         if memory is not None:
@@ -95,7 +98,7 @@ class Model:
         from tqedge.runtime.generate import PREFILL_CHUNK
 
         self.memory = mem.parse_bytes(memory)
-        self.fixed_bytes = mem.measure_fixed(self)
+        self.fixed_bytes = mem.measure_fixed()
         working = mem.working_set_bytes(self.arch, PREFILL_CHUNK)
         budget = mem.kv_budget_for(self.memory, self.fixed_bytes, working, self.kv_bytes(0), kv_budget)
         self.cache_defaults["kv_budget"] = budget

@@ -27,7 +27,7 @@ from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_file_pages
+from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_file_pages, releasing
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import ccall
 
@@ -176,8 +176,10 @@ class NativeBackend:
         release_file_pages(compiler_dirs())  # the op's kernels are loaded: not held while the session prepacks
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         self.ort_threads = threads if batched else ORT_THREADS  # None: onnxruntime's default
-        self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op], threads=self.ort_threads,
-                                        config={"session.intra_op.allow_spinning": "0"})
+        with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
+            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op],
+                                            threads=self.ort_threads, config={"session.intra_op.allow_spinning": "0"})
+        release_file_pages([str(bundle_dir)])  # the rest, before the tokenizer loads
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:
             raise TqedgeError(f"{graph.file} does not have the graph inputs/outputs of the native protocol "
