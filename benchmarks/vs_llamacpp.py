@@ -193,6 +193,7 @@ def tqedge_worker(args) -> dict:
     """tqedge side for one KV config (runs in the tqedge venv); phases as in :func:`llama_worker`."""
     import tqedge
     from tqedge.runtime.eval_ppl import build_cache, evaluate, text_windows
+    from tqedge.runtime.footprint import PREFILL_CHUNK
 
     backend = None if args.backend in (None, "default") else args.backend
     model = tqedge.load(args.bundle, threads=args.threads, verify="none", backend=backend)
@@ -204,10 +205,10 @@ def tqedge_worker(args) -> dict:
         ids = model.tokenizer.encode(text[: max(args.contexts) * 8], add_special_tokens=False).ids
         cache, out["kv_bytes_per_token"] = build_cache(model, cfg, max(args.contexts) + DECODE_STEPS + 1)
 
-        def prefill(c):
+        def prefill(c):  # in the chunks tqedge.generate feeds (runtime/footprint.py)
             cache.reset()
-            for a in range(0, c, 512):
-                model.forward(ids[a:min(c, a + 512)], cache)
+            for a in range(0, c, PREFILL_CHUNK):
+                model.forward(ids[a:min(c, a + PREFILL_CHUNK)], cache)
 
         out.update(timed_contexts(prefill, lambda tok: model.forward([tok], cache), ids, args.contexts))
         out["kv_cache_mib"] = cache.nbytes / 2**20

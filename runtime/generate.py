@@ -29,18 +29,13 @@ import numpy as np
 
 from tqedge.errors import TqedgeError
 from tqedge.runtime.detokenize import StreamingDetokenizer
+from tqedge.runtime.footprint import PREFILL_CHUNK
 from tqedge.runtime.memory import peak_rss
 from tqedge.runtime.sampling import apply_processors, make_logits_processors, make_sampler
 from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens per forward call. Every call streams all dense weights from memory once, so
-# prefill speed grows with the chunk: SmolLM2-135M fp32, 1024-token prompt, exact cache, on a
-# busy 2-core x86 box: chunk 32 → 8 tok/s, 128 → 14, 256 → 25, 512 → 34, 1024 → 42. 512 takes
-# most of the gain while the transient attention scores (T × heads × context floats) stay
-# small enough for a phone or a Raspberry Pi.
-PREFILL_CHUNK = 512
 FINISH_REASONS = ("stop", "length", "eos")
 
 def _cache_attr(cache, name: str, default):

@@ -95,7 +95,7 @@ class Model:
     def _fit(self, memory, kv_budget) -> None:
         """Measure the fixed cost and give the KV cache what ``memory`` leaves (or check ``kv_budget``)."""
         from tqedge.runtime import memory as mem
-        from tqedge.runtime.generate import PREFILL_CHUNK
+        from tqedge.runtime.footprint import PREFILL_CHUNK
 
         self.memory = mem.parse_bytes(memory)
         self.fixed_bytes = mem.measure_fixed()

@@ -36,7 +36,7 @@ def _generate(bundle, prompt: str, *args) -> tuple[int, str, str, int]:
 
 
 def test_generate_stays_under_memory_and_refuses_what_cannot_fit(smollm2_bundle, wikitext):
-    prompt = wikitext[:2600]  # ~600 tokens: a full 512-token prefill chunk and a second one
+    prompt = wikitext[:2600]  # ~600 tokens: several full prefill chunks
     # far too small: refused at load with one line that names the least memory that would do
     code, out, err, _ = _generate(smollm2_bundle, prompt, "--memory", "64MiB")
     assert code == 2 and out == ""

@@ -140,9 +140,9 @@ def test_memory_budget_adds_up():
     m = manifest()
     mem = 1 * GiB
     d = plan.plan(m, mem, os_reserve=0)["devices"][0]
-    # measured figures: the runtime's working set of a 512-token chunk, a margin, and per format
+    # measured figures: the runtime's working set of a prefill chunk, a margin, and per format
     # the resident weights plus the overhead measured beyond them
-    room = mem - memory.working_set_bytes(SMOL, 512) - footprint.MARGIN
+    room = mem - memory.working_set_bytes(SMOL, footprint.PREFILL_CHUNK) - footprint.MARGIN
     assert d["room"] == room
     row = d["formats"]["int8"]
     assert row["kv_room"] == room - footprint.weight_bytes(SMOL, "int8") - footprint.RUNTIME_OVERHEAD["int8"]
@@ -154,7 +154,7 @@ def test_recommendation_fits_and_says_when_capped():
     m = manifest()
     for mem in plan.DEVICES:
         rec = plan.recommend(m, mem)
-        room = mem - plan.OS_RESERVE - memory.working_set_bytes(SMOL, 512) - footprint.MARGIN
+        room = mem - plan.OS_RESERVE - memory.working_set_bytes(SMOL, footprint.PREFILL_CHUNK) - footprint.MARGIN
         assert footprint.fixed_bytes(SMOL, rec["weights"]) + rec["kv_budget"] <= room
         assert rec["tokens"] == min(footprint.kv_tokens(rec["kv_budget"], SMOL, m.kv, "K4V3"), 8192)
         assert ("model's max" in rec["line"]) == rec["capped"]
