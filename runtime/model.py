@@ -17,7 +17,7 @@ import numpy as np
 from tqedge.bundle import Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime.backends import choose_backend, get_backend
-from tqedge.runtime.memory import compiler_dirs, read_sparsely, release_file_pages, warm_up
+from tqedge.runtime.memory import compiler_dirs, read_sparsely, release_file_pages, trim_heap, warm_up
 from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,14 @@ class Model:
         self.arch = manifest.architecture
         self.cache_defaults = self.cache_options(kv_budget, kv_bits, window, sinks, policy)
         self.backend_name = choose_backend(manifest, backend, self.cache_defaults)
-        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
-        self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
-        try:
+        try:  # before the backend: parsing tokenizer.json peaks ~40 MiB above what it keeps (memory.py)
             self.tokenizer = Tokenizer.from_file(str(self.path / manifest.tokenizer.file))
         except Exception as e:  # tokenizers raises a bare Exception for a missing or bad file
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        trim_heap()
+        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
+        self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
         warm_up(self)  # loads the kernels a first prompt calls while the compiler's pages may still go
         # the compiler's library and the weight files, read and no longer needed; from now on the
         # weights are read a page at a time where they are read at all (memory.py)
