@@ -17,7 +17,8 @@ import numpy as np
 from tqedge.bundle import Manifest, read_manifest
 from tqedge.errors import TqedgeError
 from tqedge.runtime.backends import choose_backend, get_backend
-from tqedge.runtime.memory import compiler_dirs, read_sparsely, release_file_pages, trim_heap, warm_up
+from tqedge.runtime.memory import (compiler_dirs, read_sparsely, release_code_pages, release_file_pages, trim_heap,
+                                   warm_up)
 from tqedge.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,10 @@ class Model:
         self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
         self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
         warm_up(self)  # loads the kernels a first prompt calls while the compiler's pages may still go
-        # the compiler's library and the weight files, read and no longer needed; from now on the
-        # weights are read a page at a time where they are read at all (memory.py)
-        released = release_file_pages([*compiler_dirs(), self.path])
+        # the compiler's library, the weight files and code that ran once (imports, the session
+        # build), read and no longer needed; from now on the weights are read a page at a time
+        # where they are read at all (memory.py)
+        released = release_file_pages([*compiler_dirs(), self.path]) + release_code_pages()
         read_sparsely([str(self.path)])
         log.debug("released %s of file pages after load", format_bytes(released))
         self.memory = self.fixed_bytes = None

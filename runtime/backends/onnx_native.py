@@ -27,7 +27,7 @@ from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_file_pages, releasing
+from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_code_pages, release_file_pages, releasing
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import ccall
 
@@ -173,7 +173,10 @@ class NativeBackend:
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
-        release_file_pages(compiler_dirs())  # the op's kernels are loaded: not held while the session prepacks
+        # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
+        # are not held while the session packs the weights (memory.py)
+        release_file_pages(compiler_dirs())
+        release_code_pages()
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         self.ort_threads = threads if batched else ORT_THREADS  # None: onnxruntime's default
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
