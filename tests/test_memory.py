@@ -190,6 +190,60 @@ def _written(tmp_path, mib: int):
     return path, data
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/smaps mappings")
+def test_release_code_pages_drops_read_only_mappings_and_keeps_written_ones(tmp_path):
+    """A read-only mapping's pages go and read back unchanged; a private writable mapping, written
+    to, keeps its pages and its write (a library's relocated data is such a mapping)."""
+    import mmap
+
+    import numpy as np
+
+    path, data = _written(tmp_path, 16)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as ro, \
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as cow:
+        view = np.frombuffer(ro, np.uint8)
+        assert int(view[::4096].astype(np.int64).sum()) >= 0  # every page of the read-only mapping
+        cow[:4096 * 8] = b"\x5a" * (4096 * 8)  # 8 private pages in the writable one
+        before = _resident_kib(str(tmp_path))
+        assert before >= 16 * 1024 + 8 * 4, before
+        assert memory.release_code_pages() >= 15 * MiB
+        assert _resident_kib(str(tmp_path)) <= 8 * 4 + 256, _resident_kib(str(tmp_path))  # the written pages stay
+        assert cow[:4096 * 8] == b"\x5a" * (4096 * 8)
+        assert np.array_equal(view, data)  # read back from the file, unchanged
+        del view
+
+
+_CODE_PROBE = """
+import json, os, sys
+import numpy as np
+from tqedge.runtime import memory
+lib = os.path.dirname(np.__file__)
+sys.path.insert(0, sys.argv[2])
+from test_memory import _resident_kib
+before = _resident_kib(lib)
+released = memory.release_code_pages() if sys.argv[1] == "release" else 0
+after = _resident_kib(lib)
+x = np.linspace(0.0, 1.0, 1001)
+print(json.dumps({"before": before, "after": after, "released": released, "sum": float(x.sum()),
+                  "dot": float(np.arange(64.0) @ np.arange(64.0))}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise on /proc/self/smaps mappings")
+def test_release_code_pages_drops_library_code_and_the_process_runs_on():
+    """NumPy's libraries after import: their code pages go, and NumPy computes as before."""
+    res = {}
+    for mode in ("release", "keep"):
+        out = subprocess.run([sys.executable, "-c", _CODE_PROBE, mode, os.path.dirname(__file__)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        res[mode] = json.loads(out.stdout)
+    assert res["keep"]["after"] >= 3 * 1024 and res["keep"]["after"] >= res["keep"]["before"] - 64, res
+    assert res["release"]["released"] > 0 and res["release"]["after"] < res["release"]["before"] / 2, res
+    assert res["release"]["sum"] == res["keep"]["sum"] == pytest.approx(500.5)
+    assert res["release"]["dot"] == res["keep"]["dot"] == float(sum(i * i for i in range(64)))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise / fadvise as on Linux")
 def test_read_sparsely_maps_only_the_pages_touched(tmp_path):
     """A file in the page cache, mapped: a read faults in up to 16 cached pages around the one
