@@ -182,7 +182,7 @@ class NativeBackend:
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
             self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op],
                                             threads=self.ort_threads, config={"session.intra_op.allow_spinning": "0"})
-        release_file_pages([str(bundle_dir)])  # the rest, before the tokenizer loads
+        release_file_pages([str(bundle_dir)])  # the rest, once the build is done
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:
             raise TqedgeError(f"{graph.file} does not have the graph inputs/outputs of the native protocol "
