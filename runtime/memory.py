@@ -137,6 +137,34 @@ def _file_mappings(paths=None, read_only: bool = False) -> list[tuple[int, int, 
     return [tuple(m) for m in out]
 
 
+def _file_mappings_to_advise(paths=None, read_only: bool = False):
+    """(libc's ``madvise``, :func:`_file_mappings` of these arguments), or None where the OS has no
+    such call or no /proc/self/smaps (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+        return madvise, _file_mappings(paths, read_only)
+    except (OSError, AttributeError, ValueError) as e:
+        log.debug("cannot advise file mappings (%s)", e)
+        return None
+
+
+def _advise_released(found, advice) -> int:
+    """Apply ``advice(dontneed_safe)`` (an ``MADV_*`` value, or None to skip) to each mapping of
+    ``found`` (from :func:`_file_mappings_to_advise`); the bytes of resident file pages released."""
+    if found is None:
+        return 0
+    madvise, spans = found
+    before = rss_breakdown().get("file", 0)
+    for lo, hi, dontneed_safe in spans:
+        a = advice(dontneed_safe)
+        if a is not None:
+            madvise(lo, hi - lo, a)
+    return max(0, before - rss_breakdown().get("file", 0))
+
+
 def release_file_pages(paths, concurrent: bool = False) -> int:
     """Drop this process's resident pages of the files ``paths`` name (a file, or every file under
     a directory): ``madvise`` over their mappings, ``MADV_DONTNEED`` where the mapping holds no
@@ -151,20 +179,8 @@ def release_file_pages(paths, concurrent: bool = False) -> int:
     again is read back from the file. Returns the bytes of resident file pages released; 0 where
     the OS has no such call (not Linux).
     """
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-        spans = _file_mappings(paths)
-    except (OSError, AttributeError, ValueError) as e:
-        log.debug("cannot release file pages (%s)", e)
-        return 0
-    before = rss_breakdown().get("file", 0)
-    for lo, hi, dontneed_safe in spans:
-        madvise(lo, hi - lo, MADV_DONTNEED if dontneed_safe and not concurrent else MADV_PAGEOUT)
-    return max(0, before - rss_breakdown().get("file", 0))
+    return _advise_released(_file_mappings_to_advise(paths),
+                            lambda safe: MADV_DONTNEED if safe and not concurrent else MADV_PAGEOUT)
 
 
 def release_code_pages() -> int:
@@ -177,21 +193,8 @@ def release_code_pages() -> int:
     write (a library's relocated data holds private pages, and is skipped). Measured, SmolLM2
     int4: file pages after load 45 -> 3 MiB, 21 MiB after a 512-token prompt (47 before), decode
     unchanged. Returns the bytes released; 0 where the OS has no such call (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-        spans = _file_mappings(None, read_only=True)
-    except (OSError, AttributeError, ValueError) as e:
-        log.debug("cannot release code pages (%s)", e)
-        return 0
-    before = rss_breakdown().get("file", 0)
-    for lo, hi, dontneed_safe in spans:
-        if dontneed_safe:
-            madvise(lo, hi - lo, MADV_DONTNEED)
-    return max(0, before - rss_breakdown().get("file", 0))
+    return _advise_released(_file_mappings_to_advise(None, read_only=True),
+                            lambda safe: MADV_DONTNEED if safe else None)
 
 
 @contextlib.contextmanager
@@ -230,16 +233,10 @@ def read_sparsely(paths) -> int:
     what they map; one that reads the file later reads it from disk. Returns the number of
     mappings advised; 0 where the OS has no such calls (not Linux).
     """
-    if not sys.platform.startswith("linux"):
+    found = _file_mappings_to_advise(paths)
+    if found is None:
         return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-        madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-        spans = _file_mappings(paths)
-    except (OSError, AttributeError, ValueError) as e:
-        log.debug("cannot advise file mappings (%s)", e)
-        return 0
+    madvise, spans = found
     advised = sum(madvise(lo, hi - lo, MADV_RANDOM) == 0 for lo, hi, _ in spans)
     for root in paths:
         files = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
