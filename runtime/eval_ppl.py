@@ -79,9 +79,8 @@ def build_cache(model, cfg: KVConfig, tokens: int):
         (cache, bytes_per_token): the cache and its bytes per stored token beyond the fixed
         fp16 sinks/window (scales included; for exact caches, bytes per token).
     """
-    from tqedge.runtime.cache import ExactKVCache, codec_configs, make_cache
-    from tqedge.runtime.compressed_cache import CompressedKVCache
-    from tqedge.runtime.kv_spec import parse_kv_spec
+    from tqedge.runtime.cache import ExactKVCache, make_cache
+    from tqedge.runtime.memory import kv_bytes
 
     a = model.manifest.architecture
     bits = (cfg.kv_bits or "").strip().lower()
@@ -106,20 +105,9 @@ def build_cache(model, cfg: KVConfig, tokens: int):
         manifest, kv_bits = dataclasses.replace(manifest, kv=kv), None
     opts = dict(kv_bits=kv_bits, window=cfg.window, sinks=cfg.sinks, policy="slide",
                 rotation=cfg.rotation, norm=cfg.norm, qjl=cfg.qjl)
-    if any(a.layer_window(i) is not None for i in range(a.num_layers)):  # sliding layers: their own layout
-        fp32 = ExactKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim)
-        probe = make_cache(manifest, kv_budget=fp32 * (tokens + 512), **opts)
-        fixed, per, window = probe.fixed_bytes, probe.bytes_per_token, probe.window
-        del probe
-    else:  # sized from the codecs' layout, allocating nothing: a throwaway cache's zeroed buffers,
-        # freed, stayed in the heap and came back touched under the real one (+37 MiB RSS at 512 tokens)
-        bits, layer_bits = parse_kv_spec(kv_bits) if kv_bits is not None else (None, None)
-        keys, values = codec_configs(manifest.kv, a.num_layers, a.head_dim, bits, cfg.rotation, cfg.norm, cfg.qjl,
-                                     layer_bits=layer_bits)
-        window = manifest.kv.window if cfg.window is None else int(cfg.window)
-        sinks = manifest.kv.sinks if cfg.sinks is None else int(cfg.sinks)
-        fixed, per = CompressedKVCache.layout_bytes(keys, values, a.num_kv_heads, a.head_dim, sinks, window)
-    need = fixed + max(window + 32, tokens) * per
+    # sized from the codecs' layout, allocating nothing: a throwaway cache's zeroed buffers, freed,
+    # stayed in the heap and came back touched under the real one (+37 MiB RSS at 512 tokens)
+    need = kv_bytes(manifest, tokens, **opts)
     cache = make_cache(manifest, kv_budget=_budget(cfg.kv_budget, need), **opts)
     return cache, cache.bytes_per_token
 

@@ -344,9 +344,11 @@ def measure_fixed() -> int:
     return max(current_rss() or 0, peak_rss() or 0)
 
 
-def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) -> int:
+def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, rotation=None, norm=None, qjl=None,
+             **_) -> int:
     """Budget a cache of this configuration needs for ``tokens`` tokens (at least its minimum);
-    a model with sliding-window layers pays their fixed rings first (runtime/sliding_cache.py)."""
+    a model with sliding-window layers pays their fixed rings first (runtime/sliding_cache.py).
+    Sized from the layouts alone: nothing is allocated."""
     import numpy as np
 
     from tqedge.runtime.cache import ExactKVCache, codec_configs
@@ -367,7 +369,7 @@ def kv_bytes(manifest, tokens: int, kv_bits=None, window=None, sinks=None, **_) 
         if sliding else 0
     if exact:
         return rings + max(tokens, sinks + 2) * ExactKVCache.bytes_per_token(len(full), h, d)
-    keys, values = codec_configs(kv, a.num_layers, d, bits, layer_bits=layer_bits)
+    keys, values = codec_configs(kv, a.num_layers, d, bits, rotation, norm, qjl, layer_bits=layer_bits)
     fixed, per = CompressedKVCache.layout_bytes([keys[i] for i in full], [values[i] for i in full], h, d, sinks,
                                                 window)
     return rings + fixed + max(tokens - sinks, window + MIN_COMPRESSED) * per
