@@ -41,7 +41,8 @@ FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
 #: 512 tokens, 28.7 vs 27.3 at 2K). ``threads`` goes to the attention op's kernels instead. A
 #: model loaded ``batched`` (a server, an evaluation: steps of many rows) gives onnxruntime
 #: ``threads`` too: 8 decode rows 155 vs 122 tok/s (int8), 190 vs 159 (int4); prefill 277 vs 227
-#: tok/s at 512, 197 vs 169 at 2K.
+#: tok/s at 512, 197 vs 169 at 2K. Re-measured on an AVX-512 VNNI machine (docs/RESULTS.md, round 20):
+#: two threads decode 3–5 % slower at 512 / 2K for a third more CPU, prefill 16–30 % faster.
 ORT_THREADS = 1
 
 
