@@ -46,10 +46,12 @@ def _codec(row, hkv, ring, d, keys):
 
 
 DECODE_CHUNK = 512  # compressed keys per decode work item (all KV heads)
-# work items from which a decode step uses the cooperative pool. Measured (SmolLM2 int4, 2 threads,
-# rss_context): at 2K (4 items) the pool decoded 29.5 tok/s against 32.4 serial (a worker woken
-# per layer call finishes its item after the caller, which waits); at 8K (16 items) 14.0 against 12.6
-DECODE_POOL_MIN_ITEMS = 8
+# work items from which a decode step uses the cooperative pool. Round 20 (SmolLM2 int4, 2 threads,
+# AVX-512 machine, benchmarks/ab_step.py, 3 rounds, medians; docs/RESULTS.md): from 2 items instead of
+# 8, a step at 2K took 19.7 instead of 24.7 ms (23.9 → 20.2 beside a busy process), at 1K 17.2
+# instead of 18.3, at 4K 24.9 instead of 27.2; chunks of 256 keys gained nothing more. (Round 12,
+# AVX2: at 2K the pool was slower, 29.5 vs 32.4 tok/s, a worker woken per call finishing after the caller.)
+DECODE_POOL_MIN_ITEMS = 2
 # the argument block of one decode step's work items (int64 words; addresses marked *)
 DB_QP, DB_KROW, DB_VROW, DB_HKV, DB_RING, DB_D, DB_G, DB_CHUNKS, DB_MO, DB_DNO, DB_ACCO, DB_NCH = range(12)
 DB_WORDS = 12
