@@ -16,8 +16,10 @@ valid). A job: ``(fn, block, n)``; ``fn`` is a C function ``int64 fn(int64 block
 (a ``cfunc`` address). Items are claimed by compare-and-swap on the word ``(job id << 32) |
 next item``: a worker that woke late sees another job id and claims nothing of it.
 
-:func:`run_items` is the entry for nopython callers: the pool when it can have it, this thread
-alone otherwise. :func:`run` must be called by one thread at a time (the caller holds the
+:func:`run_items` is the entry for nopython callers: onnxruntime's intra-op pool when the
+calling op was handed one (``KernelContext_ParallelFor``: the session's own threads, which also
+claim items dynamically and revoke the ones no thread started), else this pool when it can have
+it, this thread alone otherwise. :func:`run` must be called by one thread at a time (the caller holds the
 process-wide launch lock, :data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`).
 """
 
@@ -31,7 +33,7 @@ import numpy as np
 from numba import carray
 
 from tqedge.codec.numba_runtime import _cas64, njit, release, try_acquire
-from tqedge.runtime.ort_numba import as_ptr, ccall
+from tqedge.runtime.ort_numba import PAR_WORDS, as_ptr, ccall
 
 # control block words
 W_JOB, W_N, W_FN, W_BLOCK, W_DONE, W_STOP, W_SEQ = range(7)
@@ -120,11 +122,24 @@ def run(ctl_addr, fn, block, n):
 
 
 @njit(**_OPTS)
-def run_items(ctl_addr, lock, threads, fn, block, n, min_items):
-    """Items ``0 .. n-1`` of ``fn(block, item)`` (a ``cfunc`` address): with the pool's idle
-    workers (:func:`run`) when ``threads`` > 1, there are ``min_items`` items or more, a pool
-    exists (``ctl_addr`` ≠ 0) and the process-wide launch ``lock`` is free; else one after another
-    on this thread. Both ways call ``fn``: one machine-code copy of the item, the same bits."""
+def run_items(ort_pool, ctl_addr, lock, threads, fn, block, n, min_items):
+    """Items ``0 .. n-1`` of ``fn(block, item)`` (a ``cfunc`` address) when there are
+    ``min_items`` items or more: on onnxruntime's intra-op pool when ``ort_pool`` ≠ 0 (the
+    address of an op's parallel-for record, :func:`tqedge.runtime.ort_numba.parallel_record`; ``fn`` is
+    called as ``void fn(void*, size_t)``, the same registers and an ignored result on the
+    x86-64 and AArch64 C ABIs); else with this pool's idle workers (:func:`run`) when
+    ``threads`` > 1, a pool exists (``ctl_addr`` ≠ 0) and the process-wide launch ``lock`` is
+    free; else one after another on this thread. Every way calls ``fn``: one machine-code copy
+    of the item, the same bits."""
+    if n >= min_items and ort_pool != 0:
+        rec = carray(as_ptr(ort_pool, np.int64), (PAR_WORDS,))
+        st = ccall(rec[0], (rec[1], fn, n, 0, block))
+        if st == 0:
+            return 0
+        ccall(rec[2], (st,))  # not run (onnxruntime refused the call): run them here
+        for i in range(n):
+            ccall(fn, (block, i))
+        return 0
     if n >= min_items and threads > 1 and ctl_addr != 0 and try_acquire(lock):
         run(ctl_addr, fn, block, n)
         release(lock)

@@ -23,7 +23,8 @@ from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime import native_sliding as NS
 from tqedge.runtime import native_turboquant as NT
 from tqedge.runtime.ort_capi import FLOAT, INT64
-from tqedge.runtime.ort_numba import PAYLOAD, CustomOp, as_ptr, fail, kernel_ext, tensor_in, tensor_out
+from tqedge.runtime.ort_numba import (PAR_WORDS, PAYLOAD, CustomOp, as_ptr, fail, kernel_ext, parallel_record,
+                                      tensor_in, tensor_out)
 
 OP_NAME = "TurboQuantAttention"
 MESSAGES = [
@@ -42,8 +43,9 @@ BAD_RANK, BAD_KV, BAD_DESC, DESC_SHAPE, BAD_EXACT, BAD_KIND, BAD_TQ, UNSUPPORTED
 
 
 @njit(warm=False, nogil=True)
-def _attend(desc, nd, da, layer, q, k, v, scale, out):
-    """One cache's rows (``desc`` at address ``da``, ``nd`` words): 0, or the message number."""
+def _attend(desc, nd, da, layer, q, k, v, scale, out, ort_pool):
+    """One cache's rows (``desc`` at address ``da``, ``nd`` words): 0, or the message number.
+    ``ort_pool``: the call's parallel-for record, or 0 (:func:`tqedge.runtime.coop_pool.run_items`)."""
     t, hkv, d = q.shape[0], k.shape[1], q.shape[2]
     nl = desc[KD.LAYERS]
     kind = desc[KD.KIND]
@@ -52,7 +54,7 @@ def _attend(desc, nd, da, layer, q, k, v, scale, out):
             return BAD_LAYERED
         route = desc[KD.LY_ROUTE + layer]
         if route < 0:
-            if NS.compute(desc, nd, -1 - route, q, k, v, scale, out) != 0:
+            if NS.compute(desc, nd, -1 - route, q, k, v, scale, out, ort_pool) != 0:
                 return BAD_LAYERED
             return 0
         off = desc[KD.LY_SUB]
@@ -86,7 +88,7 @@ def _attend(desc, nd, da, layer, q, k, v, scale, out):
         exact_attend(q, k, v, keys[layer], values[layer], n_old, mask, new, scale, out)
         return 0
     if kind == KD.KIND_TURBOQUANT:
-        err = NT.compute(desc, nd, layer, q, k, v, scale, out)
+        err = NT.compute(desc, nd, layer, q, k, v, scale, out, ort_pool)
         if err != 0:
             return BAD_TQ if err == 1 else UNSUPPORTED
         return 0
@@ -136,9 +138,11 @@ def attention_compute(kernel, ctx):
     v = carray(as_ptr(va, np.float32), (t, hkv, d))
     out = carray(as_ptr(oa, np.float32), (t, hq, d))
     scale = np.float32(carray(as_ptr(ext[PAYLOAD], np.float64), (layer + 1,))[layer])
+    rec = np.zeros(PAR_WORDS, np.int64)
+    ort_pool = parallel_record(ext, table, ctx, rec)
     if desc[KD.KIND] != KD.KIND_BATCH:
-        err = _attend(desc, nd, da, layer, q, k, v, scale, out)
-        return fail(ext, table, err) if err != 0 else 0
+        err = _attend(desc, nd, da, layer, q, k, v, scale, out, ort_pool)
+        return fail(ext, table, err) if err != 0 else rec[0] * 0  # read after the items: ``rec`` lives until then
     # a batch: row ranges [a, b) of the step, each with its own cache's descriptor (no nesting)
     n = desc[KD.B_N]
     if n < 1 or nd < KD.B_PARTS + KD.B_PART_WORDS * n:
@@ -164,14 +168,16 @@ def attention_compute(kernel, ctx):
                       carray(as_ptr(qa + 4 * a * hq * d, np.float32), (b - a, hq, d)),
                       carray(as_ptr(ka + 4 * a * hkv * d, np.float32), (b - a, hkv, d)),
                       carray(as_ptr(va + 4 * a * hkv * d, np.float32), (b - a, hkv, d)), scale,
-                      carray(as_ptr(oa + 4 * a * hq * d, np.float32), (b - a, hq, d)))
+                      carray(as_ptr(oa + 4 * a * hq * d, np.float32), (b - a, hq, d)), ort_pool)
         if err != 0:
             return fail(ext, table, err)
-    return 0
+    return rec[0] * 0
 
 
-def make_op(lib, scales) -> CustomOp:
-    """The TurboQuantAttention custom op with per-layer softmax ``scales`` (owned by the caller)."""
+def make_op(lib, scales, parallel: bool = False) -> CustomOp:
+    """The TurboQuantAttention custom op with per-layer softmax ``scales`` (owned by the caller);
+    ``parallel``: its sessions run several intra-op threads, and the op's work items go to them
+    (else to the cooperative pool, :mod:`tqedge.runtime.coop_pool`)."""
     payload = np.ascontiguousarray(scales, dtype=np.float64)
     return CustomOp(lib, OP_NAME, [FLOAT, FLOAT, FLOAT, INT64], [FLOAT], attention_compute, attr="layer",
-                    kernels=len(payload), messages=MESSAGES, payload=payload)
+                    kernels=len(payload), messages=MESSAGES, payload=payload, parallel=parallel)

@@ -123,7 +123,7 @@ PREFILL_ITEM_ENTRY = _prefill_item_entry.address  # descriptor words TQ_PAR_PREF
 
 
 @njit(**_OPTS)
-def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn):
+def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn, ort_pool):
     """Every :func:`prefill_item` of a prefill step (arrays C-contiguous): on the cooperative
     pool when ``threads`` > 1 and the launch ``lock`` is free, else on this thread (same bits)."""
     hkv, tg, d = qs.shape
@@ -136,13 +136,14 @@ def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, loc
     block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
     block[PB_DPK], block[PB_DPV], block[PB_NF], block[PB_NC], block[PB_T0] = qp.shape[2], vd.shape[2], \
         kf.shape[1], kd.shape[1], t0
-    coop_run_items(pool, lock, threads, item_fn, block.ctypes.data, hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS), 2)
+    n = hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS)
+    coop_run_items(ort_pool, pool, lock, threads, item_fn, block.ctypes.data, n, 2)
     return block[PB_T]  # a read after the items: ``block`` must not be freed while they run
 
 
 @njit(**_OPTS)
 def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc, vc,
-             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, pool, item_fn, out):
+             fp_slots, pf, old_idx, pc, new_c, n_new_read, threads, lock, pool, item_fn, ort_pool, out):
     t, hq, d = q.shape
     hkv, nfs, _ = fpk.shape
     g = hq // hkv
@@ -188,7 +189,7 @@ def _prefill(q, k, v, scale, t0, sinks, window, ring, fp_lo, exact, fpk, fpv, kc
                     qs[h, r, x] = q[i, h * g + gg, x] * scale
                 matvec(qs[h, r], pq, qp[h, r])
     run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, np.ascontiguousarray(um), t0, rule, res, threads, lock, pool,
-              item_fn)
+              item_fn, ort_pool)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):

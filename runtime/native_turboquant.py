@@ -95,7 +95,7 @@ DECODE_ITEM_ENTRY = _decode_item_entry.address  # what the descriptor hands the 
 
 
 @njit(**_OPTS)
-def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn):
+def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn, ort_pool):
     """Every :func:`decode_item` of a step, serially or on the cooperative pool. The arrays are
     arguments so they outlive the items (Numba frees a local after its last use in the code)."""
     hkv, g, _ = qp.shape
@@ -106,12 +106,13 @@ def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, l
     block[DB_RING], block[DB_D], block[DB_G], block[DB_CHUNKS] = ring, d, g, chunks.ctypes.data
     block[DB_MO], block[DB_DNO], block[DB_ACCO], block[DB_NCH] = mo.ctypes.data, dno.ctypes.data, \
         acco.ctypes.data, nch
-    coop_run_items(pool, lock, threads, item_fn, block.ctypes.data, nch, DECODE_POOL_MIN_ITEMS)
+    coop_run_items(ort_pool, pool, lock, threads, item_fn, block.ctypes.data, nch, DECODE_POOL_MIN_ITEMS)
     return block[DB_NCH]  # a read after the items: ``block`` must not be freed while they run
 
 
 @njit(**_OPTS)
-def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, threads, lock, pool, item_fn, out):
+def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, threads, lock, pool, item_fn, ort_pool,
+            out):
     """One token (q (Hq, D)) over fp16 slots (bias -inf = unread) and ring index ranges, as
     ``attention.decode``: the fp16 part, then the compressed ring in chunks of
     :data:`DECODE_CHUNK` keys (:func:`decode_item`), each with its own softmax max, merged in
@@ -156,7 +157,7 @@ def _decode(q, scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, thre
     mo = np.empty((nch, hkv, g), np.float32)
     dno = np.empty((nch, hkv, g), np.float32)
     acco = np.empty((nch, hkv, g, dpv), np.float32)
-    _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn)
+    _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn, ort_pool)
     accp = np.empty(dpv, np.float32)
     tmp = np.empty(d, np.float32)
     for h in range(hkv):
@@ -187,8 +188,9 @@ def _in_range(a, lo, hi):
 
 
 @njit(**_OPTS)
-def compute(desc, nd, layer, q, k, v, scale, out):
-    """The compressed-cache op for one layer: 0 ok, 1 descriptor out of range, 2 unsupported."""
+def compute(desc, nd, layer, q, k, v, scale, out, ort_pool):
+    """The compressed-cache op for one layer: 0 ok, 1 descriptor out of range, 2 unsupported.
+    ``ort_pool``: the op's parallel-for record or 0 (:func:`tqedge.runtime.coop_pool.run_items`)."""
     if nd < KD.TQ_WORDS:
         return 1
     nl, hkv, d, t, t0 = desc[KD.LAYERS], desc[KD.HKV], desc[KD.DIM], desc[KD.T], desc[KD.T0]
@@ -246,7 +248,7 @@ def compute(desc, nd, layer, q, k, v, scale, out):
                 f16_row_to_f32(v16[h], row)
                 encode_row(row, vc[7], vc[8], vc[9], vc[10], vc[11], vc[0][h, r], vc[1][h, r])
         _decode(q[0], scale, fpk, fpv, bias, kc, vc, krow, vrow, ring, ranges, nr, desc[KD.THREADS],
-                desc[KD.TQ_LOCK], desc[KD.TQ_POOL], desc[KD.TQ_DECODE_ITEM], out[0])
+                desc[KD.TQ_LOCK], desc[KD.TQ_POOL], desc[KD.TQ_DECODE_ITEM], ort_pool, out[0])
         return 0
     if mode != KD.MODE_PREFILL:
         return 1
@@ -265,5 +267,5 @@ def compute(desc, nd, layer, q, k, v, scale, out):
     pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
     _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
              fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
-             desc[KD.TQ_POOL], desc[KD.TQ_PAR_PREFILL], out)
+             desc[KD.TQ_POOL], desc[KD.TQ_PAR_PREFILL], ort_pool, out)
     return 0

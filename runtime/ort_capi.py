@@ -2,10 +2,12 @@
 
 Follows ``include/onnxruntime/core/session/onnxruntime_c_api.h`` (microsoft/onnxruntime; the
 indices below were read off the ``OrtApi`` struct of the ORT_API_VERSION 30 header, which only
-ever appends to it) and ``onnxruntime/core/session/custom_ops.cc`` (what ORT calls per
-``OrtCustomOp.version``). The table is requested at :data:`API_VERSION` = 16: every function
-used here exists since then, and 16 is the first version with ``CreateKernelV2`` /
-``KernelComputeV2`` (a kernel that returns an ``OrtStatus*`` instead of throwing). onnxruntime
+ever appends to it; ``GetBuildInfoString`` at 254 is a check one can run) and
+``onnxruntime/core/session/custom_ops.cc`` (what ORT calls per ``OrtCustomOp.version``). The
+table is requested at :data:`API_VERSION` = 17: every function used here exists since then
+(``KernelContext_ParallelFor``, a custom kernel's work items on the session's intra-op pool, is
+the newest), and 16 is the first version with ``CreateKernelV2`` / ``KernelComputeV2`` (a kernel
+that returns an ``OrtStatus*`` instead of throwing). onnxruntime
 1.32 (the wheel this was written against) reports ORT_API_VERSION 32 and accepts any lower one.
 
 The library is found next to the ``onnxruntime`` package without importing it: the Python module
@@ -27,7 +29,7 @@ import numpy as np
 
 from tqedge.errors import TqedgeError
 
-API_VERSION = 16
+API_VERSION = 17
 
 # OrtApi function-table indices (position of the member in struct OrtApi).
 INDEX = {
@@ -45,6 +47,7 @@ INDEX = {
     "KernelContext_GetOutput": 91, "ReleaseEnv": 92, "ReleaseStatus": 93, "ReleaseMemoryInfo": 94,
     "ReleaseSession": 95, "ReleaseValue": 96, "ReleaseTensorTypeAndShapeInfo": 99,
     "ReleaseSessionOptions": 100, "ReleaseCustomOpDomain": 101, "AddSessionConfigEntry": 130,
+    "KernelContext_ParallelFor": 274,
 }
 
 # enums of the header

@@ -37,7 +37,7 @@ OP_WORDS = ctypes.sizeof(OrtCustomOp) // 8  # int64 words of the struct itself
 MAX_IN, MAX_OUT, MSG_BYTES = 8, 4, 160
 # ext block (int64 words after the struct)
 API, NAME, N_IN, N_OUT, IN_TYPES, OUT_TYPES = 0, 1, 2, 3, 4, 4 + MAX_IN
-ATTR, N_KERNELS, MSGS, PAYLOAD, ROWS = 16, 17, 18, 19, 20
+ATTR, N_KERNELS, MSGS, PAYLOAD, PARALLEL, ROWS = 16, 17, 18, 19, 20, 21
 ROW_WORDS = 2  # kernel row: (kernel index, address of the struct)
 TABLE_LEN = max(INDEX.values()) + 1
 
@@ -45,6 +45,8 @@ _CS, _GET_ATTR = INDEX["CreateStatus"], INDEX["KernelInfoGetAttribute_int64"]
 _GET_IN, _GET_OUT = INDEX["KernelContext_GetInput"], INDEX["KernelContext_GetOutput"]
 _TYPE_SHAPE, _NDIM, _DIMS = INDEX["GetTensorTypeAndShape"], INDEX["GetDimensionsCount"], INDEX["GetDimensions"]
 _REL_INFO, _DATA = INDEX["ReleaseTensorTypeAndShapeInfo"], INDEX["GetTensorMutableData"]
+_PFOR, _REL_STATUS = INDEX["KernelContext_ParallelFor"], INDEX["ReleaseStatus"]
+PAR_WORDS = 3  # a parallel-for record: (KernelContext_ParallelFor, kernel context, ReleaseStatus)
 _JIT = dict(nogil=True)
 
 
@@ -94,6 +96,17 @@ def kernel_ext(kernel):
     row = words(kernel, ROW_WORDS)
     ext = words(row[1] + 8 * OP_WORDS, ROWS)
     return ext, row[0], words(ext[API], TABLE_LEN)
+
+
+@njit(warm=False, inline="always", **_JIT)
+def parallel_record(ext, table, ctx, rec):
+    """Fill ``rec`` (:data:`PAR_WORDS` int64) with what hands work items to onnxruntime's
+    intra-op pool from this kernel call, and return its address; 0 when the op was made without
+    ``parallel`` (then the session runs one intra-op thread and the items go elsewhere)."""
+    if ext[PARALLEL] == 0:
+        return np.int64(0)
+    rec[0], rec[1], rec[2] = table[_PFOR], ctx, table[_REL_STATUS]
+    return np.int64(rec.ctypes.data)
 
 
 @njit(warm=False, **_JIT)
@@ -238,10 +251,13 @@ class CustomOp:
         kernels: number of kernel rows (layers).
         messages: error messages the compute cfunc may return (``fail(ext, table, i + 1)``).
         payload: an array whose address the compute cfunc finds at ``ext[PAYLOAD]``.
+        parallel: the session runs more than one intra-op thread, and the compute cfunc may
+            hand work items to that pool (:func:`parallel_record`).
     """
 
     def __init__(self, lib: OrtLib, name: str, inputs, outputs, compute, attr: str | None = "layer",
-                 kernels: int = 1, messages=(), payload: np.ndarray | None = None):
+                 kernels: int = 1, messages=(), payload: np.ndarray | None = None,
+                 parallel: bool = False):
         if len(inputs) > MAX_IN or len(outputs) > MAX_OUT:
             raise ValueError("too many inputs/outputs for a CustomOp")
         self.buf = np.zeros(OP_WORDS + ROWS + ROW_WORDS * kernels, np.int64)
@@ -263,6 +279,7 @@ class CustomOp:
         ext[ATTR] = ctypes.addressof(self.attr) if self.attr else 0
         ext[N_KERNELS], ext[MSGS] = kernels, self.messages.ctypes.data
         ext[PAYLOAD] = payload.ctypes.data if payload is not None else 0
+        ext[PARALLEL] = 1 if parallel else 0
         self.struct.version = CUSTOM_OP_VERSION
         self.callbacks = {**_CALLBACKS, "KernelComputeV2": compute}  # referenced for as long as the op lives
         for field in CUSTOM_OP_FIELDS:

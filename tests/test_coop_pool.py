@@ -1,6 +1,7 @@
 """The cooperative pool runs every item of every job exactly once, on the caller and its
 workers, with results equal to a plain loop; workers really take part on a multi-core machine;
-stopping joins them; a caller with no workers runs the job alone."""
+stopping joins them; a caller with no workers runs the job alone; an op's parallel-for record
+sends the job to onnxruntime's pool instead."""
 
 from __future__ import annotations
 
@@ -105,3 +106,47 @@ def test_a_forked_child_runs_jobs_on_a_pool_made_before_the_fork():
             os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+L_CALLS, L_N, L_BATCH, L_REFUSE, L_RELEASED = range(5)  # words of the stand-in's log (its "context")
+
+
+@cfunc(types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), nogil=True)
+def _fake_parallel_for(ctx, fn, n, batch, block):
+    """Stands in for ``KernelContext_ParallelFor``; ``ctx`` is the address of its log. Logs the
+    call, then runs the items backwards (another order than a loop's) and returns NULL, or, when
+    the log says refuse, returns a "status" (the log's address) without running them."""
+    log = carray(as_ptr(ctx, np.int64), (5,))
+    log[L_CALLS] += 1
+    log[L_N], log[L_BATCH] = n, batch
+    if log[L_REFUSE] != 0:
+        return ctx
+    for i in range(n - 1, -1, -1):
+        ccall(fn, (block, i))
+    return 0
+
+
+@cfunc(types.int64(types.int64), nogil=True)
+def _fake_release(status):
+    carray(as_ptr(status, np.int64), (5,))[L_RELEASED] += 1
+    return 0
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_items_go_to_onnxruntimes_parallel_for_when_the_op_has_one(refuse):
+    """``run_items`` with an op's parallel-for record hands the job to it (the cooperative pool
+    untouched); a refused call (non-NULL status) is released and the items run here; either way
+    every item once, with the loop's result. Below ``min_items`` the record is not used."""
+    n, work = 9, 2000
+    arrays = [np.zeros(n, np.int64) for _ in range(3)]
+    self_fn = ctypes.cast(ctypes.CDLL(None).pthread_self, ctypes.c_void_p).value
+    block = np.array([arrays[0].ctypes.data, arrays[1].ctypes.data, arrays[2].ctypes.data, n, work, self_fn],
+                     np.int64)
+    log = np.zeros(5, np.int64)
+    log[L_REFUSE] = int(refuse)
+    rec = np.array([_fake_parallel_for.address, log.ctypes.data, _fake_release.address], np.int64)
+    coop_pool.run_items(rec.ctypes.data, 0, 0, 2, _item.address, block.ctypes.data, n, 2)
+    assert (log[L_CALLS], log[L_N], log[L_BATCH], log[L_RELEASED]) == (1, n, 0, int(refuse))
+    assert np.array_equal(arrays[0], _expected(n, work)) and np.all(arrays[1] == 1)
+    coop_pool.run_items(rec.ctypes.data, 0, 0, 2, _item.address, block.ctypes.data, 1, 2)  # below min_items
+    assert log[L_CALLS] == 1 and arrays[1][0] == 2 and np.all(arrays[1][1:] == 1)
