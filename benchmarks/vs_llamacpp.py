@@ -196,10 +196,13 @@ def tqedge_worker(args) -> dict:
     from tqedge.runtime.footprint import PREFILL_CHUNK
 
     backend = None if args.backend in (None, "default") else args.backend
-    model = tqedge.load(args.bundle, threads=args.threads, verify="none", backend=backend)
+    spin = bool(backend and backend.endswith("+spin"))  # "native+spin": tqedge.load(spin=True)
+    if spin:
+        backend = backend.removesuffix("+spin") or None
+    model = tqedge.load(args.bundle, threads=args.threads, verify="none", backend=backend, spin=spin)
     cfg = tqedge_config(args.kv)
     text = Path(args.text).read_text(encoding="utf-8")
-    kv = args.kv if backend is None else f"{args.kv} [{backend}]"
+    kv = args.kv if args.backend in (None, "default") else f"{args.kv} [{args.backend}]"
     out = {"side": "tqedge", "kv": kv, "phase": args.phase, "backend": model.backend_name}
     if args.phase == "speed":
         ids = model.tokenizer.encode(text[: max(args.contexts) * 8], add_special_tokens=False).ids
@@ -311,7 +314,8 @@ def main(argv=None) -> int:
                     help="tqedge KV configs, ';'-separated (exact, tqedge-default, K4V2, K4V3+L3,4@K4V2, ...)")
     ap.add_argument("--phases", type=lambda s: s.split(","), default=["ppl", "speed"], help="ppl,speed")
     ap.add_argument("--tqedge-backends", type=lambda s: s.split(","), default=["default"],
-                    help="tqedge backends to run: 'default' (what tqedge.load picks) and/or names (onnx,native)")
+                    help="tqedge backends to run: 'default' (what tqedge.load picks) and/or names (onnx,native; "
+                         "'native+spin' loads with spin=True)")
     ap.add_argument("--llama-kv", type=lambda s: s.split(","), default=list(LLAMA_KV), help="llama.cpp KV types")
     ap.add_argument("--og-python", type=Path, default=None, help="onnxruntime-genai venv's python (peers.py)")
     ap.add_argument("--og-model", type=Path, default=None, help="onnxruntime-genai model folder (its builder's output)")

@@ -83,6 +83,9 @@ MODEL_OPTIONS = [
                  help="Default: native where the bundle and cache options allow, else onnx, else tflite."),
     click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
                  help="Threads for onnxruntime and the attention kernels."),
+    click.option("--spin", is_flag=True, default=False,
+                 help="Native backend: onnxruntime's threads spin before they sleep and run the attention "
+                      "too (faster on an idle device, slower beside busy processes)."),
     click.option("--system", default=None, help="System message (chat template)."),
     VERIFY_OPTION,
     click.option("--memory", default=None, help=MEMORY_HELP),
@@ -100,11 +103,11 @@ def _pick(kw: dict, names) -> dict:
     return {k: kw.pop(k) for k in names if k in kw}
 
 
-def _load(bundle: Path, backend, threads, verify, cache_opts: dict, memory=None):
+def _load(bundle: Path, backend, threads, verify, cache_opts: dict, memory=None, spin: bool = False):
     import tqedge
 
     opts = {k: v for k, v in cache_opts.items() if v is not None}
-    return tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory, **opts)
+    return tqedge.load(bundle, backend=backend, threads=threads, verify=verify, memory=memory, spin=spin, **opts)
 
 
 def _sampling(kw: dict) -> dict:
@@ -125,7 +128,7 @@ def _stats_line(stats) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, tokens (generated ids), prompt_ids, finish_reason, stats.")
 @_apply(SAMPLING_OPTIONS)
 @_apply(KV_OPTIONS)
-def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: bool, backend, threads,
+def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: bool, backend, threads, spin,
                  system, verify, memory, **kw) -> None:
     """Generate a completion of a prompt with the model in BUNDLE."""
     from tqedge.runtime.generate import stream_generate
@@ -140,7 +143,7 @@ def generate_cmd(bundle: Path, prompt: str | None, chat: bool | None, as_json: b
         raise TqedgeError("the prompt is empty (use -p TEXT or pipe it on stdin)")
     if system and chat is False:
         raise TqedgeError("--system needs the chat template; drop --raw")
-    model = _load(bundle, backend, threads, verify, cache_opts, memory)
+    model = _load(bundle, backend, threads, verify, cache_opts, memory, spin)
     use_chat = bool(model.manifest.tokenizer.chat_template) if chat is None else chat
     if use_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -243,12 +246,12 @@ class ChatRepl:
 @_apply(MODEL_OPTIONS)
 @_apply(SAMPLING_OPTIONS)
 @_apply(KV_OPTIONS)
-def chat_cmd(bundle: Path, backend, threads, system, verify, memory, **kw) -> None:
+def chat_cmd(bundle: Path, backend, threads, spin, system, verify, memory, **kw) -> None:
     """Chat with the model in BUNDLE (one message per line when stdin is not a terminal)."""
     from tqedge.runtime.chat import Chat
 
     cache_opts, sampling = _pick(kw, _KV), _sampling(kw)
-    model = _load(bundle, backend, threads, verify, cache_opts, memory)
+    model = _load(bundle, backend, threads, verify, cache_opts, memory, spin)
     chat = Chat(model, system=input_text(system) if system else system, **sampling)
     interactive = sys.stdin.isatty()
     ChatRepl(chat, interactive).run(None if interactive else sys.stdin.buffer)  # bytes: decoded per line

@@ -52,12 +52,15 @@ class Model:
         batched: the model will run mostly steps of many rows (a server batching
             conversations, an evaluation): the native backend then gives onnxruntime ``threads``
             as well (:data:`tqedge.runtime.backends.onnx_native.ORT_THREADS`).
+        spin: native backend: onnxruntime gets ``threads`` with workers that spin before they
+            sleep, and the attention op's work items run on them: faster on an idle device,
+            slower beside busy processes (:data:`tqedge.runtime.backends.onnx_native.SPIN_CONFIG`).
     """
 
     def __init__(self, path: Path, manifest: Manifest, backend: str | None = None,
                  threads: int | None = None, kv_budget=None, kv_bits=None,
                  window: int | None = None, sinks: int | None = None, policy: str = "slide", memory=None,
-                 batched: bool = False):
+                 batched: bool = False, spin: bool = False):
         from tokenizers import Tokenizer
 
         from tqedge.codec import kernels
@@ -75,7 +78,8 @@ class Model:
             raise TqedgeError(f"bundle file {manifest.tokenizer.file} cannot be loaded "
                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         trim_heap()
-        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched)
+        self.backend = get_backend(self.backend_name)(self.path, manifest, threads=threads, batched=batched,
+                                                      spin=spin)
         self._decode = getattr(self.backend, "decode", None)  # a backend's one-call decode step, if any
         warm_up(self)  # loads the kernels a first prompt calls while the compiler's pages may still go
         # the compiler's library, the weight files and code that ran once (imports, the session
@@ -231,7 +235,7 @@ class Model:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, verify: str = "auto",
-         memory=None, batched: bool = False, **cache_defaults) -> Model:
+         memory=None, batched: bool = False, spin: bool = False, **cache_defaults) -> Model:
     """Load a bundle.
 
     Args:
@@ -247,6 +251,7 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
             :mod:`tqedge.runtime.warmup`; ``tqedge doctor --warmup`` does it ahead).
         memory: peak RSS the process may reach, e.g. "512MiB" (see :class:`Model`).
         batched: True for a model that runs mostly batched steps (see :class:`Model`).
+        spin: True for onnxruntime workers that spin (native backend; see :class:`Model`).
         **cache_defaults: ``kv_budget``, ``kv_bits``, ``window``, ``sinks``, ``policy`` defaults
             for caches this model creates.
 
@@ -264,6 +269,6 @@ def load(path, backend: str | None = None, threads: int | None = None, verify: s
     # backend loads any (the native op's kernels load with its session)
     ensure_warm(manifest)
     model = Model(Path(path), manifest, backend=backend, threads=threads, memory=memory, batched=batched,
-                  **cache_defaults)
+                  spin=spin, **cache_defaults)
     log.info("loaded %s (%s backend) in %.2fs", path, model.backend_name, time.perf_counter() - t0)
     return model

@@ -27,8 +27,8 @@ def tiny(monkeypatch, tmp_path):
     lm = TinyLM()
     seen = {}
 
-    def fake_load(bundle, backend, threads, verify, cache_opts, memory=None):
-        seen.update(backend=backend, threads=threads, verify=verify, memory=memory, **cache_opts)
+    def fake_load(bundle, backend, threads, verify, cache_opts, memory=None, spin=False):
+        seen.update(backend=backend, threads=threads, verify=verify, memory=memory, spin=spin, **cache_opts)
         lm.cache_defaults.update({k: v for k, v in cache_opts.items() if v is not None})
         return lm
 
@@ -49,8 +49,8 @@ def test_generate_json_matches_python_api(tiny):
     assert set(out) == {"text", "tokens", "prompt_ids", "finish_reason", "chat_template", "stats"}
     assert {"prompt_tokens", "generation_tokens", "prefill_tps", "decode_tps", "kv_bytes_used",
             "kv_capacity_bytes", "kv_tokens", "kv_capacity_tokens", "evicted"} <= set(out["stats"])
-    assert seen == dict(backend=None, threads=1, verify="auto", memory=None, kv_budget="128KiB", kv_bits="exact",
-                        window=None, sinks=None, policy="error")
+    assert seen == dict(backend=None, threads=1, verify="auto", memory=None, spin=False, kv_budget="128KiB",
+                        kv_bits="exact", window=None, sinks=None, policy="error")
     # chat template is the default for a bundle that has one
     ids = lm.encode(render_for(lm.manifest, [{"role": "user", "content": QUESTION}]), add_special_tokens=False)
     assert out["chat_template"] is True and out["prompt_ids"] == ids
@@ -97,14 +97,15 @@ def test_generate_prompt_from_stdin_and_errors(tiny):
 
 
 def test_chat_scripted_over_stdin(tiny):
-    lm, bundle, _ = tiny
+    lm, bundle, seen = tiny
     opts = dict(temperature=0, max_tokens=8)
     ref = Chat(lm, system="Be brief.", kv_bits="exact", **opts)
     want1, want2 = ref.send("Hello"), ref.send("And then?")
     stdin = "Hello\n/stats\n\nAnd then?\n/reset\n/exit\nnever sent\n"
     r = _run(["chat", bundle, "--system", "Be brief.", "--temperature", "0", "--max-tokens", "8",
-              "--kv-bits", "exact"], stdin=stdin)
+              "--kv-bits", "exact", "--spin"], stdin=stdin)
     assert r.exit_code == 0, r.output
+    assert seen["spin"] is True
     lines = r.stdout.splitlines()
     assert lines[0] == want1 and lines[3] == want2 and lines[4] == "[conversation reset]"
     assert lines[1].startswith("[prompt") and "cache:" in lines[2] and "3 messages" in lines[2]  # system, user, assistant

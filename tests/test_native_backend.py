@@ -29,8 +29,8 @@ HQ, HKV, D, L, LAYER, SCALE = 4, 2, 64, 2, 1, 0.125
 
 
 @pytest.fixture(scope="module")
-def op_session(tmp_path_factory):
-    """One TurboQuantAttention node (layer 1 of 2) as a whole graph, run through the C API."""
+def op_graph(tmp_path_factory):
+    """One TurboQuantAttention node (layer 1 of 2) as a whole graph."""
     from onnx import helper
 
     f = lambda n, s: helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, s)  # noqa: E731
@@ -42,9 +42,26 @@ def op_session(tmp_path_factory):
     path = tmp_path_factory.mktemp("op") / "op.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.tqedge", 1)]),
               str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def op_session(op_graph):
+    """The node run through the C API, one intra-op thread."""
     lib = ort_capi.OrtLib()
     op = native_op.make_op(lib, [0.3, SCALE])
-    sess = ort_capi.Session(lib, path, [op], threads=1)
+    sess = ort_capi.Session(lib, op_graph, [op], threads=1)
+    yield sess
+    sess.close()
+
+
+@pytest.fixture(scope="module")
+def op_session_ort_pool(op_graph):
+    """The node in a session of 2 intra-op threads whose op hands its work items to them
+    (``KernelContext_ParallelFor``), as an interactive model's session does."""
+    lib = ort_capi.OrtLib()
+    op = native_op.make_op(lib, [0.3, SCALE], parallel=True)
+    sess = ort_capi.Session(lib, op_graph, [op], threads=2, config={"session.intra_op.allow_spinning": "1"})
     yield sess
     sess.close()
 
@@ -150,6 +167,38 @@ def test_turboquant_decode_same_bits_on_one_thread_and_the_pool(op_session):
         assert np.array_equal(out.view(np.uint32), outs[0].view(np.uint32))
 
 
+def test_turboquant_op_items_on_onnxruntimes_pool_same_bits(op_session, op_session_ort_pool):
+    """Prefill tiles and decode chunks handed to onnxruntime's intra-op pool give, bit for bit,
+    what one thread gives (same items, same merge order), and match cache.attend."""
+    from tqedge.codec import numba_runtime
+    from tqedge.runtime.native_turboquant import DECODE_CHUNK, DECODE_POOL_MIN_ITEMS
+
+    def mk():
+        k, v = build_codecs(KVSpec(), L, D, (4, 3))
+        return CompressedKVCache(k, v, HKV, D, ring=5000, sinks=4, window=64, policy="slide")
+
+    steps = [700] * 6 + [500]
+    assert (sum(steps) - 4 - 64) // DECODE_CHUNK + 1 >= DECODE_POOL_MIN_ITEMS
+    numba_runtime.set_threads(1)  # no cooperative pool: the items run on onnxruntime's threads or serially
+    try:
+        pooled, serial, ref = mk(), mk(), mk()
+        assert _run_twins(op_session_ort_pool, pooled, ref, steps, seed=3) < 1e-4
+        _run_twins(op_session, serial, mk(), steps, seed=3)
+        rng = np.random.default_rng(4)
+        for _ in range(3):  # decode steps over ~4.6K compressed keys: 9 chunks
+            q, kk, vv = (rng.normal(size=(1, h, D)).astype(np.float32) for h in (HQ, HKV, HKV))
+            outs = []
+            for sess, cache in ((op_session_ort_pool, pooled), (op_session, serial)):
+                cache.prepare(1)
+                (out,) = sess.run({"q": q, "k": kk, "v": vv, "kv_desc": cache.descriptor()}, ["out"])
+                cache.commit()
+                outs.append(out)
+            assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+    finally:
+        numba_runtime.set_threads(None)
+    assert pooled._native_desc[kv_descriptor.TQ_POOL] == 0  # the cooperative pool had no part in it
+
+
 def test_bad_descriptor_is_a_one_line_error(op_session):
     cache = ExactKVCache(L, HKV, D, capacity=8)
     cache.prepare(2)
@@ -239,23 +288,31 @@ def test_two_models_two_chats_interleaved(pair, smollm2_bundle):  # noqa: F811
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
-def test_batched_model_gives_onnxruntime_the_threads(smollm2_bundle):  # noqa: F811
-    """An interactive model runs onnxruntime on one thread whatever ``threads`` is; a model loaded
-    ``batched`` (the server, evaluations) gives it ``threads``: its session starts one more
-    pool thread at threads=2 than an interactive one loaded just after it, and the two agree
-    on the next token (the op's threads are the same)."""
+def test_who_gets_the_threads(smollm2_bundle):  # noqa: F811
+    """An interactive model runs onnxruntime on one thread whatever ``threads`` is, and the op's
+    work items on the cooperative pool; a model loaded ``batched`` (the server, evaluations) gives
+    onnxruntime ``threads`` (one more pool thread at threads=2); with ``spin`` onnxruntime gets
+    ``threads`` too, its workers spin, and the op's items run on them. All three agree on the
+    next token (the items and their merge are the same wherever they run)."""
     tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
-    load = lambda batched: tqedge.load(smollm2_bundle, backend="native", threads=2, kv_bits="exact",  # noqa: E731
-                                       verify="size", batched=batched)
-    load(False).backend.close()  # the op's cooperative pool for 2 threads exists from here on
+    load = lambda **kw: tqedge.load(smollm2_bundle, backend="native", threads=2, kv_bits="exact",  # noqa: E731
+                                    verify="size", **kw)
+    load().backend.close()  # the op's cooperative pool for 2 threads exists from here on
     n0 = tasks()
-    batched = load(True)
+    batched = load(batched=True)
     n1 = tasks()
-    inter = load(False)
+    inter = load()
     n2 = tasks()
-    assert batched.backend.ort_threads == 2 and inter.backend.ort_threads == native_backend.ORT_THREADS == 1
-    assert n1 - n0 == (n2 - n1) + 1
+    spin = load(spin=True)
+    n3 = tasks()
+    assert batched.backend.ort_threads == spin.backend.ort_threads == 2
+    assert inter.backend.ort_threads == native_backend.ORT_THREADS == 1
+    assert n1 - n0 == 1 and n2 == n1 and n3 - n2 == 1
+    assert spin.backend.op_on_ort_pool and not inter.backend.op_on_ort_pool and not batched.backend.op_on_ort_pool
+    assert native_backend.SPIN_CONFIG["session.intra_op.allow_spinning"] == "1"
+    assert native_backend.SLEEP_CONFIG["session.intra_op.allow_spinning"] == "0"
     ids = batched.encode("The capital of France is")
-    a, b = batched.forward(ids, batched.new_cache()), inter.forward(ids, inter.new_cache())
-    assert int(np.argmax(a)) == int(np.argmax(b))
+    a, b, c = (m.forward(ids, m.new_cache()) for m in (batched, inter, spin))
+    assert int(np.argmax(a)) == int(np.argmax(b)) == int(np.argmax(c))
     np.testing.assert_allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(b, c, atol=1e-3)

@@ -56,11 +56,13 @@ class LiteRTBackend:
         manifest: its validated manifest (must have a "tflite" graph).
         threads: interpreter threads (None = all cores, as onnxruntime's default).
         batched: unused (every step already runs on ``threads``).
+        spin: unused (the native backend's option).
     """
 
     name = "tflite"
 
-    def __init__(self, bundle_dir, manifest: Manifest, threads: int | None = None, batched: bool = False):
+    def __init__(self, bundle_dir, manifest: Manifest, threads: int | None = None, batched: bool = False,
+                 spin: bool = False):
         graph = manifest.graphs.get("tflite")
         if graph is None or not graph.file:
             raise TqedgeError("this bundle has no tflite graph (re-export with --format tflite)")

@@ -97,12 +97,14 @@ class OnnxBackend:
         manifest: its validated manifest (must have ``graphs["onnx"]``).
         threads: intra-op threads per session (None = onnxruntime default).
         batched: unused (every step already runs on ``threads``).
+        spin: unused (the native backend's option; here pool threads that spin would take the
+            core from the attention that runs between graphs).
     """
 
     name = "onnx"
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                 batched: bool = False):
+                 batched: bool = False, spin: bool = False):
         graph = manifest.graphs.get("onnx")
         if graph is None:
             raise TqedgeError("this bundle has no ONNX graph")

@@ -34,16 +34,26 @@ from tqedge.runtime.ort_numba import ccall
 log = logging.getLogger(__name__)
 FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
 FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
-#: onnxruntime's intra-op threads in the native session of an interactive model (generate, chat),
-#: whatever ``threads`` is: a decode step is ~1,800 small nodes, and a pool thread that sleeps
-#: between them (no spinning: other processes need the core) costs more to wake than it saves on
-#: one row (SmolLM2 int4, 2 cores, interleaved A/B in one process: decode 50.0 vs 43.9 tok/s at
-#: 512 tokens, 28.7 vs 27.3 at 2K). ``threads`` goes to the attention op's kernels instead. A
-#: model loaded ``batched`` (a server, an evaluation: steps of many rows) gives onnxruntime
-#: ``threads`` too: 8 decode rows 155 vs 122 tok/s (int8), 190 vs 159 (int4); prefill 277 vs 227
-#: tok/s at 512, 197 vs 169 at 2K. Re-measured on an AVX-512 VNNI machine (docs/RESULTS.md, round 20):
-#: two threads decode 3–5 % slower at 512 / 2K for a third more CPU, prefill 16–30 % faster.
+#: onnxruntime's intra-op threads in the native session of an interactive model (generate, chat)
+#: that does not ``spin``, whatever ``threads`` is: a decode step is ~1,800 small nodes, and a pool
+#: thread that sleeps between them costs more to wake than it saves on one row (round 20, AVX-512
+#: VNNI: two threads decode 3–5 % slower at 512 / 2K for a third more CPU, prefill 16–30 % faster;
+#: round 12, AVX2: 50.0 vs 43.9 tok/s at 512). ``threads`` goes to the attention op's work items
+#: (the cooperative pool) instead. A model loaded ``batched`` (a server, an evaluation: steps of
+#: many rows) gives onnxruntime ``threads`` too: 8 decode rows 155 vs 122 tok/s (int8), 190 vs 159
+#: (int4); prefill 277 vs 227 tok/s at 512, 197 vs 169 at 2K.
 ORT_THREADS = 1
+#: ``spin=True`` (opt-in): onnxruntime gets all of ``threads``, its workers spin before they sleep
+#: (onnxruntime's own default), and the attention op hands its work items (prefill tiles, the
+#: compressed ring's decode chunks) to that same pool (``KernelContext_ParallelFor``): one pool,
+#: awake across the small nodes of a step. Round 21 (SmolLM2 int4, AVX-512 VNNI, 2 cores,
+#: docs/RESULTS.md): a decode step 14.8 → 12.8 ms at 512 tokens, 19.6 → 16.2 at 2K, 38.4 → 34.5 at
+#: 8K (benchmarks/ab_step.py, medians of 3), bit-identical logits; but beside one busy process it
+#: keeps 50 % of its idle decode speed at 2K where the default keeps 89 % (benchmarks/threads.py),
+#: and a decoded token costs 33 instead of 25 ms of CPU. Hence not the default.
+SPIN_CONFIG = {"session.intra_op.allow_spinning": "1"}
+#: The default: pool workers sleep as soon as they find no work (other processes need the cores).
+SLEEP_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
 @njit(warm=False, nogil=True)
@@ -154,35 +164,44 @@ class NativeBackend:
     Args:
         bundle_dir: the bundle directory.
         manifest: its validated manifest (``graphs["onnx"]`` with ``file`` and ``descriptor``).
-        threads: threads of the attention kernels (Model.forward sets them per call; onnxruntime
-            itself runs :data:`ORT_THREADS`, or ``threads`` when ``batched``).
+        threads: threads of the attention op's work items (Model.forward sets them per call);
+            onnxruntime itself runs :data:`ORT_THREADS`, or ``threads`` when ``batched`` or ``spin``
+            (None: every usable core, or onnxruntime's default when ``batched``).
         batched: the model runs mostly steps of many rows (see :data:`ORT_THREADS`).
+        spin: onnxruntime's workers spin, and the op's items run on them (:data:`SPIN_CONFIG`).
     """
 
     name = "native"
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, threads: int | None = None,
-                 batched: bool = False):
+                 batched: bool = False, spin: bool = False):
         graph = manifest.graphs.get("onnx")
         if not supports(manifest):
             have = graph.descriptor if graph else None
             raise TqedgeError(f"this bundle's model.onnx has no cache descriptor version {DESCRIPTOR_VERSION} "
                               f"(it has {have}); re-export it or use --backend onnx")
+        from tqedge.codec import numba_runtime
         from tqedge.runtime import native_op, ort_capi
 
         t0 = time.perf_counter()
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
-        self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention])
+        if batched:
+            self.ort_threads = threads  # None: onnxruntime's default
+        else:
+            self.ort_threads = (threads or numba_runtime.MAX_THREADS) if spin else ORT_THREADS
+        self.op_on_ort_pool = spin and self.ort_threads != 1
+        self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention],
+                                    parallel=self.op_on_ort_pool)
         # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
         # are not held while the session packs the weights (memory.py)
         release_file_pages(compiler_dirs())
         release_code_pages()
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
-        self.ort_threads = threads if batched else ORT_THREADS  # None: onnxruntime's default
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
             self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op],
-                                            threads=self.ort_threads, config={"session.intra_op.allow_spinning": "0"})
+                                            threads=self.ort_threads,
+                                            config=SPIN_CONFIG if spin else SLEEP_CONFIG)
         release_file_pages([str(bundle_dir)])  # the rest, once the build is done
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:
@@ -193,10 +212,8 @@ class NativeBackend:
         self._name_ptrs = np.array([ctypes.addressof(b) for b in self._names], np.int64)
         self._fns = np.array([self.lib.addr(f) for f in FNS], np.int64)
         self._step = _step
-        from tqedge.codec import numba_runtime
-
-        if (threads or numba_runtime.MAX_THREADS) > 1:  # start the op's worker threads now, not in the first prompt
-            from tqedge.runtime import coop_pool
+        if not self.op_on_ort_pool and (threads or numba_runtime.MAX_THREADS) > 1:
+            from tqedge.runtime import coop_pool  # the op's workers now, not in the first prompt
 
             coop_pool.pool(threads or numba_runtime.MAX_THREADS)
         log.info("native: one session (onnxruntime %s C API) in %.2fs", self.lib.version, time.perf_counter() - t0)
