@@ -35,10 +35,11 @@ def _generate(bundle, prompt: str, *args) -> tuple[int, str, str, int]:
     return p.returncode, out, err, peak
 
 
-def test_generate_stays_under_memory_and_refuses_what_cannot_fit(smollm2_bundle, wikitext):
+@pytest.mark.parametrize("spin", [[], ["--spin"]], ids=["default", "spin"])
+def test_generate_stays_under_memory_and_refuses_what_cannot_fit(smollm2_bundle, wikitext, spin):
     prompt = wikitext[:2600]  # ~600 tokens: several full prefill chunks
     # far too small: refused at load with one line that names the least memory that would do
-    code, out, err, _ = _generate(smollm2_bundle, prompt, "--memory", "64MiB")
+    code, out, err, _ = _generate(smollm2_bundle, prompt, "--memory", "64MiB", *spin)
     assert code == 2 and out == ""
     # on a cold kernel cache the load first logs its one-off compile notice (WARNING ...: compiling ...)
     lines = [ln for ln in err.strip().splitlines() if not re.match(r"WARNING \S+: compiling ", ln)]
@@ -46,7 +47,7 @@ def test_generate_stays_under_memory_and_refuses_what_cannot_fit(smollm2_bundle,
     need = int(re.search(r"needs at least (\d+) MiB", lines[0]).group(1))
     # a budget just above that minimum runs, and the kernel's peak RSS of the process stays under it
     budget = need + 24
-    code, out, err, peak = _generate(smollm2_bundle, prompt, "--memory", f"{budget}MiB")
+    code, out, err, peak = _generate(smollm2_bundle, prompt, "--memory", f"{budget}MiB", *spin)
     assert code == 0, err
     stats = json.loads(out)["stats"]
     assert stats["kv_capacity_bytes"] >= 24 * MiB  # the KV cache got the rest

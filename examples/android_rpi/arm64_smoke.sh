@@ -8,7 +8,8 @@
 #   2. copies in a bundle exported on the host (int8 weights recommended);
 #   3. runs `tqedge doctor`, checks that the native backend (one onnxruntime session, the cache op
 #      a Numba cfunc) is the one picked, then a greedy `tqedge generate ... --temperature 0 --json`
-#      with the default TurboQuant cache three times: native, `--backend onnx` (segments, Numba
+#      with the default TurboQuant cache four times: native, native `--spin` (the op's work items
+#      on onnxruntime's pool through KernelContext_ParallelFor), `--backend onnx` (segments, Numba
 #      kernels) and TQEDGE_KERNELS=numpy (segments, NumPy kernels);
 #   4. compares the token ids with the host's for the same bundle and prompt: PASS/FAIL. Where
 #      they part, the host's logit gap between the two tokens (teacher-forced) must be a near-tie
@@ -215,6 +216,10 @@ say "arm64: greedy generate, native backend (first run compiles: slow under emul
 t0=$(date +%s)
 "$ROOT/armrun" tqedge generate /opt/bundle "${GEN[@]}" > "$WORK/arm-numba.json"
 echo "  took $(( $(date +%s) - t0 )) s (emulated)"
+say "arm64: greedy generate, native backend with --spin (the op's items on onnxruntime's pool)"
+t0=$(date +%s)
+"$ROOT/armrun" tqedge generate /opt/bundle --spin "${GEN[@]}" > "$WORK/arm-spin.json"
+echo "  took $(( $(date +%s) - t0 )) s (emulated)"
 say "arm64: greedy generate, segment backend with the Numba kernels"
 t0=$(date +%s)
 "$ROOT/armrun" tqedge generate /opt/bundle --backend onnx "${GEN[@]}" > "$WORK/arm-segments.json"
@@ -259,7 +264,7 @@ h = doc("host.json")
 host, prompt = ids(h, "host.json"), [int(t) for t in h["prompt_ids"]]
 print(f"  host      : {host}")
 ok = True
-for name in ("arm-numba.json", "arm-segments.json", "arm-numpy.json"):
+for name in ("arm-numba.json", "arm-spin.json", "arm-segments.json", "arm-numpy.json"):
     got = ids(doc(name), name)
     label = name[4:-5]
     if got == host:
