@@ -19,8 +19,8 @@ next item``: a worker that woke late sees another job id and claims nothing of i
 :func:`run_items` is the entry for nopython callers: onnxruntime's intra-op pool when the
 calling op was handed one (``KernelContext_ParallelFor``: the session's own threads, which also
 claim items dynamically and revoke the ones no thread started), else this pool when it can have
-it, this thread alone otherwise. :func:`run` must be called by one thread at a time (the caller holds the
-process-wide launch lock, :data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`).
+it, this thread alone otherwise. :func:`run` must be called by one thread at a time (the caller
+holds the process-wide launch lock, :data:`tqedge.codec.numba_runtime.LOCK_ADDRESS`).
 """
 
 from __future__ import annotations
@@ -125,9 +125,9 @@ def run(ctl_addr, fn, block, n):
 def run_items(ort_pool, ctl_addr, lock, threads, fn, block, n, min_items):
     """Items ``0 .. n-1`` of ``fn(block, item)`` (a ``cfunc`` address) when there are
     ``min_items`` items or more: on onnxruntime's intra-op pool when ``ort_pool`` ≠ 0 (the
-    address of an op's parallel-for record, :func:`tqedge.runtime.ort_numba.parallel_record`; ``fn`` is
-    called as ``void fn(void*, size_t)``, the same registers and an ignored result on the
-    x86-64 and AArch64 C ABIs); else with this pool's idle workers (:func:`run`) when
+    address of an op's parallel-for record, :func:`tqedge.runtime.ort_numba.parallel_record`;
+    ``fn`` is called as ``void fn(void*, size_t)``, the same registers and an ignored result on
+    the x86-64 and AArch64 C ABIs); else with this pool's idle workers (:func:`run`) when
     ``threads`` > 1, a pool exists (``ctl_addr`` ≠ 0) and the process-wide launch ``lock`` is
     free; else one after another on this thread. Every way calls ``fn``: one machine-code copy
     of the item, the same bits."""

@@ -124,8 +124,9 @@ PREFILL_ITEM_ENTRY = _prefill_item_entry.address  # descriptor words TQ_PAR_PREF
 
 @njit(**_OPTS)
 def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn, ort_pool):
-    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous): on the cooperative
-    pool when ``threads`` > 1 and the launch ``lock`` is free, else on this thread (same bits)."""
+    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous), through
+    :func:`tqedge.runtime.coop_pool.run_items`: on onnxruntime's pool (``ort_pool``), on the
+    cooperative pool, or on this thread (same bits)."""
     hkv, tg, d = qs.shape
     block = np.empty(PB_WORDS, np.int64)
     block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \

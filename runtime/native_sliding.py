@@ -100,7 +100,7 @@ def _decode(q, k, v, scale, keys, values, t0, half, out):
 
 
 @njit(**_OPTS)
-def _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, par, out):
+def _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, ort_pool, out):
     """``T`` tokens at positions ``t0 …``: attend (old in-window slots + the new tokens, causal,
     distance < W), then store the last ``min(T, W)`` of them."""
     t, hq, d = q.shape
@@ -139,7 +139,7 @@ def _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_f
     none = np.empty((hkv, 0, 1), np.float32)  # no compressed keys or values
     res = np.empty((hkv, t * g, d), np.float32)
     run_items(qs, qs, g, kf, vf, pf, none, none, np.empty(0, np.int64), np.zeros((1, d), np.float32), t0, rule,
-              res, threads, lock, pool, item_fn, par)
+              res, threads, lock, pool, item_fn, ort_pool)
     for h in range(hkv):
         for i in range(t):
             for gg in range(g):
@@ -152,11 +152,11 @@ def _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_f
 
 
 @njit(**_OPTS)
-def _run(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, par, out):
+def _run(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, ort_pool, out):
     if q.shape[0] == 1:
         _decode(q[0], k[0], v[0], scale, keys, values, t0, half, out[0])
     else:
-        _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, par, out)
+        _prefill(q, k, v, scale, keys, values, t0, half, threads, lock, pool, item_fn, ort_pool, out)
 
 
 @njit(**_OPTS)
@@ -168,13 +168,13 @@ def compute(desc, nd, j, q, k, v, scale, out, ort_pool):
     if w < 1 or t0 < 0 or j < 0 or j >= ns or desc[KD.LY_KEYS] == 0 or desc[KD.LY_VALUES] == 0 \
             or (esize != 2 and esize != 4) or desc[KD.LY_PAR_PREFILL] == 0:
         return 1
-    threads, lock, pool, par = desc[KD.THREADS], desc[KD.LY_LOCK], desc[KD.LY_POOL], desc[KD.LY_PAR_PREFILL]
+    threads, lock, pool, item_fn = desc[KD.THREADS], desc[KD.LY_LOCK], desc[KD.LY_POOL], desc[KD.LY_PAR_PREFILL]
     if esize == 2:
         keys = carray(as_ptr(desc[KD.LY_KEYS], np.uint16), (ns, hkv, w, d))[j]
         values = carray(as_ptr(desc[KD.LY_VALUES], np.uint16), (ns, hkv, w, d))[j]
-        _run(q, k, v, scale, keys, values, t0, True, threads, lock, pool, par, ort_pool, out)
+        _run(q, k, v, scale, keys, values, t0, True, threads, lock, pool, item_fn, ort_pool, out)
     else:
         keys32 = carray(as_ptr(desc[KD.LY_KEYS], np.float32), (ns, hkv, w, d))[j]
         values32 = carray(as_ptr(desc[KD.LY_VALUES], np.float32), (ns, hkv, w, d))[j]
-        _run(q, k, v, scale, keys32, values32, t0, False, threads, lock, pool, par, ort_pool, out)
+        _run(q, k, v, scale, keys32, values32, t0, False, threads, lock, pool, item_fn, ort_pool, out)
     return 0

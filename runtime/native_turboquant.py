@@ -96,8 +96,9 @@ DECODE_ITEM_ENTRY = _decode_item_entry.address  # what the descriptor hands the 
 
 @njit(**_OPTS)
 def _run_decode_items(qp, krow, vrow, ring, d, chunks, mo, dno, acco, threads, lock, pool, item_fn, ort_pool):
-    """Every :func:`decode_item` of a step, serially or on the cooperative pool. The arrays are
-    arguments so they outlive the items (Numba frees a local after its last use in the code)."""
+    """Every :func:`decode_item` of a step, through :func:`tqedge.runtime.coop_pool.run_items`
+    (onnxruntime's pool, the cooperative pool or this thread). The arrays are arguments so they
+    outlive the items (Numba frees a local after its last use in the code)."""
     hkv, g, _ = qp.shape
     nch = chunks.shape[0]
     block = np.empty(DB_WORDS, np.int64)

@@ -7,8 +7,8 @@ ever appends to it; ``GetBuildInfoString`` at 254 is a check one can run) and
 table is requested at :data:`API_VERSION` = 17: every function used here exists since then
 (``KernelContext_ParallelFor``, a custom kernel's work items on the session's intra-op pool, is
 the newest), and 16 is the first version with ``CreateKernelV2`` / ``KernelComputeV2`` (a kernel
-that returns an ``OrtStatus*`` instead of throwing). onnxruntime
-1.32 (the wheel this was written against) reports ORT_API_VERSION 32 and accepts any lower one.
+that returns an ``OrtStatus*`` instead of throwing). onnxruntime 1.32 (the wheel this was
+written against) reports ORT_API_VERSION 32 and accepts any lower one.
 
 The library is found next to the ``onnxruntime`` package without importing it: the Python module
 links its own copy of onnxruntime, and the native backend needs only this one.
