@@ -7,9 +7,10 @@ raise (callers validate shapes first) and write only into the arrays they are gi
 
 - :func:`exact_attend`: causal GQA softmax attention over an fp32 slot cache (old slots a
   prefix or a mask, new tokens causal among themselves), then stores the new keys/values.
-- :func:`f32_to_f16` (one value) and :func:`f32_row_to_f16` / :func:`f16_row_to_f32` (rows,
-  on the bits): IEEE half conversions (round to nearest even, like NumPy's
-  ``astype(np.float16)``) without Numba float16 support.
+- :func:`f32_to_f16` (one value) and :func:`f32_row_to_f16` (rows, on the bits): float32 →
+  IEEE half, round to nearest even like NumPy's ``astype(np.float16)``, without Numba float16
+  support; :func:`half_to_float` / :func:`f16_row_to_f32` the other way, by the CPU's own
+  conversion instruction.
 
 Every function gives the results of its NumPy counterpart (``runtime/cache.py``'s
 ``exact_attention``) up to float32 summation order.
@@ -17,7 +18,10 @@ Every function gives the results of its NumPy counterpart (``runtime/cache.py``'
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.numba_runtime import njit
@@ -125,59 +129,40 @@ def f32_to_f16(x):
     return sign | np.uint16((e + 15) << 10) | np.uint16(mant)
 
 
-_MAGIC = np.float32(2.0 ** 112)  # float16 → float32 exponent re-bias (2^(127-15))
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float16 bit pattern (uint16) → float32, exact for every half (±0, subnormals, inf, NaN
+    payloads): LLVM's ``fpext half to float``, one ``vcvtph2ps`` (x86 F16C) or ``fcvt`` (AArch64)
+    per 8–16 values once vectorized. Numba has no float16 type on the CPU; this is the one place
+    a half is widened."""
+    sig = types.float32(types.uint16)
 
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-@njit(inline="always", **_OPTS)
-def _f16_magnitude(h):
-    """float16 bits → exponent and mantissa in float32 position (re-bias still to apply)."""
-    return (np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)
-
-
-@njit(inline="always", **_OPTS)
-def _f16_sign_special(h):
-    """float16 bits → the float32 bits to OR in after the re-bias: the sign, and an all-ones
-    exponent for infinities and NaNs (the re-bias made them finite; the mantissa, hence a NaN's
-    payload, is already in place, as NumPy converts them)."""
-    h = np.uint32(h)
-    special = np.uint32(0x7F800000) if (h & np.uint32(0x7C00)) == np.uint32(0x7C00) else np.uint32(0)
-    return special | ((h & np.uint32(0x8000)) << np.uint32(16))
+    return sig, codegen
 
 
 @njit(inline="always", **_OPTS)
 def f16_row_to_f32(src, dst):
-    """float16 bit patterns (uint16, C-contiguous) → float32 ``dst``: exponent and mantissa
-    moved into float32 position and re-biased by ×2^112 (exact for normals and subnormals),
-    then sign and inf/NaN exponents OR-ed in: three branch-free loops LLVM vectorizes."""
-    bits = dst.view(np.uint32)
+    """float16 bit patterns (uint16, C-contiguous) → float32 ``dst`` (:func:`half_to_float`)."""
     for j in range(src.shape[0]):
-        bits[j] = _f16_magnitude(src[j])
-    for j in range(src.shape[0]):
-        dst[j] = dst[j] * _MAGIC
-    for j in range(src.shape[0]):
-        bits[j] = bits[j] | _f16_sign_special(src[j])
+        dst[j] = half_to_float(src[j])
 
 
 @njit(inline="always", **_OPTS)
 def f16_rows_to_f32(src, i0, nr, skip, tile):
     """Rows ``i0 .. i0+nr`` of ``src`` (N, D) float16 bits → ``tile[:nr]`` (float32, C-contiguous
-    rows), as :func:`f16_row_to_f32`, a tile of rows per pass; rows with ``skip[i]`` become
-    zeros (unwritten slots may hold any bits, NaN included)."""
+    rows), as :func:`f16_row_to_f32`; rows with ``skip[i]`` become zeros (unwritten slots may hold
+    any bits, NaN included)."""
     d = src.shape[1]
-    tb = tile.view(np.uint32)
     for r in range(nr):
-        s, t = src[i0 + r], tb[r]
-        for j in range(d):
-            t[j] = _f16_magnitude(s[j])
-    for r in range(nr):
-        t = tile[r]
-        for j in range(d):
-            t[j] = t[j] * _MAGIC
-    for r in range(nr):
-        s, t = src[i0 + r], tb[r]
-        keep = np.uint32(0) if skip[i0 + r] else np.uint32(0xFFFFFFFF)
-        for j in range(d):
-            t[j] = (t[j] | _f16_sign_special(s[j])) & keep
+        s, t = src[i0 + r], tile[r]
+        if skip[i0 + r]:
+            t[:] = 0.0
+        else:
+            for j in range(d):
+                t[j] = half_to_float(s[j])
 
 
 @njit(inline="always", **_OPTS)
