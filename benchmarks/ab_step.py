@@ -9,6 +9,9 @@ untimed steps. Trees alternate within a round; the summary is the median over ro
 
     python benchmarks/ab_step.py --bundle smol-int4.tqe --trees /tmp/wt-old,/tmp/wt-new \\
         [--contexts 2048,8192] [--rounds 3] [--steps 32] [--threads 2] [--out benchmarks/out/ab_step.json]
+
+``--bundle`` may list one bundle per tree (``old.tqe,new.tqe``) when a change is in the graph too:
+each tree then runs the bundle its own exporter wrote.
 """
 
 from __future__ import annotations
@@ -65,15 +68,20 @@ def main(argv=None) -> None:
     if args.child is not None:
         print(json.dumps(child(args.bundle, args.child, args.steps, args.threads)))
         return
+    bundles = args.bundle.split(",")
+    if len(bundles) not in (1, len(args.trees)):
+        ap.error("--bundle: one bundle, or one per tree")
+    bundle_of = dict(zip(args.trees, bundles * len(args.trees) if len(bundles) == 1 else bundles))
     runs = []
     for r in range(args.rounds):
         for ctx in args.contexts:
             for tree in args.trees:
                 env = dict(os.environ, PYTHONPATH=tree)
-                cmd = [sys.executable, __file__, "--bundle", args.bundle, "--trees", tree, "--child", str(ctx),
+                cmd = [sys.executable, __file__, "--bundle", bundle_of[tree], "--trees", tree, "--child", str(ctx),
                        "--steps", str(args.steps), "--threads", str(args.threads)]
                 res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-                runs.append({"round": r, "ctx": ctx, "tree": tree, **res, "loadavg": os.getloadavg()})
+                runs.append({"round": r, "ctx": ctx, "tree": tree, "bundle": bundle_of[tree], **res,
+                             "loadavg": os.getloadavg()})
                 print(json.dumps(runs[-1]), flush=True)
     summary = {tree: {ctx: {k: statistics.median(x[k] for x in runs if x["tree"] == tree and x["ctx"] == ctx)
                             for k in ("wall_ms", "cpu_ms")} for ctx in args.contexts} for tree in args.trees}
