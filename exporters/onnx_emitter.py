@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
-from tqedge.bundle import (DESCRIPTOR_VERSION, EMBED_QUANTIZED, HEAD_FORMATS, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX,
-                           POSITIONS, AttentionNode, GraphSpec)
+from tqedge.bundle import (ATTENTION_OP, CUSTOM_DOMAIN, DESCRIPTOR_VERSION, EMBED_QUANTIZED, HEAD_FORMATS, INPUT_IDS,
+                           KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode, GraphSpec)
 from tqedge.exporters.plan import (ROPE_COS, ROPE_LOCAL_COS, ROPE_LOCAL_SIN, ROPE_SIN, Segment, attention_scale, attn_name,
                                    local_rope, resid, rope_inv_freq, rope_names, segment_plan)
 from tqedge.exporters.spec import ModelSpec
@@ -39,15 +39,16 @@ log = logging.getLogger(__name__)
 
 OPSET = 23  # RMSNormalization
 IR_VERSION = 10
-CUSTOM_DOMAIN = "ai.tqedge"
 DIR = "onnx"
 
 
 class GraphBuilder:
-    """Collects nodes and initializers of one ONNX graph; names are readable and unique."""
+    """Collects nodes and initializers of one ONNX graph; names are readable and unique.
+    ``native``: the uncut graph, which may use this build's custom ops (tqedge.bundle.NATIVE_OPS)
+    where a cut segment spells the same computation in standard ONNX ops."""
 
-    def __init__(self, store: WeightStore):
-        self.store = store
+    def __init__(self, store: WeightStore, native: bool = False):
+        self.store, self.native = store, native
         self.nodes: list = []
         self.inits: dict[str, TensorProto] = {}
         self.shared: dict = {}
@@ -242,7 +243,7 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
     store = WeightStore(out_dir / DIR / "weights.bin", "weights.bin")
     emitter = LayerEmitter(spec, fmt)
     infos = _value_infos(a)
-    whole = GraphBuilder(store)
+    whole = GraphBuilder(store, native=True)
     plan = segment_plan(a.num_layers, a)
     scale = attention_scale(a)
     attention, files = [], []
@@ -261,7 +262,7 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
                                      out=attn_name(i, "out"), scale=scale)
                 attention.append(node)
                 whole.nodes.append(helper.make_node(
-                    "TurboQuantAttention", [node.q, node.k, node.v, KV_DESC], [node.out], name=f"layers.{i}.attn.core",
+                    ATTENTION_OP, [node.q, node.k, node.v, KV_DESC], [node.out], name=f"layers.{i}.attn.core",
                     domain=CUSTOM_DOMAIN, layer=i, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
                     head_dim=a.head_dim, scale=scale))
             if progress:
@@ -272,5 +273,6 @@ def emit_onnx(spec: ModelSpec, out_dir: Path, fmt: str = "fp32", progress=None) 
     finally:
         store.close()
     log.info("onnx: %d segments, weights.bin %.1f MB", len(files), store.nbytes / 1e6)
+    ops = sorted({n.op_type for n in whole.nodes if n.domain == CUSTOM_DOMAIN})
     return GraphSpec(segments=files, attention=attention, file=f"{DIR}/model.onnx", data=[f"{DIR}/{f}" for f in store.files],
-                     descriptor=DESCRIPTOR_VERSION)
+                     descriptor=DESCRIPTOR_VERSION, ops=ops)

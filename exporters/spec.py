@@ -39,7 +39,7 @@ from tqedge.errors import TqedgeError
 
 @dataclass
 class QuantBlocks:
-    """A weight that arrives already block-quantized (e.g. GGUF Q4_1), kept so an emitter can
+    """A weight that arrives already block-quantized (GGUF Q4_1, Q8_0), kept so an emitter can
     carry it over without re-quantizing: ``w[n, k] = scale[n, b] * q[n, k] + min[n, b]`` with
     ``b = k // block``."""
 
@@ -48,6 +48,9 @@ class QuantBlocks:
     q: np.ndarray  # uint8 (out, in) codes in [0, 2**bits)
     scale: np.ndarray  # float32 (out, in // block)
     min: np.ndarray  # float32 (out, in // block)
+    # the integral zero point every block shares, ``min = -zero_point * scale`` (GGUF Q8_0: 128);
+    # None when the minimums are any floats (GGUF Q4_1)
+    zero_point: int | None = None
 
 
 @dataclass

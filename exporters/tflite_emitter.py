@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tqedge.bundle import INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, ArchSpec, AttentionNode, GraphSpec
+from tqedge.bundle import ATTENTION_OP, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS, ArchSpec, AttentionNode, GraphSpec
 from tqedge.exporters.plan import ROPE_COS, ROPE_SIN, Segment, attention_scale, attn_name, resid, rope_inv_freq, segment_plan
 from tqedge.exporters.tflite_builder import ModelBuilder, Subgraph, require_schema
 from tqedge.exporters.tflite_layers import Ops, WeightStore
@@ -38,7 +38,7 @@ from tqedge.exporters.tflite_layers import Ops, WeightStore
 log = logging.getLogger(__name__)
 
 TFLITE_FILE = "tflite/model.tflite"  # relative to the bundle directory
-CUSTOM_OP = "TurboQuantAttention"
+CUSTOM_OP = ATTENTION_OP
 WHOLE_GRAPH = "VALIDATION:main"
 
 

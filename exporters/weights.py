@@ -11,7 +11,11 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
 - ``int8`` / ``int4``: onnxruntime's ``com.microsoft.MatMulNBits`` (blockwise along the input
   dimension, asymmetric, uint zero points, ``accuracy_level`` 4). A GGUF Q4_1 weight
   (d*q + m, blocks of 32) is carried over to int4 exactly — codes and scales as-is, zero
-  point 0, plus ``blocksum(x) @ m.T`` — with no re-quantization.
+  point 0, plus ``blocksum(x) @ m.T`` with ``m`` stored float16 as in the GGUF — with no
+  re-quantization. The uncut graph adds ``m`` with the ``AddBlockOffsets`` op (one node per
+  linear, runtime/native_offsets.py); the cut segments with ReduceSum, Cast and MatMul. A
+  GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is carried over as
+  unsigned codes with zero point 128 in its own blocks of 32: exact, no offsets.
 - ``nf4`` / ``nf4-dq``: QLoRA's NormalFloat-4 (absmax per block of 64, codes into
   :data:`NF4_TABLE`) run by onnxruntime's ``com.microsoft.MatMulBnb4`` (``quant_type`` 1).
   ``nf4-dq`` stores the absmax scales double-quantized (runtime/dq_scales.py) in a side file
@@ -28,7 +32,7 @@ from typing import Callable
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from tqedge.bundle import WEIGHT_BLOCK_SIZES
+from tqedge.bundle import BLOCK_OFFSETS_OP, CUSTOM_DOMAIN, WEIGHT_BLOCK_SIZES
 from tqedge.exporters.spec import QuantBlocks
 from tqedge.runtime import dq_scales
 
@@ -195,14 +199,15 @@ def quantize_blocks(w: np.ndarray, bits: int, block: int) -> QuantBlocks:
     return QuantBlocks(bits=bits, block=block, q=q.reshape(n, kp), scale=scale, min=(-zp * scale).astype(np.float32))
 
 
-def _pack(qb: QuantBlocks, carried: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """MatMulNBits inputs (B, scales, uint zero points) and, for carried-over blocks, the
-    per-block offsets.
+def _pack(qb: QuantBlocks, offsets: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """MatMulNBits inputs (B, scales, uint zero points) and, with ``offsets``, the per-block
+    minimums.
 
-    Our own blocks have integral zero points (``min = -zp*scale``). Carried-over GGUF Q4_1
-    blocks (``scale*q + min`` with any ``min``) get zero point 0 and return ``min`` transposed,
-    (nb, N), for the exact correction ``blocksum(x) @ min.T``: float zero points would also be
-    exact but put MatMulNBits on onnxruntime's slow dequantize-per-call path (~25x slower).
+    Our own blocks have integral zero points (``min = -zp*scale``), and so do carried-over GGUF
+    Q8_0 blocks (``qb.zero_point`` 128). Carried-over GGUF Q4_1 blocks (``scale*q + min`` with
+    any ``min``) get zero point 0 and return ``min`` transposed, (nb, N), for the exact
+    correction ``blocksum(x) @ min.T``: float zero points would also be exact but put
+    MatMulNBits on onnxruntime's slow dequantize-per-call path (~25x slower).
     """
     n, kp = qb.q.shape
     nb = kp // qb.block
@@ -211,47 +216,64 @@ def _pack(qb: QuantBlocks, carried: bool) -> tuple[np.ndarray, np.ndarray, np.nd
         b = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # (N, nb, bs/2)
     else:
         b = qb.q.reshape(n, nb, qb.block)  # (N, nb, bs)
-    if carried:
+    mins = None
+    if offsets:
         zi = np.zeros((n, nb), np.uint8)
-        offsets = np.ascontiguousarray(qb.min.T, dtype=np.float32)  # (nb, N)
+        mins = np.ascontiguousarray(qb.min.T, dtype=np.float32)  # (nb, N)
+    elif qb.zero_point is not None:
+        zi = np.full((n, nb), qb.zero_point, np.uint8)
     else:
         zi = np.round(-qb.min / qb.scale).astype(np.uint8)  # (N, nb)
-        offsets = None
     if qb.bits == 4:
         if nb % 2:
             zi = np.concatenate([zi, np.zeros((n, 1), np.uint8)], 1)
         zpk = (zi[:, 0::2] | (zi[:, 1::2] << 4)).astype(np.uint8).reshape(-1)  # (N*ceil(nb/2),)
     else:
         zpk = zi.reshape(-1)  # (N*nb,)
-    return b, qb.scale.astype(np.float32).reshape(-1), zpk, offsets
+    return b, qb.scale.astype(np.float32).reshape(-1), zpk, mins
+
+
+def carried_block(a: LinearArgs, bits: int, block: int) -> int:
+    """The block size a ``bits``-wide linear (or gather) of ``a.w`` is emitted with: the source's
+    own when its blocks carry over with an integral zero point (GGUF Q8_0: 32, as in the file),
+    else the format's ``block``."""
+    q = a.quant
+    if q is not None and q.bits == bits and q.zero_point is not None and a.w.shape[1] % q.block == 0:
+        return q.block
+    return block
 
 
 def _nbits_initializers(g, a: LinearArgs, bits: int, block: int) -> tuple[list[str], bool, Callable]:
     """Register (lazily) the MatMulNBits initializers of ``a.w``: names [B, scales, zero points],
-    whether GGUF blocks were carried over, and a getter of the packed parts (3: offsets)."""
+    whether its carried-over GGUF blocks need their minimums added (Q4_1), and a getter of the
+    packed parts (3: the minimums)."""
     key = f"{a.weight_key}.q{bits}"
     k = a.w.shape[1]
     carried = a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0
+    offsets = carried and a.quant.zero_point is None
     packed: list = []
 
     def part(i: int):
         def get():
             if not packed:
-                packed.extend(_pack(a.quant if carried else quantize_blocks(a.w, bits, block), carried))
+                packed.extend(_pack(a.quant if carried else quantize_blocks(a.w, bits, block), offsets))
             return packed[i]
         return get
 
     names = [g.weight(key, part(0)), g.weight(key + ".scales", part(1)), g.weight(key + ".zp", part(2))]
-    return names, carried, part
+    return names, offsets, part
 
 
 def quantized_gather(g, a: LinearArgs, bits: int, block: int, indices: str) -> str:
     """Rows ``a.w[indices]`` (float32 (T, K)) through ``com.microsoft.GatherBlockQuantized``,
     reading the very bytes of ``a.w``'s MatMulNBits initializers (codes, scales and zero points
     viewed as (N, ·) tables): a tied LM head and the embedding share one copy.
-    GGUF-carried blocks (float minimums) are re-quantized under their own names."""
+    GGUF Q4_1 blocks (float minimums) are re-quantized under their own names; Q8_0 blocks are
+    gathered as they are (:func:`carried_block`)."""
     n, k = a.w.shape
-    if a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0:
+    block = carried_block(a, bits, block)
+    if a.quant is not None and a.quant.bits == bits and a.quant.block == block and k % block == 0 \
+            and a.quant.zero_point is None:
         a = LinearArgs(a.name, a.x, a.w, a.weight_key + ".gather", None)
     class StoreOnly:  # the bases go to weights.bin but not into this graph (its nodes read the views)
         @staticmethod
@@ -270,24 +292,38 @@ def quantized_gather(g, a: LinearArgs, bits: int, block: int, indices: str) -> s
                 bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
 
 
+def _float16_mins(mins: np.ndarray) -> np.ndarray:
+    """Carried-over block minimums (nb, N) as float16: what a Q4_1 GGUF stores, so no rounding;
+    refuses values that are not halves (they would not come from a GGUF block)."""
+    m16 = mins.astype(np.float16)
+    if not np.array_equal(m16.astype(np.float32), mins, equal_nan=True):
+        raise ValueError("carried-over block minimums are not float16 values (only GGUF Q4_1 blocks are carried)")
+    return m16
+
+
 def _nbits(bits: int, fmt: str) -> Callable:
     def emit(g, a: LinearArgs) -> str:
-        block = BLOCK_SIZES[fmt]
+        block = carried_block(a, bits, BLOCK_SIZES[fmt])
         key = f"{a.weight_key}.q{bits}"
         n, k = a.w.shape
-        names, carried, part = _nbits_initializers(g, a, bits, block)
+        names, offsets, part = _nbits_initializers(g, a, bits, block)
         ins = [a.x, *names]
-        y = g.op("MatMulNBits", ins, a.name + (".q" if carried else ""), domain="com.microsoft",
+        y = g.op("MatMulNBits", ins, a.name + (".q" if offsets else ""), domain="com.microsoft",
                  K=k, N=n, bits=bits, block_size=block, accuracy_level=accuracy_level(fmt, a.name))
-        if not carried:
+        if not offsets:
             return y
+        mins = g.weight(key + ".mins", lambda: _float16_mins(part(3)()))  # (nb, N), the GGUF's own halves
+        if g.native:
+            return g.op(BLOCK_OFFSETS_OP, [y, a.x, mins], a.name, domain=CUSTOM_DOMAIN)
+
         def block_sums() -> str:  # (T, nb): one per input, shared by the linears reading it (q/k/v, gate/up)
             xb = g.op("Reshape", [a.x, g.const(f"shape.blocks{k // block}x{block}", [0, k // block, block])],
                       a.name + ".xblocks")  # (T, nb, bs)
             return g.op("ReduceSum", [xb, g.const("axes.-1", [-1])], a.name + ".xsum", keepdims=0)
 
         xs = g.once(("block_sums", a.x, k, block), block_sums)
-        corr = g.op("MatMul", [xs, g.weight(key + ".offsets", part(3))], a.name + ".offset")  # (T, N)
+        m32 = g.op("Cast", [mins], a.name + ".mins32", to=TensorProto.FLOAT)  # folded by onnxruntime at load
+        corr = g.op("MatMul", [xs, m32], a.name + ".offset")  # (T, N)
         return g.op("Add", [y, corr], a.name)
 
     return emit

@@ -18,8 +18,10 @@ The memory model (all terms in bytes; measured, see docs/RESULTS.md "Process mem
 - **resident weights**: from the architecture's parameter counts and each format's bytes per
   weight as the exporter writes them (``MatMulNBits`` blocks of :data:`~tqedge.bundle.WEIGHT_BLOCK_SIZES` with fp32 scales and uint8
   zero points for int8/int4; fp16 weights are cast to fp32 when onnxruntime loads them, so
-  they halve the disk size but not the resident size). The bundle's own format is also
-  reported from its files.
+  they halve the disk size but not the resident size). A GGUF's Q8_0 tensors are carried in
+  their blocks of 32 and its Q4_1 minimums as float16 (exporters/weights.py): the model sizes
+  8-bit weights at blocks of 16, an upper bound (SmolLM2's head: 4.2 MiB over). The bundle's own
+  format is also reported from its files.
 - **KV budget**: the rest. Tokens per configuration come from the codec's exact byte
   accounting (codes + per-vector fp16 scales) plus the fixed fp16 sinks and recent window,
   capped at the model's ``max_position_embeddings``.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, types
 
+from tqedge.bundle import ATTENTION_OP
 from tqedge.codec.kernels_fused import exact_attend
 from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime import kv_descriptor as KD
@@ -26,7 +27,7 @@ from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import (PAR_WORDS, PAYLOAD, CustomOp, as_ptr, fail, kernel_ext, parallel_record,
                                       tensor_in, tensor_out)
 
-OP_NAME = "TurboQuantAttention"
+OP_NAME = ATTENTION_OP
 MESSAGES = [
     "TurboQuantAttention: q, k, v must be 3-D (T, heads, head_dim)",  # 1
     "TurboQuantAttention: k and v shapes disagree with q",  # 2

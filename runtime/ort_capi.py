@@ -27,6 +27,7 @@ from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_uint32, c_void
 
 import numpy as np
 
+from tqedge.bundle import CUSTOM_DOMAIN
 from tqedge.errors import TqedgeError
 
 API_VERSION = 17
@@ -52,8 +53,9 @@ INDEX = {
 
 # enums of the header
 ORT_OK, ORT_FAIL, ORT_INVALID_ARGUMENT = 0, 1, 2
-FLOAT, UINT8, INT64 = 1, 2, 7  # ONNXTensorElementDataType
-DTYPES = {np.dtype(np.float32): FLOAT, np.dtype(np.uint8): UINT8, np.dtype(np.int64): INT64}
+FLOAT, UINT8, INT64, FLOAT16 = 1, 2, 7, 10  # ONNXTensorElementDataType
+DTYPES = {np.dtype(np.float32): FLOAT, np.dtype(np.uint8): UINT8, np.dtype(np.int64): INT64,
+          np.dtype(np.float16): FLOAT16}
 LOG_ERROR = 3
 ORT_ENABLE_ALL = 99
 ORT_SEQUENTIAL = 0
@@ -178,7 +180,7 @@ class Tensor:
 
     def __init__(self, lib: OrtLib, memory_info: int, array: np.ndarray):
         if not array.flags.c_contiguous or array.dtype not in DTYPES:
-            raise TqedgeError(f"tensor must be C-contiguous float32/uint8/int64, got {array.dtype}")
+            raise TqedgeError(f"tensor must be C-contiguous float32/float16/uint8/int64, got {array.dtype}")
         self.lib, self.array = lib, array
         self.shape = (c_int64 * max(1, array.ndim))(*array.shape)
         self.value = lib.new("CreateTensorWithDataAsOrtValue", memory_info, array.ctypes.data, array.nbytes,
@@ -237,7 +239,7 @@ class Session:
         config: session config entries (``"session.intra_op.allow_spinning": "0"`` …).
     """
 
-    def __init__(self, lib: OrtLib, model_path, custom_ops=(), domain: str = "ai.tqedge",
+    def __init__(self, lib: OrtLib, model_path, custom_ops=(), domain: str = CUSTOM_DOMAIN,
                  threads: int | None = None, config: dict | None = None):
         self.lib, self.ops = lib, list(custom_ops)
         self.env = self.options = self.domain = self.session = self.memory_info = None

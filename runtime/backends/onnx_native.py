@@ -9,8 +9,10 @@ cache (chat) of its model, and several models live side by side. A batched step 
 several sequences, :mod:`tqedge.runtime.batch`) passes a batch descriptor: one table of row
 ranges, then each sequence's own descriptor.
 
-The backend owns, for as long as it lives, everything ORT holds pointers into: the custom-op
-struct, its callbacks and strings, the per-layer scales, the session and its options.
+A bundle exported from a Q4_1 GGUF also has ``AddBlockOffsets`` nodes
+(:mod:`tqedge.runtime.native_offsets`: the block minimums of its int4 linears). The backend owns,
+for as long as it lives, everything ORT holds pointers into: the custom-op structs, their
+callbacks and strings, the per-layer scales, the session and its options.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
+from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, NATIVE_OPS, POSITIONS, Manifest
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
@@ -153,9 +155,11 @@ def _tq_decode(fns, session, memory_info, names, ids, vocab, d, bias, offset, le
 
 
 def supports(manifest: Manifest) -> bool:
-    """True when the bundle's ONNX graph carries the cache descriptor this build reads."""
-    g = manifest.graphs.get("onnx")
-    return bool(g and g.file and g.descriptor == DESCRIPTOR_VERSION)
+    """True when the bundle's ONNX graph carries the cache descriptor this build reads and only
+    custom ops it has (:func:`tqedge.runtime.backends.runs`)."""
+    from tqedge.runtime.backends import runs
+
+    return runs("native", manifest)
 
 
 class NativeBackend:
@@ -177,11 +181,17 @@ class NativeBackend:
                  batched: bool = False, spin: bool = False):
         graph = manifest.graphs.get("onnx")
         if not supports(manifest):
+            unknown = sorted(set(graph.ops) - set(NATIVE_OPS)) if graph else []
+            if graph and graph.file and unknown:
+                raise TqedgeError(f"this bundle's model.onnx uses custom ops this tqedge does not have "
+                                  f"({', '.join(unknown)}); upgrade tqedge or use --backend onnx")
+            if graph and graph.file and graph.descriptor == DESCRIPTOR_VERSION:
+                raise TqedgeError("this bundle's weights (nf4-dq scales) run on the segments: use --backend onnx")
             have = graph.descriptor if graph else None
             raise TqedgeError(f"this bundle's model.onnx has no cache descriptor version {DESCRIPTOR_VERSION} "
                               f"(it has {have}); re-export it or use --backend onnx")
         from tqedge.codec import numba_runtime
-        from tqedge.runtime import native_op, ort_capi
+        from tqedge.runtime import native_offsets, native_op, ort_capi
 
         t0 = time.perf_counter()
         hd = manifest.architecture.head_dim
@@ -193,13 +203,14 @@ class NativeBackend:
         self.op_on_ort_pool = spin and self.ort_threads != 1
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention],
                                     parallel=self.op_on_ort_pool)
+        self.offsets_op = native_offsets.make_op(self.lib)  # graphs of Q4_1 GGUFs (harmless for others)
         # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
         # are not held while the session packs the weights (memory.py)
         release_file_pages(compiler_dirs())
         release_code_pages()
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
-            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op],
+            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op, self.offsets_op],
                                             threads=self.ort_threads,
                                             config=SPIN_CONFIG if spin else SLEEP_CONFIG)
         release_file_pages([str(bundle_dir)])  # the rest, once the build is done
