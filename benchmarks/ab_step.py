@@ -11,7 +11,9 @@ untimed steps. Trees alternate within a round; the summary is the median over ro
         [--contexts 2048,8192] [--rounds 3] [--steps 32] [--threads 2] [--out benchmarks/out/ab_step.json]
 
 ``--bundle`` may list one bundle per tree (``old.tqe,new.tqe``) when a change is in the graph too:
-each tree then runs the bundle its own exporter wrote.
+each tree then runs the bundle its own exporter wrote. ``--prefill``: time prompt chunks instead
+(the context's first tokens of the shipped WikiText-2 excerpt in chunks of ``--chunk``, a fresh
+cache per repeat, 3 repeats after an untimed one): wall and CPU ms per chunk, and tokens/s.
 """
 
 from __future__ import annotations
@@ -54,6 +56,27 @@ def child(bundle: str, ctx: int, steps: int, threads: int) -> dict:
     return {"wall_ms": statistics.median(walls), "cpu_ms": statistics.median(cpus), "offset": cache.offset}
 
 
+def child_prefill(bundle: str, ctx: int, chunk: int, threads: int) -> dict:
+    from tqedge.data import read_text
+    from tqedge.runtime.model import load
+
+    model = load(bundle, verify="none", threads=threads)
+    ids = model.encode(read_text() * 4)[:ctx]
+    walls, cpus = [], []
+    for r in range(4):
+        cache = model.new_cache()
+        w0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, len(ids), chunk):
+            model.forward(ids[i: i + chunk], cache)
+        if r:
+            walls.append(time.perf_counter() - w0)
+            cpus.append(time.process_time() - c0)
+    n = -(-len(ids) // chunk)
+    wall = statistics.median(walls)
+    return {"wall_ms": wall / n * 1e3, "cpu_ms": statistics.median(cpus) / n * 1e3, "tok_s": len(ids) / wall,
+            "offset": len(ids)}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", required=True)
@@ -63,10 +86,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "out" / "ab_step.json")
+    ap.add_argument("--prefill", action="store_true", help="time prompt chunks, not decode steps")
+    ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.bundle, args.child, args.steps, args.threads)))
+        res = child_prefill(args.bundle, args.child, args.chunk, args.threads) if args.prefill \
+            else child(args.bundle, args.child, args.steps, args.threads)
+        print(json.dumps(res))
         return
     bundles = args.bundle.split(",")
     if len(bundles) not in (1, len(args.trees)):
@@ -78,15 +105,18 @@ def main(argv=None) -> None:
             for tree in args.trees:
                 env = dict(os.environ, PYTHONPATH=tree)
                 cmd = [sys.executable, __file__, "--bundle", bundle_of[tree], "--trees", tree, "--child", str(ctx),
-                       "--steps", str(args.steps), "--threads", str(args.threads)]
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--chunk", str(args.chunk)]
+                cmd += ["--prefill"] if args.prefill else []
                 res = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
                 runs.append({"round": r, "ctx": ctx, "tree": tree, "bundle": bundle_of[tree], **res,
                              "loadavg": os.getloadavg()})
                 print(json.dumps(runs[-1]), flush=True)
+    keys = ("wall_ms", "cpu_ms", "tok_s") if args.prefill else ("wall_ms", "cpu_ms")
     summary = {tree: {ctx: {k: statistics.median(x[k] for x in runs if x["tree"] == tree and x["ctx"] == ctx)
-                            for k in ("wall_ms", "cpu_ms")} for ctx in args.contexts} for tree in args.trees}
+                            for k in keys} for ctx in args.contexts} for tree in args.trees}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bundle": args.bundle, "threads": args.threads, "steps": args.steps,
+                                    "phase": "prefill" if args.prefill else "decode", "chunk": args.chunk,
                                     "summary": summary, "runs": runs}, indent=1))
     print(json.dumps(summary, indent=1))
 
