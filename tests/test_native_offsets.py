@@ -91,3 +91,34 @@ def test_op_refuses_shapes_that_disagree(tmp_path):
                 sess.run({**good, **bad}, ["out"])
     finally:
         sess.close()
+
+
+@pytest.mark.parametrize("where", ["cooperative pool", "onnxruntime's pool"])
+def test_prompt_rows_as_work_items_same_bits(tmp_path, where):
+    """A prompt chunk (from MIN_ROWS rows) is split into work items of ROWS_PER_ITEM rows on a pool:
+    the same bits as one thread, and the formula's values."""
+    from tqedge.codec import numba_runtime
+    from tqedge.runtime import coop_pool
+
+    rng = np.random.default_rng(2)
+    k, n, nb, t = 96, 40, 3, 3 * native_offsets.ROWS_PER_ITEM + 5
+    assert t >= native_offsets.MIN_ROWS
+    mins = _halves(rng, (nb, n))
+    path = _graph(tmp_path / "m.onnx", k, n, nb, mins)
+    lib = ort_capi.OrtLib()
+    if where == "cooperative pool":
+        op = native_offsets.make_op(lib, threads=2, pool=coop_pool.pool(2).address, lock=numba_runtime.LOCK_ADDRESS)
+        pooled = ort_capi.Session(lib, path, [op], threads=1)
+    else:
+        op = native_offsets.make_op(lib, threads=2, parallel=True)
+        pooled = ort_capi.Session(lib, path, [op], threads=2, config={"session.intra_op.allow_spinning": "1"})
+    alone = ort_capi.Session(lib, path, [native_offsets.make_op(lib)], threads=1)
+    x, y = rng.standard_normal((t, k)).astype(np.float32), rng.standard_normal((t, n)).astype(np.float32)
+    try:
+        (a,) = pooled.run({"y": y, "x": x}, ["out"])
+        (b,) = alone.run({"y": y, "x": x}, ["out"])
+    finally:
+        pooled.close()
+        alone.close()
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    np.testing.assert_allclose(a, _reference(x, y, mins), rtol=2e-6, atol=2e-5)

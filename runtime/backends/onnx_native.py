@@ -203,7 +203,14 @@ class NativeBackend:
         self.op_on_ort_pool = spin and self.ort_threads != 1
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention],
                                     parallel=self.op_on_ort_pool)
-        self.offsets_op = native_offsets.make_op(self.lib)  # graphs of Q4_1 GGUFs (harmless for others)
+        n = threads or numba_runtime.MAX_THREADS
+        pool = 0
+        if not self.op_on_ort_pool and n > 1:
+            from tqedge.runtime import coop_pool  # the ops' workers now, not in the first prompt
+
+            pool = coop_pool.pool(n).address
+        self.offsets_op = native_offsets.make_op(self.lib, threads=n, pool=pool, lock=numba_runtime.LOCK_ADDRESS,
+                                                 parallel=self.op_on_ort_pool)  # Q4_1 GGUFs' graphs
         # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
         # are not held while the session packs the weights (memory.py)
         release_file_pages(compiler_dirs())
@@ -223,10 +230,6 @@ class NativeBackend:
         self._name_ptrs = np.array([ctypes.addressof(b) for b in self._names], np.int64)
         self._fns = np.array([self.lib.addr(f) for f in FNS], np.int64)
         self._step = _step
-        if not self.op_on_ort_pool and (threads or numba_runtime.MAX_THREADS) > 1:
-            from tqedge.runtime import coop_pool  # the op's workers now, not in the first prompt
-
-            coop_pool.pool(threads or numba_runtime.MAX_THREADS)
         log.info("native: one session (onnxruntime %s C API) in %.2fs", self.lib.version, time.perf_counter() - t0)
 
     def forward(self, input_ids: np.ndarray, positions: np.ndarray, logits_index: np.ndarray, cache) -> np.ndarray:
