@@ -251,6 +251,14 @@ def test_native_is_the_default_where_it_runs(pair):
     assert choose_backend(old) == "onnx"
     with pytest.raises(TqedgeError, match="re-export"):
         choose_backend(old, "native")
+    # a graph with a custom op this build lacks (a newer exporter's): the segments, or one line naming it
+    newer = dataclasses.replace(m, graphs={"onnx": dataclasses.replace(m.graphs["onnx"], ops=[
+        "FutureOp", "TurboQuantAttention"])})
+    assert choose_backend(newer) == "onnx"
+    with pytest.raises(TqedgeError, match=r"custom ops this tqedge does not have \(FutureOp\)"):
+        choose_backend(newer, "native")
+    with pytest.raises(TqedgeError, match="FutureOp"):
+        native_backend.NativeBackend(native.path, newer)
 
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):", "Once upon a time,"])

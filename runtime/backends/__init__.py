@@ -83,6 +83,10 @@ def choose_backend(manifest, requested: str | None = None, cache_defaults: dict 
         if requested not in BACKENDS:
             raise TqedgeError(f"unknown backend {requested!r} (choose from {', '.join(BACKENDS)})")
         if not runs(requested, manifest):
+            missing = _missing_ops(manifest) if requested == "native" else []
+            if missing:
+                raise TqedgeError(f"this bundle's model.onnx uses custom ops this tqedge does not have "
+                                  f"({', '.join(missing)}); upgrade tqedge or use --backend onnx")
             raise TqedgeError(f"this bundle has no graph the {requested!r} backend runs "
                               f"(it has: {', '.join(manifest.graphs) or 'none'}; native needs a re-export)")
         return requested
@@ -90,6 +94,14 @@ def choose_backend(manifest, requested: str | None = None, cache_defaults: dict 
         if runs(name, manifest) and available(name) and (name != "native" or _native_caches(manifest, cache_defaults)):
             return name
     raise TqedgeError(f"no installed backend can run this bundle (graphs: {', '.join(manifest.graphs) or 'none'})")
+
+
+def _missing_ops(manifest) -> list[str]:
+    """Custom op types of the bundle's uncut ONNX graph that this build does not run natively."""
+    from tqedge.bundle import NATIVE_OPS
+
+    graph = manifest.graphs.get("onnx")
+    return sorted(set(graph.ops) - set(NATIVE_OPS)) if graph and graph.file else []
 
 
 def _native_caches(manifest, cache_defaults: dict | None) -> bool:

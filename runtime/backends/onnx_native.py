@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tqedge.bundle import DESCRIPTOR_VERSION, INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, NATIVE_OPS, POSITIONS, Manifest
+from tqedge.bundle import INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
@@ -181,15 +181,9 @@ class NativeBackend:
                  batched: bool = False, spin: bool = False):
         graph = manifest.graphs.get("onnx")
         if not supports(manifest):
-            unknown = sorted(set(graph.ops) - set(NATIVE_OPS)) if graph else []
-            if graph and graph.file and unknown:
-                raise TqedgeError(f"this bundle's model.onnx uses custom ops this tqedge does not have "
-                                  f"({', '.join(unknown)}); upgrade tqedge or use --backend onnx")
-            if graph and graph.file and graph.descriptor == DESCRIPTOR_VERSION:
-                raise TqedgeError("this bundle's weights (nf4-dq scales) run on the segments: use --backend onnx")
-            have = graph.descriptor if graph else None
-            raise TqedgeError(f"this bundle's model.onnx has no cache descriptor version {DESCRIPTOR_VERSION} "
-                              f"(it has {have}); re-export it or use --backend onnx")
+            from tqedge.runtime.backends import choose_backend
+
+            choose_backend(manifest, "native")  # raises what the bundle lacks (a re-export, custom ops)
         from tqedge.codec import numba_runtime
         from tqedge.runtime import native_offsets, native_op, ort_capi
 
