@@ -179,7 +179,7 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
 
 @pytest.mark.parametrize("level", [0, 4])
 @pytest.mark.parametrize("native", [False, True], ids=["segments", "native"])
-def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native):
+def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch):
     """GGUF Q4_1 blocks (w = d*q + m, any float16 m) → MatMulNBits + block-sum offset, vs NumPy:
     in a cut segment (ReduceSum, Cast, MatMul; two linears on one input share the block sums)
     and in the uncut graph (the AddBlockOffsets op, run through the C API with the native op)."""
@@ -202,16 +202,12 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native):
     g = GraphBuilder(store, native=native)
     import tqedge.exporters.weights as weights
 
-    old = dict(weights.ACCURACY_LEVELS)
-    weights.ACCURACY_LEVELS["int4"] = level
-    try:
-        y = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
-        # a second linear reading the same input (as k after q) shares its block sums
-        qb2 = QuantBlocks(bits=4, block=32, q=qb.q[::-1].copy(), scale=qb.scale[::-1].copy(), min=-qb.min[::-1])
-        w2 = qb2.q * np.repeat(qb2.scale, 32, 1) + np.repeat(qb2.min, 32, 1)
-        y2 = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin2", x="x", w=w2, weight_key="w2", quant=qb2))
-    finally:
-        weights.ACCURACY_LEVELS.update(old)
+    monkeypatch.setitem(weights.ACCURACY_LEVELS, "int4", level)
+    y = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
+    # a second linear reading the same input (as k after q) shares its block sums
+    qb2 = QuantBlocks(bits=4, block=32, q=qb.q[::-1].copy(), scale=qb.scale[::-1].copy(), min=-qb.min[::-1])
+    w2 = qb2.q * np.repeat(qb2.scale, 32, 1) + np.repeat(qb2.min, 32, 1)
+    y2 = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin2", x="x", w=w2, weight_key="w2", quant=qb2))
     store.close()
     ops = [n.op_type for n in g.nodes]
     if native:
@@ -242,7 +238,7 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native):
 
 
 @pytest.mark.parametrize("level", [0, 4])
-def test_carried_over_q8_0_blocks_are_exact(tmp_path, level):
+def test_carried_over_q8_0_blocks_are_exact(tmp_path, level, monkeypatch):
     """GGUF Q8_0 blocks (w = d*q, q int8; parsed as gguf-py dequantizes them) → MatMulNBits bits 8
     in the file's blocks of 32, unsigned codes with zero point 128, no offsets: vs NumPy."""
     import gguf
@@ -266,12 +262,8 @@ def test_carried_over_q8_0_blocks_are_exact(tmp_path, level):
     assert np.array_equal(qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1), w)
     store = WeightStore(tmp_path / "weights.bin", "weights.bin")
     g = GraphBuilder(store, native=True)
-    old = dict(weights.ACCURACY_LEVELS)
-    weights.ACCURACY_LEVELS["int8"] = level
-    try:
-        y = LINEAR_FORMATS["int8"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
-    finally:
-        weights.ACCURACY_LEVELS.update(old)
+    monkeypatch.setitem(weights.ACCURACY_LEVELS, "int8", level)
+    y = LINEAR_FORMATS["int8"](g, LinearArgs(name="lin", x="x", w=w, weight_key="w", quant=qb))
     store.close()
     (node,) = g.nodes
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

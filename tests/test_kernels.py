@@ -75,7 +75,7 @@ def test_encode_codes_identical_across_backends(monkeypatch):
 def test_half_converter_all_patterns():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     ref = bits.view(np.float16).astype(np.float32)
-    got = knb.half_to_float(bits)
+    got = knb.halves_to_float(bits)
     nan = np.isnan(ref)
     assert np.array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan], ref[~nan])

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("tqedge", "runtime", "exporters", "pyproject.toml", "README.md")
 # compile one small kernel: any kernel's cache write shows where the cache goes
 COMPILE = ("import numpy as np; from tqedge.codec import kernels_numba as k; "
-           "print(k.half_to_float(np.array([15360], np.uint16))[0])")
+           "print(k.halves_to_float(np.array([15360], np.uint16))[0])")
 
 
 def _is_tqedge(name: str) -> bool:

@@ -103,7 +103,7 @@ def test_doctor_warmup(marker_dir):
 
 
 _COMPILE = ("import numpy as np; from tqedge.codec import kernels_numba as k; "
-            "print(k.half_to_float(np.array([15360], np.uint16))[0])")
+            "print(k.halves_to_float(np.array([15360], np.uint16))[0])")
 
 
 def test_kernels_are_cached_in_the_user_cache_dir_not_beside_the_sources(tmp_path):
@@ -114,13 +114,13 @@ def test_kernels_are_cached_in_the_user_cache_dir_not_beside_the_sources(tmp_pat
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "1.0"
-    assert any((tmp_path / "numba").rglob("kernels_numba.half_to_float-*.nbi"))
+    assert any((tmp_path / "numba").rglob("kernels_numba.halves_to_float-*.nbi"))
     assert {p: p.stat().st_mtime_ns for p in sources.rglob("*.nb[ic]")} == before
     # a user-set NUMBA_CACHE_DIR wins
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")
     r = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert any((tmp_path / "mine").rglob("kernels_numba.half_to_float-*.nbi"))
+    assert any((tmp_path / "mine").rglob("kernels_numba.halves_to_float-*.nbi"))
 
 
 _FIRST_TOKEN = r"""

@@ -190,14 +190,14 @@ class NativeBackend:
         t0 = time.perf_counter()
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
+        n = threads or numba_runtime.MAX_THREADS
         if batched:
             self.ort_threads = threads  # None: onnxruntime's default
         else:
-            self.ort_threads = (threads or numba_runtime.MAX_THREADS) if spin else ORT_THREADS
+            self.ort_threads = n if spin else ORT_THREADS
         self.op_on_ort_pool = spin and self.ort_threads != 1
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention],
                                     parallel=self.op_on_ort_pool)
-        n = threads or numba_runtime.MAX_THREADS
         pool = 0
         if not self.op_on_ort_pool and n > 1:
             from tqedge.runtime import coop_pool  # the ops' workers now, not in the first prompt

@@ -18,7 +18,8 @@ Work is split over ``heads × key blocks`` with ``prange`` when the call is larg
 for the thread pool; small calls (a decode step at short context) run a serial twin compiled
 from the same source, and so does any call while another thread's parallel kernel runs or when
 the calling thread's thread count is 1 (:func:`tqedge.codec.numba_runtime.launch`). ``scales``
-arrive as float16 bit patterns (uint16): Numba has no float16, so :func:`_half` converts them.
+arrive as float16 bit patterns (uint16): Numba has no float16, so
+:func:`~tqedge.codec.kernels_fused.half_to_float` (the CPU's conversion) widens them.
 Nothing compiles at import; the machine code is cached on disk in the user's cache directory
 after the first call (:mod:`tqedge.codec.numba_runtime`).
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from tqedge.codec.kernels_fused import half_to_float
 from tqedge.codec.numba_runtime import launch, njit, serial_twin
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
@@ -40,23 +42,6 @@ TILE = 64  # keys decoded at a time into a small L1-resident tile
 PARALLEL_MIN = 1 << 16
 
 _OPTS = dict(fastmath=True, nogil=True)
-_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], dtype=np.float32)  # float16 exponent table
-
-
-@njit(inline="always", **_OPTS)
-def _half(h):
-    """float16 bit pattern (uint16) → float32."""
-    h = np.int32(h)
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0:
-        v = np.float32(m) * np.float32(5.960464477539063e-08)  # subnormal: m · 2^-24
-    elif e == 31:
-        v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-    else:
-        v = np.float32(1024 + m) * _POW2[e]
-    return -v if h & 0x8000 else v
-
 
 @njit(**_OPTS)
 def _decode_tile(ch, n0, nr, table, cb, lut64, tile, tile64):
@@ -166,10 +151,10 @@ def _tile_scores(q, tile, nr, table, sh, n0, out_h):
             t1 = tile[r + 1, do : do + nd]  # rows past nr are stale but in bounds (TILE rows)
             t2 = tile[r + 2, do : do + nd]
             t3 = tile[r + 3, do : do + nd]
-            c0 = _half(sh[n0 + r, si])  # the rows' scales, once for all G queries
-            c1 = _half(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
-            c2 = _half(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
-            c3 = _half(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
+            c0 = half_to_float(sh[n0 + r, si])  # the rows' scales, once for all G queries
+            c1 = half_to_float(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
+            c2 = half_to_float(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
+            c3 = half_to_float(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
             for g in range(ng):
                 qg = q[g, do : do + nd]
                 a0 = np.float32(0.0)
@@ -207,10 +192,10 @@ def _tile_values(p_h, tile, nr, table, sh, n0, acc):
             t1 = tile[r + 1, do : do + nd]
             t2 = tile[r + 2, do : do + nd]
             t3 = tile[r + 3, do : do + nd]
-            c0 = _half(sh[n0 + r, si])
-            c1 = _half(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
-            c2 = _half(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
-            c3 = _half(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
+            c0 = half_to_float(sh[n0 + r, si])
+            c1 = half_to_float(sh[n0 + r + 1, si]) if m > 1 else np.float32(0.0)
+            c2 = half_to_float(sh[n0 + r + 2, si]) if m > 2 else np.float32(0.0)
+            c3 = half_to_float(sh[n0 + r + 3, si]) if m > 3 else np.float32(0.0)
             for g in range(ng):
                 w0 = p_h[g, n0 + r] * c0
                 w1 = p_h[g, n0 + r + 1] * c1 if m > 1 else np.float32(0.0)
@@ -285,7 +270,7 @@ def _dequantize_impl(codes, scales, table, cb, lut64, dp):
                 nd = table[s, NDIM]
                 si = table[s, SCALE_IDX]
                 for r in range(nr):
-                    sc = _half(scales[h, n0 + r, si])
+                    sc = half_to_float(scales[h, n0 + r, si])
                     o = out[h, n0 + r, do : do + nd]
                     t = tile[r, do : do + nd]
                     for j in range(nd):
@@ -355,9 +340,9 @@ def dequantize(codes, scales16, table, cb, lut, dp):
 
 
 @njit(**_OPTS)
-def half_to_float(h):
+def halves_to_float(h):
     """float16 bit patterns (n,) uint16 → float32 (n,) with the kernels' converter (for tests)."""
     out = np.empty(h.shape[0], dtype=np.float32)
     for i in range(h.shape[0]):
-        out[i] = _half(h[i])
+        out[i] = half_to_float(h[i])
     return out
