@@ -10,9 +10,12 @@ segment scale folded in, and then
   (the caller unprojects once);
 - ``dequantize``: stores the buffer (blocked prefill, then a BLAS matmul).
 
-Decoding is specialised per width: b = 1, 2, 4 look up all codes of a byte at once in a byte
-table of centroids (8, 4 or 2 floats per byte), b = 8 indexes the codebook with the byte, b = 3
-unpacks 8 codes from a 24-bit window of 3 bytes, other widths read a 16-bit window per code.
+Decoding is specialised per width: on x86 with AVX2 or AVX-512, segments of b ≤ 4 bits and a
+multiple of 16 codes decode 16 codes per register permute (:mod:`tqedge.codec.permute`, same
+floats), fused into the scores and value sums (:mod:`tqedge.codec.kernels_permute`: no tile).
+Elsewhere b = 1, 2, 4 look up all codes of a byte at once in a byte table of centroids
+(8, 4 or 2 floats per byte), b = 3 unpacks 8 codes from a 24-bit window of 3 bytes; b = 8
+indexes the codebook with the byte, other widths read a 16-bit window per code.
 
 Work is split over ``heads × key blocks`` with ``prange`` when the call is large enough to pay
 for the thread pool; small calls (a decode step at short context) run a serial twin compiled
@@ -31,6 +34,8 @@ from numba import prange
 
 from tqedge.codec.kernels_fused import half_to_float
 from tqedge.codec.numba_runtime import launch, njit, serial_twin
+from tqedge.codec.kernels_permute import decode_rows, fused_ok, fused_scores, fused_values
+from tqedge.codec.permute import LANES, PERMUTE
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
 BACKEND = "numba"
@@ -44,7 +49,7 @@ PARALLEL_MIN = 1 << 16
 _OPTS = dict(fastmath=True, nogil=True)
 
 @njit(**_OPTS)
-def _decode_tile(ch, n0, nr, table, cb, lut64, tile, tile64):
+def _decode_tile(ch, n0, nr, table, cb, lut64, tile, tile64, cb16):
     """Decode rows ``n0 .. n0+nr`` of one head's codes ``ch`` (N, B) into ``tile[:nr, :Dp]``,
     unscaled (centroid values). Segment by segment, so the width branch is taken once per tile;
     the loops work on slices (simple strides, no aliasing doubts for LLVM)."""
@@ -57,7 +62,9 @@ def _decode_tile(ch, n0, nr, table, cb, lut64, tile, tile64):
         lb = table[s, LUT_OFF] >> 1  # index into the uint64 (float pair) view of the byte tables
         o = do >> 1
         even = (do & 1) == 0
-        if bits == 4 and even:  # one byte → 2 floats = one uint64
+        if PERMUTE and bits <= 4 and nd % LANES == 0 and ch.strides[1] == 1:
+            decode_rows(ch, n0, nr, bits, bo, nd, cb, co, tile, do, cb16)
+        elif bits == 4 and even:  # one byte → 2 floats = one uint64
             nb = (nd + 1) >> 1
             lt = lut64[lb : lb + 256]
             for r in range(nr):
@@ -130,7 +137,8 @@ def _decode_generic(row, bo, bits, j0, nd, cb, co, tile, r, do):
 def _new_tile(dp):
     width = (dp + 8 + 15) & ~15  # overhang room for a partial last byte; 64-byte rows
     tile = np.zeros((TILE, width), dtype=np.float32)
-    return tile, tile.reshape(-1).view(np.uint64).reshape(TILE, width >> 1)
+    tile64 = tile.reshape(-1).view(np.uint64).reshape(TILE, width >> 1)
+    return tile, tile64, np.zeros(LANES, np.float32)
 
 
 @njit(**_OPTS)
@@ -212,33 +220,41 @@ def _scores_impl(qp, codes, scales, table, cb, lut64):
     n = codes.shape[1]
     out = np.empty((nh, ng, n), dtype=np.float32)
     nblk = (n + BLOCK - 1) // BLOCK
+    fused = fused_ok(table, ng, codes, qp, out)
     for task in prange(nh * nblk):
         h = task // nblk
         b0 = (task % nblk) * BLOCK
         b1 = min(n, b0 + BLOCK)
-        tile, tile64 = _new_tile(dp)
+        tile, tile64, cb16 = _new_tile(dp)
         for n0 in range(b0, b1, TILE):
             nr = min(TILE, b1 - n0)
-            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
-            _tile_scores(qp[h], tile, nr, table, scales[h], n0, out[h])
+            if fused:
+                fused_scores(qp[h], codes[h], n0, nr, table, cb, scales[h], out[h], cb16)
+            else:
+                _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64, cb16)
+                _tile_scores(qp[h], tile, nr, table, scales[h], n0, out[h])
     return out
 
 
 def _value_sum_impl(p, codes, scales, table, cb, lut64, dp):
     nh, ng, n = p.shape
     nblk = (n + BLOCK - 1) // BLOCK
-    part = np.zeros((nh * nblk, ng, dp), dtype=np.float32)
+    sums = np.zeros((nh * nblk, ng, dp), dtype=np.float32)
     for task in prange(nh * nblk):
         h = task // nblk
         b0 = (task % nblk) * BLOCK
         b1 = min(n, b0 + BLOCK)
-        tile, tile64 = _new_tile(dp)
+        tile, tile64, cb16 = _new_tile(dp)
         acc = np.zeros((ng, dp), dtype=np.float32)
+        fused = fused_ok(table, ng, codes, acc, p)
         for n0 in range(b0, b1, TILE):
             nr = min(TILE, b1 - n0)
-            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
-            _tile_values(p[h], tile, nr, table, scales[h], n0, acc)
-        part[task] = acc
+            if fused:
+                fused_values(p[h], codes[h], n0, nr, table, cb, scales[h], acc, cb16)
+            else:
+                _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64, cb16)
+                _tile_values(p[h], tile, nr, table, scales[h], n0, acc)
+        sums[task] = acc
     # the reduction as scalar loops: under parallel=True an array expression here would be a
     # parallel region of its own, one pool launch per task (20 ms at 8K keys instead of 1)
     out = np.empty((nh, ng, dp), dtype=np.float32)
@@ -247,7 +263,7 @@ def _value_sum_impl(p, codes, scales, table, cb, lut64, dp):
             for j in range(dp):
                 a = np.float32(0.0)
                 for b in range(nblk):
-                    a += part[h * nblk + b, g, j]
+                    a += sums[h * nblk + b, g, j]
                 out[h, g, j] = a
     return out
 
@@ -261,10 +277,10 @@ def _dequantize_impl(codes, scales, table, cb, lut64, dp):
         h = task // nblk
         b0 = (task % nblk) * BLOCK
         b1 = min(n, b0 + BLOCK)
-        tile, tile64 = _new_tile(dp)
+        tile, tile64, cb16 = _new_tile(dp)
         for n0 in range(b0, b1, TILE):
             nr = min(TILE, b1 - n0)
-            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64)
+            _decode_tile(codes[h], n0, nr, table, cb, lut64, tile, tile64, cb16)
             for s in range(nseg):
                 do = table[s, DIM_OFF]
                 nd = table[s, NDIM]

@@ -16,10 +16,11 @@ settled before Numba compiles or launches anything:
 - **Thread count**: :func:`set_threads` (per calling thread, like ``numba.set_num_threads``;
   ``Model.forward`` sets it from ``load(threads=)`` / ``--threads``). With 1 thread the
   parallel twins never run, so Numba's pool is never even started.
-- **Cache**: compiled kernels go to ``tqedge.paths.numba_cache_dir() / "src-<key>"``
+- **Cache**: compiled kernels go to ``tqedge.paths.numba_cache_dir() / "src-<key>-<simd>"``
   (``user_cache_dir() / "numba"`` unless the user set ``NUMBA_CACHE_DIR``; the key,
   :func:`source_key`, changes with any tqedge module, because Numba would otherwise load
-  stale code for a kernel whose callees changed) — never into
+  stale code for a kernel whose callees changed; ``<simd>`` is
+  :data:`tqedge.codec.permute.MODE`, which the kernels freeze) — never into
   site-packages, where stale cache files outlive a ``pip uninstall`` and turn ``tqedge/`` into
   a namespace package that shadows a later editable install. :func:`njit` scopes Numba's
   ``CACHE_DIR`` to the decoration of tqedge's own kernels (:func:`cfunc` for the native op's
@@ -119,7 +120,9 @@ def source_key() -> str:
 
 
 def _choose_cache_dir() -> Path:
-    want = numba_cache_dir() / f"src-{source_key()}"
+    from tqedge.codec.permute import MODE  # frozen into the kernels' machine code
+
+    want = numba_cache_dir() / f"src-{source_key()}-{MODE}"
     if _writable(want):
         return want
     user = os.getuid() if hasattr(os, "getuid") else "user"
