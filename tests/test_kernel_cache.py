@@ -15,7 +15,7 @@ numba = pytest.importorskip("numba")
 from numba.core.ccallback import CFunc  # noqa: E402
 from numba.core.dispatcher import Dispatcher  # noqa: E402
 
-MODULES = ("tqedge.codec.kernels_numba", "tqedge.codec.kernels_permute", "tqedge.codec.kernels_fused", "tqedge.runtime.fp16_kernels",
+MODULES = ("tqedge.codec.kernels_numba", "tqedge.codec.kernels_blocks", "tqedge.codec.kernels_fused", "tqedge.runtime.fp16_kernels",
            "tqedge.runtime.ort_numba", "tqedge.runtime.native_turboquant", "tqedge.runtime.native_prefill", "tqedge.runtime.native_op",
            "tqedge.runtime.coop_pool", "tqedge.runtime.native_sliding", "tqedge.runtime.backends.onnx_native")
 

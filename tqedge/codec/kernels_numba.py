@@ -11,8 +11,8 @@ segment scale folded in, and then
 - ``dequantize``: stores the buffer (blocked prefill, then a BLAS matmul).
 
 Decoding is specialised per width: on x86 with AVX2 or AVX-512, segments of b ≤ 4 bits and a
-multiple of 16 codes decode 16 codes per register permute (:mod:`tqedge.codec.permute`, same
-floats), fused into the scores and value sums (:mod:`tqedge.codec.kernels_permute`: no tile).
+multiple of 16 codes decode 16 codes per register permute (:mod:`tqedge.codec.simd`, same
+floats), fused into the scores and value sums (:mod:`tqedge.codec.kernels_blocks`: no tile).
 Elsewhere b = 1, 2, 4 look up all codes of a byte at once in a byte table of centroids
 (8, 4 or 2 floats per byte), b = 3 unpacks 8 codes from a 24-bit window of 3 bytes; b = 8
 indexes the codebook with the byte, other widths read a 16-bit window per code.
@@ -34,8 +34,8 @@ from numba import prange
 
 from tqedge.codec.kernels_fused import half_to_float
 from tqedge.codec.numba_runtime import launch, njit, serial_twin
-from tqedge.codec.kernels_permute import decode_rows, fused_ok, fused_scores, fused_values
-from tqedge.codec.permute import LANES, PERMUTE
+from tqedge.codec.kernels_blocks import decode_rows, fused_ok, fused_scores, fused_values
+from tqedge.codec.simd import LANES, PERMUTE
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
 BACKEND = "numba"

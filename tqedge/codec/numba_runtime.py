@@ -20,7 +20,7 @@ settled before Numba compiles or launches anything:
   (``user_cache_dir() / "numba"`` unless the user set ``NUMBA_CACHE_DIR``; the key,
   :func:`source_key`, changes with any tqedge module, because Numba would otherwise load
   stale code for a kernel whose callees changed; ``<simd>`` is
-  :data:`tqedge.codec.permute.MODE`, which the kernels freeze) — never into
+  :data:`tqedge.codec.simd.MODE`, which the kernels freeze) — never into
   site-packages, where stale cache files outlive a ``pip uninstall`` and turn ``tqedge/`` into
   a namespace package that shadows a later editable install. :func:`njit` scopes Numba's
   ``CACHE_DIR`` to the decoration of tqedge's own kernels (:func:`cfunc` for the native op's
@@ -120,7 +120,7 @@ def source_key() -> str:
 
 
 def _choose_cache_dir() -> Path:
-    from tqedge.codec.permute import MODE  # frozen into the kernels' machine code
+    from tqedge.codec.simd import MODE  # frozen into the kernels' machine code
 
     want = numba_cache_dir() / f"src-{source_key()}-{MODE}"
     if _writable(want):

@@ -1,16 +1,23 @@
-"""Decode 16 codes of ``b`` ≤ 4 bits with a register permute instead of 16 table loads.
+"""Vector kernels written in LLVM IR (``llvmlite``), entered from Numba code as intrinsics.
 
-A segment's codes are a little-endian bit stream, so 16 codes of ``b`` bits are ``2·b`` whole
-bytes: one integer load, a shift per lane, a mask, and the 16 centroids (at most 16 floats:
-one AVX-512 register) are picked by the lane indices with one ``vpermps``. On AVX2 the table is
-two 8-float halves (two ``vpermps`` and a blend on bit 3 for ``b`` = 4). The decoded floats are
-the codebook's own values (a permute moves bits), so every kernel gives the same bits as with
-the byte tables of :mod:`tqedge.codec.kernels_numba`.
+**Codes by register permute** (x86): a segment's codes are a little-endian bit stream, so 16
+codes of ``b`` ≤ 4 bits are ``2·b`` whole bytes: one integer load, a shift per lane, a mask, and
+the 16 centroids (at most 16 floats: one AVX-512 register) are picked by the lane indices with
+one ``vpermps``. On AVX2 the table is two 8-float halves (two ``vpermps`` and a blend on bit 3
+for ``b`` = 4). The decoded floats are the codebook's own values (a permute moves bits), so
+``dequantize`` gives the same bits as the byte tables of :mod:`tqedge.codec.kernels_numba`.
+
+**Block kernels**: four rows (:data:`ROWS`) decoded into registers — codes by permute, or
+float16 rows (:data:`HALVES`) by ``fpext``, which every target has — then dotted with up to
+:data:`GMAX` queries (the four rows' sums in one transpose-add tree) or added into accumulators
+with a weight per query and row; the group count is unrolled when the caller passes a constant.
+:mod:`tqedge.codec.kernels_blocks` and :mod:`tqedge.runtime.fp16_kernels` are the Numba glue.
 
 :data:`MODE` is chosen once from the host CPU (``llvmlite``'s feature list): ``"avx512"``,
-``"avx2"`` or ``"off"`` (other CPUs, e.g. AArch64, keep the byte tables); the environment
-variable ``TQEDGE_SIMD=off`` turns it off. It names the kernel cache directory too
-(:mod:`tqedge.codec.numba_runtime`): Numba freezes :data:`PERMUTE` into the machine code.
+``"avx2"`` or ``"off"`` (other CPUs, e.g. AArch64, keep the byte tables for codes; the float16
+blocks run everywhere); the environment variable ``TQEDGE_SIMD=off`` turns the permute off. It
+names the kernel cache directory too (:mod:`tqedge.codec.numba_runtime`): Numba freezes
+:data:`PERMUTE` into the machine code.
 """
 
 from __future__ import annotations
@@ -193,20 +200,28 @@ def _row_sums(builder, accs):
     return _pair_sum(builder, w, w, [0, 2, 4, 6], [1, 3, 5, 7])
 
 
+HALVES = 16  # ``bits`` of a float16 row source (the cache's sinks and window): no table, no scale
+
+
 class _Groups:
-    """The ``nk`` groups of 16 codes of ``rows`` rows, decoded once into a stack buffer. With
-    ``nk`` known when compiling, loops over groups are unrolled with constant indices and LLVM
-    keeps the decoded vectors in registers; otherwise they are loops over the buffer."""
+    """The ``nk`` groups of 16 values of ``rows`` rows, decoded once into a stack buffer: codes
+    of ``bits`` ≤ 4 by permute, or :data:`HALVES` (16 float16 widened by ``fpext``, which every
+    target has). With ``nk`` known when compiling, loops over groups are unrolled with constant
+    indices and LLVM keeps the decoded vectors in registers; otherwise they are loops over the buffer."""
 
     def __init__(self, builder, mode, bits, rows, nk_lit, nk, src, rs, tbl):
         self.b, self.rows, self.lit, self.nk = builder, rows, nk_lit, nk
         vf = ir.VectorType(_F32, LANES)
-        table = _table(builder, mode, tbl)
+        table = None if bits == HALVES else _table(builder, mode, tbl)
         self.buf = cgutils.alloca_once(builder, vf, size=NKMAX * ROWS)
         for k, kk in self.each():
             for r in range(rows):
                 at = builder.add(builder.add(src, builder.mul(kk, _c(2 * bits))), builder.mul(rs, _c(r)))
-                builder.store(_decode(builder, mode, bits, table, at), self.slot(kk, r))
+                if bits == HALVES:
+                    h = builder.load(_ptr(builder, at, ir.VectorType(ir.HalfType(), LANES)), align=2)
+                    builder.store(builder.fpext(h, vf), self.slot(kk, r))
+                else:
+                    builder.store(_decode(builder, mode, bits, table, at), self.slot(kk, r))
 
     def slot(self, kk, r):
         return self.b.gep(self.buf, [self.b.add(self.b.mul(kk, _c(self.rows)), _c(r))])
@@ -269,6 +284,65 @@ def _values_block(builder, lits, mode, src, rs, tbl, p, ps, ng, nk, sh, shs, acc
             for r in range(rows):
                 a = _fmuladd(builder, ws[r], builder.load(dec.slot(kk, r)), a)
             builder.store(a, at, align=4)
+
+
+def _f16_scores_block(builder, lits, src, rs, q, qs, ng, nk, bias, out, outs):
+    """out[g, r] = <q[g], float16 row r> + bias[r], or -inf where bias[r] is -inf (that row is
+    not read: an unwritten slot may hold any bits)."""
+    rows = lits[0]
+    vf, vr = ir.VectorType(_F32, LANES), ir.VectorType(_F32, rows)
+    dec = _Groups(builder, None, HALVES, rows, lits[6], nk, src, rs, 0)
+    b = builder.load(_ptr(builder, bias, vr), align=4)
+    ninf = ir.Constant(vr, [float("-inf")] * rows)
+    unread = builder.fcmp_ordered("==", b, ninf)
+    accs = [cgutils.alloca_once(builder, vf) for _ in range(rows)]
+    with cgutils.for_range(builder, ng) as gl:
+        for a in accs:
+            builder.store(ir.Constant(vf, [0.0] * LANES), a)
+        qg = builder.add(q, builder.mul(gl.index, qs))
+        for k, kk in dec.each():
+            qv = builder.load(_ptr(builder, builder.add(qg, builder.mul(kk, _c(4 * LANES))), vf), align=4)
+            for r, a in enumerate(accs):
+                builder.store(_fmuladd(builder, qv, builder.load(dec.slot(kk, r)), builder.load(a)), a)
+        v = builder.fadd(_row_sums(builder, [builder.load(a) for a in accs]), b)
+        dst = _ptr(builder, builder.add(out, builder.mul(gl.index, outs)), vr)
+        builder.store(builder.select(unread, ninf, v), dst, align=4)
+
+
+def _f16_values_block(builder, lits, src, rs, p, ps, ng, nk, acc, accs):
+    """acc[g] += Σ_r p[g, r] · float16 row r (rows the caller has checked are read)."""
+    rows = lits[0]
+    vf = ir.VectorType(_F32, LANES)
+    dec = _Groups(builder, None, HALVES, rows, lits[6], nk, src, rs, 0)
+    with cgutils.for_range(builder, ng) as gl:
+        pw = builder.load(_ptr(builder, builder.add(p, builder.mul(gl.index, ps)), ir.VectorType(_F32, rows)), align=4)
+        ws = [_splat(builder, builder.extract_element(pw, ir.Constant(_I32, r))) for r in range(rows)]
+        ag = builder.add(acc, builder.mul(gl.index, accs))
+        for k, kk in dec.each():
+            at = _ptr(builder, builder.add(ag, builder.mul(kk, _c(4 * LANES))), vf)
+            a = builder.load(at, align=4)
+            for r in range(rows):
+                a = _fmuladd(builder, ws[r], builder.load(dec.slot(kk, r)), a)
+            builder.store(a, at, align=4)
+
+
+def _f16_blocks(emit, nargs):
+    def body(builder, lits, *vals):
+        if lits[0] not in (1, ROWS):
+            raise TqedgeError(f"float16 block kernels need constant rows (1 or {ROWS}), got {lits[0]}")
+        emit(builder, lits, *vals[1:])
+
+    return _intrinsic(nargs, body)
+
+
+#: ``f16_scores_block(rows, src, rs, q, qs, g, nk, bias, out, outs)``: ``rows`` (1 or :data:`ROWS`,
+#: a constant) float16 rows at ``src`` (``rs`` bytes apart, 16·nk halves each) against ``g`` query
+#: vectors at ``q`` (``qs`` bytes apart): ``out + g·outs + 4·r`` = dot + ``bias[r]`` (float32 at
+#: ``bias + 4·r``), or -inf where that bias is -inf. Any CPU (``fpext half``).
+f16_scores_block = _f16_blocks(_f16_scores_block, 10)
+#: ``f16_values_block(rows, src, rs, p, ps, g, nk, acc, accs)``: ``acc + g·accs`` += Σ_r ``p[g, r]``
+#: (float32 at ``p + g·ps + 4·r``) · float16 row r.
+f16_values_block = _f16_blocks(_f16_values_block, 9)
 
 
 def _blocks(emit, nargs, mode):

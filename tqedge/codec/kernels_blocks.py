@@ -1,10 +1,11 @@
-"""The permute paths of :mod:`tqedge.codec.kernels_numba`: scores and value sums with the decode
-fused into the arithmetic (no decoded tile in memory), and rows decoded into a tile.
+"""The block paths of :mod:`tqedge.codec.kernels_numba` (x86, the permute decode of
+:mod:`tqedge.codec.simd`): scores and value sums with the decode fused into the arithmetic (no
+decoded tile in memory), and rows decoded into a tile.
 
-:func:`fused_ok` says whether a call can take them: :data:`~tqedge.codec.permute.PERMUTE`, every
-segment of 1–4 bits and a multiple of 16 codes, at most :data:`~tqedge.codec.permute.GMAX`
+:func:`fused_ok` says whether a call can take them: :data:`~tqedge.codec.simd.PERMUTE`, every
+segment of 1–4 bits and a multiple of 16 codes, at most :data:`~tqedge.codec.simd.GMAX`
 queries per KV head, unit strides where the intrinsics read vectors. Rows go four at a time
-(:data:`~tqedge.codec.permute.ROWS`), the last ones one at a time; bits, rows and the usual
+(:data:`~tqedge.codec.simd.ROWS`), the last ones one at a time; bits, rows and the usual
 group counts (head sizes 64, 128, 256) are compile-time constants of the machine code. Results
 equal the tile path's up to float32 summation order.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tqedge.codec import permute as P
+from tqedge.codec import simd as P
 from tqedge.codec.kernels_fused import half_to_float
 from tqedge.codec.numba_runtime import njit
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, NDIM, SCALE_IDX

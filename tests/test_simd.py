@@ -1,9 +1,9 @@
-"""The permute decode (:mod:`tqedge.codec.permute`): 16 codes of 1–4 bits → their centroids,
-bit for bit, in every mode this CPU can run, against a packer written here from the spec (a
-little-endian bit stream, code ``j`` at bit ``j·b``); the fused block kernels (dot products and
-weighted sums of decoded rows) against float64 NumPy; and the kernels with the permute off
-(``TQEDGE_SIMD=off``, a child process) against the same kernels with it on: dequantized rows
-bit for bit, scores and value sums to float32 summation order."""
+"""The LLVM IR kernels of :mod:`tqedge.codec.simd`: the permute decode (16 codes of 1–4 bits →
+their centroids, bit for bit, in every mode this CPU can run, against a packer written here from
+the spec: a little-endian bit stream, code ``j`` at bit ``j·b``); the block kernels (dot products
+and weighted sums of decoded codes or float16 rows) against float64 NumPy; and the kernels with
+the permute off (``TQEDGE_SIMD=off``, a child process) against the same kernels with it on:
+dequantized rows bit for bit, scores and value sums to float32 summation order."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from tqedge.codec import permute
+from tqedge.codec import simd
 from tqedge.errors import TqedgeError
 
 
@@ -35,20 +35,20 @@ def _modes_here() -> list[str]:
 
 
 def test_host_mode_rule():
-    assert permute.host_mode({"avx512f": True, "avx2": True}, "auto") == "avx512"
-    assert permute.host_mode({"avx512f": False, "avx2": True}, "auto") == "avx2"
-    assert permute.host_mode({"neon": True}, "auto") == "off"
-    assert permute.host_mode({"avx512f": True}, "off") == "off"
+    assert simd.host_mode({"avx512f": True, "avx2": True}, "auto") == "avx512"
+    assert simd.host_mode({"avx512f": False, "avx2": True}, "auto") == "avx2"
+    assert simd.host_mode({"neon": True}, "auto") == "off"
+    assert simd.host_mode({"avx512f": True}, "off") == "off"
     with pytest.raises(TqedgeError, match="TQEDGE_SIMD must be auto or off"):
-        permute.host_mode({}, "avx9")
-    assert permute.PERMUTE == (permute.MODE != "off")
-    assert permute.MODE == permute.host_mode()
+        simd.host_mode({}, "avx9")
+    assert simd.PERMUTE == (simd.MODE != "off")
+    assert simd.MODE == simd.host_mode()
 
 
 @pytest.mark.parametrize("mode", _modes_here())
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_decode16_is_the_codebook(mode, bits):
-    dec = permute.make_decode16(bits, mode)
+    dec = simd.make_decode16(bits, mode)
 
     @njit
     def run(packed, table, out):
@@ -70,11 +70,11 @@ def test_decode16_is_the_codebook(mode, bits):
 
 def test_make_decode16_refuses_other_widths():
     with pytest.raises(TqedgeError, match="no permute decode for 5 bits"):
-        permute.make_decode16(5, "avx512")
+        simd.make_decode16(5, "avx512")
 
 
 def _block_runner(mode, bits, rows, nk):
-    scores, values = permute.make_scores_block(mode), permute.make_values_block(mode)
+    scores, values = simd.make_scores_block(mode), simd.make_values_block(mode)
     literal = nk is not None
 
     @njit
@@ -100,8 +100,8 @@ def _block_runner(mode, bits, rows, nk):
 
 @pytest.mark.parametrize("mode", _modes_here())
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
-@pytest.mark.parametrize("rows", [1, permute.ROWS])
-@pytest.mark.parametrize("ng,nk", [(1, None), (3, 4), (3, None), (permute.GMAX, 8)])
+@pytest.mark.parametrize("rows", [1, simd.ROWS])
+@pytest.mark.parametrize("ng,nk", [(1, None), (3, 4), (3, None), (simd.GMAX, 8)])
 def test_block_kernels_against_numpy(mode, bits, rows, ng, nk):
     rng = np.random.default_rng(bits * 100 + rows * 10 + ng)
     n, d = 64, 16 * (nk or (3 if bits % 2 else 5))
@@ -122,7 +122,7 @@ def test_block_kernels_against_numpy(mode, bits, rows, ng, nk):
 
 
 def test_block_kernels_refuse_runtime_bits():
-    scores = permute.make_scores_block(permute.MODE)
+    scores = simd.make_scores_block(simd.MODE)
 
     @njit
     def run(bits):
@@ -134,9 +134,9 @@ def test_block_kernels_refuse_runtime_bits():
 
 _KERNELS = """
 import hashlib, json, sys, numpy as np
-from tqedge.codec import kernels_numba as K, permute
+from tqedge.codec import kernels_numba as K, simd
 from tqedge.codec.quantizer import CodecConfig, TurboQuant
-out = {"mode": permute.MODE}
+out = {"mode": simd.MODE}
 for bits in (1, 2, 3, 4, 3.5, 2.5):
     tq = TurboQuant(CodecConfig(dim=64, bits=bits))
     rng = np.random.default_rng(int(bits * 10))
@@ -159,10 +159,40 @@ def test_kernels_with_the_permute_off_agree():
         return json.loads(res.stdout)
 
     on, off = run("auto"), run("off")
-    assert off.pop("mode") == "off" and on.pop("mode") == permute.MODE
+    assert off.pop("mode") == "off" and on.pop("mode") == simd.MODE
     assert on.keys() == off.keys()
     for bits in on:
         assert on[bits]["dequantize"] == off[bits]["dequantize"], bits  # the same centroids
         for kind in ("scores", "value_sum"):
             a, b = np.asarray(on[bits][kind]), np.asarray(off[bits][kind])
             assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), (bits, kind)
+
+
+@pytest.mark.parametrize("d", [64, 48, 256])
+@pytest.mark.parametrize("ng", [1, 3, simd.GMAX])
+def test_float16_block_kernels_against_numpy(d, ng):
+    """runtime/fp16_kernels on the IR blocks (any CPU): unread slots (bias -inf, weight 0) hold
+    NaN bits here and must neither be read into a score nor into a sum."""
+    from tqedge.runtime import fp16_kernels as F
+
+    rng = np.random.default_rng(d + ng)
+    h, n = 2, 23  # 5 blocks of 4 rows and 3 single rows
+    q = rng.standard_normal((h, ng, d)).astype(np.float32)
+    k = rng.standard_normal((h, n, d)).astype(np.float16)
+    v = rng.standard_normal((h, n, d)).astype(np.float16)
+    bias = rng.standard_normal(n).astype(np.float32)
+    unread = np.array([1, 6, 7, 8, 9, 22])
+    bias[unread] = -np.inf
+    k[:, unread] = np.nan
+    v[:, unread] = np.nan
+    p = rng.random((h, ng, n)).astype(np.float32)
+    p[:, :, unread] = 0.0
+    s = F.scores(q, k, bias)
+    want = q.astype(np.float64) @ k.astype(np.float64).transpose(0, 2, 1) + bias
+    read = np.setdiff1d(np.arange(n), unread)
+    assert np.all(s[:, :, unread] == -np.inf)
+    np.testing.assert_allclose(s[:, :, read], want[:, :, read], rtol=0, atol=1e-5 * np.abs(want[:, :, read]).max())
+    o = F.weighted_sum(p, v)
+    want_o = p[:, :, read].astype(np.float64) @ v[:, read].astype(np.float64)
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, want_o, rtol=0, atol=1e-5 * np.abs(want_o).max())
