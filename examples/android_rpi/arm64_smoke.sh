@@ -11,9 +11,11 @@
 #      with the default TurboQuant cache four times: native, native `--spin` (the op's work items
 #      on onnxruntime's pool through KernelContext_ParallelFor), `--backend onnx` (segments, Numba
 #      kernels) and TQEDGE_KERNELS=numpy (segments, NumPy kernels);
-#   4. compares the token ids with the host's for the same bundle and prompt: PASS/FAIL. Where
-#      they part, the host's logit gap between the two tokens (teacher-forced) must be a near-tie
-#      (< 0.1): int8 activations make a near-tie fall either way on another CPU.
+#   4. compares the token ids with the host's for the same bundle and prompt (the host's native and
+#      segment backends: where those two already part, each is an answer of the host): PASS/FAIL.
+#      Where arm64 parts from the closer of them, the host's logit gap between the two tokens
+#      (teacher-forced) must be a near-tie (< 0.1): int8 activations make a near-tie fall either
+#      way on another CPU.
 #
 # What it proves: the wheels exist for aarch64, import, compute the same greedy tokens, and use
 # no instruction a Cortex-A72 (Pi 4) lacks. Its timings say nothing about a real Pi (emulated
@@ -202,8 +204,9 @@ cp -r "$BUNDLE" "$ROOT/opt/bundle"
 # ---------------------------------------------------------------------------------------------
 WORK=$(mktemp -d)
 GEN=(-p "$PROMPT" --max-tokens "$MAX_TOKENS" --temperature 0 --json)
-say "host ($(uname -m)): greedy generate"
+say "host ($(uname -m)): greedy generate, native and segment backends"
 "$PY" -m tqedge.cli generate "$BUNDLE" "${GEN[@]}" > "$WORK/host.json"
+"$PY" -m tqedge.cli generate "$BUNDLE" --backend onnx "${GEN[@]}" > "$WORK/host-segments.json"
 say "arm64: tqedge doctor"
 "$ROOT/armrun" tqedge doctor
 say "arm64: the backend tqedge.load picks with Numba present (the native one-session op)"
@@ -261,14 +264,24 @@ def host_gap(prompt, prefix, a, b):
     return abs(float(lg[a]) - float(lg[b]))
 
 h = doc("host.json")
-host, prompt = ids(h, "host.json"), [int(t) for t in h["prompt_ids"]]
-print(f"  host      : {host}")
+prompt = [int(t) for t in h["prompt_ids"]]
+# the host's own backends: with int8 activations (MatMulNBits accuracy level 4) a float32
+# summation-order difference can flip a rounding and move a logit by tenths, so where the host's
+# two backends already part, each is an answer of the host
+refs = {"native": ids(h, "host.json"), "segments": ids(doc("host-segments.json"), "host-segments.json")}
+for label, r in refs.items():
+    print(f"  host {label:9s}: {r}")
+
+def common(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
 ok = True
 for name in ("arm-numba.json", "arm-spin.json", "arm-segments.json", "arm-numpy.json"):
     got = ids(doc(name), name)
     label = name[4:-5]
+    ref, host = max(refs.items(), key=lambda kv: common(kv[1], got))
     if got == host:
-        print(f"  arm64 {label:8s}: identical ({len(got)} tokens)  PASS")
+        print(f"  arm64 {label:8s}: identical to the host's {ref} ({len(got)} tokens)  PASS")
         continue
     print(f"  arm64 {label:8s}: {got}")
     first = next((i for i, (a, b) in enumerate(zip(host, got)) if a != b), None)
@@ -279,8 +292,8 @@ for name in ("arm-numba.json", "arm-spin.json", "arm-segments.json", "arm-numpy.
     gap = host_gap(prompt, host[:first], host[first], got[first])
     tie = gap < NEAR_TIE
     ok &= tie
-    print(f"  arm64 {label:8s}: {'PASS (near-tie)' if tie else 'FAIL'} — first divergence at token {first}: "
-          f"host {host[first]} vs arm64 {got[first]}, host logit gap {gap:.3f} (near-tie below {NEAR_TIE})")
+    print(f"  arm64 {label:8s}: {'PASS (near-tie)' if tie else 'FAIL'} — first divergence from the host's {ref} at "
+          f"token {first}: host {host[first]} vs arm64 {got[first]}, host logit gap {gap:.3f} (near-tie below {NEAR_TIE})")
 print("PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
 PY
