@@ -47,73 +47,50 @@ def _fill16(cb16, cb, co, bits):
 def _scores4(bits, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first):
     """Four rows; the group count a constant where it is one of the usual head sizes' (64, 128, 256)."""
     if nk == 4:
-        _scores4_b(bits, 4, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
+        _scores(bits, 4, 4, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
     elif nk == 8:
-        _scores4_b(bits, 8, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
+        _scores(bits, 4, 8, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
     elif nk == 16:
-        _scores4_b(bits, 16, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
+        _scores(bits, 4, 16, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
     else:
-        _scores4_b(bits, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
+        _scores(bits, 4, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first)
 
 
 @njit(inline="always", **_OPTS)
-def _scores4_b(bits, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first):
+def _scores(bits, rows, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first):
+    """``rows`` (a constant) rows of ``bits`` bits, the width made a constant here."""
     if bits == 4:
-        P.scores_block(4, 4, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
+        P.scores_block(4, rows, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
     elif bits == 3:
-        P.scores_block(3, 4, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
+        P.scores_block(3, rows, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
     elif bits == 2:
-        P.scores_block(2, 4, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
+        P.scores_block(2, rows, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
     else:
-        P.scores_block(1, 4, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
-
-
-@njit(inline="always", **_OPTS)
-def _scores1(bits, nk, src, rs, ta, qa, qs, ng, sa, shs, oa, outs, first):
-    if bits == 4:
-        P.scores_block(4, 1, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
-    elif bits == 3:
-        P.scores_block(3, 1, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
-    elif bits == 2:
-        P.scores_block(2, 1, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
-    else:
-        P.scores_block(1, 1, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
+        P.scores_block(1, rows, src, rs, ta, qa, qs, ng, nk, sa, shs, oa, outs, first)
 
 
 @njit(inline="always", **_OPTS)
 def _values4(bits, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast):
     if nk == 4:
-        _values4_b(bits, 4, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
+        _values(bits, 4, 4, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
     elif nk == 8:
-        _values4_b(bits, 8, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
+        _values(bits, 4, 8, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
     elif nk == 16:
-        _values4_b(bits, 16, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
+        _values(bits, 4, 16, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
     else:
-        _values4_b(bits, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
+        _values(bits, 4, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast)
 
 
 @njit(inline="always", **_OPTS)
-def _values4_b(bits, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast):
+def _values(bits, rows, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast):
     if bits == 4:
-        P.values_block(4, 4, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
+        P.values_block(4, rows, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
     elif bits == 3:
-        P.values_block(3, 4, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
+        P.values_block(3, rows, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
     elif bits == 2:
-        P.values_block(2, 4, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
+        P.values_block(2, rows, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
     else:
-        P.values_block(1, 4, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
-
-
-@njit(inline="always", **_OPTS)
-def _values1(bits, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast):
-    if bits == 4:
-        P.values_block(4, 1, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
-    elif bits == 3:
-        P.values_block(3, 1, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
-    elif bits == 2:
-        P.values_block(2, 1, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
-    else:
-        P.values_block(1, 1, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
+        P.values_block(1, rows, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
 
 
 @njit(**_OPTS)
@@ -137,7 +114,7 @@ def fused_scores(q, ch, n0, nr, table, cb, sh, out_h, cb16):
             _scores4(bits, nk, src + r * rs, rs, ta, qa, qs, ng, sa + r * shs, shs, oa + 4 * r, outs, first)
             r += P.ROWS
         while r < nr:
-            _scores1(bits, nk, src + r * rs, rs, ta, qa, qs, ng, sa + r * shs, shs, oa + 4 * r, outs, first)
+            _scores(bits, 1, nk, src + r * rs, rs, ta, qa, qs, ng, sa + r * shs, shs, oa + 4 * r, outs, first)
             r += 1
 
 
@@ -159,7 +136,7 @@ def fused_values(p_h, ch, n0, nr, table, cb, sh, acc, cb16):
             _values4(bits, nk, src + r * rs, rs, ta, pa + 4 * r, ps, ng, sa + r * shs, shs, aa, ast)
             r += P.ROWS
         while r < nr:
-            _values1(bits, nk, src + r * rs, rs, ta, pa + 4 * r, ps, ng, sa + r * shs, shs, aa, ast)
+            _values(bits, 1, nk, src + r * rs, rs, ta, pa + 4 * r, ps, ng, sa + r * shs, shs, aa, ast)
             r += 1
 
 

@@ -245,13 +245,10 @@ def _scales(builder, sh, shs, rows):
     return out
 
 
-def _scores_block(builder, lits, mode, src, rs, tbl, q, qs, ng, nk, sh, shs, out, outs, first):
-    """out[g, r] (``out + g·outs + 4r``) = (0 if first else out[g, r]) + scale_r · <q[g], row r>."""
-    bits, rows = lits[0], lits[1]
+def _dots(builder, dec, rows, q, qs, ng, finish):
+    """For each query g (16·nk float32 at ``q + g·qs``): the dot products with the decoded rows,
+    <rows x float>, handed to ``finish(g, sums)``."""
     vf = ir.VectorType(_F32, LANES)
-    dec = _Groups(builder, mode, bits, rows, lits[8], nk, src, rs, tbl)
-    scale = _scales(builder, sh, shs, rows)
-    keep = builder.icmp_signed("==", first, _c(0))
     accs = [cgutils.alloca_once(builder, vf) for _ in range(rows)]  # promoted to registers
     with cgutils.for_range(builder, ng) as gl:
         for a in accs:
@@ -261,21 +258,15 @@ def _scores_block(builder, lits, mode, src, rs, tbl, q, qs, ng, nk, sh, shs, out
             qv = builder.load(_ptr(builder, builder.add(qg, builder.mul(kk, _c(4 * LANES))), vf), align=4)
             for r, a in enumerate(accs):
                 builder.store(_fmuladd(builder, qv, builder.load(dec.slot(kk, r)), builder.load(a)), a)
-        v = builder.fmul(_row_sums(builder, [builder.load(a) for a in accs]), scale)
-        dst = _ptr(builder, builder.add(out, builder.mul(gl.index, outs)), ir.VectorType(_F32, rows))
-        old = builder.load(dst, align=4)
-        builder.store(builder.select(keep, builder.fadd(old, v), v), dst, align=4)
+        finish(gl.index, _row_sums(builder, [builder.load(a) for a in accs]))
 
 
-def _values_block(builder, lits, mode, src, rs, tbl, p, ps, ng, nk, sh, shs, acc, accs):
-    """acc[g] (``acc + g·accs``) += Σ_r p[g, r] (``p + g·ps + 4r``) · scale_r · row r."""
-    bits, rows = lits[0], lits[1]
+def _weighted_sums(builder, dec, rows, ng, weights, acc, accs):
+    """acc[g] (16·nk float32 at ``acc + g·accs``) += Σ_r w[r] · decoded row r, with
+    ``weights(g)`` the <rows x float> weights of query g."""
     vf = ir.VectorType(_F32, LANES)
-    dec = _Groups(builder, mode, bits, rows, lits[8], nk, src, rs, tbl)
-    scale = _scales(builder, sh, shs, rows)
     with cgutils.for_range(builder, ng) as gl:
-        pw = builder.fmul(builder.load(_ptr(builder, builder.add(p, builder.mul(gl.index, ps)),
-                                            ir.VectorType(_F32, rows)), align=4), scale)
+        pw = weights(gl.index)
         ws = [_splat(builder, builder.extract_element(pw, ir.Constant(_I32, r))) for r in range(rows)]
         ag = builder.add(acc, builder.mul(gl.index, accs))
         for k, kk in dec.each():
@@ -284,46 +275,63 @@ def _values_block(builder, lits, mode, src, rs, tbl, p, ps, ng, nk, sh, shs, acc
             for r in range(rows):
                 a = _fmuladd(builder, ws[r], builder.load(dec.slot(kk, r)), a)
             builder.store(a, at, align=4)
+
+
+def _row_weights(builder, p, ps, rows, scale=None):
+    """The weights of query g: float32 at ``p + g·ps + 4r``, times ``scale`` if given."""
+    def weights(g):
+        w = builder.load(_ptr(builder, builder.add(p, builder.mul(g, ps)), ir.VectorType(_F32, rows)), align=4)
+        return w if scale is None else builder.fmul(w, scale)
+
+    return weights
+
+
+def _scores_block(builder, lits, mode, src, rs, tbl, q, qs, ng, nk, sh, shs, out, outs, first):
+    """out[g, r] (``out + g·outs + 4r``) = (0 if first else out[g, r]) + scale_r · <q[g], row r>."""
+    bits, rows = lits[0], lits[1]
+    dec = _Groups(builder, mode, bits, rows, lits[8], nk, src, rs, tbl)
+    scale = _scales(builder, sh, shs, rows)
+    keep = builder.icmp_signed("==", first, _c(0))
+
+    def finish(g, sums):
+        v = builder.fmul(sums, scale)
+        dst = _ptr(builder, builder.add(out, builder.mul(g, outs)), ir.VectorType(_F32, rows))
+        old = builder.load(dst, align=4)
+        builder.store(builder.select(keep, builder.fadd(old, v), v), dst, align=4)
+
+    _dots(builder, dec, rows, q, qs, ng, finish)
+
+
+def _values_block(builder, lits, mode, src, rs, tbl, p, ps, ng, nk, sh, shs, acc, accs):
+    """acc[g] (``acc + g·accs``) += Σ_r p[g, r] (``p + g·ps + 4r``) · scale_r · row r."""
+    bits, rows = lits[0], lits[1]
+    dec = _Groups(builder, mode, bits, rows, lits[8], nk, src, rs, tbl)
+    scale = _scales(builder, sh, shs, rows)
+    _weighted_sums(builder, dec, rows, ng, _row_weights(builder, p, ps, rows, scale), acc, accs)
 
 
 def _f16_scores_block(builder, lits, src, rs, q, qs, ng, nk, bias, out, outs):
     """out[g, r] = <q[g], float16 row r> + bias[r], or -inf where bias[r] is -inf (that row is
     not read: an unwritten slot may hold any bits)."""
     rows = lits[0]
-    vf, vr = ir.VectorType(_F32, LANES), ir.VectorType(_F32, rows)
+    vr = ir.VectorType(_F32, rows)
     dec = _Groups(builder, None, HALVES, rows, lits[6], nk, src, rs, 0)
     b = builder.load(_ptr(builder, bias, vr), align=4)
     ninf = ir.Constant(vr, [float("-inf")] * rows)
     unread = builder.fcmp_ordered("==", b, ninf)
-    accs = [cgutils.alloca_once(builder, vf) for _ in range(rows)]
-    with cgutils.for_range(builder, ng) as gl:
-        for a in accs:
-            builder.store(ir.Constant(vf, [0.0] * LANES), a)
-        qg = builder.add(q, builder.mul(gl.index, qs))
-        for k, kk in dec.each():
-            qv = builder.load(_ptr(builder, builder.add(qg, builder.mul(kk, _c(4 * LANES))), vf), align=4)
-            for r, a in enumerate(accs):
-                builder.store(_fmuladd(builder, qv, builder.load(dec.slot(kk, r)), builder.load(a)), a)
-        v = builder.fadd(_row_sums(builder, [builder.load(a) for a in accs]), b)
-        dst = _ptr(builder, builder.add(out, builder.mul(gl.index, outs)), vr)
-        builder.store(builder.select(unread, ninf, v), dst, align=4)
+
+    def finish(g, sums):
+        dst = _ptr(builder, builder.add(out, builder.mul(g, outs)), vr)
+        builder.store(builder.select(unread, ninf, builder.fadd(sums, b)), dst, align=4)
+
+    _dots(builder, dec, rows, q, qs, ng, finish)
 
 
 def _f16_values_block(builder, lits, src, rs, p, ps, ng, nk, acc, accs):
     """acc[g] += Σ_r p[g, r] · float16 row r (rows the caller has checked are read)."""
     rows = lits[0]
-    vf = ir.VectorType(_F32, LANES)
     dec = _Groups(builder, None, HALVES, rows, lits[6], nk, src, rs, 0)
-    with cgutils.for_range(builder, ng) as gl:
-        pw = builder.load(_ptr(builder, builder.add(p, builder.mul(gl.index, ps)), ir.VectorType(_F32, rows)), align=4)
-        ws = [_splat(builder, builder.extract_element(pw, ir.Constant(_I32, r))) for r in range(rows)]
-        ag = builder.add(acc, builder.mul(gl.index, accs))
-        for k, kk in dec.each():
-            at = _ptr(builder, builder.add(ag, builder.mul(kk, _c(4 * LANES))), vf)
-            a = builder.load(at, align=4)
-            for r in range(rows):
-                a = _fmuladd(builder, ws[r], builder.load(dec.slot(kk, r)), a)
-            builder.store(a, at, align=4)
+    _weighted_sums(builder, dec, rows, ng, _row_weights(builder, p, ps, rows), acc, accs)
 
 
 def _f16_blocks(emit, nargs):
