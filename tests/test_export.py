@@ -237,6 +237,79 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch
         np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
 
 
+def _q4_1(rng, n, k):
+    from tqedge.exporters.spec import QuantBlocks
+
+    qb = QuantBlocks(bits=4, block=32, q=rng.integers(0, 16, (n, k)).astype(np.uint8),
+                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32),
+                     min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float16).astype(np.float32))
+    return qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1), qb
+
+
+def _run_graph(tmp_path, g, k, outs, x, native):
+    from onnx import TensorProto, helper
+
+    from tqedge.runtime import native_offsets, ort_capi
+
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
+                          list(g.inits.values())),
+        opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1),
+                       helper.make_opsetid("ai.tqedge", 1)], ir_version=10)
+    path = tmp_path / f"m{len(list(tmp_path.glob('m*.onnx')))}.onnx"
+    path.write_bytes(model.SerializeToString())
+    lib = ort_capi.OrtLib()
+    sess = ort_capi.Session(lib, path, [native_offsets.make_op(lib)] if native else [], threads=1)
+    try:
+        return sess.run({"x": x}, outs)
+    finally:
+        sess.close()
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["segments", "native"])
+def test_fused_linears_equal_the_separate_ones(tmp_path, native):
+    """q/k/v (and gate/up) read one input: the exporter concatenates their weights into one
+    MatMulNBits (+ one AddBlockOffsets for Q4_1 blocks) and splits the output back. Every output
+    column is computed as before, so the parts' outputs equal the separate linears' bit for bit;
+    a bias on some parts only is added with zeros for the others; parts whose blocks differ in
+    kind (one carried over, one not) stay separate."""
+    from types import SimpleNamespace
+
+    from tqedge.exporters.onnx_emitter import GraphBuilder, LayerEmitter
+    from tqedge.exporters.weights import WeightStore
+
+    rng = np.random.default_rng(3)
+    k = 96
+    parts = {f"{p}.weight": _q4_1(rng, n, k) for p, n in (("q", 64), ("k", 32), ("v", 32))}
+    spec = SimpleNamespace(arch=None, weights={key: w for key, (w, _) in parts.items()},
+                           quant={key: qb for key, (_, qb) in parts.items()})
+    spec.weights["k.bias"] = rng.standard_normal(32).astype(np.float32)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    store = WeightStore(tmp_path / "weights.bin", "weights.bin")
+    fused, separate = GraphBuilder(store, native=native), GraphBuilder(store, native=native)
+    em = LayerEmitter(spec, "int4")
+    names = [(f"{p}_out", f"{p}.weight") for p in "qkv"]
+    outs = em.linears(fused, "x", "qkv_proj", "qkv.weight", names)
+    ref = [em.linear(separate, "x", n + "_sep", key, bias=key.replace("weight", "bias")) for n, key in names]
+    store.close()
+    ops = [n.op_type for n in fused.nodes]
+    assert ops.count("MatMulNBits") == 1 and ops.count("Split") == 1 and ops.count("Add") in (1, 2)
+    assert ops.count("AddBlockOffsets") == (1 if native else 0)
+    got, want = _run_graph(tmp_path, fused, k, outs, x, native), _run_graph(tmp_path, separate, k, ref, x, native)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    k_ref = x @ parts["k.weight"][0].T + spec.weights["k.bias"]
+    np.testing.assert_allclose(got[1], k_ref, atol=0.02 * np.abs(k_ref).max())
+
+    spec.quant.pop("v.weight")  # v re-quantized by the exporter, q and k carried over: no shared node
+    em = LayerEmitter(spec, "int4")
+    mixed = GraphBuilder(WeightStore(tmp_path / "w2.bin", "w2.bin"), native=native)
+    em.linears(mixed, "x", "qkv_proj", "qkv.weight", names)
+    ops = [n.op_type for n in mixed.nodes]
+    assert ops.count("MatMulNBits") == 3 and "Split" not in ops
+
+
 @pytest.mark.parametrize("level", [0, 4])
 def test_carried_over_q8_0_blocks_are_exact(tmp_path, level, monkeypatch):
     """GGUF Q8_0 blocks (w = d*q, q int8; parsed as gguf-py dequantizes them) → MatMulNBits bits 8
