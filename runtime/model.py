@@ -50,8 +50,8 @@ class Model:
             or ``kv_budget`` is checked against it. None: no process budget, ``kv_budget``
             defaults to :data:`DEFAULT_KV_BUDGET`.
         batched: the model will run mostly steps of many rows (a server batching
-            conversations, an evaluation): the native backend then gives onnxruntime ``threads``
-            as well (:data:`tqedge.runtime.backends.onnx_native.ORT_THREADS`).
+            conversations, an evaluation): with ``threads`` None the native backend then leaves
+            onnxruntime its own default thread count (one per physical core).
         spin: native backend: onnxruntime gets ``threads`` with workers that spin before they
             sleep, and the attention op's work items run on them: faster on an idle device,
             slower beside busy processes (:data:`tqedge.runtime.backends.onnx_native.SPIN_CONFIG`).

@@ -297,11 +297,11 @@ def test_two_models_two_chats_interleaved(pair, smollm2_bundle):  # noqa: F811
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
 def test_who_gets_the_threads(smollm2_bundle):  # noqa: F811
-    """An interactive model runs onnxruntime on one thread whatever ``threads`` is, and the op's
-    work items on the cooperative pool; a model loaded ``batched`` (the server, evaluations) gives
-    onnxruntime ``threads`` (one more pool thread at threads=2); with ``spin`` onnxruntime gets
-    ``threads`` too, its workers spin, and the op's items run on them. All three agree on the
-    next token (the items and their merge are the same wherever they run)."""
+    """``threads`` governs onnxruntime (its sleeping pool: one more thread at threads=2) and the
+    op's work items (the cooperative pool), for an interactive model and one loaded ``batched``
+    (the server, evaluations) alike; with ``spin`` onnxruntime's workers spin, and the op's items
+    run on them. All three agree on the next token (the items and their merge are the same
+    wherever they run)."""
     tasks = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
     load = lambda **kw: tqedge.load(smollm2_bundle, backend="native", threads=2, kv_bits="exact",  # noqa: E731
                                     verify="size", **kw)
@@ -313,9 +313,8 @@ def test_who_gets_the_threads(smollm2_bundle):  # noqa: F811
     n2 = tasks()
     spin = load(spin=True)
     n3 = tasks()
-    assert batched.backend.ort_threads == spin.backend.ort_threads == 2
-    assert inter.backend.ort_threads == native_backend.ORT_THREADS == 1
-    assert n1 - n0 == 1 and n2 == n1 and n3 - n2 == 1
+    assert batched.backend.ort_threads == inter.backend.ort_threads == spin.backend.ort_threads == 2
+    assert n1 - n0 == 1 and n2 - n1 == 1 and n3 - n2 == 1
     assert spin.backend.op_on_ort_pool and not inter.backend.op_on_ort_pool and not batched.backend.op_on_ort_pool
     assert native_backend.SPIN_CONFIG["session.intra_op.allow_spinning"] == "1"
     assert native_backend.SLEEP_CONFIG["session.intra_op.allow_spinning"] == "0"

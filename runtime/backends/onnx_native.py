@@ -36,15 +36,13 @@ from tqedge.runtime.ort_numba import ccall
 log = logging.getLogger(__name__)
 FEEDS = (INPUT_IDS, POSITIONS, LOGITS_INDEX, KV_DESC)
 FNS = ("CreateTensorWithDataAsOrtValue", "Run", "ReleaseValue")
-#: onnxruntime's intra-op threads in the native session of an interactive model (generate, chat)
-#: that does not ``spin``, whatever ``threads`` is: a decode step is ~1,800 small nodes, and a pool
-#: thread that sleeps between them costs more to wake than it saves on one row (round 20, AVX-512
-#: VNNI: two threads decode 3–5 % slower at 512 / 2K for a third more CPU, prefill 16–30 % faster;
-#: round 12, AVX2: 50.0 vs 43.9 tok/s at 512). ``threads`` goes to the attention op's work items
-#: (the cooperative pool) instead. A model loaded ``batched`` (a server, an evaluation: steps of
-#: many rows) gives onnxruntime ``threads`` too: 8 decode rows 155 vs 122 tok/s (int8), 190 vs 159
-#: (int4); prefill 277 vs 227 tok/s at 512, 197 vs 169 at 2K.
-ORT_THREADS = 1
+# onnxruntime runs ``threads`` intra-op threads in the native session, their workers asleep
+# between parallel sections (:data:`SLEEP_CONFIG`), and the attention op's work items go to the
+# cooperative pool. Rounds 12–23 ran one onnxruntime thread for an interactive model: a decode step
+# was ~1,800 small nodes, and waking a sleeping worker cost more than it saved on one row. With q/k/v
+# and gate/up fused (4 linears per layer, exporters/onnx_emitter.py) the balance turned (round 24,
+# SmolLM2 int4, AVX-512 VNNI, 2 cores, benchmarks/ab_step.py medians of 3): a decode step 10.86 →
+# 9.95 ms at 512 tokens, 13.99 → 13.25 at 2K, 22.78 → 21.78 at 8K, and a 2K prompt 288 → 382 tok/s.
 #: ``spin=True`` (opt-in): onnxruntime gets all of ``threads``, its workers spin before they sleep
 #: (onnxruntime's own default), and the attention op hands its work items (prefill tiles, the
 #: compressed ring's decode chunks) to that same pool (``KernelContext_ParallelFor``): one pool,
@@ -168,10 +166,9 @@ class NativeBackend:
     Args:
         bundle_dir: the bundle directory.
         manifest: its validated manifest (``graphs["onnx"]`` with ``file`` and ``descriptor``).
-        threads: threads of the attention op's work items (Model.forward sets them per call);
-            onnxruntime itself runs :data:`ORT_THREADS`, or ``threads`` when ``batched`` or ``spin``
-            (None: every usable core, or onnxruntime's default when ``batched``).
-        batched: the model runs mostly steps of many rows (see :data:`ORT_THREADS`).
+        threads: onnxruntime's intra-op threads and the attention op's work items (Model.forward
+            sets those per call); None: every usable core (onnxruntime's default when ``batched``).
+        batched: the model runs mostly steps of many rows (a server, an evaluation).
         spin: onnxruntime's workers spin, and the op's items run on them (:data:`SPIN_CONFIG`).
     """
 
@@ -191,10 +188,7 @@ class NativeBackend:
         hd = manifest.architecture.head_dim
         self.lib = ort_capi.OrtLib()
         n = threads or numba_runtime.MAX_THREADS
-        if batched:
-            self.ort_threads = threads  # None: onnxruntime's default
-        else:
-            self.ort_threads = n if spin else ORT_THREADS
+        self.ort_threads = threads if batched else n  # batched, None: onnxruntime's default
         self.op_on_ort_pool = spin and self.ort_threads != 1
         self.op = native_op.make_op(self.lib, [n.scale or 1.0 / math.sqrt(hd) for n in graph.attention],
                                     parallel=self.op_on_ort_pool)
