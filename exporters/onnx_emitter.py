@@ -15,7 +15,7 @@ One decoder layer, and where the graph is cut (segment s finishes layer s-1, sta
 
 ``qkv_proj`` and ``gate_up_proj`` are the parts' weights concatenated along the output, split
 back into the parts' names (:meth:`LayerEmitter.linears`): 4 instead of 7 linears per layer, the
-same logits, a decode step 2–8 % faster at one onnxruntime thread (docs/RESULTS.md, round 24).
+same logits, a decode step 1.5–8 % faster at one onnxruntime thread (docs/RESULTS.md, round 24).
 
 Segment 0 also embeds ``input_ids`` (Gather) and computes ``rope.cos``/``rope.sin`` (T,1,D) from
 ``positions`` × inv_freq once; the last segment gathers the ``logits_index`` rows, applies the

@@ -14,8 +14,8 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
   point 0, plus ``blocksum(x) @ m.T`` with ``m`` stored float16 as in the GGUF — with no
   re-quantization. The uncut graph adds ``m`` with the ``AddBlockOffsets`` op (one node per
   linear, a fused one included; runtime/native_offsets.py); the cut segments with ReduceSum,
-  Cast and MatMul. A GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is carried over as
-  unsigned codes with zero point 128 in its own blocks of 32: exact, no offsets.
+  Cast and MatMul. A GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is
+  carried over as unsigned codes with zero point 128 in its own blocks of 32: exact, no offsets.
 - ``nf4`` / ``nf4-dq``: QLoRA's NormalFloat-4 (absmax per block of 64, codes into
   :data:`NF4_TABLE`) run by onnxruntime's ``com.microsoft.MatMulBnb4`` (``quant_type`` 1).
   ``nf4-dq`` stores the absmax scales double-quantized (runtime/dq_scales.py) in a side file
