@@ -93,6 +93,17 @@ def _values(bits, rows, nk, src, rs, ta, pa, ps, ng, sa, shs, aa, ast):
         P.values_block(1, rows, src, rs, ta, pa, ps, ng, nk, sa, shs, aa, ast)
 
 
+@njit(inline="always", **_OPTS)
+def _segment(table, s, cb16, cb, ch, n0, rs, sh, shs):
+    """Code segment ``s`` of the rows from ``n0``: its width, 16-lane groups, the centroids'
+    register table (in ``cb16``), and the addresses of row ``n0``'s codes and scale."""
+    bits, nk = table[s, BITS], table[s, NDIM] // P.LANES
+    ta = _fill16(cb16, cb, table[s, CB_OFF], bits)
+    src = np.int64(ch.ctypes.data) + n0 * rs + table[s, BYTE_OFF]
+    sa = np.int64(sh.ctypes.data) + n0 * shs + table[s, SCALE_IDX] * np.int64(sh.strides[1])
+    return bits, nk, ta, src, sa
+
+
 @njit(**_OPTS)
 def fused_scores(q, ch, n0, nr, table, cb, sh, out_h, cb16):
     """out_h[g, n0 + r] = Σ over segments of scale · <q[g, seg], centroids of row n0 + r>
@@ -102,11 +113,8 @@ def fused_scores(q, ch, n0, nr, table, cb, sh, out_h, cb16):
     rs, qs, shs, outs = np.int64(ch.strides[0]), np.int64(q.strides[0]), np.int64(sh.strides[0]), \
         np.int64(out_h.strides[0])
     for s in range(table.shape[0]):
-        bits, nk = table[s, BITS], table[s, NDIM] // P.LANES
-        ta = _fill16(cb16, cb, table[s, CB_OFF], bits)
-        src = np.int64(ch.ctypes.data) + n0 * rs + table[s, BYTE_OFF]
+        bits, nk, ta, src, sa = _segment(table, s, cb16, cb, ch, n0, rs, sh, shs)
         qa = np.int64(q.ctypes.data) + table[s, DIM_OFF] * 4
-        sa = np.int64(sh.ctypes.data) + n0 * shs + table[s, SCALE_IDX] * np.int64(sh.strides[1])
         oa = np.int64(out_h.ctypes.data) + n0 * 4
         first = np.int64(s == 0)
         r = 0
@@ -125,11 +133,8 @@ def fused_values(p_h, ch, n0, nr, table, cb, sh, acc, cb16):
     rs, ps, shs, ast = np.int64(ch.strides[0]), np.int64(p_h.strides[0]), np.int64(sh.strides[0]), \
         np.int64(acc.strides[0])
     for s in range(table.shape[0]):
-        bits, nk = table[s, BITS], table[s, NDIM] // P.LANES
-        ta = _fill16(cb16, cb, table[s, CB_OFF], bits)
-        src = np.int64(ch.ctypes.data) + n0 * rs + table[s, BYTE_OFF]
+        bits, nk, ta, src, sa = _segment(table, s, cb16, cb, ch, n0, rs, sh, shs)
         pa = np.int64(p_h.ctypes.data) + n0 * 4
-        sa = np.int64(sh.ctypes.data) + n0 * shs + table[s, SCALE_IDX] * np.int64(sh.strides[1])
         aa = np.int64(acc.ctypes.data) + table[s, DIM_OFF] * 4
         r = 0
         while r + P.ROWS <= nr:

@@ -32,9 +32,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
+from tqedge.codec.kernels_blocks import decode_rows, fused_ok, fused_scores, fused_values
 from tqedge.codec.kernels_fused import half_to_float
 from tqedge.codec.numba_runtime import launch, njit, serial_twin
-from tqedge.codec.kernels_blocks import decode_rows, fused_ok, fused_scores, fused_values
 from tqedge.codec.simd import LANES, PERMUTE
 from tqedge.codec.segments import BITS, BYTE_OFF, CB_OFF, DIM_OFF, LUT_OFF, NDIM, SCALE_IDX
 
