@@ -1,9 +1,10 @@
 """Vector kernels written in LLVM IR (``llvmlite``), entered from Numba code as intrinsics.
 
 **Codes by register permute** (x86): a segment's codes are a little-endian bit stream, so 16
-codes of ``b`` ≤ 4 bits are ``2·b`` whole bytes: one integer load, a shift per lane, a mask, and
-the 16 centroids (at most 16 floats: one AVX-512 register) are picked by the lane indices with
-one ``vpermps``. On AVX2 the table is two 8-float halves (two ``vpermps`` and a blend on bit 3
+codes of ``b`` ≤ 4 bits are ``2·b`` whole bytes: one integer load, a byte shuffle that gives each
+lane the 32 bits from the byte its code starts in, a shift per lane (< 8), a mask, and the 16
+centroids (at most 16 floats: one AVX-512 register) are picked by the lane indices with one
+``vpermps``. On AVX2 the table is two 8-float halves (two ``vpermps`` and a blend on bit 3
 for ``b`` = 4). The decoded floats are the codebook's own values (a permute moves bits), so
 ``dequantize`` gives the same bits as the byte tables of :mod:`tqedge.codec.kernels_numba`.
 
@@ -54,14 +55,21 @@ PERMUTE = MODE != "off"
 
 
 def _lanes(builder, src, bits):
-    """The 16 code indices (<16 x i32>) of the ``2·bits`` bytes at address ``src``."""
-    v16 = ir.VectorType(_I64, LANES)
+    """The 16 code indices (<16 x i32>) of the ``2·bits`` bytes at address ``src``: the bytes
+    widened into a vector once, each lane's 32-bit word gathered from the byte its code starts
+    in (a constant byte shuffle), shifted by the code's offset in that byte (≤ 7) and masked."""
     x = builder.load(builder.inttoptr(src, ir.IntType(LANES * bits).as_pointer()), align=1)
     x = builder.zext(x, _I64) if bits < 4 else x
-    vx = builder.insert_element(ir.Constant(v16, ir.Undefined), x, ir.Constant(_I32, 0))
-    vx = builder.shuffle_vector(vx, vx, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
-    w = builder.trunc(builder.lshr(vx, ir.Constant(v16, [bits * j for j in range(LANES)])),
-                      ir.VectorType(_I32, LANES))
+    v2 = builder.insert_element(ir.Constant(ir.VectorType(_I64, 2), ir.Undefined), x, ir.Constant(_I32, 0))
+    v2 = builder.insert_element(v2, ir.Constant(_I64, 0), ir.Constant(_I32, 1))
+    b16 = builder.bitcast(v2, ir.VectorType(ir.IntType(8), 16))
+    picks = []
+    for j in range(LANES):
+        o = bits * j // 8
+        picks += [min(o + m, 8) for m in range(4)]  # byte 8 is zero: past the codes
+    w = builder.bitcast(builder.shuffle_vector(b16, b16, ir.Constant(ir.VectorType(_I32, 4 * LANES), picks)),
+                        ir.VectorType(_I32, LANES))
+    w = builder.lshr(w, ir.Constant(ir.VectorType(_I32, LANES), [bits * j % 8 for j in range(LANES)]))
     return builder.and_(w, ir.Constant(ir.VectorType(_I32, LANES), [(1 << bits) - 1] * LANES))
 
 
