@@ -16,6 +16,9 @@ One decoder layer, and where the graph is cut (segment s finishes layer s-1, sta
 ``qkv_proj`` and ``gate_up_proj`` are the parts' weights concatenated along the output, split
 back into the parts' names (:meth:`LayerEmitter.linears`): 4 instead of 7 linears per layer, the
 same logits, a decode step 1.5–8 % faster at one onnxruntime thread (docs/RESULTS.md, round 24).
+In the uncut graph, the split, reshapes and RoPE after ``qkv_proj`` are one ``RotaryQKV`` node (a
+custom op, :mod:`tqedge.runtime.native_rope`, the same bits): 15 small nodes fewer per layer,
+where the model has no q/k norm and the parts are one linear.
 
 Segment 0 also embeds ``input_ids`` (Gather) and computes ``rope.cos``/``rope.sin`` (T,1,D) from
 ``positions`` × inv_freq once; the last segment gathers the ``logits_index`` rows, applies the
@@ -32,7 +35,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from tqedge.bundle import (ATTENTION_OP, CUSTOM_DOMAIN, DESCRIPTOR_VERSION, EMBED_QUANTIZED, HEAD_FORMATS, INPUT_IDS,
-                           KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, AttentionNode, GraphSpec)
+                           KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, ROTARY_QKV_OP, AttentionNode, GraphSpec)
 from tqedge.exporters.plan import (ROPE_COS, ROPE_LOCAL_COS, ROPE_LOCAL_SIN, ROPE_SIN, Segment, attention_scale, attn_name,
                                    local_rope, resid, rope_inv_freq, rope_names, segment_plan)
 from tqedge.exporters.spec import ModelSpec, QuantBlocks
@@ -104,21 +107,29 @@ class LayerEmitter:
         (different bits, block or zero point, or only some carried) stay separate linears, and so do
         the NF4 formats' (``MatMulBnb4`` blocks run over the flattened weight, and nf4-dq's scale
         groups over all of its blocks: a concatenation would quantize differently)."""
-        fused = self._fused.get(key)
-        if fused is None:
-            nf4 = self.fmt in NF4_FORMATS
-            fused = self._fused[key] = False if nf4 else _concat_parts(self.spec, [k for _, k in parts])
-        if fused is False:
+        y = self.fused_linear(g, x, name, key, [k for _, k in parts])
+        if y is None:
             return [self.linear(g, x, n, k, bias=_bias_key(k)) for n, k in parts]
-        w, quant, bias = fused
-        y = self.linear_fn(g, LinearArgs(name=name, x=x, w=w, weight_key=key, quant=quant))
-        if bias is not None:
-            y = g.op("Add", [y, g.weight(_bias_key(key), bias)], name + ".bias")
         sizes = [self.w(k).shape[0] for _, k in parts]
         outs = [n for n, _ in parts]
         g.nodes.append(helper.make_node("Split", [y, g.const("split." + "_".join(map(str, sizes)), sizes)], outs,
                                         name=name + ".split", axis=-1))
         return outs
+
+    def fused_linear(self, g: GraphBuilder, x: str, name: str, key: str, keys: list[str]) -> str | None:
+        """The weights ``keys`` concatenated along the output as one linear (see :meth:`linears`):
+        its output's name, or None when they cannot share a node."""
+        fused = self._fused.get(key)
+        if fused is None:
+            nf4 = self.fmt in NF4_FORMATS
+            fused = self._fused[key] = False if nf4 else _concat_parts(self.spec, keys)
+        if fused is False:
+            return None
+        w, quant, bias = fused
+        y = self.linear_fn(g, LinearArgs(name=name, x=x, w=w, weight_key=key, quant=quant))
+        if bias is not None:
+            y = g.op("Add", [y, g.weight(_bias_key(key), bias)], name + ".bias")
+        return y
 
     def rmsnorm(self, g: GraphBuilder, x: str, key: str, out: str) -> str:
         return g.op("RMSNormalization", [x, g.weight(key, self.w(key))], out, axis=-1, epsilon=float(self.a.rms_norm_eps))
@@ -175,6 +186,15 @@ class LayerEmitter:
     def start_layer(self, g: GraphBuilder, i: int) -> None:
         a, p = self.a, f"model.layers.{i}."
         x = self.rmsnorm(g, resid(i), p + "input_layernorm.weight", f"layers.{i}.attn_norm")  # (T, H)
+        if g.native and not a.qk_norm:  # one RotaryQKV node for the split, the reshapes and RoPE
+            y = self.fused_linear(g, x, f"layers.{i}.attn.qkv_proj", f"{p}self_attn.qkv_proj.weight",
+                                  [f"{p}self_attn.{kind}_proj.weight" for kind in "qkv"])
+            if y is not None:
+                cos, sin = rope_names(a, i)
+                g.nodes.append(helper.make_node(ROTARY_QKV_OP, [y, cos, sin], [attn_name(i, k) for k in "qkv"],
+                                                name=f"layers.{i}.attn.rope", domain=CUSTOM_DOMAIN,
+                                                num_heads=a.num_heads))
+                return
         ys = self.linears(g, x, f"layers.{i}.attn.qkv_proj", f"{p}self_attn.qkv_proj.weight",
                           [(f"layers.{i}.attn.{kind}_proj", f"{p}self_attn.{kind}_proj.weight") for kind in "qkv"])
         for (kind, heads), y in zip((("q", a.num_heads), ("k", a.num_kv_heads), ("v", a.num_kv_heads)), ys):

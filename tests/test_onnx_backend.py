@@ -89,8 +89,12 @@ def test_model_onnx_is_the_uncut_graph(bundle):
     attrs = {a_.name: helper.get_attribute_value(a_) for a_ in customs[1].attribute}
     assert attrs["layer"] == 1 and attrs["num_heads"] == a.num_heads and attrs["num_kv_heads"] == a.num_kv_heads
     assert attrs["head_dim"] == a.head_dim and attrs["scale"] == pytest.approx(a.head_dim ** -0.5)
+    assert sum(n.op_type == "RotaryQKV" for n in m.graph.node) == a.num_layers  # split + RoPE as one op
     nodes = []
     for n in m.graph.node:
+        if n.op_type == "RotaryQKV":
+            nodes += _standard_spelling(n, a)
+            continue
         if n.op_type != "TurboQuantAttention":
             nodes.append(n)
             continue
@@ -106,6 +110,11 @@ def test_model_onnx_is_the_uncut_graph(bundle):
     del m.graph.node[:]
     m.graph.node.extend(nodes)
     m.graph.initializer.append(onnx.numpy_helper.from_array(np.array([0], np.int64), "zero_axis"))
+    half = a.head_dim // 2
+    for name, values in (("rope_split", [half, half]), ("heads_q", [-1, a.num_heads, a.head_dim]),
+                         ("heads_kv", [-1, a.num_kv_heads, a.head_dim]),
+                         ("qkv_split", [a.num_heads * a.head_dim] + [a.num_kv_heads * a.head_dim] * 2)):
+        m.graph.initializer.append(onnx.numpy_helper.from_array(np.array(values, np.int64), name))
     inputs = [i for i in m.graph.input if i.name != "kv_desc"]
     del m.graph.input[:]
     m.graph.input.extend(inputs)
@@ -122,6 +131,26 @@ def test_model_onnx_is_the_uncut_graph(bundle):
         path.unlink()
     seg = model.forward(ids, model.new_cache(kv_bits="exact", kv_budget="1MiB"), logits="all")
     np.testing.assert_allclose(whole, seg, atol=1e-4, rtol=0)
+
+
+def _standard_spelling(n, a) -> list:
+    """A RotaryQKV node (docs/FORMAT.md) as the standard ONNX nodes it stands for."""
+    from onnx import helper
+
+    p, mk = n.name, helper.make_node
+    qkv, cos, sin = n.input
+    parts = [f"{p}.{x}" for x in "qkv"]
+    out = [mk("Split", [qkv, "qkv_split"], parts, axis=-1)]
+    for x, part, shape, dst in zip("qkv", parts, ("heads_q", "heads_kv", "heads_kv"), n.output):
+        if x == "v":
+            out.append(mk("Reshape", [part, shape], [dst]))
+            continue
+        h = f"{part}.h"
+        out += [mk("Reshape", [part, shape], [h]), mk("Split", [h, "rope_split"], [f"{h}.1", f"{h}.2"], axis=-1),
+                mk("Neg", [f"{h}.2"], [f"{h}.n"]), mk("Concat", [f"{h}.n", f"{h}.1"], [f"{h}.rot"], axis=-1),
+                mk("Mul", [h, cos], [f"{h}.c"]), mk("Mul", [f"{h}.rot", sin], [f"{h}.s"]),
+                mk("Add", [f"{h}.c", f"{h}.s"], [dst])]
+    return out
 
 
 def test_runtime_does_not_import_exporter_packages(bundle):

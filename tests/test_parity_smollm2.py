@@ -147,16 +147,17 @@ def test_quantized_top1_agreement(bundles, wiki_ref, fmt, floor):
 
 def test_int4_uncut_graph_matches_its_segments(bundles, wiki_ref):
     """The int4 bundle carries SmolLM2's Q4_1 blocks: its uncut graph adds their minimums with
-    the AddBlockOffsets op (native backend: 120 nodes, q/k/v and gate/up fused), its cut
-    segments with ReduceSum, Cast and MatMul. The first position attends to itself alone, so
-    every difference there would be the op's: its logits agree to float32 order, for one token
+    the AddBlockOffsets op (native backend: 120 nodes, q/k/v and gate/up fused; a layer's
+    q/k/v split and RoPE as one RotaryQKV node, the same bits), its cut segments with ReduceSum,
+    Cast and MatMul. The first position attends to itself alone, so every difference there would
+    be the op's: its logits agree to float32 order, for one token
     (the op's one-row path) and as the first row of 128 (the many-row path). Later rows also
     carry the attention kernels' float32 order, which MatMulNBits' int8 activations
     (accuracy_level 4) amplify (fp32 weights: 7e-5; int4: logits differ by up to ~5, as before
     the op existed), so for them top-1 agreement."""
     native = bundles("int4")
     g = native.manifest.graphs["onnx"]
-    assert native.backend_name == "native" and g.ops == ["AddBlockOffsets", "TurboQuantAttention"]
+    assert native.backend_name == "native" and g.ops == ["AddBlockOffsets", "RotaryQKV", "TurboQuantAttention"]
     seg = tqedge.load(native.path, backend="onnx", verify="none")
     ids = wiki_ref[0][:128]
     one = [m.forward(ids[:1], m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all") for m in (native, seg)]

@@ -10,7 +10,9 @@ several sequences, :mod:`tqedge.runtime.batch`) passes a batch descriptor: one t
 ranges, then each sequence's own descriptor.
 
 A bundle exported from a Q4_1 GGUF also has ``AddBlockOffsets`` nodes
-(:mod:`tqedge.runtime.native_offsets`: the block minimums of its int4 linears). The backend owns,
+(:mod:`tqedge.runtime.native_offsets`: the block minimums of its int4 linears); a layer's
+q/k/v split and RoPE are one ``RotaryQKV`` node (:mod:`tqedge.runtime.native_rope`) in bundles
+exported from round 26 on. The backend owns,
 for as long as it lives, everything ORT holds pointers into: the custom-op structs, their
 callbacks and strings, the per-layer scales, the session and its options.
 """
@@ -182,7 +184,7 @@ class NativeBackend:
 
             choose_backend(manifest, "native")  # raises what the bundle lacks (a re-export, custom ops)
         from tqedge.codec import numba_runtime
-        from tqedge.runtime import native_offsets, native_op, ort_capi
+        from tqedge.runtime import native_offsets, native_op, native_rope, ort_capi
 
         t0 = time.perf_counter()
         hd = manifest.architecture.head_dim
@@ -199,13 +201,14 @@ class NativeBackend:
             pool = coop_pool.pool(n).address
         self.offsets_op = native_offsets.make_op(self.lib, threads=n, pool=pool, lock=numba_runtime.LOCK_ADDRESS,
                                                  parallel=self.op_on_ort_pool)  # Q4_1 GGUFs' graphs
+        self.rope_op = native_rope.make_op(self.lib)  # bundles exported from round 26 on
         # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
         # are not held while the session packs the weights (memory.py)
         release_file_pages(compiler_dirs())
         release_code_pages()
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
-            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op, self.offsets_op],
+            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op, self.offsets_op, self.rope_op],
                                             threads=self.ort_threads,
                                             config=SPIN_CONFIG if spin else SLEEP_CONFIG)
         release_file_pages([str(bundle_dir)])  # the rest, once the build is done
