@@ -220,7 +220,7 @@ def recommend(mem: dict, bundle: str | None = None) -> dict:
     """Recommend a weight format and a ``--kv-budget`` for this device.
 
     The rule: usable memory = *available* memory − headroom for the Python process and the OS
-    (``footprint.RUNTIME_OVERHEAD``, measured, + ``footprint.MARGIN``: 211–306 MiB by format). Without a bundle the
+    (``footprint.RUNTIME_OVERHEAD``, measured, + ``footprint.MARGIN``: 149–207 MiB by format). Without a bundle the
     format comes from total memory (:data:`FORMAT_BY_TOTAL`) and the KV budget is a quarter of
     the usable memory (at most 1 GiB), rounded down to a power of two (16 MiB minimum). With ``bundle``,
     :func:`tqedge.runtime.plan.recommend` subtracts the bundle's weights and sizes the budget

@@ -42,15 +42,15 @@ MiB = 1024**2
 
 # Measured on an x86_64 machine (AMD EPYC, AVX-512; Python 3.11, numpy 2.4, numba 0.68,
 # onnxruntime 1.32, SmolLM2-135M bundles exported from its Q4_1 GGUF, native backend, 2 threads,
-# warm Numba cache; round 19, median of 3 processes): the fixed cost tqedge.load(memory=)
-# measures (peak RSS after load and warm-up) is 305 / 377 / 734 MiB for int4 / int8 / fp32
-# (round 18: 323 / 401 / 787); minus weight_bytes() that leaves the overhead below (interpreter +
-# numpy + numba + tokenizers, onnxruntime's library and session, what MatMulNBits prepacks beyond
-# the weights). The compiler's library and the weight files' pages are released during and after
-# load (memory.releasing, release_file_pages); the first run after an install compiles in a
-# child process, whose memory is not this process's.
-RUNTIME_OVERHEAD = {"fp32": 221 * MiB, "fp16": 221 * MiB, "int8": 155 * MiB, "int4": 169 * MiB,
-                    "nf4": 169 * MiB, "nf4-dq": 169 * MiB}  # nf4: int4's, not measured apart
+# warm Numba cache; round 26, median of 3 processes): the fixed cost tqedge.load(memory=)
+# measures (peak RSS after load and warm-up) is 271 / 339 / 688 MiB for int4 / int8 / fp32
+# (round 19: 305 / 377 / 734; fp32's three ranged 667–727); minus weight_bytes() that leaves the
+# overhead below (interpreter + numpy + numba + tokenizers, onnxruntime's library and session,
+# what MatMulNBits prepacks beyond the weights). The compiler's library and the weight files'
+# pages are released during and after load (memory.releasing, release_file_pages); the first run
+# after an install compiles in a child process, whose memory is not this process's.
+RUNTIME_OVERHEAD = {"fp32": 175 * MiB, "fp16": 175 * MiB, "int8": 117 * MiB, "int4": 135 * MiB,
+                    "nf4": 135 * MiB, "nf4-dq": 135 * MiB}  # nf4: int4's, not measured apart
 MARGIN = 32 * MiB  # allocator variance and the app around tqedge
 # Prompt tokens per prefill forward call (generate.prefill), and what the activation estimate is
 # sized for. Every call streams the dense weights once, but past ~256 tokens onnxruntime's
