@@ -208,8 +208,8 @@ class NativeBackend:
         release_code_pages()
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
-            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file, [self.op, self.offsets_op, self.rope_op],
-                                            threads=self.ort_threads,
+            self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file,
+                                            [self.op, self.offsets_op, self.rope_op], threads=self.ort_threads,
                                             config=SPIN_CONFIG if spin else SLEEP_CONFIG)
         release_file_pages([str(bundle_dir)])  # the rest, once the build is done
         missing = set(FEEDS) - set(self.session.inputs)
