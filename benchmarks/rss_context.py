@@ -50,7 +50,9 @@ def run_one(args, side: str, kv: str, ctx: int, backend: str | None) -> dict:
             b.kill()
             b.wait()
     if res.returncode:
-        raise SystemExit(f"{side} {kv} {backend or ''} at {ctx} failed:\n{res.stderr[-2000:]}")
+        from vs_llamacpp import worker_failed
+
+        raise SystemExit(worker_failed(f"{side} {kv} {backend or ''} at {ctx}", res))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

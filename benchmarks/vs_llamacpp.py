@@ -43,6 +43,17 @@ from pathlib import Path
 
 import peers  # onnxruntime-genai peer (stdlib only at import time, like this file)
 
+
+def worker_failed(what: str, res: subprocess.CompletedProcess) -> str:
+    """One message for a worker that failed: its exit code, or the signal that killed it (SIGILL:
+    the side's build uses an instruction this CPU or hypervisor does not allow; llama.cpp built with
+    ``GGML_NATIVE`` on a Sapphire Rapids VM that lists AMX but does not grant it died so in
+    ``tileloadd``: rebuild it with ``GGML_NATIVE=OFF`` and the host's AVX-512 options), then stderr's tail."""
+    import signal
+
+    how = f"killed by {signal.Signals(-res.returncode).name}" if res.returncode < 0 else f"exit {res.returncode}"
+    return f"{what} failed ({how}):\n{res.stderr[-2000:]}"
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext2-valid.txt"
 LLAMA_KV = {"f16": (1, 2.0), "q8_0": (8, 34 / 32), "q4_0": (2, 18 / 32)}  # ggml type id, bytes per value
@@ -351,7 +362,7 @@ def main(argv=None) -> int:
                "--phase", job["phase"], *common, *(["--backend", job["backend"]] if job.get("backend") else [])]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if res.returncode:
-            raise SystemExit(f"{job['side']} {job['kv']} {job['phase']} failed:\n{res.stderr[-2000:]}")
+            raise SystemExit(worker_failed(f"{job['side']} {job['kv']} {job['phase']}", res))
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"done {job['side']} {job['kv']} {job['phase']}", file=sys.stderr)
         rows = merge_rows(results)

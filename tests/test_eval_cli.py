@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,6 +112,19 @@ def test_vs_llamacpp_dry_run(tmp_path, capsys):
     assert q["decode"] == {"512": 0.5, "2048": 1.5} and q["prefill"] == {"512": 1.0, "2048": 0.5}
     tq = rows[-1]
     assert tq["ppl"] == 13.0 and tq["peak_rss_mib_speed"] == 500 and tq["peak_rss_mib_ppl"] == 700
+
+
+def test_worker_failure_names_the_signal():
+    """A peer worker killed by a signal (llama.cpp's AMX code on a VM that does not grant AMX dies
+    of SIGILL with nothing on stderr) is reported by the signal's name, an exit by its code."""
+    vs_llamacpp = _bench("vs_llamacpp")
+    killed = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"],
+                            capture_output=True, text=True, check=False)
+    assert vs_llamacpp.worker_failed("llama f16 at 512", killed).startswith(
+        "llama f16 at 512 failed (killed by SIGILL):")
+    exited = subprocess.run([sys.executable, "-c", "import sys; sys.exit('no model')"],
+                            capture_output=True, text=True, check=False)
+    assert vs_llamacpp.worker_failed("og", exited) == "og failed (exit 1):\nno model\n"
 
 
 def test_vs_llamacpp_onnxruntime_genai_peer(tmp_path, capsys):
