@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tqedge.codec import simd_linear as L
 from tqedge.codec.kernels_fused import f16_rows_to_f32, half_to_float
 from tqedge.codec.numba_runtime import njit
 
@@ -64,3 +65,66 @@ def add_block_offsets(x, y, mins, out):
         yr, o = y[r], out[r]
         for j in range(n):
             o[j] = yr[j] + acc[j]
+
+
+# -- a GGUF Q4_1 linear at one input row (the vector kernel of tqedge.codec.simd_linear) ----------
+@njit(warm=False, nogil=True)
+def quantize_row_q8(x, xq, dx, sx):
+    """``x`` (nb·32 float32) → int8 codes ``xq`` with one scale per block of 32 (``dx = max|x| / 127``,
+    ``xq = rint(x / dx)``, 0 for an all-zero block) and each block's exact float32 sum ``sx``."""
+    nb = dx.shape[0]
+    for b in range(nb):
+        a = np.float32(0.0)
+        s = np.float32(0.0)
+        for i in range(b * 32, b * 32 + 32):
+            a = max(a, abs(x[i]))
+            s += x[i]
+        d = a / np.float32(127.0)
+        for i in range(b * 32, b * 32 + 32):
+            xq[i] = np.int8(np.rint(x[i] / d)) if a > 0 else np.int8(0)
+        dx[b] = d
+        sx[b] = s
+
+
+@njit(warm=False, nogil=True)
+def q4_1_gemv(w, x, out, lo, hi):
+    """``out[lo:hi] = W[lo:hi] @ x`` for a GGUF Q4_1 weight ``w`` (N, nb·20) uint8 (its blocks as
+    the file stores them) and ``x`` (nb·32,) float32 quantized per block to int8
+    (:func:`quantize_row_q8`)."""
+    nb = x.shape[0] // 32
+    xq = np.empty(nb * 32, np.int8)
+    dx = np.empty(nb, np.float32)
+    sx = np.empty(nb, np.float32)
+    quantize_row_q8(x, xq, dx, sx)
+    ws = w.strides[0]
+    wa, qa, da, sa, oa = w.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
+    r = lo
+    while r + L.ROWS <= hi:
+        L.q4_1_rows(4, wa + r * ws, ws, 20, nb, qa, da, sa, oa + 4 * r)
+        r += L.ROWS
+    while r < hi:
+        L.q4_1_rows(1, wa + r * ws, ws, 20, nb, qa, da, sa, oa + 4 * r)
+        r += 1
+
+
+@njit(warm=False, nogil=True)
+def q4_1_gemv_x4(w4, x, out, lo, hi):
+    """As :func:`q4_1_gemv` for a weight with four rows' blocks interleaved: ``w4`` (N / 4, nb·80),
+    group ``g``'s bytes being rows 4g … 4g+3's block 0, then their block 1, …; ``lo``, ``hi``
+    multiples of 4. One sequential stream of bytes, where 4 rows of a short input (576: 360 bytes
+    each) are 4 streams of 6 cache lines that a hardware prefetcher hardly sees."""
+    nb = x.shape[0] // 32
+    xq = np.empty(nb * 32, np.int8)
+    dx = np.empty(nb, np.float32)
+    sx = np.empty(nb, np.float32)
+    quantize_row_q8(x, xq, dx, sx)
+    gs = w4.strides[0]
+    wa, qa, da, sa, oa = w4.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
+    for g in range(lo // 4, hi // 4):
+        L.q4_1_rows(4, wa + g * gs, 20, 80, nb, qa, da, sa, oa + 16 * g)
+
+
+def interleave_q4_1(w):
+    """(N, nb·20) GGUF Q4_1 rows → (N / 4, nb·80), four rows' blocks interleaved (:func:`q4_1_gemv_x4`)."""
+    n = w.shape[0]
+    return np.ascontiguousarray(w.reshape(n // 4, 4, -1, 20).transpose(0, 2, 1, 3)).reshape(n // 4, -1)
