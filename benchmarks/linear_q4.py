@@ -76,8 +76,8 @@ def mlas_model(layers: dict[str, np.ndarray]):
             nodes.append(helper.make_node("MatMulNBits", [f"x{nb * 32}", name + ".B", name + ".s", name + ".zp"],
                                           [name], domain="com.microsoft", K=nb * 32, N=n, bits=4, block_size=32,
                                           accuracy_level=4))
-            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, n]))
-    ins = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in (576, 1536)]
+            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["T", n]))
+    ins = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["T", k]) for k in (576, 1536)]
     graph = helper.make_graph(nodes, "linears", ins, outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--prompt-rows", type=int, default=256, help="rows of the prompt phase (a prefill chunk); 0: none")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "linear_q4.json"))
     a = ap.parse_args()
 
@@ -94,7 +95,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from tqedge.codec import simd
-    from tqedge.codec.kernels_linear import interleave_q4_1, q4_1_gemv, q4_1_gemv_x4
+    from tqedge.codec.kernels_linear import group_q4_1, q4_1_gemm, q4_1_gemv, quantize_rows_q8
     from tqedge.codec.numba_runtime import njit
 
     layers = load_layers(a.gguf)
@@ -114,14 +115,6 @@ def main() -> None:
     ws = [layers[f] for f in PARTS]
     outs = [np.empty(w.shape[1], np.float32) for w in ws]
 
-    @njit(warm=False)
-    def step(wq, wo, wg, wd, x576, x1536, yq, yo, yg, yd):
-        for i in range(wq.shape[0]):
-            q4_1_gemv(wq[i], x576, yq, 0, yq.shape[0])
-            q4_1_gemv(wo[i], x576, yo, 0, yo.shape[0])
-            q4_1_gemv(wg[i], x576, yg, 0, yg.shape[0])
-            q4_1_gemv(wd[i], x1536, yd, 0, yd.shape[0])
-
     @njit(warm=False, nogil=True)
     def half(n, part, parts):
         return (n // 4 * part // parts) * 4, (n // 4 * (part + 1) // parts) * 4
@@ -129,16 +122,13 @@ def main() -> None:
     @njit(warm=False, nogil=True)
     def step4(wq, wo, wg, wd, x576, x1536, yq, yo, yg, yd, part, parts):
         for i in range(wq.shape[0]):
-            q4_1_gemv_x4(wq[i], x576, yq, *half(yq.shape[0], part, parts))
-            q4_1_gemv_x4(wo[i], x576, yo, *half(yo.shape[0], part, parts))
-            q4_1_gemv_x4(wg[i], x576, yg, *half(yg.shape[0], part, parts))
-            q4_1_gemv_x4(wd[i], x1536, yd, *half(yd.shape[0], part, parts))
+            q4_1_gemv(wq[i], x576, yq, *half(yq.shape[0], part, parts))
+            q4_1_gemv(wo[i], x576, yo, *half(yo.shape[0], part, parts))
+            q4_1_gemv(wg[i], x576, yg, *half(yg.shape[0], part, parts))
+            q4_1_gemv(wd[i], x1536, yd, *half(yd.shape[0], part, parts))
 
-    ws4 = [np.stack([interleave_q4_1(wl) for wl in w]) for w in ws]
+    ws4 = [np.stack([group_q4_1(wl) for wl in w]) for w in ws]
     outs4 = [np.empty_like(o) for o in outs]
-
-    def ours():
-        step(*ws, x[576], x[1536], *outs)
 
     def ours4():
         step4(*ws4, x[576], x[1536], *outs4, 0, 1)
@@ -156,13 +146,46 @@ def main() -> None:
     def mlas_2threads():
         sessions[2].run(names, feeds)
 
+    T = a.prompt_rows
+    X = {k: rng.standard_normal((max(T, 1), k)).astype(np.float32) for k in (576, 1536)}
+    pfeeds = {f"x{k}": v for k, v in X.items()}
+    pouts = [np.empty((max(T, 1), w.shape[1]), np.float32) for w in ws]
+
+    def scratch():
+        return [(np.empty((max(T, 1), 2 * k), np.int8), np.empty((max(T, 1), k // 32), np.float32),
+                 np.empty((max(T, 1), k // 32), np.float32)) for k in (576, 1536)]
+
+    bufs = [scratch(), scratch()]  # one set per thread: each quantizes the inputs it reads
+
+    @njit(warm=False, nogil=True)
+    def prompt4(wq, wo, wg, wd, x576, x1536, yq, yo, yg, yd, b576, b1536, part, parts):
+        for i in range(wq.shape[0]):
+            for w, x, y, b in ((wq[i], x576, yq, b576), (wo[i], x576, yo, b576), (wg[i], x576, yg, b576),
+                               (wd[i], x1536, yd, b1536)):
+                quantize_rows_q8(x, b[0], b[1], b[2])
+                q4_1_gemm(w, b[0], b[1], b[2], y, *half(y.shape[1], part, parts))
+
+    def prompt_ours():
+        prompt4(*ws4, X[576], X[1536], *pouts, *bufs[0], 0, 1)
+
+    def prompt_ours_2threads():
+        other = pool.submit(prompt4, *ws4, X[576], X[1536], *pouts, *bufs[1], 1, 2)
+        prompt4(*ws4, X[576], X[1536], *pouts, *bufs[0], 0, 2)
+        other.result()
+
+    def prompt_mlas():
+        sess.run(names, pfeeds)
+
+    def prompt_mlas_2threads():
+        sessions[2].run(names, pfeeds)
+
     # the same products: the last layer's outputs agree to int8-activation accuracy once the m part
     # (the bundle's AddBlockOffsets) is added to MatMulNBits' output
-    ours()
     ours4()
+    outs = [o.copy() for o in outs4]
     ours4_2threads()
     if not all(np.array_equal(a, b) for a, b in zip(outs, outs4)):
-        raise SystemExit("the interleaved layout gave other bits")
+        raise SystemExit("two threads gave other bits")
     theirs = dict(zip(names, sess.run(names, feeds)))
     n_layers = ws[0].shape[0]
     agree = {}
@@ -174,40 +197,58 @@ def main() -> None:
         agree[f] = float(np.max(np.abs(outs[j] - full)) / np.max(np.abs(full)))
     print("max |ours - (MatMulNBits + m)| / max |MatMulNBits + m|, last layer:", agree)
 
-    def timed(fn):
-        for _ in range(5):
+    def timed(fn, steps):
+        for _ in range(min(5, steps)):
             fn()
         t = []
-        for _ in range(a.steps):
+        for _ in range(steps):
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
         return statistics.median(t) * 1e3
 
-    sides = {"tqedge_q4_1": ours, "tqedge_q4_1_x4": ours4, "onnxruntime_matmulnbits": mlas,
+    sides = {"tqedge_q4_1_x4": ours4, "onnxruntime_matmulnbits": mlas,
              "tqedge_q4_1_x4_2threads": ours4_2threads, "onnxruntime_matmulnbits_2threads": mlas_2threads}
+    if T:
+        prompt_ours_2threads()
+        for i in range(T):  # the tile's rows are the one-row kernel's bits
+            one = np.empty_like(outs4[0])
+            step4(*ws4, X[576][i], X[1536][i], one, *outs4[1:], 0, 1)
+            if not np.array_equal(one, pouts[0][i]):
+                raise SystemExit("the prompt tile gave other bits than the one-row kernel")
+        sides |= {"prompt_tqedge_q4_1_x4": prompt_ours, "prompt_onnxruntime_matmulnbits": prompt_mlas,
+                  "prompt_tqedge_q4_1_x4_2threads": prompt_ours_2threads,
+                  "prompt_onnxruntime_matmulnbits_2threads": prompt_mlas_2threads}
     rounds: dict[str, list] = {k: [] for k in sides}
     for r in range(a.rounds):
         for k, fn in sides.items():
-            rounds[k].append(timed(fn))
+            rounds[k].append(timed(fn, a.steps if not k.startswith("prompt") else max(3, a.steps // 10)))
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.3f} ms" for k, v in rounds.items()), flush=True)
     med = {k: statistics.median(v) for k, v in rounds.items()}
     res = {
-        "what": "SmolLM2-135M's 30 layers of Q4_1 linears (fused as the bundle), one input row, one thread",
+        "what": "SmolLM2-135M's 30 layers of Q4_1 linears (fused as the bundle): one input row (a decode "
+                "step) and a prompt chunk, on one and two threads",
         "host": {"machine": platform.machine(), "simd_mode": simd.MODE, "numba": numba.__version__,
                  "onnxruntime": ort.__version__, "loadavg": os.getloadavg()},
         "weights_bytes_q4_1": nbytes,
         "rounds": rounds, "median_ms": med,
         "ratio_matmulnbits_over_tqedge": {
-            "1 thread, rows as in the file": med["onnxruntime_matmulnbits"] / med["tqedge_q4_1"],
             "1 thread, interleaved": med["onnxruntime_matmulnbits"] / med["tqedge_q4_1_x4"],
             "2 threads, interleaved": med["onnxruntime_matmulnbits_2threads"] / med["tqedge_q4_1_x4_2threads"]},
-        "weights_gb_per_s": {k: nbytes / med[k] / 1e6 for k in sides},
+        "weights_gb_per_s": {k: nbytes / med[k] / 1e6 for k in sides if not k.startswith("prompt")},
+        "prompt_rows": T,
+        "prompt_rows_per_s": {k: T / med[k] * 1e3 for k in sides if k.startswith("prompt")},
         "relative_diff_last_layer": agree,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if T:
+        res["ratio_matmulnbits_over_tqedge"] |= {
+            f"prompt of {T} rows, 1 thread": med["prompt_onnxruntime_matmulnbits"] / med["prompt_tqedge_q4_1_x4"],
+            f"prompt of {T} rows, 2 threads":
+                med["prompt_onnxruntime_matmulnbits_2threads"] / med["prompt_tqedge_q4_1_x4_2threads"]}
     Path(a.out).write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("median_ms", "ratio_matmulnbits_over_tqedge", "weights_gb_per_s")}))
+    print(json.dumps({k: res[k] for k in ("median_ms", "ratio_matmulnbits_over_tqedge", "weights_gb_per_s",
+                                          "prompt_rows_per_s") if k in res}))
 
 
 if __name__ == "__main__":

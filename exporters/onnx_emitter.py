@@ -60,10 +60,11 @@ class GraphBuilder:
         self.inits: dict[str, TensorProto] = {}
         self.shared: dict = {}
 
-    def weight(self, name: str, array) -> str:
-        """Register an initializer (array or lazy function) and return its name."""
+    def weight(self, name: str, array, resident: bool = False) -> str:
+        """Register an initializer (array or lazy function; ``resident``: a native op's weight kept
+        in memory, :meth:`WeightStore.tensor`) and return its name."""
         if name not in self.inits:
-            self.inits[name] = self.store.tensor(name, array)
+            self.inits[name] = self.store.tensor(name, array, resident)
         return name
 
     def const(self, name: str, values, dtype=np.int64) -> str:

@@ -12,9 +12,10 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
   dimension, asymmetric, uint zero points, ``accuracy_level`` 4). A GGUF Q4_1 weight
   (d*q + m, blocks of 32) is carried over to int4 exactly — codes and scales as-is, zero
   point 0, plus ``blocksum(x) @ m.T`` with ``m`` stored float16 as in the GGUF — with no
-  re-quantization. The uncut graph adds ``m`` with the ``AddBlockOffsets`` op (one node per
-  linear, a fused one included; runtime/native_offsets.py); the cut segments with ReduceSum,
-  Cast and MatMul. A GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is
+  re-quantization. The uncut graph runs such a linear as one ``LinearQ4_1`` node on the GGUF's
+  own blocks, four rows' at a time (:data:`NATIVE_Q4_1_LINEARS`; runtime/native_linear.py), or
+  else adds ``m`` with the ``AddBlockOffsets`` op (one node per linear, a fused one included;
+  runtime/native_offsets.py); the cut segments with ReduceSum, Cast and MatMul. A GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is
   carried over as unsigned codes with zero point 128 in its own blocks of 32: exact, no offsets.
 - ``nf4`` / ``nf4-dq``: QLoRA's NormalFloat-4 (absmax per block of 64, codes into
   :data:`NF4_TABLE`) run by onnxruntime's ``com.microsoft.MatMulBnb4`` (``quant_type`` 1).
@@ -32,7 +33,10 @@ from typing import Callable
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
-from tqedge.bundle import BLOCK_OFFSETS_OP, CUSTOM_DOMAIN, WEIGHT_BLOCK_SIZES
+from tqedge.bundle import BLOCK_OFFSETS_OP, CUSTOM_DOMAIN, LINEAR_Q4_1_OP, RESIDENT_DATA, WEIGHT_BLOCK_SIZES
+from tqedge.codec.kernels_linear import group_q4_1
+from tqedge.codec.simd_linear import Q4_1_BLOCK, Q4_1_BYTES
+from tqedge.codec.simd_linear import ROWS as LINEAR_ROWS
 from tqedge.exporters.spec import QuantBlocks
 from tqedge.runtime import dq_scales
 
@@ -46,6 +50,9 @@ BLOCK_SIZES = WEIGHT_BLOCK_SIZES  # the one home is tqedge/bundle.py (the planne
 # back to dequantize-per-call (~50x slower).
 ACCURACY_LEVELS = {"int8": 4, "int4": 4}
 ACCURACY_OVERRIDES: dict[tuple[str, str], int] = {}  # (format, name substring) → level
+# The uncut graph runs a carried GGUF Q4_1 linear as one LinearQ4_1 node (runtime/native_linear.py)
+# on the file's own blocks, instead of MatMulNBits + AddBlockOffsets; the cut segments keep those.
+NATIVE_Q4_1_LINEARS = True
 
 
 # NormalFloat-4 (QLoRA, bitsandbytes ``nf4``): quantiles of N(0, 1) scaled to [-1, 1], 0 exact.
@@ -77,14 +84,17 @@ class WeightStore:
     def __init__(self, path: Path, location: str):
         self.path, self.location = Path(path), location
         self._f = open(self.path, "wb")
-        self._index: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}
+        self._resident = None  # RESIDENT_DATA beside it, opened by the first resident tensor
+        self._index: dict[str, tuple[int, int, int, tuple[int, ...], str]] = {}
         self._small: dict[str, TensorProto] = {}
         self._deferred: dict[str, np.ndarray] = {}
         self._segment_of: dict[str, int] = {}
 
-    def tensor(self, name: str, array) -> TensorProto:
+    def tensor(self, name: str, array, resident: bool = False) -> TensorProto:
         """A TensorProto for ``array`` (or a zero-argument function returning it, called only the
-        first time ``name`` is seen); large arrays are written once to the file and referenced."""
+        first time ``name`` is seen); large arrays are written once to the file and referenced.
+        ``resident``: into :data:`~tqedge.bundle.RESIDENT_DATA` instead (a native op's weight that
+        the runtime keeps in memory, never releases)."""
         if name in self._small:
             return self._small[name]
         if name not in self._index:
@@ -92,14 +102,16 @@ class WeightStore:
             if array.nbytes <= SMALL:
                 self._small[name] = numpy_helper.from_array(array, name)
                 return self._small[name]
-            pad = (-self._f.tell()) % ALIGN
-            self._f.write(b"\0" * pad)
-            offset = self._f.tell()
-            self._f.write(array.tobytes())
+            if resident and self._resident is None:
+                self._resident = open(self.path.parent / RESIDENT_DATA, "wb")
+            f, location = (self._resident, RESIDENT_DATA) if resident else (self._f, self.location)
+            f.write(b"\0" * ((-f.tell()) % ALIGN))
+            offset = f.tell()
+            f.write(array.tobytes())
             dtype = helper.np_dtype_to_tensor_dtype(array.dtype)
-            self._index[name] = (offset, array.nbytes, dtype, array.shape)
-        offset, length, dtype, shape = self._index[name]
-        return _external(name, dtype, shape, self.location, offset, length)
+            self._index[name] = (offset, array.nbytes, dtype, array.shape, location)
+        offset, length, dtype, shape, location = self._index[name]
+        return _external(name, dtype, shape, location, offset, length)
 
     def deferred(self, name: str, array) -> TensorProto:
         """A float32 initializer kept out of ``weights.bin``: its data goes double-quantized into
@@ -119,27 +131,31 @@ class WeightStore:
     @property
     def files(self) -> list[str]:
         """The data files this store writes (relative to the .onnx files)."""
-        return [self.location] + ([dq_scales.DQ_FILE] if self._deferred else [])
+        return [self.location] + ([RESIDENT_DATA] if self._resident else []) + \
+            ([dq_scales.DQ_FILE] if self._deferred else [])
 
     def view(self, name: str, base: str, shape: tuple[int, ...]) -> TensorProto:
         """A TensorProto named ``name`` reading the bytes of the already stored ``base`` with
         another shape (same dtype and size): one copy on disk serves two ops."""
         if base in self._small:
             return numpy_helper.from_array(numpy_helper.to_array(self._small[base]).reshape(shape), name)
-        offset, length, dtype, old = self._index[base]
+        offset, length, dtype, old, location = self._index[base]
         if int(np.prod(old)) != int(np.prod(shape)):
             raise ValueError(f"view {name}: {shape} does not match {base}'s {old}")
-        self._index[name] = (offset, length, dtype, tuple(shape))
+        self._index[name] = (offset, length, dtype, tuple(shape), location)
         return self.tensor(name, None)
 
     @property
     def nbytes(self) -> int:
-        """Bytes written so far (including alignment padding)."""
-        return self.path.stat().st_size if self._f.closed else self._f.tell()
+        """Bytes written so far to the weight files (including alignment padding)."""
+        return sum((Path(f.name).stat().st_size if f.closed else f.tell())
+                   for f in (self._f, self._resident) if f is not None)
 
     def close(self) -> None:
-        self._f.flush()
-        self._f.close()
+        for f in (self._f, self._resident):
+            if f is not None:
+                f.flush()
+                f.close()
         if self._deferred:  # segment -1: declared only by a graph outside the segment list
             dq_scales.write(self.path.parent / dq_scales.DQ_FILE,
                             {n: (self._segment_of.get(n, -1), a) for n, a in self._deferred.items()})
@@ -301,11 +317,41 @@ def _float16_mins(mins: np.ndarray) -> np.ndarray:
     return m16
 
 
+def q4_1_groups(qb: QuantBlocks) -> np.ndarray:
+    """A carried-over GGUF Q4_1 weight's blocks as the file stores them (float16 ``d`` and ``m``,
+    then byte ``j`` = code ``j`` | code ``j + 16`` << 4), four rows' blocks at a time as group
+    blocks: the ``LinearQ4_1`` op's weight (N / 4, K / 32 · 80) uint8
+    (:func:`tqedge.codec.kernels_linear.group_q4_1`). Exact: ``d`` and ``m`` came from halves."""
+    n, k = qb.q.shape
+    nb = k // Q4_1_BLOCK
+    d, m = qb.scale.astype(np.float16), qb.min.astype(np.float16)
+    if not (np.array_equal(d.astype(np.float32), qb.scale) and np.array_equal(m.astype(np.float32), qb.min)):
+        raise ValueError("carried-over Q4_1 scales or minimums are not float16 values (only GGUF blocks are carried)")
+    blocks = np.empty((n, nb, Q4_1_BYTES), np.uint8)
+    blocks[..., 0:2] = d.reshape(n, nb, 1).view(np.uint8)
+    blocks[..., 2:4] = m.reshape(n, nb, 1).view(np.uint8)
+    q = qb.q.reshape(n, nb, Q4_1_BLOCK)
+    blocks[..., 4:] = q[..., :16] | (q[..., 16:] << 4)
+    return group_q4_1(blocks.reshape(n, nb * Q4_1_BYTES))
+
+
+def _linear_q4_1(g, a: LinearArgs, bits: int, block: int) -> bool:
+    """Whether linear ``a`` of graph ``g`` is one ``LinearQ4_1`` node: the uncut graph, a carried
+    GGUF Q4_1 weight (float minimums, blocks of 32) and whole groups of four rows."""
+    q = a.quant
+    return (g.native and NATIVE_Q4_1_LINEARS and bits == 4 and q is not None and q.bits == 4
+            and q.zero_point is None and q.block == block == Q4_1_BLOCK and a.w.shape[0] % LINEAR_ROWS == 0
+            and a.w.shape[1] % Q4_1_BLOCK == 0)
+
+
 def _nbits(bits: int, fmt: str) -> Callable:
     def emit(g, a: LinearArgs) -> str:
         block = carried_block(a, bits, BLOCK_SIZES[fmt])
         key = f"{a.weight_key}.q{bits}"
         n, k = a.w.shape
+        if _linear_q4_1(g, a, bits, block):
+            w4 = g.weight(key + ".x4", lambda: q4_1_groups(a.quant), resident=True)
+            return g.op(LINEAR_Q4_1_OP, [a.x, w4], a.name, domain=CUSTOM_DOMAIN)
         names, offsets, part = _nbits_initializers(g, a, bits, block)
         ins = [a.x, *names]
         y = g.op("MatMulNBits", ins, a.name + (".q" if offsets else ""), domain="com.microsoft",

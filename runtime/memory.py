@@ -107,7 +107,10 @@ def wait_child(pid: int) -> tuple[int, int, float]:
 #: mapping of a weight file does not, it never writes there). PAGEOUT (Linux ≥ 5.4): reclaim
 #: them, for the other mappings: the kernel skips private copies (no swap) and pages other
 #: processes map. RANDOM: a fault on this mapping reads no pages around the faulting one.
-MADV_RANDOM, MADV_DONTNEED, MADV_PAGEOUT = 1, 4, 21
+MADV_RANDOM, MADV_WILLNEED, MADV_DONTNEED, MADV_PAGEOUT = 1, 3, 4, 21
+#: files a native op reads in place on every step (a bundle's RESIDENT_DATA): no call here releases
+#: or sparsifies their pages (:func:`keep_resident`)
+_KEEP: set[str] = set()
 # seconds between the releases of :func:`releasing` (SmolLM2 int4, 3 loads each: 0.02 s left the
 # load's peak at 297-318 MiB, 0.005 s at 295-300 MiB, for +0.07 s of load time)
 RELEASE_INTERVAL = 0.005
@@ -128,6 +131,7 @@ def _file_mappings(paths=None, read_only: bool = False) -> list[tuple[int, int, 
                 path = head[5].rstrip("\n") if len(head) == 6 else ""
                 cur = None
                 wanted = path.startswith("/") if paths is None else path in names or path.startswith(prefixes)
+                wanted = wanted and path not in _KEEP
                 if path and wanted and not (read_only and "w" in head[1]):
                     lo, hi = (int(x, 16) for x in head[0].split("-"))
                     cur = [lo, hi, True]
@@ -220,6 +224,19 @@ def releasing(paths, interval: float = RELEASE_INTERVAL):
         thread.join()
 
 
+def keep_resident(paths) -> int:
+    """Exempt the files ``paths`` from every release here, and read their mapped pages in now
+    (``MADV_WILLNEED``): weights a native op reads in place on every step (a bundle's
+    ``RESIDENT_DATA``, which onnxruntime maps), so the first prompt does not fault them in one
+    page at a time. Returns the number of mappings advised (0 off Linux)."""
+    found = _file_mappings_to_advise(paths)
+    _KEEP.update(os.path.realpath(p) for p in paths)
+    if found is None:
+        return 0
+    madvise, spans = found
+    return sum(madvise(lo, hi - lo, MADV_WILLNEED) == 0 for lo, hi, _ in spans)
+
+
 def read_sparsely(paths) -> int:
     """From now on, fetch only the pages of ``paths``' files that are touched: ``MADV_RANDOM`` on
     this process's mappings of them (a fault reads no pages around it) and ``POSIX_FADV_DONTNEED``
@@ -240,7 +257,7 @@ def read_sparsely(paths) -> int:
     advised = sum(madvise(lo, hi - lo, MADV_RANDOM) == 0 for lo, hi, _ in spans)
     for root in paths:
         files = [root] if os.path.isfile(root) else [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
-        for path in files:
+        for path in (f for f in files if os.path.realpath(f) not in _KEEP):
             try:
                 fd = os.open(path, os.O_RDONLY)
             except OSError:

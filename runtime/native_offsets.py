@@ -8,7 +8,9 @@ items of :data:`ROWS_PER_ITEM` rows for the cooperative pool (or onnxruntime's p
 ``spin``), like the attention op's; a row's result does not depend on the split. An int4 bundle exported from a Q4_1 GGUF has one such node per
 linear in its uncut graph (the cut segments run the same sum as ReduceSum, Cast and MatMul):
 onnxruntime's float32 ``MatMul`` with one row and 18 to 48 inner products per output was a
-fifth of a decode step (round 22, docs/RESULTS.md). Errors come back as an ``OrtStatus*``;
+fifth of a decode step (round 22, docs/RESULTS.md). Bundles exported from round 28 on run such a
+linear whole as one ``LinearQ4_1`` node (:mod:`tqedge.runtime.native_linear`); older ones keep this
+op. Errors come back as an ``OrtStatus*``;
 nothing raises across the C boundary.
 """
 

@@ -177,24 +177,42 @@ def test_weight_formats_compute_on_their_weights(tmp_path, fmt, monkeypatch):
     assert np.abs(ref - clean).max() > 1e-3  # the format really changed the weights
 
 
+GRAPHS = ["segments", "native", "native-offsets"]  # native: LinearQ4_1; native-offsets: MatMulNBits + AddBlockOffsets
+
+
+def _graph_kind(kind, monkeypatch):
+    import tqedge.exporters.weights as weights
+
+    monkeypatch.setattr(weights, "NATIVE_Q4_1_LINEARS", kind == "native")
+    return kind != "segments"
+
+
+def _native_ops(lib):
+    from tqedge.runtime import native_linear, native_offsets
+
+    return [native_offsets.make_op(lib), native_linear.make_op(lib)]
+
+
 @pytest.mark.parametrize("level", [0, 4])
-@pytest.mark.parametrize("native", [False, True], ids=["segments", "native"])
-def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch):
-    """GGUF Q4_1 blocks (w = d*q + m, any float16 m) → MatMulNBits + block-sum offset, vs NumPy:
-    in a cut segment (ReduceSum, Cast, MatMul; two linears on one input share the block sums)
-    and in the uncut graph (the AddBlockOffsets op, run through the C API with the native op)."""
+@pytest.mark.parametrize("kind", GRAPHS)
+def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, kind, monkeypatch):
+    """GGUF Q4_1 blocks (w = d*q + m, float16 d and m) vs NumPy: in a cut segment MatMulNBits +
+    block-sum offset (ReduceSum, Cast, MatMul; two linears on one input share the block sums); in
+    the uncut graph one LinearQ4_1 node on the blocks themselves, or (NATIVE_Q4_1_LINEARS off)
+    MatMulNBits + the AddBlockOffsets op, run through the C API with the native ops."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from tqedge.exporters.onnx_emitter import GraphBuilder
     from tqedge.exporters.spec import QuantBlocks
     from tqedge.exporters.weights import LINEAR_FORMATS, LinearArgs, WeightStore
-    from tqedge.runtime import native_offsets, ort_capi
+    from tqedge.runtime import ort_capi
 
+    native = _graph_kind(kind, monkeypatch)
     rng = np.random.default_rng(0)
     n, k = 48, 96
     qb = QuantBlocks(bits=4, block=32, q=rng.integers(0, 16, (n, k)).astype(np.uint8),
-                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32),
+                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16).astype(np.float32),
                      min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float16).astype(np.float32))
     qb.scale[0, 0] = 0.0  # a constant block
     w = qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1)
@@ -210,7 +228,9 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch
     y2 = LINEAR_FORMATS["int4"](g, LinearArgs(name="lin2", x="x", w=w2, weight_key="w2", quant=qb2))
     store.close()
     ops = [n.op_type for n in g.nodes]
-    if native:
+    if kind == "native":
+        assert ops == ["LinearQ4_1"] * 2
+    elif native:
         assert ops == ["MatMulNBits", "AddBlockOffsets"] * 2
     else:
         assert ops.count("ReduceSum") == 1 and ops.count("MatMul") == 2
@@ -224,7 +244,7 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch
     x = rng.standard_normal((5, k)).astype(np.float32)
     if native:
         lib = ort_capi.OrtLib()
-        sess = ort_capi.Session(lib, tmp_path / "m.onnx", [native_offsets.make_op(lib)], threads=1)
+        sess = ort_capi.Session(lib, tmp_path / "m.onnx", _native_ops(lib), threads=1)
         try:
             got = sess.run({"x": x}, [y, y2])
         finally:
@@ -233,7 +253,8 @@ def test_carried_over_q4_1_blocks_are_exact(tmp_path, level, native, monkeypatch
         got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     for out, weight in zip(got, (w, w2)):
         ref = x @ weight.T
-        tol = 1e-4 if level == 0 else 0.02 * np.abs(ref).max()  # level 4 quantizes x to int8 per block
+        # level 4 and LinearQ4_1 quantize x to int8 per block
+        tol = 1e-4 if level == 0 and kind != "native" else 0.02 * np.abs(ref).max()
         np.testing.assert_allclose(out, ref, atol=tol, rtol=0)
 
 
@@ -241,7 +262,7 @@ def _q4_1(rng, n, k):
     from tqedge.exporters.spec import QuantBlocks
 
     qb = QuantBlocks(bits=4, block=32, q=rng.integers(0, 16, (n, k)).astype(np.uint8),
-                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32),
+                     scale=rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float16).astype(np.float32),
                      min=rng.uniform(-0.5, 0.3, (n, k // 32)).astype(np.float16).astype(np.float32))
     return qb.q * np.repeat(qb.scale, 32, 1) + np.repeat(qb.min, 32, 1), qb
 
@@ -249,7 +270,7 @@ def _q4_1(rng, n, k):
 def _run_graph(tmp_path, g, k, outs, x, native):
     from onnx import TensorProto, helper
 
-    from tqedge.runtime import native_offsets, ort_capi
+    from tqedge.runtime import ort_capi
 
     model = helper.make_model(
         helper.make_graph(g.nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", k])],
@@ -260,17 +281,18 @@ def _run_graph(tmp_path, g, k, outs, x, native):
     path = tmp_path / f"m{len(list(tmp_path.glob('m*.onnx')))}.onnx"
     path.write_bytes(model.SerializeToString())
     lib = ort_capi.OrtLib()
-    sess = ort_capi.Session(lib, path, [native_offsets.make_op(lib)] if native else [], threads=1)
+    sess = ort_capi.Session(lib, path, _native_ops(lib) if native else [], threads=1)
     try:
         return sess.run({"x": x}, outs)
     finally:
         sess.close()
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["segments", "native"])
-def test_fused_linears_equal_the_separate_ones(tmp_path, native):
+@pytest.mark.parametrize("kind", GRAPHS)
+def test_fused_linears_equal_the_separate_ones(tmp_path, kind, monkeypatch):
     """q/k/v (and gate/up) read one input: the exporter concatenates their weights into one
-    MatMulNBits (+ one AddBlockOffsets for Q4_1 blocks) and splits the output back. Every output
+    MatMulNBits (+ one AddBlockOffsets for Q4_1 blocks), or one LinearQ4_1 in the uncut graph, and
+    splits the output back. Every output
     column is computed as before, so the parts' outputs equal the separate linears' bit for bit;
     a bias on some parts only is added with zeros for the others; parts whose blocks differ in
     kind (one carried over, one not) stay separate."""
@@ -279,6 +301,7 @@ def test_fused_linears_equal_the_separate_ones(tmp_path, native):
     from tqedge.exporters.onnx_emitter import GraphBuilder, LayerEmitter
     from tqedge.exporters.weights import WeightStore
 
+    native = _graph_kind(kind, monkeypatch)
     rng = np.random.default_rng(3)
     k = 96
     parts = {f"{p}.weight": _q4_1(rng, n, k) for p, n in (("q", 64), ("k", 32), ("v", 32))}
@@ -295,8 +318,9 @@ def test_fused_linears_equal_the_separate_ones(tmp_path, native):
     store.close()
     ops = [n.op_type for n in fused.nodes]
     # one Add for the bias; the segments add the Q4_1 block sums with an Add of their own
-    assert ops.count("MatMulNBits") == 1 and ops.count("Split") == 1 and ops.count("Add") == (1 if native else 2)
-    assert ops.count("AddBlockOffsets") == (1 if native else 0)
+    linear = "LinearQ4_1" if kind == "native" else "MatMulNBits"
+    assert ops.count(linear) == 1 and ops.count("Split") == 1 and ops.count("Add") == (1 if native else 2)
+    assert ops.count("AddBlockOffsets") == (1 if kind == "native-offsets" else 0)
     got, want = _run_graph(tmp_path, fused, k, outs, x, native), _run_graph(tmp_path, separate, k, ref, x, native)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
@@ -308,7 +332,7 @@ def test_fused_linears_equal_the_separate_ones(tmp_path, native):
     mixed = GraphBuilder(WeightStore(tmp_path / "w2.bin", "w2.bin"), native=native)
     em.linears(mixed, "x", "qkv_proj", "qkv.weight", names)
     ops = [n.op_type for n in mixed.nodes]
-    assert ops.count("MatMulNBits") == 3 and "Split" not in ops
+    assert ops.count("MatMulNBits") + ops.count("LinearQ4_1") == 3 and "Split" not in ops
 
 
 @pytest.mark.parametrize("level", [0, 4])

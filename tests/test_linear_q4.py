@@ -1,6 +1,7 @@
-"""The Q4_1 linear kernel (tqedge.codec.simd_linear via kernels_linear.q4_1_gemv) against NumPy
+"""The Q4_1 linear kernels (tqedge.codec.simd_linear via kernels_linear) against NumPy
 written from the spec: GGUF Q4_1 blocks (float16 d, float16 m, 16 bytes of nibbles: input j low,
-j + 16 high), the input quantized to int8 per block of 32 (dx = max|x| / 127, xq = rint(x / dx))
+j + 16 high), the input quantized to int8 per block of 32 (dx = max|x| / 127, xq = rint(x · 127 / max|x|), as
+onnxruntime's MLAS quantizes MatMulNBits' input)
 with each block's exact sum kept for the m term. Integer sums are exact, so only float32
 summation order separates kernel and reference."""
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from tqedge.codec import simd_linear as L
-from tqedge.codec.kernels_linear import interleave_q4_1, q4_1_gemv, q4_1_gemv_x4, quantize_row_q8
+from tqedge.codec.kernels_linear import group_q4_1, q4_1_gemm, q4_1_gemv, quantize_row_q8, quantize_rows_q8
 from tqedge.codec.numba_runtime import njit
 
 Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
@@ -31,8 +32,8 @@ def reference(w, x):
     xb = x.reshape(nb, 32)
     amax = np.abs(xb).max(1)
     dx = (amax / np.float32(127)).astype(np.float32)
-    safe = np.where(amax > 0, dx, np.float32(1))
-    xq = np.where(amax[:, None] > 0, np.rint(xb / safe[:, None]), 0).astype(np.int64)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.rint(xb * inv[:, None]).astype(np.int64)  # float32 product, ties to even
     sx = xb.sum(1, dtype=np.float64)
     isum = (q * xq[None]).sum(2)  # exact
     d, m = blocks["d"].astype(np.float64), blocks["m"].astype(np.float64)
@@ -51,68 +52,86 @@ def inputs(n, k, seed=0):
 
 
 def test_quantize_row_matches_the_spec():
-    w, x = inputs(3, 576)
-    xq, dx, sx = np.empty(576, np.int8), np.empty(18, np.float32), np.empty(18, np.float32)
+    w, x = inputs(4, 576)
+    xq, dx, sx = np.empty(18 * 64, np.int8), np.empty(18, np.float32), np.empty(18, np.float32)
     quantize_row_q8(x, xq, dx, sx)
     _, _, _, rq, rdx = reference(w, x)
-    assert np.array_equal(xq, rq) and np.array_equal(dx, rdx)
+    b = xq.reshape(18, 2, 2, 16)  # each block: codes 0-15 twice, then 16-31 twice
+    assert np.array_equal(b[:, :, 0], b[:, :, 1])
+    assert np.array_equal(b[:, :, 0].reshape(-1), rq) and np.array_equal(dx, rdx)
     np.testing.assert_allclose(sx, x.reshape(18, 32).sum(1, dtype=np.float64), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n,k", [(37, 576), (8, 1536), (1, 32)])
+def test_group_blocks_hold_the_file_bytes():
+    rng = np.random.default_rng(5)
+    w = random_q4_1(rng, 8, 64)
+    g = group_q4_1(w).reshape(2, 2, 80)  # (group, block, bytes)
+    blocks = w.reshape(8, 2, 20)
+    for r in range(8):
+        for b in range(2):
+            gb = g[r // 4, b]
+            i = r % 4
+            assert bytes(gb[2 * i:2 * i + 2]) == bytes(blocks[r, b, 0:2])  # d
+            assert bytes(gb[8 + 2 * i:10 + 2 * i]) == bytes(blocks[r, b, 2:4])  # m
+            assert bytes(gb[16 + 16 * i:32 + 16 * i]) == bytes(blocks[r, b, 4:])  # codes
+
+
+@pytest.mark.parametrize("n,k", [(36, 576), (8, 1536), (4, 32)])
 def test_q4_1_gemv_host_mode(n, k):
     w, x = inputs(n, k)
     out = np.full(n, np.nan, np.float32)
-    q4_1_gemv(w, x, out, 0, n)
-    ref, mag, exact, _, _ = reference(w, x)
+    q4_1_gemv(group_q4_1(w), x, out, 0, n)
+    ref, mag, exact, _, dx = reference(w, x)
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-6)
-    # and the int8 input costs what a blockwise int8 quantization should: ~0.4 % of |W||x|
-    assert np.all(np.abs(out - exact) <= 2e-2 * mag + 1e-3)
+    # and the int8 input costs no more than rounding allows: |x - dx·xq| ≤ dx / 2 per input
+    blocks = w.reshape(-1).view(Q4_1).reshape(n, -1)
+    qs = blocks["qs"].astype(np.float64)
+    q = np.concatenate([qs % 16, qs // 16], axis=2)
+    wabs = np.abs(blocks["d"].astype(np.float64)[..., None] * q + blocks["m"].astype(np.float64)[..., None])
+    assert np.all(np.abs(out - exact) <= (wabs.sum(2) * dx / 2).sum(1) * (1 + 1e-5) + 1e-5)
 
 
 def test_q4_1_gemv_partial_rows_write_nothing_else():
-    w, x = inputs(13, 576, seed=1)
-    out = np.full(13, 7.0, np.float32)
-    q4_1_gemv(w, x, out, 3, 10)
+    w, x = inputs(16, 576, seed=1)
+    out = np.full(16, 7.0, np.float32)
+    q4_1_gemv(group_q4_1(w), x, out, 4, 12)
     ref, mag, _, _, _ = reference(w, x)
-    assert np.all(out[:3] == 7.0) and np.all(out[10:] == 7.0)
-    assert np.all(np.abs(out[3:10] - ref[3:10]) <= 1e-5 * mag[3:10] + 1e-6)
+    assert np.all(out[:4] == 7.0) and np.all(out[12:] == 7.0)
+    assert np.all(np.abs(out[4:12] - ref[4:12]) <= 1e-5 * mag[4:12] + 1e-6)
 
 
-portable = L.make_q4_1_rows("off")
+portable = L.make_q4_1_tile("off")
 
 
 @njit(warm=False)
-def _portable_gemv(w, xq, dx, sx, out):
-    n, ws, nb = w.shape[0], w.strides[0], dx.shape[0]
-    r = 0
-    while r + 4 <= n:
-        portable(4, w.ctypes.data + r * ws, ws, 20, nb, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data,
-                 out.ctypes.data + 4 * r)
-        r += 4
-    while r < n:
-        portable(1, w.ctypes.data + r * ws, ws, 20, nb, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data,
-                 out.ctypes.data + 4 * r)
-        r += 1
+def _portable_gemm(w4, xq, dx, sx, out):
+    t, nb = xq.shape[0], dx.shape[1]
+    for g in range(w4.shape[0]):
+        for j in range(t):
+            portable(1, w4.ctypes.data + g * w4.strides[0], nb, xq.ctypes.data + j * xq.strides[0], 0,
+                     dx.ctypes.data + j * dx.strides[0], sx.ctypes.data + j * sx.strides[0], 0,
+                     out.ctypes.data + j * out.strides[0] + 16 * g, 0)
 
 
-def test_portable_ir_agrees_with_the_host_path():
-    """The IR other CPUs (AArch64) compile: the same integer sums, so the same result."""
-    w, x = inputs(23, 576, seed=2)
-    xq, dx, sx = np.empty(576, np.int8), np.empty(18, np.float32), np.empty(18, np.float32)
-    quantize_row_q8(x, xq, dx, sx)
-    out = np.empty(23, np.float32)
-    _portable_gemv(w, xq, dx, sx, out)
-    host = np.empty(23, np.float32)
-    q4_1_gemv(w, x, host, 0, 23)
-    ref, mag, _, _, _ = reference(w, x)
-    assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-6)
-    np.testing.assert_array_equal(out, host)
-
-
-def test_interleaved_rows_give_the_same_bits():
-    w, x = inputs(40, 1536, seed=3)
-    plain, inter = np.empty(40, np.float32), np.full(40, np.nan, np.float32)
-    q4_1_gemv(w, x, plain, 0, 40)
-    q4_1_gemv_x4(interleave_q4_1(w), x, inter, 0, 40)
-    np.testing.assert_array_equal(inter, plain)
+@pytest.mark.parametrize("t", [1, 6, 9])
+def test_prompt_rows_give_each_rows_bits(t):
+    """The tile (four inputs at a time, the rest one by one) = the one-row kernel on every row, and
+    the portable IR other CPUs (AArch64) compile gives the same bits (the same integer sums)."""
+    rng = np.random.default_rng(4)
+    w = random_q4_1(rng, 24, 576)
+    w4 = group_q4_1(w)
+    x = rng.standard_normal((t, 576)).astype(np.float32)
+    nb = 18
+    xq, dx, sx = np.empty((t, nb * 64), np.int8), np.empty((t, nb), np.float32), np.empty((t, nb), np.float32)
+    quantize_rows_q8(x, xq, dx, sx)
+    out = np.full((t, 24), np.nan, np.float32)
+    q4_1_gemm(w4, xq, dx, sx, out, 0, 24)
+    other = np.full((t, 24), np.nan, np.float32)
+    _portable_gemm(w4, xq, dx, sx, other)
+    np.testing.assert_array_equal(other, out)
+    for i in range(t):
+        one = np.empty(24, np.float32)
+        q4_1_gemv(w4, x[i], one, 0, 24)
+        np.testing.assert_array_equal(out[i], one)
+        ref, mag, _, _, _ = reference(w, x[i])
+        assert np.all(np.abs(out[i] - ref) <= 1e-5 * mag + 1e-6)

@@ -32,13 +32,17 @@ LOGITS = "logits"  # float32 (n, vocab)
 KV_DESC = "kv_desc"  # int64 (n,): the KV cache descriptor of model.onnx (runtime/kv_descriptor.py)
 DESCRIPTOR_VERSION = 1  # layout of KV_DESC this build writes and reads
 # The uncut model.onnx's custom nodes (docs/FORMAT.md): their domain, and the op types this build
-# runs natively (runtime/native_op.py, native_offsets.py, native_rope.py); graphs["onnx"].ops lists a
+# runs natively (runtime/native_op.py, native_offsets.py, native_rope.py, native_linear.py); graphs["onnx"].ops lists a
 # bundle's own.
 CUSTOM_DOMAIN = "ai.tqedge"
 ATTENTION_OP = "TurboQuantAttention"  # q, k, v, kv_desc → attention over the cache
 BLOCK_OFFSETS_OP = "AddBlockOffsets"  # y, x, float16 mins → y + blocksum(x) @ mins (Q4_1 minimums)
 ROTARY_QKV_OP = "RotaryQKV"  # qkv, cos, sin → q, k (RoPE), v (runtime/native_rope.py)
-NATIVE_OPS = (ATTENTION_OP, BLOCK_OFFSETS_OP, ROTARY_QKV_OP)
+LINEAR_Q4_1_OP = "LinearQ4_1"  # x, GGUF Q4_1 blocks (4 rows interleaved) → x @ W.T (runtime/native_linear.py)
+NATIVE_OPS = (ATTENTION_OP, BLOCK_OFFSETS_OP, ROTARY_QKV_OP, LINEAR_Q4_1_OP)
+# The external data file (beside weights.bin) of the weights a native op reads in place on every
+# step (LinearQ4_1's): onnxruntime maps it, and the runtime keeps its pages (runtime/memory.py).
+RESIDENT_DATA = "linears.bin"
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4", "nf4", "nf4-dq")
 # Block size (weights along the input dimension) of the quantized formats: written by the exporter,

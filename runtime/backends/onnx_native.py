@@ -12,7 +12,8 @@ ranges, then each sequence's own descriptor.
 A bundle exported from a Q4_1 GGUF also has ``AddBlockOffsets`` nodes
 (:mod:`tqedge.runtime.native_offsets`: the block minimums of its int4 linears); a layer's
 q/k/v split and RoPE are one ``RotaryQKV`` node (:mod:`tqedge.runtime.native_rope`) in bundles
-exported from round 26 on. The backend owns,
+exported from round 26 on, and from round 28 on its Q4_1 linears are ``LinearQ4_1`` nodes on the
+GGUF's own blocks (:mod:`tqedge.runtime.native_linear`). The backend owns,
 for as long as it lives, everything ORT holds pointers into: the custom-op structs, their
 callbacks and strings, the per-layer scales, the session and its options.
 """
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tqedge.bundle import INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, Manifest
+from tqedge.bundle import INPUT_IDS, KV_DESC, LOGITS, LOGITS_INDEX, POSITIONS, RESIDENT_DATA, Manifest
 from tqedge.codec.numba_runtime import njit
 from tqedge.errors import TqedgeError
 from tqedge.runtime import kv_descriptor as KD
-from tqedge.runtime.memory import compiler_dirs, fix_mmap_threshold, release_code_pages, release_file_pages, releasing
+from tqedge.runtime.memory import (compiler_dirs, fix_mmap_threshold, keep_resident, release_code_pages,
+                                   release_file_pages, releasing)
 from tqedge.runtime.ort_capi import FLOAT, INT64
 from tqedge.runtime.ort_numba import ccall
 
@@ -184,7 +186,7 @@ class NativeBackend:
 
             choose_backend(manifest, "native")  # raises what the bundle lacks (a re-export, custom ops)
         from tqedge.codec import numba_runtime
-        from tqedge.runtime import native_offsets, native_op, native_rope, ort_capi
+        from tqedge.runtime import native_linear, native_offsets, native_op, native_rope, ort_capi
 
         t0 = time.perf_counter()
         hd = manifest.architecture.head_dim
@@ -202,6 +204,8 @@ class NativeBackend:
         self.offsets_op = native_offsets.make_op(self.lib, threads=n, pool=pool, lock=numba_runtime.LOCK_ADDRESS,
                                                  parallel=self.op_on_ort_pool)  # Q4_1 GGUFs' graphs
         self.rope_op = native_rope.make_op(self.lib)  # bundles exported from round 26 on
+        self.linear_op = native_linear.make_op(self.lib, threads=n, pool=pool, lock=numba_runtime.LOCK_ADDRESS,
+                                               parallel=self.op_on_ort_pool)  # round 28 on: Q4_1 linears
         # the op's kernels are loaded: the compiler's library, and the code of the imports that ran once,
         # are not held while the session packs the weights (memory.py)
         release_file_pages(compiler_dirs())
@@ -209,8 +213,11 @@ class NativeBackend:
         fix_mmap_threshold()  # the op's per-call temporaries go back to the OS (memory.py; not the segments')
         with releasing([str(bundle_dir)]):  # the weights' file pages go while onnxruntime packs them
             self.session = ort_capi.Session(self.lib, Path(bundle_dir) / graph.file,
-                                            [self.op, self.offsets_op, self.rope_op], threads=self.ort_threads,
+                                            [self.op, self.offsets_op, self.rope_op, self.linear_op],
+                                            threads=self.ort_threads,
                                             config=SPIN_CONFIG if spin else SLEEP_CONFIG)
+        resident = [p for p in (Path(bundle_dir) / Path(graph.file).parent / RESIDENT_DATA,) if p.is_file()]
+        keep_resident(resident)  # LinearQ4_1's weights: read in place every step, never released
         release_file_pages([str(bundle_dir)])  # the rest, once the build is done
         missing = set(FEEDS) - set(self.session.inputs)
         if missing or LOGITS not in self.session.outputs:

@@ -1,17 +1,22 @@
-"""The block minimums of a GGUF Q4_1 linear, for the native op ``AddBlockOffsets``: a pure Numba function.
+"""Pure Numba functions of the int4 linears carried over from a GGUF Q4_1 file (``d*q + m`` per
+block of 32 inputs, float16 ``d`` and ``m``).
 
-A Q4_1 weight row is ``d*q + m`` per block of 32 inputs (float16 ``d`` and ``m`` in the GGUF).
-An int4 bundle carries the codes and scales into ``MatMulNBits`` as they are (zero point 0: the
-``d*q`` part, exporters/weights.py) and adds the ``m`` part, ``Σ_b (Σ_{k in block b} x_k) m_b``:
+**Block minimums** (:func:`add_block_offsets`, the ``AddBlockOffsets`` op of bundles before round
+28): ``MatMulNBits`` takes the codes and scales as they are (zero
+point 0: the ``d*q`` part, exporters/weights.py) and this adds the ``m`` part,
 
     out = y + blocksum(x) @ mins        x (T, K), y (T, N), mins (K / block, N)
 
-``mins`` stays float16 as the GGUF stores it (exact, half the bytes of the float32 MatMul the
-cut segments run): a decode step reads 6.6 MB of minimums instead of 13.3 (SmolLM2-135M).
-Same contract as :mod:`tqedge.codec.kernels_fused`: serial, no raise (the op validates shapes
-first), writes only ``out``; the result is the NumPy formula's up to float32 summation order.
-"""
+with ``mins`` float16 as the GGUF stores it (a decode step reads 6.6 MB of minimums instead of
+13.3, SmolLM2-135M).
 
+**The whole linear** (:func:`q4_1_gemm`, :func:`q4_1_gemv`, the ``LinearQ4_1`` op): the file's own
+blocks, four rows at a time as group blocks (:func:`group_q4_1`), against inputs quantized to int8
+per block (:func:`quantize_rows_q8`), through the vector kernel of :mod:`tqedge.codec.simd_linear`.
+
+Same contract as :mod:`tqedge.codec.kernels_fused`: serial, no raise (the ops validate shapes
+first), writes only ``out``; results are the NumPy formulas' up to float32 summation order.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -67,11 +72,13 @@ def add_block_offsets(x, y, mins, out):
             o[j] = yr[j] + acc[j]
 
 
-# -- a GGUF Q4_1 linear at one input row (the vector kernel of tqedge.codec.simd_linear) ----------
+# -- a GGUF Q4_1 linear (the vector kernel of tqedge.codec.simd_linear) --------------------------
 @njit(warm=False, nogil=True)
 def quantize_row_q8(x, xq, dx, sx):
-    """``x`` (nb·32 float32) → int8 codes ``xq`` with one scale per block of 32 (``dx = max|x| / 127``,
-    ``xq = rint(x / dx)``, 0 for an all-zero block) and each block's exact float32 sum ``sx``."""
+    """``x`` (nb·32 float32) → int8 codes with one scale per block of 32 (``dx = max|x| / 127``,
+    code ``rint(x · (127 / max|x|))``, 0 for an all-zero block: MLAS's rule for ``MatMulNBits``,
+    so both give the same codes) and each block's exact float32 sum ``sx``.
+    ``xq`` (nb · 64) holds each block as the kernel reads it: codes 0–15 twice, then 16–31 twice."""
     nb = dx.shape[0]
     for b in range(nb):
         a = np.float32(0.0)
@@ -80,51 +87,62 @@ def quantize_row_q8(x, xq, dx, sx):
             a = max(a, abs(x[i]))
             s += x[i]
         d = a / np.float32(127.0)
-        for i in range(b * 32, b * 32 + 32):
-            xq[i] = np.int8(np.rint(x[i] / d)) if a > 0 else np.int8(0)
+        inv = np.float32(127.0) / a if a > 0 else np.float32(0.0)  # MLAS's (QuantizeARow): the same codes
+        for i in range(32):
+            c = np.int8(np.rint(x[b * 32 + i] * inv))
+            o = b * L.XQ_BYTES + (i // 16) * 32 + i % 16
+            xq[o] = c
+            xq[o + 16] = c
         dx[b] = d
         sx[b] = s
 
 
 @njit(warm=False, nogil=True)
-def q4_1_gemv(w, x, out, lo, hi):
-    """``out[lo:hi] = W[lo:hi] @ x`` for a GGUF Q4_1 weight ``w`` (N, nb·20) uint8 (its blocks as
-    the file stores them) and ``x`` (nb·32,) float32 quantized per block to int8
-    (:func:`quantize_row_q8`)."""
-    nb = x.shape[0] // 32
-    xq = np.empty(nb * 32, np.int8)
-    dx = np.empty(nb, np.float32)
-    sx = np.empty(nb, np.float32)
-    quantize_row_q8(x, xq, dx, sx)
-    ws = w.strides[0]
-    wa, qa, da, sa, oa = w.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
-    r = lo
-    while r + L.ROWS <= hi:
-        L.q4_1_rows(4, wa + r * ws, ws, 20, nb, qa, da, sa, oa + 4 * r)
-        r += L.ROWS
-    while r < hi:
-        L.q4_1_rows(1, wa + r * ws, ws, 20, nb, qa, da, sa, oa + 4 * r)
-        r += 1
+def quantize_rows_q8(x, xq, dx, sx):
+    """:func:`quantize_row_q8` of every row of ``x`` (T, nb·32) into ``xq`` (T, nb·64), ``dx``, ``sx`` (T, nb)."""
+    for t in range(x.shape[0]):
+        quantize_row_q8(x[t], xq[t], dx[t], sx[t])
 
 
 @njit(warm=False, nogil=True)
-def q4_1_gemv_x4(w4, x, out, lo, hi):
-    """As :func:`q4_1_gemv` for a weight with four rows' blocks interleaved: ``w4`` (N / 4, nb·80),
-    group ``g``'s bytes being rows 4g … 4g+3's block 0, then their block 1, …; ``lo``, ``hi``
-    multiples of 4. One sequential stream of bytes, where 4 rows of a short input (576: 360 bytes
-    each) are 4 streams of 6 cache lines that a hardware prefetcher hardly sees."""
-    nb = x.shape[0] // 32
-    xq = np.empty(nb * 32, np.int8)
-    dx = np.empty(nb, np.float32)
-    sx = np.empty(nb, np.float32)
-    quantize_row_q8(x, xq, dx, sx)
-    gs = w4.strides[0]
+def q4_1_gemm(w4, xq, dx, sx, out, lo, hi):
+    """``out[:, lo:hi] = X @ W[lo:hi].T`` for input rows quantized by :func:`quantize_rows_q8`
+    (``xq`` (T, nb·64) int8, ``dx``, ``sx`` (T, nb)) and a Q4_1 weight in group blocks ``w4``
+    (N / 4, nb·80: :func:`group_q4_1`; ``lo``, ``hi`` multiples of 4). A group (four rows) stays in
+    L1 while the inputs pass it :data:`~tqedge.codec.simd_linear.NXMAX` at a time; each input row's outputs have the same bits
+    whatever the number of rows."""
+    t, nb = xq.shape[0], dx.shape[1]
+    gs, xs, fs, os = w4.strides[0], xq.strides[0], dx.strides[0], out.strides[0]
     wa, qa, da, sa, oa = w4.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
     for g in range(lo // 4, hi // 4):
-        L.q4_1_rows(4, wa + g * gs, 20, 80, nb, qa, da, sa, oa + 16 * g)
+        wg, og = wa + g * gs, oa + 16 * g
+        j = 0
+        while j + L.NXMAX <= t:
+            L.q4_1_tile(0, wg, nb, qa + j * xs, xs, da + j * fs, sa + j * fs, fs, og + j * os, os)
+            j += L.NXMAX
+        while j < t:
+            L.q4_1_tile(1, wg, nb, qa + j * xs, xs, da + j * fs, sa + j * fs, fs, og + j * os, os)
+            j += 1
 
 
-def interleave_q4_1(w):
-    """(N, nb·20) GGUF Q4_1 rows → (N / 4, nb·80), four rows' blocks interleaved (:func:`q4_1_gemv_x4`)."""
+@njit(warm=False, nogil=True)
+def q4_1_gemv(w4, x, out, lo, hi):
+    """``out[lo:hi] = W[lo:hi] @ x`` for one input row ``x`` (nb·32 float32) and a Q4_1 weight in
+    group blocks ``w4`` (:func:`q4_1_gemm`)."""
+    nb = x.shape[0] // 32
+    xq = np.empty((1, nb * L.XQ_BYTES), np.int8)
+    dx = np.empty((1, nb), np.float32)
+    sx = np.empty((1, nb), np.float32)
+    quantize_row_q8(x, xq[0], dx[0], sx[0])
+    q4_1_gemm(w4, xq, dx, sx, out.reshape((1, out.shape[0])), lo, hi)
+
+
+def group_q4_1(w: np.ndarray) -> np.ndarray:
+    """(N, nb·20) GGUF Q4_1 rows (N a multiple of 4) → (N / 4, nb·80) group blocks: for each group
+    of four rows and block, the four ``d``, the four ``m``, then the four rows' 16 code bytes."""
     n = w.shape[0]
-    return np.ascontiguousarray(w.reshape(n // 4, 4, -1, 20).transpose(0, 2, 1, 3)).reshape(n // 4, -1)
+    b = w.reshape(n // 4, 4, -1, L.Q4_1_BYTES).transpose(0, 2, 1, 3)  # (G, nb, 4, 20)
+    g, nb = b.shape[:2]
+    out = np.concatenate([b[..., 0:2].reshape(g, nb, 8), b[..., 2:4].reshape(g, nb, 8),
+                          b[..., 4:].reshape(g, nb, 64)], axis=2)
+    return np.ascontiguousarray(out).reshape(n // 4, -1)

@@ -1,20 +1,24 @@
-"""A GGUF Q4_1 linear at one input row, written in LLVM IR (``llvmlite``) and entered from Numba
-code as an intrinsic (the helpers of :mod:`tqedge.codec.simd`).
+"""A GGUF Q4_1 linear, written in LLVM IR (``llvmlite``) and entered from Numba code as an
+intrinsic (the helpers of :mod:`tqedge.codec.simd`).
 
-A Q4_1 block (:data:`Q4_1_BYTES` bytes, as the GGUF stores it) is float16 ``d``, float16 ``m``
-and 16 bytes of codes: input ``j`` (< 16) is byte ``j``'s low nibble, input ``j + 16`` its high
-nibble, and the weight is ``d·q + m``. The input row is quantized once per call to int8 per
-block of 32 (:func:`tqedge.codec.kernels_linear.quantize_row_q8`: ``x ≈ dx·xq``, with the exact
-float sum ``sx`` of each block kept for the ``m`` term), so a block's contribution is
+A Q4_1 block of the GGUF is float16 ``d``, float16 ``m`` and 16 bytes of codes: input ``j``
+(< 16) is byte ``j``'s low nibble, input ``j + 16`` its high nibble, and the weight is
+``d·q + m``. The kernel reads four rows' blocks ``b`` as one **group block** of
+:data:`GROUP_BYTES` bytes (the same bytes, rearranged by
+:func:`tqedge.codec.kernels_linear.group_q4_1`): the four ``d``, the four ``m``, then the four
+rows' 16 code bytes. Groups follow one another, so the weight is one sequential stream
+(prefetched :data:`PREFETCH` bytes ahead); two rows' codes are one 32-byte load.
 
-    d · dx · Σ_j q_j · xq_j  +  m · sx
-
-with the sum in integers: on x86 one ``vpmaddubsw`` (unsigned codes × signed inputs, 32 pairs
-into 16 int16, which cannot saturate: 2 · 15 · 127 < 2^15) and one ``vpmaddwd`` against ones
-(8 int32, each the sum of 4 adjacent products), then one float multiply-add per block into 8 float lanes; elsewhere (``MODE`` off,
-e.g. AArch64) the same integer sum in portable IR that LLVM lowers for the target. Four output
-rows share each block of the input (:data:`ROWS`). The integer sums are exact, so the result is
-the NumPy formula's up to float32 summation order (``tests/test_linear_q4.py``).
+The input rows are quantized to int8 per block of 32 (:func:`~tqedge.codec.kernels_linear.quantize_rows_q8`:
+``x ≈ dx·xq``, and each block's exact float sum ``sx`` for the ``m`` term), each block stored as
+64 bytes: inputs 0–15 twice, then 16–31 twice, so that one ``vpmaddubsw`` multiplies two rows'
+low nibbles (unsigned) by the inputs they weigh (signed) and a second the high nibbles; their
+int16 sums (≤ 4 · 15 · 127, no saturation) added, one ``vpmaddwd`` against ones gives 8 int32
+lanes, four per row. Per row pair and input: that, one conversion, one scale (four ``d`` times
+``dx`` at once, then a permute) and one fused multiply-add; ``m · sx`` for four rows in one
+multiply-add. Elsewhere (``MODE`` off, e.g. AArch64) the same integer sums in portable IR. The
+integer sums are exact, so the result is the formula's up to float32 summation order
+(``tests/test_linear_q4.py``), and one input row gives the same bits in a tile of any size.
 """
 
 from __future__ import annotations
@@ -26,102 +30,115 @@ from tqedge.codec.simd import MODE, MODES, _c, _intrinsic, _ptr, _splat
 from tqedge.errors import TqedgeError
 
 Q4_1_BLOCK = 32  # inputs per block
-Q4_1_BYTES = 20  # float16 d, float16 m, 16 bytes of codes
-ROWS = 4  # output rows per call of the kernel (the input block is loaded once for them)
-PREFETCH = 1024  # bytes ahead of row 0's block that each step prefetches (measured: 256 to 2048)
+Q4_1_BYTES = 20  # a GGUF block: float16 d, float16 m, 16 bytes of codes
+ROWS = 4  # weight rows per group
+GROUP_BYTES = ROWS * Q4_1_BYTES  # 4 d, 4 m (float16), 4 × 16 code bytes
+XQ_BYTES = 2 * Q4_1_BLOCK  # a quantized input block: inputs 0-15 twice, 16-31 twice
+NXMAX = 3  # input rows per call: a group block is unpacked once for them (2×3 fit the 16 AVX2 registers best, measured 2-8)
+PREFETCH = 1024  # bytes ahead of the group block each step prefetches (measured: 256 to 2048)
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-
-
-def _codes(builder, at):
-    """<32 x i8>: the block's 32 codes (0..15) in input order, from the 16 bytes at ``at``."""
-    v16 = ir.VectorType(_I8, 16)
-    c = builder.load(_ptr(builder, at, v16), align=1)
-    lo = builder.and_(c, ir.Constant(v16, [15] * 16))
-    hi = builder.lshr(c, ir.Constant(v16, [4] * 16))
-    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, 32), list(range(32))))
-
-
-def _isum(builder, mode, q, xv):
-    """<8 x i32>: pair sums of ``q`` (unsigned codes) times ``xv`` (signed int8) — 4 products per lane."""
-    v32b, v16w, v8d = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    if mode in ("avx2", "avx512"):
-        mb = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16w, [v32b, v32b]))
-        mw = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8d, [v16w, v16w]))
-        return builder.call(mw, [builder.call(mb, [q, xv]), ir.Constant(v16w, [1] * 16)])
-    v32d = ir.VectorType(_I32, 32)  # portable: widen, multiply, add adjacent lanes twice (x86's grouping)
-    p = builder.mul(builder.zext(q, v32d), builder.sext(xv, v32d))
-    for n in (16, 8):
-        idx = ir.VectorType(_I32, n)
-        p = builder.add(builder.shuffle_vector(p, p, ir.Constant(idx, list(range(0, 2 * n, 2)))),
-                        builder.shuffle_vector(p, p, ir.Constant(idx, list(range(1, 2 * n, 2)))))
-    return p
+_V32B = ir.VectorType(_I8, 32)
 
 
 def _i32(v):
     return ir.Constant(_I32, v)
 
 
-def _half_at(builder, at):
-    return builder.fpext(builder.bitcast(builder.load(_ptr(builder, at, _I16), align=1), ir.HalfType()), _F32)
+def _sv(builder, a, b, lanes):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
 
 
-def _hsum8(builder, v):
-    for n in (4, 2, 1):
-        idx = ir.VectorType(_I32, n)
-        v = builder.fadd(builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n)))),
-                         builder.shuffle_vector(v, v, ir.Constant(idx, list(range(n, 2 * n)))))
-    return builder.extract_element(v, ir.Constant(_I32, 0))
+def _nibbles(builder, at):
+    """(low, high) <32 x i8> nibbles of the 32 code bytes at ``at`` (two rows' codes)."""
+    c = builder.load(_ptr(builder, at, _V32B), align=1)
+    m = ir.Constant(_V32B, [15] * 32)
+    return builder.and_(c, m), builder.and_(builder.lshr(c, ir.Constant(_V32B, [4] * 32)), m)
 
 
-def _gemv_rows(builder, lits, mode, w, ws, bs, nb, xq, dx, sx, out):
-    """out[r] (float32 at ``out + 4r``) = Σ_b d_rb·dx_b·<q_rb, xq_b> + m_rb·sx_b for the ``rows``
-    Q4_1 rows at ``w + r·ws`` (``nb`` blocks each, ``bs`` bytes apart); ``xq`` int8 (nb·32), ``dx``, ``sx`` float32 (nb)."""
-    rows = lits[0]
-    v8f = ir.VectorType(_F32, 8)
-    fma = builder.module.declare_intrinsic("llvm.fmuladd.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
-    fma1 = builder.module.declare_intrinsic("llvm.fmuladd.f32", fnty=ir.FunctionType(_F32, [_F32, _F32, _F32]))
+def _isum(builder, mode, lo, hi, xlo, xhi):
+    """<8 x i32>: lanes 0–3 row a's, 4–7 row b's partial sums of codes × inputs (each lane four
+    adjacent products of the low and four of the high nibbles)."""
+    v16w, v8d = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    if mode in ("avx2", "avx512"):
+        mb = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16w, [_V32B, _V32B]))
+        mw = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8d, [v16w, v16w]))
+        p = builder.add(builder.call(mb, [lo, xlo]), builder.call(mb, [hi, xhi]))
+        return builder.call(mw, [p, ir.Constant(v16w, [1] * 16)])
+    v32d = ir.VectorType(_I32, 32)  # portable: the same products summed in the same lanes
+    p = builder.add(builder.mul(builder.zext(lo, v32d), builder.sext(xlo, v32d)),
+                    builder.mul(builder.zext(hi, v32d), builder.sext(xhi, v32d)))
+    for n in (16, 8):
+        p = builder.add(_sv(builder, p, p, list(range(0, 2 * n, 2))), _sv(builder, p, p, list(range(1, 2 * n, 2))))
+    return p
+
+
+def _halves4(builder, at):
+    v4h = ir.VectorType(ir.HalfType(), 4)
+    return builder.fpext(builder.load(_ptr(builder, at, v4h), align=1), ir.VectorType(_F32, 4))
+
+
+def _row_sums(builder, a, b):
+    """<4 x float>: the sums of lanes 0–3 and 4–7 of ``a`` (rows 0, 1) and of ``b`` (rows 2, 3)."""
+    u = builder.fadd(_sv(builder, a, b, [0, 1, 4, 5, 8, 9, 12, 13]), _sv(builder, a, b, [2, 3, 6, 7, 10, 11, 14, 15]))
+    return builder.fadd(_sv(builder, u, u, [0, 2, 4, 6]), _sv(builder, u, u, [1, 3, 5, 7]))
+
+
+def _tile(builder, lits, mode, w, nb, xq, xqs, dx, sx, fs, out, outs):
+    """out[j, 0:4] (float32 at ``out + j·outs``) = Σ_b Σ_r-block d·dx_jb·<q, xq_jb> + m·sx_jb for
+    the group at ``w`` (``nb`` group blocks) and the ``nx`` quantized inputs j: ``xq + j·xqs``
+    (nb · :data:`XQ_BYTES` int8), ``dx + j·fs`` and ``sx + j·fs`` (nb float32)."""
+    nx = lits[0]
+    v8f, v4f = ir.VectorType(_F32, 8), ir.VectorType(_F32, 4)
+    fma8 = builder.module.declare_intrinsic("llvm.fmuladd.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
+    fma4 = builder.module.declare_intrinsic("llvm.fmuladd.v4f32", fnty=ir.FunctionType(v4f, [v4f, v4f, v4f]))
     pf = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
         ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]))
-    accs = [cgutils.alloca_once(builder, v8f) for _ in range(rows)]
-    maccs = [cgutils.alloca_once(builder, _F32) for _ in range(rows)]
-    for a, m in zip(accs, maccs):
-        builder.store(ir.Constant(v8f, [0.0] * 8), a)
-        builder.store(ir.Constant(_F32, 0.0), m)
+    acc = [[cgutils.alloca_once(builder, v8f) for _ in range(2)] for _ in range(nx)]
+    macc = [cgutils.alloca_once(builder, v4f) for _ in range(nx)]
+    for j in range(nx):
+        for a in acc[j]:
+            builder.store(ir.Constant(v8f, [0.0] * 8), a)
+        builder.store(ir.Constant(v4f, [0.0] * 4), macc[j])
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
-        xv = builder.load(_ptr(builder, builder.add(xq, builder.mul(b, _c(Q4_1_BLOCK))), ir.VectorType(_I8, 32)),
-                          align=1)
-        dxb = builder.load(_ptr(builder, builder.add(dx, builder.mul(b, _c(4))), _F32), align=4)
-        sxb = builder.load(_ptr(builder, builder.add(sx, builder.mul(b, _c(4))), _F32), align=4)
-        ahead = builder.add(builder.add(w, builder.mul(b, bs)), _c(PREFETCH))
-        builder.call(pf, [builder.inttoptr(ahead, ir.IntType(8).as_pointer()), _i32(0), _i32(3), _i32(1)])
-        for r in range(rows):
-            at = builder.add(builder.add(w, builder.mul(ws, _c(r))), builder.mul(b, bs))
-            s = builder.sitofp(_isum(builder, mode, _codes(builder, builder.add(at, _c(4))), xv), v8f)
-            scale = _splat(builder, builder.fmul(_half_at(builder, at), dxb), 8)
-            builder.store(builder.call(fma, [scale, s, builder.load(accs[r])]), accs[r])
-            m = _half_at(builder, builder.add(at, _c(2)))
-            builder.store(builder.call(fma1, [m, sxb, builder.load(maccs[r])]), maccs[r])
-    for r in range(rows):
-        y = builder.fadd(_hsum8(builder, builder.load(accs[r])), builder.load(maccs[r]))
-        builder.store(y, _ptr(builder, builder.add(out, _c(4 * r)), _F32), align=4)
+        g = builder.add(w, builder.mul(b, _c(GROUP_BYTES)))
+        builder.call(pf, [builder.inttoptr(builder.add(g, _c(PREFETCH)), ir.IntType(8).as_pointer()),
+                          _i32(0), _i32(3), _i32(1)])
+        d4, m4 = _halves4(builder, g), _halves4(builder, builder.add(g, _c(8)))
+        pairs = [_nibbles(builder, builder.add(g, _c(16))), _nibbles(builder, builder.add(g, _c(48)))]
+        for j in range(nx):
+            xa = builder.add(builder.add(xq, builder.mul(xqs, _c(j))), builder.mul(b, _c(XQ_BYTES)))
+            xlo = builder.load(_ptr(builder, xa, _V32B), align=1)
+            xhi = builder.load(_ptr(builder, builder.add(xa, _c(32)), _V32B), align=1)
+            fa = builder.add(builder.mul(fs, _c(j)), builder.mul(b, _c(4)))
+            dxj = builder.load(_ptr(builder, builder.add(dx, fa), _F32), align=4)
+            sxj = builder.load(_ptr(builder, builder.add(sx, fa), _F32), align=4)
+            sc = builder.fmul(d4, _splat(builder, dxj, 4))
+            for p, (lo, hi) in enumerate(pairs):
+                s = builder.sitofp(_isum(builder, mode, lo, hi, xlo, xhi), v8f)
+                scale = _sv(builder, sc, sc, [2 * p] * 4 + [2 * p + 1] * 4)
+                builder.store(builder.call(fma8, [s, scale, builder.load(acc[j][p])]), acc[j][p])
+            builder.store(builder.call(fma4, [m4, _splat(builder, sxj, 4), builder.load(macc[j])]), macc[j])
+    for j in range(nx):
+        y = builder.fadd(_row_sums(builder, builder.load(acc[j][0]), builder.load(acc[j][1])), builder.load(macc[j]))
+        builder.store(y, _ptr(builder, builder.add(out, builder.mul(outs, _c(j))), v4f), align=4)
 
 
-def make_q4_1_rows(mode: str):
-    """An intrinsic ``q4_1_rows(rows, w, ws, bs, nb, xq, dx, sx, out)``: ``rows`` (1 or :data:`ROWS`,
-    a constant) Q4_1 weight rows at ``w`` (``ws`` bytes apart; ``nb`` blocks of :data:`Q4_1_BYTES`,
-    ``bs`` bytes apart: :data:`Q4_1_BYTES` as the GGUF stores a row, ``ROWS · Q4_1_BYTES`` with
-    four rows' blocks interleaved) against the quantized input (``xq`` nb·32 int8, ``dx`` and ``sx`` nb
-    float32): the rows' outputs as float32 at ``out``, ``out + 4``, …"""
+def make_q4_1_tile(mode: str):
+    """An intrinsic ``q4_1_tile(nx, w, nb, xq, xqs, dx, sx, fs, out, outs)``: one group of four
+    Q4_1 weight rows at ``w`` (``nb`` group blocks of :data:`GROUP_BYTES`) against ``nx`` (1 to
+    :data:`NXMAX`, a constant; 0: :data:`NXMAX`, a full tile) quantized inputs (``xq`` nb · :data:`XQ_BYTES` int8, ``xqs`` bytes
+    apart; ``dx`` and ``sx`` nb float32, ``fs`` bytes apart): input j's four outputs as float32 at
+    ``out + j·outs``."""
     if mode not in MODES:
         raise TqedgeError(f"unknown permute mode {mode!r}")
 
     def body(builder, lits, *vals):
-        if lits[0] not in (1, ROWS):
-            raise TqedgeError(f"q4_1_rows needs constant rows (1 or {ROWS}), got {lits[0]}")
-        _gemv_rows(builder, lits, mode, *vals[1:])
+        if lits[0] not in range(NXMAX + 1):
+            raise TqedgeError(f"q4_1_tile needs a constant nx (0-{NXMAX}), got {lits[0]}")
+        _tile(builder, (lits[0] or NXMAX,), mode, *vals[1:])
 
-    return _intrinsic(9, body)
+    return _intrinsic(10, body)
 
 
-q4_1_rows = make_q4_1_rows(MODE)
+q4_1_tile = make_q4_1_tile(MODE)
