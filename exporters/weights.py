@@ -15,7 +15,8 @@ share one copy on disk. :data:`LINEAR_FORMATS` maps a weight format to a functio
   re-quantization. The uncut graph runs such a linear as one ``LinearQ4_1`` node on the GGUF's
   own blocks, four rows' at a time (:data:`NATIVE_Q4_1_LINEARS`; runtime/native_linear.py), or
   else adds ``m`` with the ``AddBlockOffsets`` op (one node per linear, a fused one included;
-  runtime/native_offsets.py); the cut segments with ReduceSum, Cast and MatMul. A GGUF Q8_0 weight (an 8-bit linear or LM head, the int8 embedding rows) is
+  runtime/native_offsets.py); the cut segments with ReduceSum, Cast and MatMul. A GGUF Q8_0
+  weight (an 8-bit linear or LM head, the int8 embedding rows) is
   carried over as unsigned codes with zero point 128 in its own blocks of 32: exact, no offsets.
 - ``nf4`` / ``nf4-dq``: QLoRA's NormalFloat-4 (absmax per block of 64, codes into
   :data:`NF4_TABLE`) run by onnxruntime's ``com.microsoft.MatMulBnb4`` (``quant_type`` 1).
@@ -309,11 +310,12 @@ def quantized_gather(g, a: LinearArgs, bits: int, block: int, indices: str) -> s
 
 
 def _float16_mins(mins: np.ndarray) -> np.ndarray:
-    """Carried-over block minimums (nb, N) as float16: what a Q4_1 GGUF stores, so no rounding;
-    refuses values that are not halves (they would not come from a GGUF block)."""
+    """Carried-over block minimums (or scales) as float16: what a Q4_1 GGUF stores, so no
+    rounding; refuses values that are not halves (they would not come from a GGUF block)."""
     m16 = mins.astype(np.float16)
     if not np.array_equal(m16.astype(np.float32), mins, equal_nan=True):
-        raise ValueError("carried-over block minimums are not float16 values (only GGUF Q4_1 blocks are carried)")
+        raise ValueError("carried-over block minimums or scales are not float16 values "
+                         "(only GGUF Q4_1 blocks are carried)")
     return m16
 
 
@@ -324,9 +326,7 @@ def q4_1_groups(qb: QuantBlocks) -> np.ndarray:
     (:func:`tqedge.codec.kernels_linear.group_q4_1`). Exact: ``d`` and ``m`` came from halves."""
     n, k = qb.q.shape
     nb = k // Q4_1_BLOCK
-    d, m = qb.scale.astype(np.float16), qb.min.astype(np.float16)
-    if not (np.array_equal(d.astype(np.float32), qb.scale) and np.array_equal(m.astype(np.float32), qb.min)):
-        raise ValueError("carried-over Q4_1 scales or minimums are not float16 values (only GGUF blocks are carried)")
+    d, m = _float16_mins(qb.scale), _float16_mins(qb.min)
     blocks = np.empty((n, nb, Q4_1_BYTES), np.uint8)
     blocks[..., 0:2] = d.reshape(n, nb, 1).view(np.uint8)
     blocks[..., 2:4] = m.reshape(n, nb, 1).view(np.uint8)

@@ -229,6 +229,8 @@ def keep_resident(paths) -> int:
     (``MADV_WILLNEED``): weights a native op reads in place on every step (a bundle's
     ``RESIDENT_DATA``, which onnxruntime maps), so the first prompt does not fault them in one
     page at a time. Returns the number of mappings advised (0 off Linux)."""
+    if not paths:
+        return 0
     found = _file_mappings_to_advise(paths)
     _KEEP.update(os.path.realpath(p) for p in paths)
     if found is None:
