@@ -100,23 +100,39 @@ def test_q4_1_gemv_partial_rows_write_nothing_else():
     assert np.all(np.abs(out[4:12] - ref[4:12]) <= 1e-5 * mag[4:12] + 1e-6)
 
 
-portable = L.make_q4_1_tile("off")
+def _one_row_gemm(dot):
+    """The tile one input row at a time, its integer sums formed by ``dot``."""
+    tile = L.make_q4_1_tile(dot)
 
-
-@njit(warm=False)
-def _portable_gemm(w4, xq, dx, sx, out):
-    t, nb = xq.shape[0], dx.shape[1]
-    for g in range(w4.shape[0]):
-        for j in range(t):
-            portable(1, w4.ctypes.data + g * w4.strides[0], nb, xq.ctypes.data + j * xq.strides[0], 0,
+    @njit(warm=False)
+    def gemm(w4, xq, dx, sx, out):
+        t, nb = xq.shape[0], dx.shape[1]
+        for g in range(w4.shape[0]):
+            for j in range(t):
+                tile(1, w4.ctypes.data + g * w4.strides[0], nb, xq.ctypes.data + j * xq.strides[0], 0,
                      dx.ctypes.data + j * dx.strides[0], sx.ctypes.data + j * sx.strides[0], 0,
                      out.ctypes.data + j * out.strides[0] + 16 * g, 0)
+
+    return gemm
+
+
+# every dot product this CPU can run: the host's and the narrower ones below it, and the portable IR
+VARIANTS = {dot: _one_row_gemm(dot) for dot in L.DOTS[L.DOTS.index(L.DOT):] + ("off",)}
+
+
+def test_host_dot_follows_the_features():
+    assert L.host_dot("off", {"avx512f": True, "avx512vnni": True, "avx512vl": True}) == "off"
+    assert L.host_dot("avx512", {"avx512f": True, "avx512vnni": True, "avx512vl": True}) == "avx512vnni"
+    assert L.host_dot("avx512", {"avx512f": True, "avx512vl": True}) == "avx2"
+    assert L.host_dot("avx2", {"avx2": True, "avxvnni": True}) == "avxvnni"
+    assert L.host_dot("avx2", {"avx2": True}) == "avx2"
 
 
 @pytest.mark.parametrize("t", [1, 6, 9])
 def test_prompt_rows_give_each_rows_bits(t):
-    """The tile (four inputs at a time, the rest one by one) = the one-row kernel on every row, and
-    the portable IR other CPUs (AArch64) compile gives the same bits (the same integer sums)."""
+    """The tile (NXMAX inputs at a time, the rest one by one) = the one-row kernel on every row, and
+    every dot product this CPU can run, and the portable IR other CPUs (AArch64) compile, give
+    the same bits (the same integer sums, summed in the same order)."""
     rng = np.random.default_rng(4)
     w = random_q4_1(rng, 24, 576)
     w4 = group_q4_1(w)
@@ -126,9 +142,10 @@ def test_prompt_rows_give_each_rows_bits(t):
     quantize_rows_q8(x, xq, dx, sx)
     out = np.full((t, 24), np.nan, np.float32)
     q4_1_gemm(w4, xq, dx, sx, out, 0, 24)
-    other = np.full((t, 24), np.nan, np.float32)
-    _portable_gemm(w4, xq, dx, sx, other)
-    np.testing.assert_array_equal(other, out)
+    for dot, gemm in VARIANTS.items():
+        other = np.full((t, 24), np.nan, np.float32)
+        gemm(w4, xq, dx, sx, other)
+        np.testing.assert_array_equal(other, out, err_msg=dot)
     for i in range(t):
         one = np.empty(24, np.float32)
         q4_1_gemv(w4, x[i], one, 0, 24)
