@@ -14,7 +14,12 @@ The protocol lives in one int64 control block (:data:`WORDS` words, then room fo
 addresses, stored in the block, so the compiled code holds no address (Numba's disk cache stays
 valid). A job: ``(fn, block, n)``; ``fn`` is a C function ``int64 fn(int64 block, int64 item)``
 (a ``cfunc`` address). Items are claimed by compare-and-swap on the word ``(job id << 32) |
-next item``: a worker that woke late sees another job id and claims nothing of it.
+next item``: a worker that woke late sees another job id and claims nothing of it. A new job
+first closes that word (its own id, next item :data:`CLOSED`) and only then writes its item
+count, function and block, then opens the word at item 0: a late worker that read the old word
+and then the new count fails its compare-and-swap instead of claiming an item that was never
+the old job's (before round 35 it could, and the caller waited forever: a hang within about a
+thousand jobs whose item counts differ; ``tests/test_coop_pool.py``).
 
 :func:`run_items` is the entry for nopython callers: onnxruntime's intra-op pool when the
 calling op was handed one (``KernelContext_ParallelFor``: the session's own threads, which also
@@ -40,6 +45,7 @@ W_JOB, W_N, W_FN, W_BLOCK, W_DONE, W_STOP, W_SEQ = range(7)
 W_LOCK, W_UNLOCK, W_WAIT, W_BROADCAST, W_SIGNAL = range(7, 12)
 W_MUTEX, W_WORK_CV, W_DONE_CV = 12, 13, 14  # addresses of the pthread objects (inside the block)
 WORDS = 16
+CLOSED = 0xFFFFFFFF  # the job word's item field while a job is being set up: ≥ any item count
 PTHREAD_BYTES = 128  # room for one pthread_mutex_t / pthread_cond_t on every libc we run on (≤ 64)
 _OPTS = dict(warm=False, nogil=True)
 
@@ -57,6 +63,15 @@ def _add(addr, k):
         old = _cas64(addr, 0, 0)
         if _cas64(addr, old, old + k) == old:
             return old + k
+
+
+@njit(inline="always", **_OPTS)
+def _store(addr, v):
+    """Atomic (seq_cst) write: compare-and-swap until it takes."""
+    while True:
+        old = _cas64(addr, 0, 0)
+        if _cas64(addr, old, v) == old:
+            return
 
 
 @njit(**_OPTS)
@@ -104,12 +119,15 @@ def run(ctl_addr, fn, block, n):
     returns when every item has finished. One caller at a time."""
     ctl = carray(as_ptr(ctl_addr, np.int64), (WORDS,))
     ccall(ctl[W_LOCK], (ctl[W_MUTEX],))
-    ctl[W_N], ctl[W_FN], ctl[W_BLOCK] = n, fn, block
-    _cas64(ctl_addr + 8 * W_DONE, _load(ctl_addr + 8 * W_DONE), 0)
     job = _load(ctl_addr + 8 * W_SEQ) + 1
     w_job = ctl_addr + 8 * W_JOB
-    _cas64(w_job, _load(w_job), job << 32)  # publish: items claimable from here on
-    _cas64(ctl_addr + 8 * W_SEQ, job - 1, job)
+    _store(w_job, (job << 32) | CLOSED)  # closed: no claim of the last job can succeed from here
+    _store(ctl_addr + 8 * W_N, n)
+    _store(ctl_addr + 8 * W_FN, fn)
+    _store(ctl_addr + 8 * W_BLOCK, block)
+    _store(ctl_addr + 8 * W_DONE, 0)
+    _store(w_job, job << 32)  # open: items claimable from here on
+    _store(ctl_addr + 8 * W_SEQ, job)
     ccall(ctl[W_BROADCAST], (ctl[W_WORK_CV],))
     ccall(ctl[W_UNLOCK], (ctl[W_MUTEX],))
     _claim_and_run(ctl_addr, job)

@@ -73,6 +73,48 @@ def test_every_item_once_with_the_plain_loops_result():
     assert all(not t.is_alive() for t in pool.workers) and pool.workers == []
 
 
+_VARYING = """
+import sys
+import numpy as np
+from numba import carray, cfunc, njit, types
+from tqedge.runtime import coop_pool
+from tqedge.runtime.ort_numba import as_ptr
+
+@cfunc(types.int64(types.int64, types.int64), nogil=True)
+def item(block, i):
+    b = carray(as_ptr(block, np.int64), (32,))
+    b[i] += 1
+    return 0
+
+@njit(nogil=True)
+def jobs(ctl, fn, reps):
+    block = np.zeros(32, np.int64)
+    want = np.zeros(32, np.int64)
+    for r in range(reps):
+        n = (5, 8, 24, 2)[r % 4]
+        coop_pool.run(ctl, fn, block.ctypes.data, n)
+        want[:n] += 1
+    return (block == want).all()
+
+pool = coop_pool.CoopPool(workers=int(sys.argv[1]))
+print(jobs(pool.address, item.address, int(sys.argv[2])))
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_jobs_of_different_sizes_never_hang(workers):
+    """A late worker that read the last job's word and then this job's larger item count must
+    not claim an item (it did before round 35: the caller then waited forever, within about a
+    thousand jobs). A subprocess with a timeout, so a hang fails the test instead of the run."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _VARYING, str(workers), "20000"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-1] == "True"  # every item of every job ran exactly once
+
+
 def test_no_workers_runs_on_the_caller():
     pool = coop_pool.CoopPool(workers=0)
     out, count, who = _job(pool, 5, 10)
