@@ -117,72 +117,54 @@ def _row_sums(builder, a, b):
     return builder.fadd(_sv(builder, u, u, [0, 2, 4, 6]), _sv(builder, u, u, [1, 3, 5, 7]))
 
 
+def _codes(builder, dot, g):
+    """The group block's (low, high) nibbles at ``g``: per row pair (two <32 x i8>), or with
+    ``avx512vnni`` all four rows at once (one <64 x i8> pair)."""
+    if dot != "avx512vnni":
+        return [_nibbles(builder, builder.add(g, _c(16))), _nibbles(builder, builder.add(g, _c(48)))]
+    v64b = ir.VectorType(_I8, 64)
+    c = builder.load(_ptr(builder, builder.add(g, _c(16)), v64b), align=1)
+    mask = ir.Constant(v64b, [15] * 64)
+    return [(builder.and_(c, mask), builder.and_(builder.lshr(c, ir.Constant(v64b, [4] * 64)), mask))]
+
+
+def _scaled_sums(builder, dot, lo, hi, xlo, xhi, sc, p):
+    """(float integer sums, their scales) of code part ``p``: rows 2p, 2p+1 in lanes 0–3, 4–7;
+    with ``avx512vnni`` (one part) rows 0–3 in lanes 4r–4r+3, the input broadcast to both halves."""
+    if dot != "avx512vnni":
+        s = _isum(builder, dot, lo, hi, xlo, xhi)
+        return builder.sitofp(s, ir.VectorType(_F32, 8)), _sv(builder, sc, sc, [2 * p] * 4 + [2 * p + 1] * 4)
+    both = list(range(32)) * 2
+    s = _dpbusd(builder, ir.Constant(ir.VectorType(_I32, 16), [0] * 16), lo, _sv(builder, xlo, xlo, both))
+    s = _dpbusd(builder, s, hi, _sv(builder, xhi, xhi, both))
+    return builder.sitofp(s, ir.VectorType(_F32, 16)), _sv(builder, sc, sc, [r for r in range(4) for _ in range(4)])
+
+
 def _tile(builder, lits, dot, w, nb, xq, xqs, dx, sx, fs, out, outs):
     """out[j, 0:4] (float32 at ``out + j·outs``) = Σ_b Σ_r-block d·dx_jb·<q, xq_jb> + m·sx_jb for
     the group at ``w`` (``nb`` group blocks) and the ``nx`` quantized inputs j: ``xq + j·xqs``
-    (nb · :data:`XQ_BYTES` int8), ``dx + j·fs`` and ``sx + j·fs`` (nb float32)."""
+    (nb · :data:`XQ_BYTES` int8), ``dx + j·fs`` and ``sx + j·fs`` (nb float32). The row sums
+    add the same lanes in the same order for every ``dot``."""
     nx = lits[0]
-    v8f, v4f = ir.VectorType(_F32, 8), ir.VectorType(_F32, 4)
-    fma8 = builder.module.declare_intrinsic("llvm.fmuladd.v8f32", fnty=ir.FunctionType(v8f, [v8f, v8f, v8f]))
-    fma4 = builder.module.declare_intrinsic("llvm.fmuladd.v4f32", fnty=ir.FunctionType(v4f, [v4f, v4f, v4f]))
-    pf = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
-        ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]))
-    acc = [[cgutils.alloca_once(builder, v8f) for _ in range(2)] for _ in range(nx)]
-    macc = [cgutils.alloca_once(builder, v4f) for _ in range(nx)]
-    for j in range(nx):
-        for a in acc[j]:
-            builder.store(ir.Constant(v8f, [0.0] * 8), a)
-        builder.store(ir.Constant(v4f, [0.0] * 4), macc[j])
-    with cgutils.for_range(builder, nb) as loop:
-        b = loop.index
-        g = builder.add(w, builder.mul(b, _c(GROUP_BYTES)))
-        builder.call(pf, [builder.inttoptr(builder.add(g, _c(PREFETCH)), ir.IntType(8).as_pointer()),
-                          _i32(0), _i32(3), _i32(1)])
-        d4, m4 = _halves4(builder, g), _halves4(builder, builder.add(g, _c(8)))
-        pairs = [_nibbles(builder, builder.add(g, _c(16))), _nibbles(builder, builder.add(g, _c(48)))]
-        for j in range(nx):
-            xa = builder.add(builder.add(xq, builder.mul(xqs, _c(j))), builder.mul(b, _c(XQ_BYTES)))
-            xlo = builder.load(_ptr(builder, xa, _V32B), align=1)
-            xhi = builder.load(_ptr(builder, builder.add(xa, _c(32)), _V32B), align=1)
-            fa = builder.add(builder.mul(fs, _c(j)), builder.mul(b, _c(4)))
-            dxj = builder.load(_ptr(builder, builder.add(dx, fa), _F32), align=4)
-            sxj = builder.load(_ptr(builder, builder.add(sx, fa), _F32), align=4)
-            sc = builder.fmul(d4, _splat(builder, dxj, 4))
-            for p, (lo, hi) in enumerate(pairs):
-                s = builder.sitofp(_isum(builder, dot, lo, hi, xlo, xhi), v8f)
-                scale = _sv(builder, sc, sc, [2 * p] * 4 + [2 * p + 1] * 4)
-                builder.store(builder.call(fma8, [s, scale, builder.load(acc[j][p])]), acc[j][p])
-            builder.store(builder.call(fma4, [m4, _splat(builder, sxj, 4), builder.load(macc[j])]), macc[j])
-    for j in range(nx):
-        y = builder.fadd(_row_sums(builder, builder.load(acc[j][0]), builder.load(acc[j][1])), builder.load(macc[j]))
-        builder.store(y, _ptr(builder, builder.add(out, builder.mul(outs, _c(j))), v4f), align=4)
-
-
-def _tile512(builder, lits, w, nb, xq, xqs, dx, sx, fs, out, outs):
-    """:func:`_tile` with all four rows in one 512-bit register (``DOT == "avx512vnni"``): lanes
-    4r–4r+3 hold row r's partial sums."""
-    nx = lits[0]
-    v16f, v4f, v64b = ir.VectorType(_F32, 16), ir.VectorType(_F32, 4), ir.VectorType(_I8, 64)
-    v16d = ir.VectorType(_I32, 16)
-    fma16 = builder.module.declare_intrinsic("llvm.fmuladd.v16f32", fnty=ir.FunctionType(v16f, [v16f] * 3))
+    parts, lanes = (1, 16) if dot == "avx512vnni" else (2, 8)
+    vf, v4f = ir.VectorType(_F32, lanes), ir.VectorType(_F32, 4)
+    fma = builder.module.declare_intrinsic(f"llvm.fmuladd.v{lanes}f32", fnty=ir.FunctionType(vf, [vf] * 3))
     fma4 = builder.module.declare_intrinsic("llvm.fmuladd.v4f32", fnty=ir.FunctionType(v4f, [v4f] * 3))
     pf = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
         ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]))
-    acc = [cgutils.alloca_once(builder, v16f) for _ in range(nx)]
+    acc = [[cgutils.alloca_once(builder, vf) for _ in range(parts)] for _ in range(nx)]
     macc = [cgutils.alloca_once(builder, v4f) for _ in range(nx)]
     for j in range(nx):
-        builder.store(ir.Constant(v16f, [0.0] * 16), acc[j])
+        for a in acc[j]:
+            builder.store(ir.Constant(vf, [0.0] * lanes), a)
         builder.store(ir.Constant(v4f, [0.0] * 4), macc[j])
-    both = list(range(32)) * 2
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         g = builder.add(w, builder.mul(b, _c(GROUP_BYTES)))
         builder.call(pf, [builder.inttoptr(builder.add(g, _c(PREFETCH)), ir.IntType(8).as_pointer()),
                           _i32(0), _i32(3), _i32(1)])
         d4, m4 = _halves4(builder, g), _halves4(builder, builder.add(g, _c(8)))
-        c = builder.load(_ptr(builder, builder.add(g, _c(16)), v64b), align=1)
-        mask = ir.Constant(v64b, [15] * 64)
-        lo, hi = builder.and_(c, mask), builder.and_(builder.lshr(c, ir.Constant(v64b, [4] * 64)), mask)
+        codes = _codes(builder, dot, g)
         for j in range(nx):
             xa = builder.add(builder.add(xq, builder.mul(xqs, _c(j))), builder.mul(b, _c(XQ_BYTES)))
             xlo = builder.load(_ptr(builder, xa, _V32B), align=1)
@@ -190,17 +172,16 @@ def _tile512(builder, lits, w, nb, xq, xqs, dx, sx, fs, out, outs):
             fa = builder.add(builder.mul(fs, _c(j)), builder.mul(b, _c(4)))
             dxj = builder.load(_ptr(builder, builder.add(dx, fa), _F32), align=4)
             sxj = builder.load(_ptr(builder, builder.add(sx, fa), _F32), align=4)
-            s = _dpbusd(builder, ir.Constant(v16d, [0] * 16), lo, _sv(builder, xlo, xlo, both))
-            s = _dpbusd(builder, s, hi, _sv(builder, xhi, xhi, both))
             sc = builder.fmul(d4, _splat(builder, dxj, 4))
-            scale = _sv(builder, sc, sc, [r for r in range(4) for _ in range(4)])
-            builder.store(builder.call(fma16, [builder.sitofp(s, v16f), scale, builder.load(acc[j])]), acc[j])
+            for p, (lo, hi) in enumerate(codes):
+                s, scale = _scaled_sums(builder, dot, lo, hi, xlo, xhi, sc, p)
+                builder.store(builder.call(fma, [s, scale, builder.load(acc[j][p])]), acc[j][p])
             builder.store(builder.call(fma4, [m4, _splat(builder, sxj, 4), builder.load(macc[j])]), macc[j])
     for j in range(nx):
-        a = builder.load(acc[j])
-        u = builder.fadd(_sv(builder, a, a, [0, 1, 4, 5, 8, 9, 12, 13]), _sv(builder, a, a, [2, 3, 6, 7, 10, 11, 14, 15]))
-        y = builder.fadd(_sv(builder, u, u, [0, 2, 4, 6]), _sv(builder, u, u, [1, 3, 5, 7]))
-        y = builder.fadd(y, builder.load(macc[j]))
+        a = [builder.load(x) for x in acc[j]]
+        if parts == 1:  # the four rows' lanes as the two-part layout holds them: rows 0, 1 | rows 2, 3
+            a = [_sv(builder, a[0], a[0], list(range(8))), _sv(builder, a[0], a[0], list(range(8, 16)))]
+        y = builder.fadd(_row_sums(builder, a[0], a[1]), builder.load(macc[j]))
         builder.store(y, _ptr(builder, builder.add(out, builder.mul(outs, _c(j))), v4f), align=4)
 
 
@@ -217,10 +198,7 @@ def make_q4_1_tile(dot: str):
     def body(builder, lits, *vals):
         if lits[0] not in range(NXMAX + 1):
             raise TqedgeError(f"q4_1_tile needs a constant nx (0-{NXMAX}), got {lits[0]}")
-        if dot == "avx512vnni":
-            _tile512(builder, (lits[0] or NXMAX,), *vals[1:])
-        else:
-            _tile(builder, (lits[0] or NXMAX,), dot, *vals[1:])
+        _tile(builder, (lits[0] or NXMAX,), dot, *vals[1:])
 
     return _intrinsic(10, body)
 
