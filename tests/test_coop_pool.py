@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import pytest
 pytest.importorskip("numba")
 from numba import carray, cfunc, types  # noqa: E402
 
+from tqedge.errors import TqedgeError  # noqa: E402
 from tqedge.runtime import coop_pool  # noqa: E402
 from tqedge.runtime.ort_numba import as_ptr, ccall  # noqa: E402
 
@@ -113,6 +116,37 @@ def test_jobs_of_different_sizes_never_hang(workers):
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.split()[-1] == "True"  # every item of every job ran exactly once
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread CPU times from Linux's /proc")
+def test_idle_workers_spin_briefly_then_sleep():
+    """Between the jobs of a step a worker spins (at most :data:`coop_pool.SPIN_US`) instead of
+    going to sleep at once; with no job coming it must then sleep: a second with no jobs costs it
+    next to no CPU (an unbounded spin would cost the whole second)."""
+    pool = coop_pool.CoopPool(workers=1)
+    try:
+        for _ in range(50):
+            out, count, _ = _job(pool, 16, 200)
+            assert (count == 1).all()
+        tid = pool.workers[0].native_id
+        before = _thread_cpu_seconds(tid)
+        time.sleep(1.0)
+        assert _thread_cpu_seconds(tid) - before < 0.1
+    finally:
+        pool.close()
+
+
+def test_spin_bound_from_the_environment():
+    assert coop_pool.spin_us("") == coop_pool.SPIN_US and coop_pool.spin_us("0") == 0
+    assert coop_pool.spin_us("120") == 120
+    for bad in ("-5", "fast", "1.5"):
+        with pytest.raises(TqedgeError, match="TQEDGE_SPIN_US must be an integer"):
+            coop_pool.spin_us(bad)
 
 
 def test_no_workers_runs_on_the_caller():

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import tempfile
 import threading
 import types
@@ -50,6 +51,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:  # read by numba at import and at 
 import numba  # noqa: E402  (after the threading layer is chosen)
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 from numba.core import types as _nt  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 from numba.np.ufunc import parallel as _parallel  # noqa: E402
@@ -202,6 +204,40 @@ def _cas64(typingctx, addr, expected, new):
         return builder.extract_value(old, 0)
 
     return _nt.int64(addr, expected, new), codegen
+
+
+@intrinsic
+def load_acquire(typingctx, addr):
+    """Atomic read (acquire) of the int64 at ``addr``: a plain load on x86 and AArch64, never
+    hoisted out of a loop; for spinning on a word without taking its cache line exclusive."""
+    if not isinstance(addr, _nt.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = builder.inttoptr(context.cast(builder, args[0], addr, _nt.int64), ir.IntType(64).as_pointer())
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return _nt.int64(addr), codegen
+
+
+_MACHINE = platform.machine().lower()
+
+
+@intrinsic
+def cpu_relax(typingctx):
+    """The spin-wait hint: ``pause`` on x86, ``yield`` on AArch64, nothing elsewhere."""
+    def codegen(context, builder, sig, args):
+        mod = builder.module
+        if _MACHINE in ("x86_64", "amd64", "i686", "i386"):
+            fn = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        elif _MACHINE in ("aarch64", "arm64"):
+            fn = cgutils.get_or_insert_function(mod, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
+                                                "llvm.aarch64.hint")
+            builder.call(fn, [ir.Constant(ir.IntType(32), 1)])
+        return context.get_dummy_value()
+
+    return _nt.none(), codegen
 
 
 @njit(warm=False, nogil=True)
