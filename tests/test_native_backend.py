@@ -273,7 +273,10 @@ def test_default_cache_top1_agreement_unchanged(pair, wikitext):
     from tqedge.runtime.eval_ppl import KVConfig, evaluate, text_windows
 
     native, seg = pair
-    windows = text_windows(native, wikitext, 257, windows=1)
+    # 4 windows (1,024 predictions): ±0.5 points is 5 tokens. One window (0.39 points a token)
+    # could not resolve it: a rounding change in the prefill tiles flipped 2 of 256 there (round 36)
+    windows = text_windows(native, wikitext, 257, windows=4)
+    assert len(windows) == 4
     got = [evaluate(m, windows, [KVConfig("default")], chunk=256)[0]["top1_agree"] for m in (native, seg)]
     assert got[0] > 0.9
     assert abs(got[0] - got[1]) <= 0.005

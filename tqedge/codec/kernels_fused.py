@@ -25,6 +25,8 @@ from numba.extending import intrinsic
 
 from tqedge.codec.fastexp import exp_sub
 from tqedge.codec.numba_runtime import njit
+from tqedge.codec.simd_attend import KEYS, tile_pv, tile_scores
+from tqedge.codec.simd_attend import ROWS as ATT_ROWS
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})  # -inf kept
 
@@ -187,7 +189,7 @@ def f32_row_to_f16(src, dst):
 
 
 TQ_ROWS = 16  # query tokens per prefill tile (× the GQA group: one K/V tile read serves them all)
-TK_KEYS = 64  # keys per prefill tile
+TK_KEYS = KEYS  # keys per prefill tile (one accumulator vector of the tile kernels)
 
 
 @njit(**_OPTS)
@@ -272,69 +274,51 @@ def _tile_update(s, n, rows, g, i0, t0, pos, fp, rule, m, den, acc, vals, j0):
 
 @njit(**_OPTS)
 def _pv_tile(s, n, rows, acc, vals, j0):
-    """acc[:rows, :Dv] += s[:rows, :n] @ vals[j0:j0+n], two rows × four keys per pass."""
+    """acc[:rows, :Dv] += s[:rows, :n] @ vals[j0:j0+n]: the columns in chunks of ``KEYS`` by
+    :data:`~tqedge.codec.simd_attend.tile_pv` (:data:`~tqedge.codec.simd_attend.ROWS` rows
+    per call), the rest (Dv not a multiple of ``KEYS``) by the loop below."""
     dv = vals.shape[1]
-    n4 = n - n % 4
-    for r in range(0, rows - 1, 2):
-        a, b = acc[r], acc[r + 1]
-        pa, pb = s[r], s[r + 1]
-        for j in range(0, n4, 4):
-            v0, v1, v2, v3 = vals[j0 + j], vals[j0 + j + 1], vals[j0 + j + 2], vals[j0 + j + 3]
-            p0, p1, p2, p3 = pa[j], pa[j + 1], pa[j + 2], pa[j + 3]
-            w0, w1, w2, w3 = pb[j], pb[j + 1], pb[j + 2], pb[j + 3]
-            for x in range(dv):
-                a[x] += p0 * v0[x] + p1 * v1[x] + p2 * v2[x] + p3 * v3[x]
-                b[x] += w0 * v0[x] + w1 * v1[x] + w2 * v2[x] + w3 * v3[x]
-        for j in range(n4, n):
-            vr = vals[j0 + j]
-            for x in range(dv):
-                a[x] += pa[j] * vr[x]
-                b[x] += pb[j] * vr[x]
-    if rows % 2:
-        a, pa = acc[rows - 1], s[rows - 1]
+    nc = dv // TK_KEYS
+    if nc > 0:
+        ss, accs, vs = s.strides[0], acc.strides[0], vals.strides[0]
+        sa, aa, va = s.ctypes.data, acc.ctypes.data, vals.ctypes.data + j0 * vs
+        r = 0
+        while r + ATT_ROWS <= rows:
+            tile_pv(0, sa + r * ss, ss, n, va, vs, aa + r * accs, accs, nc)
+            r += ATT_ROWS
+        while r < rows:
+            tile_pv(1, sa + r * ss, ss, n, va, vs, aa + r * accs, accs, nc)
+            r += 1
+    for r in range(rows):
+        a, pa = acc[r], s[r]
         for j in range(n):
             vr = vals[j0 + j]
-            for x in range(dv):
+            for x in range(nc * TK_KEYS, dv):
                 a[x] += pa[j] * vr[x]
 
 
 @njit(**_OPTS)
-def _scores_tile(q, r0, rows, k, j0, n, s):
-    """s[:rows, :n] = q[r0:r0+rows] @ k[j0:j0+n].T, two query rows × four keys per pass
-    (eight dot products share their loads; the D loop vectorizes)."""
+def _scores_tile(q, r0, rows, k, j0, n, s, kt):
+    """s[:rows, :n] = q[r0:r0+rows] @ k[j0:j0+n].T: the key tile transposed into ``kt`` (D,
+    ``KEYS``; zeros past ``n``), then :data:`~tqedge.codec.simd_attend.tile_scores`,
+    :data:`~tqedge.codec.simd_attend.ROWS` query rows per call."""
     d = q.shape[1]
-    for r in range(0, rows - 1, 2):
-        q0, q1 = q[r0 + r], q[r0 + r + 1]
-        for j in range(0, n - 3, 4):
-            k0, k1, k2, k3 = k[j0 + j], k[j0 + j + 1], k[j0 + j + 2], k[j0 + j + 3]
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
-            for x in range(d):
-                u, w = q0[x], q1[x]
-                a0 += u * k0[x]
-                a1 += u * k1[x]
-                a2 += u * k2[x]
-                a3 += u * k3[x]
-                b0 += w * k0[x]
-                b1 += w * k1[x]
-                b2 += w * k2[x]
-                b3 += w * k3[x]
-            s[r, j], s[r, j + 1], s[r, j + 2], s[r, j + 3] = a0, a1, a2, a3
-            s[r + 1, j], s[r + 1, j + 1], s[r + 1, j + 2], s[r + 1, j + 3] = b0, b1, b2, b3
-        for j in range(n - n % 4, n):
-            _dot_into(q0, k[j0 + j], s, r, j)
-            _dot_into(q1, k[j0 + j], s, r + 1, j)
-    if rows % 2:
-        r = rows - 1
-        for j in range(n):
-            _dot_into(q[r0 + r], k[j0 + j], s, r, j)
-
-
-@njit(inline="always", **_OPTS)
-def _dot_into(a, b, s, r, j):
-    acc = np.float32(0.0)
-    for x in range(a.shape[0]):
-        acc += a[x] * b[x]
-    s[r, j] = acc
+    for j in range(n):
+        kr = k[j0 + j]
+        for x in range(d):
+            kt[x, j] = kr[x]
+    for x in range(d):
+        for j in range(n, TK_KEYS):
+            kt[x, j] = 0.0
+    qst, sst = q.strides[0], s.strides[0]
+    qa, sa, ka = q.ctypes.data + r0 * qst, s.ctypes.data, kt.ctypes.data
+    r = 0
+    while r + ATT_ROWS <= rows:
+        tile_scores(0, qa + r * qst, qst, ka, d, sa + r * sst, sst)
+        r += ATT_ROWS
+    while r < rows:
+        tile_scores(1, qa + r * qst, qst, ka, d, sa + r * sst, sst)
+        r += 1
 
 
 @njit(**_OPTS)
@@ -364,6 +348,7 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, i_first, rule, out
     den = np.empty(TQ_ROWS * g, np.float32)
     acc = np.empty((2, TQ_ROWS * g, dv), np.float32)
     tmp = np.empty(d, np.float32)
+    kt = np.empty((max(d, kd.shape[1]), TK_KEYS), np.float32)  # a key tile, transposed
     nt = tg // g
     for i0 in range(0, nt, TQ_ROWS):
         ti = min(TQ_ROWS, nt - i0)
@@ -380,10 +365,10 @@ def prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, i_first, rule, out
                 if not _tile_seen(pf if fp else pc, j0, n, fp, rule, t0, last - ti + 1, last):
                     continue  # no query row sees any key of the tile (its future, or out of window/ring)
                 if fp:
-                    _scores_tile(qs, r0, rows, kf, j0, n, s)
+                    _scores_tile(qs, r0, rows, kf, j0, n, s, kt)
                     _tile_update(s, n, rows, g, i_first + i0, t0, pf, True, rule, m, den, acc, vf, j0)
                 else:
-                    _scores_tile(qp, r0, rows, kd, j0, n, s)
+                    _scores_tile(qp, r0, rows, kd, j0, n, s, kt)
                     _tile_update(s, n, rows, g, i_first + i0, t0, pc, False, rule, m, den, acc, vd, j0)
         for r in range(rows):
             matvec(acc[1, r, :um.shape[0]], um, tmp)
