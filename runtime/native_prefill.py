@@ -41,18 +41,28 @@ def encode_row(x, rot, bounds, cent, bits, corrected, codes_out, scales_out):
         norm += np.float64(y[j]) * np.float64(y[j])
     norm = np.sqrt(norm)
     den = norm if norm > 0 else 1.0
+    # the code of each value: how many boundaries are ≤ it (``searchsorted`` side right, NaN
+    # last), counted boundary by boundary so the loop over values vectorizes
+    nb = bounds.shape[0]
+    u = np.empty(d, np.float64)
+    idx = np.zeros(d, np.int64)
+    for j in range(d):
+        u[j] = np.float64(np.float32(np.float64(y[j]) / den))
+    for b in range(nb):
+        bb = bounds[b]
+        for j in range(d):
+            idx[j] += 1 if bb <= u[j] else 0
     for b in range(codes_out.shape[0]):
         codes_out[b] = 0
     cn = 0.0
     mask = (1 << bits) - 1
     for j in range(d):
-        u = np.float64(np.float32(np.float64(y[j]) / den))
-        idx = np.searchsorted(bounds, u, side="right")
-        cn += cent[idx] * cent[idx]
+        i = nb if u[j] != u[j] else idx[j]
+        cn += cent[i] * cent[i]
         bit = j * bits
         byte = bit >> 3
         sh = bit & 7
-        val = (np.int64(idx) & mask) << sh
+        val = (i & mask) << sh
         codes_out[byte] |= np.uint8(val & 0xFF)
         if sh + bits > 8:
             codes_out[byte + 1] |= np.uint8(val >> 8)
