@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, types
 
-from tqedge.codec.kernels_fused import TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, matvec, prefill_attend
+from tqedge.codec.kernels_fused import (TK_KEYS, TQ_ROWS, f16_row_to_f32, f32_row_to_f16, f32_to_f16, key_tiles, matvec,
+                                        prefill_attend)
 from tqedge.codec.kernels_numba import dequantize_serial
 from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime.coop_pool import run_items as coop_run_items
@@ -106,10 +107,10 @@ def prefill_item(block_addr, w):
     f32 = np.float32
     qs = carray(as_ptr(b[PB_QS], f32), (hkv, t * g, d))
     qp = carray(as_ptr(b[PB_QP], f32), (hkv, t * g, dpk))
-    kf = carray(as_ptr(b[PB_KF], f32), (hkv, nf, d))
+    kft = carray(as_ptr(b[PB_KF], f32), (hkv, (nf + TK_KEYS - 1) // TK_KEYS, d, TK_KEYS))
     vf = carray(as_ptr(b[PB_VF], f32), (hkv, nf, d))
     pf = carray(as_ptr(b[PB_PF], np.int64), (nf,))
-    kd = carray(as_ptr(b[PB_KD], f32), (hkv, nc, dpk))
+    kdt = carray(as_ptr(b[PB_KD], f32), (hkv, (nc + TK_KEYS - 1) // TK_KEYS, dpk, TK_KEYS))
     vd = carray(as_ptr(b[PB_VD], f32), (hkv, nc, dpv))
     pc = carray(as_ptr(b[PB_PC], np.int64), (nc,))
     um = carray(as_ptr(b[PB_UM], f32), (dpv, d))
@@ -119,7 +120,7 @@ def prefill_item(block_addr, w):
     h = w // ntile
     i0 = (w % ntile) * TQ_ROWS
     i1 = min(t, i0 + TQ_ROWS)
-    prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kf[h], vf[h], pf, kd[h], vd[h], pc, um,
+    prefill_attend(qs[h, i0 * g:i1 * g], qp[h, i0 * g:i1 * g], g, kft[h], vf[h], pf, kdt[h], vd[h], pc, um,
                    b[PB_T0], i0, rule, res[h, i0 * g:i1 * g])
     return 0
 
@@ -134,14 +135,20 @@ PREFILL_ITEM_ENTRY = _prefill_item_entry.address  # descriptor words TQ_PAR_PREF
 
 @njit(**_OPTS)
 def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, lock, pool, item_fn, ort_pool):
-    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous), through
+    """Every :func:`prefill_item` of a prefill step (arrays C-contiguous; the keys ``kf`` (Hkv,
+    Nf, D) and ``kd`` (Hkv, Nc, Dpk) are handed to the items as :func:`~tqedge.codec.kernels_fused.key_tiles`), through
     :func:`tqedge.runtime.coop_pool.run_items`: on onnxruntime's pool (``ort_pool``), on the
     cooperative pool, or on this thread (same bits)."""
     hkv, tg, d = qs.shape
+    kft = np.empty((hkv, (kf.shape[1] + TK_KEYS - 1) // TK_KEYS, d, TK_KEYS), np.float32)
+    kdt = np.empty((hkv, (kd.shape[1] + TK_KEYS - 1) // TK_KEYS, kd.shape[2], TK_KEYS), np.float32)
+    for h in range(hkv):
+        key_tiles(kf[h], kft[h])
+        key_tiles(kd[h], kdt[h])
     block = np.empty(PB_WORDS, np.int64)
-    block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kf.ctypes.data, \
+    block[PB_QS], block[PB_QP], block[PB_KF], block[PB_VF] = qs.ctypes.data, qp.ctypes.data, kft.ctypes.data, \
         vf.ctypes.data
-    block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kd.ctypes.data, vd.ctypes.data, \
+    block[PB_PF], block[PB_KD], block[PB_VD], block[PB_PC] = pf.ctypes.data, kdt.ctypes.data, vd.ctypes.data, \
         pc.ctypes.data
     block[PB_UM], block[PB_RULE], block[PB_RES] = um.ctypes.data, rule.ctypes.data, res.ctypes.data
     block[PB_HKV], block[PB_T], block[PB_G], block[PB_D] = hkv, tg // g, g, d
@@ -149,7 +156,7 @@ def run_items(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule, res, threads, loc
         kf.shape[1], kd.shape[1], t0
     n = hkv * ((tg // g + TQ_ROWS - 1) // TQ_ROWS)
     coop_run_items(ort_pool, pool, lock, threads, item_fn, block.ctypes.data, n, 2)
-    return block[PB_T]  # a read after the items: ``block`` must not be freed while they run
+    return block[PB_T] + kft.shape[0] + kdt.shape[0]  # reads after the items: nothing they use is freed before
 
 
 @njit(**_OPTS)

@@ -29,6 +29,21 @@ def _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule):
     return out
 
 
+def _tiles(k):
+    out = np.full((-(-k.shape[0] // KF.TK_KEYS), k.shape[1], KF.TK_KEYS), np.nan, np.float32)
+    KF.key_tiles(k, out)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 200])
+def test_key_tiles_are_the_keys_transposed_and_zero_padded(n):
+    k = np.random.default_rng(n).standard_normal((n, 12)).astype(np.float32)
+    padded = np.zeros((-(-n // KF.TK_KEYS) * KF.TK_KEYS, 12), np.float32)
+    padded[:n] = k
+    want = padded.reshape(-1, KF.TK_KEYS, 12).transpose(0, 2, 1)
+    assert np.array_equal(_tiles(k), want)
+
+
 @pytest.mark.parametrize("exact", [0, 1])
 @pytest.mark.parametrize("t,t0,n_old", [(77, 0, 0), (53, 300, 211), (5, 90, 61)])
 def test_prefill_attend_matches_numpy(t, t0, n_old, exact):
@@ -50,14 +65,15 @@ def test_prefill_attend_matches_numpy(t, t0, n_old, exact):
     um = rng.standard_normal((dpv, d)).astype(np.float32)
     rule = np.array([sinks, window, ring, t0 - window if t0 > window else 0, exact], np.int64)
     out = np.full((t * g, d), np.nan, np.float32)
-    KF.prefill_attend(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, 0, rule, out)
+    kft, kdt = _tiles(kf), _tiles(kd)
+    KF.prefill_attend(qs, qp, g, kft, vf, pf, kdt, vd, pc, um, t0, 0, rule, out)
     want = _reference(qs, qp, g, kf, vf, pf, kd, vd, pc, um, t0, rule)
     np.testing.assert_allclose(out, want, rtol=2e-4, atol=2e-4)
     # the same rows in two calls (a work item starts at token i_first): the same result
     half = (t // 2) * g
     split = np.full_like(out, np.nan)
-    KF.prefill_attend(qs[:half], qp[:half], g, kf, vf, pf, kd, vd, pc, um, t0, 0, rule, split[:half])
-    KF.prefill_attend(qs[half:], qp[half:], g, kf, vf, pf, kd, vd, pc, um, t0, t // 2, rule, split[half:])
+    KF.prefill_attend(qs[:half], qp[:half], g, kft, vf, pf, kdt, vd, pc, um, t0, 0, rule, split[:half])
+    KF.prefill_attend(qs[half:], qp[half:], g, kft, vf, pf, kdt, vd, pc, um, t0, t // 2, rule, split[half:])
     np.testing.assert_allclose(split, out, rtol=1e-5, atol=1e-6)
     assert len(pf) > KF.TK_KEYS or len(pc) > KF.TK_KEYS or t < KF.TQ_ROWS  # the oracle sees several tiles
 
