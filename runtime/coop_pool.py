@@ -218,7 +218,7 @@ def spin_us(env: str | None = None) -> int:
     env = os.environ.get("TQEDGE_SPIN_US") if env is None else env
     if env is None or env == "":
         return SPIN_US
-    if not env.isdigit():
+    if not (env.isascii() and env.isdigit()):
         raise TqedgeError(f"TQEDGE_SPIN_US must be an integer number of microseconds >= 0, got {env!r}")
     return int(env)
 

@@ -144,7 +144,7 @@ def test_idle_workers_spin_briefly_then_sleep():
 def test_spin_bound_from_the_environment():
     assert coop_pool.spin_us("") == coop_pool.SPIN_US and coop_pool.spin_us("0") == 0
     assert coop_pool.spin_us("120") == 120
-    for bad in ("-5", "fast", "1.5"):
+    for bad in ("-5", "fast", "1.5", "²"):
         with pytest.raises(TqedgeError, match="TQEDGE_SPIN_US must be an integer"):
             coop_pool.spin_us(bad)
 
