@@ -4,8 +4,9 @@ Both load a bundle with the same options (backend, threads, KV budget/bits/polic
 ``generate`` streams one completion; for a bundle with a chat template the prompt is wrapped
 as a user message by default (``--raw`` for plain completion), and decoding is greedy unless
 ``--temperature`` is given, so ``tqedge generate smollm2.tqe -p "What is the capital of
-France?"`` answers the question, the same way every time. (A 135M model sampled at the usual
-0.7 starts "The capital…" only about a quarter of the time.) ``chat`` is an interactive REPL, or, when stdin is not a terminal, reads one
+France?"`` answers the same way every time. (A 135M model sampled at the usual 0.7 starts "The
+capital…" only about a quarter of the time; greedy, the README's int8 bundle is a near tie between
+"The" and "L" — within 0.1 logits — that float rounding decides: docs/RESULTS.md round 36.) ``chat`` is an interactive REPL, or, when stdin is not a terminal, reads one
 user message per line and prints one reply per line, so it can be scripted.
 """
 
