@@ -97,7 +97,7 @@ def _now_ns(ctl, ts):
 @njit(**_OPTS)
 def _spin_while(ctl, addr, value, ts):
     """Spin (``pause``) while the word at ``addr`` equals ``value``, at most the control block's
-    spin bound (:data:`SPIN_US`); returns the word's last value read."""
+    spin bound (the block's ``W_SPIN_NS``, from :func:`spin_us`); returns the word's last value read."""
     w = load_acquire(addr)
     if w != value or ctl[W_SPIN_NS] <= 0:
         return w
@@ -171,11 +171,10 @@ def run(ctl_addr, fn, block, n):
     ccall(ctl[W_UNLOCK], (ctl[W_MUTEX],))
     _claim_and_run(ctl_addr, job)
     done = _load(ctl_addr + 8 * W_DONE)
-    ts = np.zeros(2, np.int64)
-    while done < n:  # a worker still runs an item it claimed: spin a little for it
-        if _spin_while(ctl, ctl_addr + 8 * W_DONE, done, ts) == done:
-            break
-        done = _load(ctl_addr + 8 * W_DONE)
+    if done < n:  # a worker still runs an item it claimed: spin a little for it
+        ts = np.zeros(2, np.int64)
+        while done < n and _spin_while(ctl, ctl_addr + 8 * W_DONE, done, ts) != done:
+            done = _load(ctl_addr + 8 * W_DONE)
     if _load(ctl_addr + 8 * W_DONE) < n:  # still running: sleep until its last item signals
         ccall(ctl[W_LOCK], (ctl[W_MUTEX],))
         while _load(ctl_addr + 8 * W_DONE) < n:

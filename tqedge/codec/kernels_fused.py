@@ -289,6 +289,8 @@ def _pv_tile(s, n, rows, acc, vals, j0):
         while r < rows:
             tile_pv(1, sa + r * ss, ss, n, va, vs, aa + r * accs, accs, nc)
             r += 1
+    if nc * TK_KEYS == dv:
+        return
     for r in range(rows):
         a, pa = acc[r], s[r]
         for j in range(n):
