@@ -321,8 +321,8 @@ def _float16_mins(mins: np.ndarray) -> np.ndarray:
 
 def q4_1_groups(qb: QuantBlocks) -> np.ndarray:
     """A carried-over GGUF Q4_1 weight's blocks as the file stores them (float16 ``d`` and ``m``,
-    then byte ``j`` = code ``j`` | code ``j + 16`` << 4), four rows' blocks at a time as group
-    blocks: the ``LinearQ4_1`` op's weight (N / 4, K / 32 · 80) uint8
+    then byte ``j`` = code ``j`` | code ``j + 16`` << 4), 16 rows' blocks at a time as group
+    blocks: the ``LinearQ4_1`` op's weight (N / 16, K / 32 · 320) uint8
     (:func:`tqedge.codec.kernels_linear.group_q4_1`). Exact: ``d`` and ``m`` came from halves."""
     n, k = qb.q.shape
     nb = k // Q4_1_BLOCK
@@ -337,7 +337,7 @@ def q4_1_groups(qb: QuantBlocks) -> np.ndarray:
 
 def _linear_q4_1(g, a: LinearArgs, bits: int, block: int) -> bool:
     """Whether linear ``a`` of graph ``g`` is one ``LinearQ4_1`` node: the uncut graph, a carried
-    GGUF Q4_1 weight (float minimums, blocks of 32) and whole groups of four rows."""
+    GGUF Q4_1 weight (float minimums, blocks of 32) and whole groups of 16 rows."""
     q = a.quant
     return (g.native and NATIVE_Q4_1_LINEARS and bits == 4 and q is not None and q.bits == 4
             and q.zero_point is None and q.block == block == Q4_1_BLOCK and a.w.shape[0] % LINEAR_ROWS == 0
@@ -350,8 +350,8 @@ def _nbits(bits: int, fmt: str) -> Callable:
         key = f"{a.weight_key}.q{bits}"
         n, k = a.w.shape
         if _linear_q4_1(g, a, bits, block):
-            w4 = g.weight(key + ".x4", lambda: q4_1_groups(a.quant), resident=True)
-            return g.op(LINEAR_Q4_1_OP, [a.x, w4], a.name, domain=CUSTOM_DOMAIN)
+            wg = g.weight(f"{key}.x{LINEAR_ROWS}", lambda: q4_1_groups(a.quant), resident=True)
+            return g.op(LINEAR_Q4_1_OP, [a.x, wg], a.name, domain=CUSTOM_DOMAIN)
         names, offsets, part = _nbits_initializers(g, a, bits, block)
         ins = [a.x, *names]
         y = g.op("MatMulNBits", ins, a.name + (".q" if offsets else ""), domain="com.microsoft",

@@ -1,12 +1,12 @@
 """The LinearQ4_1 op of ``model.onnx`` as a Numba cfunc (``KernelComputeV2``).
 
-Inputs ``x (T, K)`` float32 and ``w (N / 4, K / 32 · 80)`` uint8: a GGUF Q4_1 weight's own
-blocks, four rows' blocks at a time as group blocks (:func:`tqedge.codec.kernels_linear.group_q4_1`);
+Inputs ``x (T, K)`` float32 and ``w (N / 16, K / 32 · 320)`` uint8: a GGUF Q4_1 weight's own
+blocks, 16 rows' blocks at a time as group blocks (:func:`tqedge.codec.kernels_linear.group_q4_1`);
 output ``x @ W.T`` (T, N) float32 with ``W = d·q + m`` per block, the input quantized to int8 per
 block of 32 (:mod:`tqedge.codec.simd_linear`: the ``MatMulNBits`` + ``AddBlockOffsets`` pair it
 replaces quantizes the same way and reads 0.8125 bytes per weight where this reads the file's
 0.625). The rows of the input are quantized once per call; the weight's row groups are split into
-work items (:data:`GROUPS_PER_ITEM` groups of 4 rows) for the cooperative pool (or onnxruntime's
+work items (:data:`GROUPS_PER_ITEM` groups of 16 rows) for the cooperative pool (or onnxruntime's
 under ``spin``), one row or a prompt chunk alike; an output does not depend on the split. Errors
 come back as an ``OrtStatus*``; nothing raises across the C boundary.
 """
@@ -26,9 +26,9 @@ from tqedge.runtime.ort_numba import (PAR_WORDS, PAYLOAD, CustomOp, as_ptr, fail
                                       tensor_in, tensor_out)
 
 OP_NAME = LINEAR_Q4_1_OP
-MESSAGES = ["LinearQ4_1: x (T, K) and w (N / 4, K / 32 * 80) must be 2-D with agreeing shapes"]  # 1
+MESSAGES = ["LinearQ4_1: x (T, K) and w (N / 16, K / 32 * 320) must be 2-D with agreeing shapes"]  # 1
 BAD_SHAPE = 1
-GROUPS_PER_ITEM = 32  # 128 output rows per work item (SmolLM2: 8 for q/k/v, 24 for gate/up, 5 for o and down)
+GROUPS_PER_ITEM = 8  # 128 output rows per work item (SmolLM2: 8 for q/k/v, 24 for gate/up, 5 for o and down)
 # the op's payload (int64 words, set by the backend at load) and a call's item block
 P_THREADS, P_POOL, P_LOCK, P_ITEM = range(4)
 B_XQ, B_DX, B_SX, B_W, B_OUT, B_T, B_NB, B_G = range(8)

@@ -53,30 +53,29 @@ def inputs(n, k, seed=0):
 
 def test_quantize_row_matches_the_spec():
     w, x = inputs(4, 576)
-    xq, dx, sx = np.empty(18 * 64, np.int8), np.empty(18, np.float32), np.empty(18, np.float32)
+    xq, dx, sx = np.empty(18 * 32, np.int8), np.empty(18, np.float32), np.empty(18, np.float32)
     quantize_row_q8(x, xq, dx, sx)
     _, _, _, rq, rdx = reference(w, x)
-    b = xq.reshape(18, 2, 2, 16)  # each block: codes 0-15 twice, then 16-31 twice
-    assert np.array_equal(b[:, :, 0], b[:, :, 1])
-    assert np.array_equal(b[:, :, 0].reshape(-1), rq) and np.array_equal(dx, rdx)
+    assert np.array_equal(xq, rq) and np.array_equal(dx, rdx)
     np.testing.assert_allclose(sx, x.reshape(18, 32).sum(1, dtype=np.float64), rtol=1e-5, atol=1e-5)
 
 
 def test_group_blocks_hold_the_file_bytes():
     rng = np.random.default_rng(5)
-    w = random_q4_1(rng, 8, 64)
-    g = group_q4_1(w).reshape(2, 2, 80)  # (group, block, bytes)
-    blocks = w.reshape(8, 2, 20)
-    for r in range(8):
+    w = random_q4_1(rng, 32, 64)
+    g = group_q4_1(w).reshape(2, 2, 320)  # (group, block, bytes)
+    blocks = w.reshape(32, 2, 20)
+    for r in range(32):
         for b in range(2):
-            gb = g[r // 4, b]
-            i = r % 4
+            gb = g[r // 16, b]
+            i = r % 16
             assert bytes(gb[2 * i:2 * i + 2]) == bytes(blocks[r, b, 0:2])  # d
-            assert bytes(gb[8 + 2 * i:10 + 2 * i]) == bytes(blocks[r, b, 2:4])  # m
-            assert bytes(gb[16 + 16 * i:32 + 16 * i]) == bytes(blocks[r, b, 4:])  # codes
+            assert bytes(gb[32 + 2 * i:34 + 2 * i]) == bytes(blocks[r, b, 2:4])  # m
+            for p in range(4):  # code dword p: bytes 4p..4p+3 of each of the 16 rows in turn
+                assert bytes(gb[64 + 64 * p + 4 * i:64 + 64 * p + 4 * i + 4]) == bytes(blocks[r, b, 4 + 4 * p:8 + 4 * p])
 
 
-@pytest.mark.parametrize("n,k", [(36, 576), (8, 1536), (4, 32)])
+@pytest.mark.parametrize("n,k", [(48, 576), (16, 1536), (16, 32)])
 def test_q4_1_gemv_host_mode(n, k):
     w, x = inputs(n, k)
     out = np.full(n, np.nan, np.float32)
@@ -92,12 +91,12 @@ def test_q4_1_gemv_host_mode(n, k):
 
 
 def test_q4_1_gemv_partial_rows_write_nothing_else():
-    w, x = inputs(16, 576, seed=1)
-    out = np.full(16, 7.0, np.float32)
-    q4_1_gemv(group_q4_1(w), x, out, 4, 12)
+    w, x = inputs(48, 576, seed=1)
+    out = np.full(48, 7.0, np.float32)
+    q4_1_gemv(group_q4_1(w), x, out, 16, 32)
     ref, mag, _, _, _ = reference(w, x)
-    assert np.all(out[:4] == 7.0) and np.all(out[12:] == 7.0)
-    assert np.all(np.abs(out[4:12] - ref[4:12]) <= 1e-5 * mag[4:12] + 1e-6)
+    assert np.all(out[:16] == 7.0) and np.all(out[32:] == 7.0)
+    assert np.all(np.abs(out[16:32] - ref[16:32]) <= 1e-5 * mag[16:32] + 1e-6)
 
 
 def _one_row_gemm(dot):
@@ -111,7 +110,7 @@ def _one_row_gemm(dot):
             for j in range(t):
                 tile(1, w4.ctypes.data + g * w4.strides[0], nb, xq.ctypes.data + j * xq.strides[0], 0,
                      dx.ctypes.data + j * dx.strides[0], sx.ctypes.data + j * sx.strides[0], 0,
-                     out.ctypes.data + j * out.strides[0] + 16 * g, 0)
+                     out.ctypes.data + j * out.strides[0] + 4 * L.ROWS * g, 0)
 
     return gemm
 
@@ -128,27 +127,27 @@ def test_host_dot_follows_the_features():
     assert L.host_dot("avx2", {"avx2": True}) == "avx2"
 
 
-@pytest.mark.parametrize("t", [1, 6, 9])
+@pytest.mark.parametrize("t", [1, 6, 11])
 def test_prompt_rows_give_each_rows_bits(t):
     """The tile (NXMAX inputs at a time, the rest one by one) = the one-row kernel on every row, and
     every dot product this CPU can run, and the portable IR other CPUs (AArch64) compile, give
     the same bits (the same integer sums, summed in the same order)."""
     rng = np.random.default_rng(4)
-    w = random_q4_1(rng, 24, 576)
+    w = random_q4_1(rng, 48, 576)
     w4 = group_q4_1(w)
     x = rng.standard_normal((t, 576)).astype(np.float32)
     nb = 18
-    xq, dx, sx = np.empty((t, nb * 64), np.int8), np.empty((t, nb), np.float32), np.empty((t, nb), np.float32)
+    xq, dx, sx = np.empty((t, nb * 32), np.int8), np.empty((t, nb), np.float32), np.empty((t, nb), np.float32)
     quantize_rows_q8(x, xq, dx, sx)
-    out = np.full((t, 24), np.nan, np.float32)
-    q4_1_gemm(w4, xq, dx, sx, out, 0, 24)
+    out = np.full((t, 48), np.nan, np.float32)
+    q4_1_gemm(w4, xq, dx, sx, out, 0, 48)
     for dot, gemm in VARIANTS.items():
-        other = np.full((t, 24), np.nan, np.float32)
+        other = np.full((t, 48), np.nan, np.float32)
         gemm(w4, xq, dx, sx, other)
         np.testing.assert_array_equal(other, out, err_msg=dot)
     for i in range(t):
-        one = np.empty(24, np.float32)
-        q4_1_gemv(w4, x[i], one, 0, 24)
+        one = np.empty(48, np.float32)
+        q4_1_gemv(w4, x[i], one, 0, 48)
         np.testing.assert_array_equal(out[i], one)
         ref, mag, _, _, _ = reference(w, x[i])
         assert np.all(np.abs(out[i] - ref) <= 1e-5 * mag + 1e-6)

@@ -17,6 +17,7 @@ pytest.importorskip("numba")
 from test_linear_q4 import random_q4_1, reference  # noqa: E402
 
 from tqedge.codec import numba_runtime  # noqa: E402
+from tqedge.codec import simd_linear as L  # noqa: E402
 from tqedge.codec.kernels_linear import group_q4_1  # noqa: E402
 from tqedge.errors import TqedgeError  # noqa: E402
 from tqedge.runtime import coop_pool, native_linear, ort_capi  # noqa: E402
@@ -52,7 +53,7 @@ def test_op_in_a_session(tmp_path, where):
     """One row and prompt chunks: the formula's values, and on a pool (row groups as work items, the
     last one short) the same bits as on the calling thread."""
     rng = np.random.default_rng(0)
-    n, k = 4 * (2 * native_linear.GROUPS_PER_ITEM + 6), 96
+    n, k = L.ROWS * (2 * native_linear.GROUPS_PER_ITEM + 6), 96
     w = random_q4_1(rng, n, k)
     path = _graph(tmp_path / "m.onnx", k, n, group_q4_1(w))
     lib = ort_capi.OrtLib()
@@ -73,14 +74,14 @@ def test_op_in_a_session(tmp_path, where):
 
 
 def test_op_refuses_shapes_that_disagree(tmp_path):
-    """A weight whose row length is not K / 32 blocks of four interleaved rows: one line, no output."""
+    """A weight whose row length is not K / 32 blocks of 16 interleaved rows: one line, no output."""
     lib = ort_capi.OrtLib()
     sess = ort_capi.Session(lib, _graph(tmp_path / "m.onnx", "K", "N"), [native_linear.make_op(lib)], threads=1)
     try:
         x = np.zeros((1, 64), np.float32)
         with pytest.raises(TqedgeError, match="LinearQ4_1: x .* must be 2-D with agreeing shapes"):
-            sess.run({"x": x, "w": np.zeros((3, 80), np.uint8)}, ["y"])  # K = 64 needs 2 blocks: 160 bytes
+            sess.run({"x": x, "w": np.zeros((3, 320), np.uint8)}, ["y"])  # K = 64 needs 2 blocks: 640 bytes
         with pytest.raises(TqedgeError, match="agreeing shapes"):
-            sess.run({"x": np.zeros((1, 60), np.float32), "w": np.zeros((3, 160), np.uint8)}, ["y"])
+            sess.run({"x": np.zeros((1, 60), np.float32), "w": np.zeros((3, 640), np.uint8)}, ["y"])
     finally:
         sess.close()

@@ -152,30 +152,35 @@ def test_int4_uncut_graph_matches_its_segments(bundles, wiki_ref):
     MatMulNBits plus the minimums by ReduceSum, Cast and MatMul. Both quantize each linear's input
     to int8 per block of 32 by the same rule, but sum in another order, and a float32-order
     difference that moves an activation across a rounding boundary moves the next layer's codes:
-    over 30 layers the first position's logits differ by up to ~2 % of their scale (0.31 at
-    ~14, measured; MLAS's own one-row and 128-row paths differ there by 0.92), where the op alone
-    agrees with the formula to float32 order (tests/test_linear_q4.py, tests/test_native_linear.py).
+    over 30 layers one token's logits differ by a few % of their scale, by token (measured over 20
+    single tokens: 16-row group blocks median 2.3 %, max 6.7 %; the earlier four-row groups 2.7 %
+    and 7.2 %; MLAS's own one-row and 128-row paths differ by 0.92 at a scale of ~24), where the op
+    alone agrees with the formula to float32 order (tests/test_linear_q4.py, tests/test_native_linear.py).
     So: the native one-row and many-row paths agree to float32 order at the first position (it
-    attends to itself alone: LinearQ4_1 gives a row the same bits in a tile of any size), the two
-    graphs on one token to 3 % of the scale with the same top token, and over 128 positions top-1
-    agreement."""
+    attends to itself alone: LinearQ4_1 gives a row the same bits in a tile of any size); the two
+    graphs on each of 16 single tokens within 10 % of the scale, median within 3.5 %, the same top
+    token on all; and over 128 positions top-1 agreement."""
     native = bundles("int4")
     g = native.manifest.graphs["onnx"]
     assert native.backend_name == "native" and g.ops == ["LinearQ4_1", "RotaryQKV", "TurboQuantAttention"]
     seg = tqedge.load(native.path, backend="onnx", verify="none")
     ids = wiki_ref[0][:128]
-    one = [m.forward(ids[:1], m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all") for m in (native, seg)]
     a, b = (m.forward(ids, m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all") for m in (native, seg))
     scale = np.abs(b[0]).max()
-    np.testing.assert_allclose(one[0][0], a[0], atol=1e-5 * scale, rtol=0)
-    np.testing.assert_allclose(one[0], one[1], atol=0.03 * scale, rtol=0)
-    assert one[0].argmax() == one[1].argmax() == a[0].argmax()
+    first = native.forward(ids[:1], native.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all")
+    np.testing.assert_allclose(first[0], a[0], atol=1e-5 * scale, rtol=0)
+    gaps = []
+    for tok in list(dict.fromkeys(ids))[:16]:
+        one = [m.forward([tok], m.new_cache(kv_bits="exact", kv_budget="8MiB"), logits="all")[0] for m in (native, seg)]
+        gaps.append(np.abs(one[0] - one[1]).max() / np.abs(one[1]).max())
+        assert one[0].argmax() == one[1].argmax(), tok
+    assert max(gaps) <= 0.10 and float(np.median(gaps)) <= 0.035, gaps
     assert float((a.argmax(-1) == b.argmax(-1)).mean()) >= 0.9
 
 
 def test_int4_linears_are_the_ggufs_q4_1_bytes(bundles, smollm2_gguf):
     """Every LinearQ4_1 weight of the int4 bundle (in linears.bin, docs/FORMAT.md) holds the GGUF's
-    own Q4_1 blocks of its parts, four rows' blocks at a time: d, m, codes."""
+    own Q4_1 blocks of its parts, 16 rows' blocks at a time: d, m, codes."""
     import gguf
     import onnx
     from onnx import numpy_helper
@@ -198,16 +203,16 @@ def test_int4_linears_are_the_ggufs_q4_1_bytes(bundles, smollm2_gguf):
         assert {e.key: e.value for e in w.external_data}["location"] == "linears.bin"
         onnx.external_data_helper.load_external_data_for_tensor(w, str(model.path / "onnx"))
         got = numpy_helper.to_array(w)
-        assert got.shape == (rows.shape[0] // 4, blocks.shape[1] * 80)
+        assert got.shape == (rows.shape[0] // 16, blocks.shape[1] * 320)
         # q and k rows are llama.cpp's RoPE permutation of the bundle's (exporters/architectures/llama.py):
         # the v rows after them, and every other linear, are the file's rows in order
-        first = sum(int(t.shape[1]) for t in src[:2]) // 4 if kind == "qkv_proj" else 0
+        first = sum(int(t.shape[1]) for t in src[:2]) // 16 if kind == "qkv_proj" else 0
         for g in (first, (first + got.shape[0]) // 2, got.shape[0] - 1):
             for b in (0, blocks.shape[1] - 1):
-                four = blocks[4 * g:4 * g + 4, b]
-                want = b"".join(bytes(r[0:2]) for r in four) + b"".join(bytes(r[2:4]) for r in four) + \
-                    b"".join(bytes(r[4:]) for r in four)
-                assert bytes(got[g, 80 * b:80 * b + 80]) == want, (n.name, g, b)
+                rs = blocks[16 * g:16 * g + 16, b]  # 16 rows' 20-byte blocks: d, m, then each code dword's 16 rows
+                want = b"".join(bytes(r[0:2]) for r in rs) + b"".join(bytes(r[2:4]) for r in rs) + \
+                    b"".join(bytes(r[4 + 4 * p:8 + 4 * p]) for p in range(4) for r in rs)
+                assert bytes(got[g, 320 * b:320 * b + 320]) == want, (n.name, g, b)
 
 
 def test_int4_head_and_rows_are_the_ggufs_q8_0_bytes(bundles, smollm2_gguf):

@@ -21,7 +21,8 @@ from tqedge.errors import TqedgeError
 from tqedge.files import atomic_write_bytes, sha256_file
 
 FORMAT = "tqedge-bundle"
-FORMAT_VERSION = 2  # 2: native-op graph, sliding-window layers (Gemma 3), nf4 weights, dropped layers
+FORMAT_VERSION = 3  # 2: native-op graph, sliding-window layers (Gemma 3), nf4 weights, dropped layers;
+#                     3: LinearQ4_1 weights in groups of 16 rows (tqedge.codec.simd_linear)
 MANIFEST = "manifest.json"
 
 # Segment protocol (docs/FORMAT.md): names of the graph-level tensors.

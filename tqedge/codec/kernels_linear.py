@@ -11,7 +11,7 @@ with ``mins`` float16 as the GGUF stores it (a decode step reads 6.6 MB of minim
 13.3, SmolLM2-135M).
 
 **The whole linear** (:func:`q4_1_gemm`, :func:`q4_1_gemv`, the ``LinearQ4_1`` op): the file's own
-blocks, four rows at a time as group blocks (:func:`group_q4_1`), against inputs quantized to int8
+blocks, 16 rows at a time as group blocks (:func:`group_q4_1`), against inputs quantized to int8
 per block (:func:`quantize_rows_q8`), through the vector kernel of :mod:`tqedge.codec.simd_linear`.
 
 Same contract as :mod:`tqedge.codec.kernels_fused`: serial, no raise (the ops validate shapes
@@ -75,10 +75,9 @@ def add_block_offsets(x, y, mins, out):
 # -- a GGUF Q4_1 linear (the vector kernel of tqedge.codec.simd_linear) --------------------------
 @njit(warm=False, nogil=True)
 def quantize_row_q8(x, xq, dx, sx):
-    """``x`` (nb·32 float32) → int8 codes with one scale per block of 32 (``dx = max|x| / 127``,
-    code ``rint(x · (127 / max|x|))``, 0 for an all-zero block: MLAS's rule for ``MatMulNBits``,
-    so both give the same codes) and each block's exact float32 sum ``sx``.
-    ``xq`` (nb · 64) holds each block as the kernel reads it: codes 0–15 twice, then 16–31 twice."""
+    """``x`` (nb·32 float32) → int8 codes ``xq`` (nb·32) with one scale per block of 32 (``dx =
+    max|x| / 127``, code ``rint(x · (127 / max|x|))``, 0 for an all-zero block: MLAS's rule for
+    ``MatMulNBits``, so both give the same codes) and each block's exact float32 sum ``sx``."""
     nb = dx.shape[0]
     for b in range(nb):
         a = np.float32(0.0)
@@ -88,34 +87,31 @@ def quantize_row_q8(x, xq, dx, sx):
             s += x[i]
         d = a / np.float32(127.0)
         inv = np.float32(127.0) / a if a > 0 else np.float32(0.0)  # MLAS's (QuantizeARow): the same codes
-        for i in range(32):
-            c = np.int8(np.rint(x[b * 32 + i] * inv))
-            o = b * L.XQ_BYTES + (i // 16) * 32 + i % 16
-            xq[o] = c
-            xq[o + 16] = c
+        for i in range(b * 32, b * 32 + 32):
+            xq[i] = np.int8(np.rint(x[i] * inv))
         dx[b] = d
         sx[b] = s
 
 
 @njit(warm=False, nogil=True)
 def quantize_rows_q8(x, xq, dx, sx):
-    """:func:`quantize_row_q8` of every row of ``x`` (T, nb·32) into ``xq`` (T, nb·64), ``dx``, ``sx`` (T, nb)."""
+    """:func:`quantize_row_q8` of every row of ``x`` (T, nb·32) into ``xq`` (T, nb·32), ``dx``, ``sx`` (T, nb)."""
     for t in range(x.shape[0]):
         quantize_row_q8(x[t], xq[t], dx[t], sx[t])
 
 
 @njit(warm=False, nogil=True)
-def q4_1_gemm(w4, xq, dx, sx, out, lo, hi):
+def q4_1_gemm(w16, xq, dx, sx, out, lo, hi):
     """``out[:, lo:hi] = X @ W[lo:hi].T`` for input rows quantized by :func:`quantize_rows_q8`
-    (``xq`` (T, nb·64) int8, ``dx``, ``sx`` (T, nb)) and a Q4_1 weight in group blocks ``w4``
-    (N / 4, nb·80: :func:`group_q4_1`; ``lo``, ``hi`` multiples of 4). A group (four rows) stays in
-    L1 while the inputs pass it :data:`~tqedge.codec.simd_linear.NXMAX` at a time; each input row's outputs have the same bits
-    whatever the number of rows."""
+    (``xq`` (T, nb·32) int8, ``dx``, ``sx`` (T, nb)) and a Q4_1 weight in group blocks ``w16``
+    (N / 16, nb·320: :func:`group_q4_1`; ``lo``, ``hi`` multiples of 16). A group (16 rows) stays in
+    registers while the inputs pass it :data:`~tqedge.codec.simd_linear.NXMAX` at a time; each
+    input row's outputs have the same bits whatever the number of rows."""
     t, nb = xq.shape[0], dx.shape[1]
-    gs, xs, fs, os = w4.strides[0], xq.strides[0], dx.strides[0], out.strides[0]
-    wa, qa, da, sa, oa = w4.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
-    for g in range(lo // 4, hi // 4):
-        wg, og = wa + g * gs, oa + 16 * g
+    gs, xs, fs, os = w16.strides[0], xq.strides[0], dx.strides[0], out.strides[0]
+    wa, qa, da, sa, oa = w16.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data, out.ctypes.data
+    for g in range(lo // L.ROWS, hi // L.ROWS):
+        wg, og = wa + g * gs, oa + 4 * L.ROWS * g
         j = 0
         while j + L.NXMAX <= t:
             L.q4_1_tile(0, wg, nb, qa + j * xs, xs, da + j * fs, sa + j * fs, fs, og + j * os, os)
@@ -126,23 +122,25 @@ def q4_1_gemm(w4, xq, dx, sx, out, lo, hi):
 
 
 @njit(warm=False, nogil=True)
-def q4_1_gemv(w4, x, out, lo, hi):
+def q4_1_gemv(w16, x, out, lo, hi):
     """``out[lo:hi] = W[lo:hi] @ x`` for one input row ``x`` (nb·32 float32) and a Q4_1 weight in
-    group blocks ``w4`` (:func:`q4_1_gemm`)."""
+    group blocks ``w16`` (:func:`q4_1_gemm`)."""
     nb = x.shape[0] // 32
     xq = np.empty((1, nb * L.XQ_BYTES), np.int8)
     dx = np.empty((1, nb), np.float32)
     sx = np.empty((1, nb), np.float32)
     quantize_row_q8(x, xq[0], dx[0], sx[0])
-    q4_1_gemm(w4, xq, dx, sx, out.reshape((1, out.shape[0])), lo, hi)
+    q4_1_gemm(w16, xq, dx, sx, out.reshape((1, out.shape[0])), lo, hi)
 
 
 def group_q4_1(w: np.ndarray) -> np.ndarray:
-    """(N, nb·20) GGUF Q4_1 rows (N a multiple of 4) → (N / 4, nb·80) group blocks: for each group
-    of four rows and block, the four ``d``, the four ``m``, then the four rows' 16 code bytes."""
+    """(N, nb·20) GGUF Q4_1 rows (N a multiple of 16) → (N / 16, nb·320) group blocks: for each
+    group of 16 rows and block, the 16 ``d``, the 16 ``m``, then for each code dword ``p`` (bytes
+    ``4p … 4p + 3``) the 16 rows' four bytes (:mod:`tqedge.codec.simd_linear`)."""
     n = w.shape[0]
-    b = w.reshape(n // 4, 4, -1, L.Q4_1_BYTES).transpose(0, 2, 1, 3)  # (G, nb, 4, 20)
+    b = w.reshape(n // L.ROWS, L.ROWS, -1, L.Q4_1_BYTES).transpose(0, 2, 1, 3)  # (G, nb, 16, 20)
     g, nb = b.shape[:2]
-    out = np.concatenate([b[..., 0:2].reshape(g, nb, 8), b[..., 2:4].reshape(g, nb, 8),
-                          b[..., 4:].reshape(g, nb, 64)], axis=2)
-    return np.ascontiguousarray(out).reshape(n // 4, -1)
+    codes = b[..., 4:].reshape(g, nb, L.ROWS, 4, 4).transpose(0, 1, 3, 2, 4)  # (G, nb, p, row, byte)
+    out = np.concatenate([b[..., 0:2].reshape(g, nb, 2 * L.ROWS), b[..., 2:4].reshape(g, nb, 2 * L.ROWS),
+                          codes.reshape(g, nb, 16 * L.ROWS)], axis=2)
+    return np.ascontiguousarray(out).reshape(n // L.ROWS, -1)

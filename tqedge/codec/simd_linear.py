@@ -3,29 +3,32 @@ intrinsic (the helpers of :mod:`tqedge.codec.simd`).
 
 A Q4_1 block of the GGUF is float16 ``d``, float16 ``m`` and 16 bytes of codes: input ``j``
 (< 16) is byte ``j``'s low nibble, input ``j + 16`` its high nibble, and the weight is
-``d·q + m``. The kernel reads four rows' blocks ``b`` as one **group block** of
-:data:`GROUP_BYTES` bytes (the same bytes, rearranged by
-:func:`tqedge.codec.kernels_linear.group_q4_1`): the four ``d``, the four ``m``, then the four
-rows' 16 code bytes. Groups follow one another, so the weight is one sequential stream
-(prefetched :data:`PREFETCH` bytes ahead); two rows' codes are one 32-byte load.
+``d·q + m``. The kernel reads :data:`ROWS` (16) rows' blocks ``b`` as one **group block** of
+:data:`GROUP_BYTES` bytes (the same bytes, rearranged at export by
+:func:`tqedge.codec.kernels_linear.group_q4_1`): the 16 ``d``, the 16 ``m``, then for each of the
+four code dwords ``p`` the 16 rows' bytes ``4p … 4p + 3``. So one register lane is one weight
+row: a 64-byte load is dword ``p`` of 16 rows, its low nibbles weigh inputs ``4p … 4p + 3`` and
+its high nibbles inputs ``16 + 4p …``, and one ``vpdpbusd`` against that input dword broadcast
+adds four products to each of the 16 rows' sums. Eight of them make a block's exact integer sums
+for 16 rows; then one conversion, one multiply (``d`` times the input's scale), and two fused
+multiply-adds (the ``d`` term, then ``m`` times the input block's sum) per 16 rows and input —
+the float work per block is shared by 16 rows instead of one. Groups follow one another, so the
+weight is one sequential stream (prefetched :data:`PREFETCH` bytes ahead).
 
 The input rows are quantized to int8 per block of 32 (:func:`~tqedge.codec.kernels_linear.quantize_rows_q8`:
-``x ≈ dx·xq``, and each block's exact float sum ``sx`` for the ``m`` term), each block stored as
-64 bytes: inputs 0–15 twice, then 16–31 twice, so that one ``vpmaddubsw`` multiplies two rows'
-low nibbles (unsigned) by the inputs they weigh (signed) and a second the high nibbles; their
-int16 sums (≤ 4 · 15 · 127, no saturation) added, one ``vpmaddwd`` against ones gives 8 int32
-lanes, four per row. Per row pair and input: that, one conversion, one scale (four ``d`` times
-``dx`` at once, then a permute) and one fused multiply-add; ``m · sx`` for four rows in one
-multiply-add. Elsewhere (``MODE`` off, e.g. AArch64) the same integer sums in portable IR.
+``x ≈ dx·xq``, and each block's exact float sum ``sx`` for the ``m`` term), :data:`XQ_BYTES` per
+block in input order. A tile is one group against up to :func:`nx_max` input rows: the group's
+unpacked codes stay in registers while the inputs pass.
 
-**Dot product** (:data:`DOT`, chosen once from the CPU like ``MODE``): ``"avx2"`` is the pair
-above; ``"avxvnni"`` (AVX-VNNI, or AVX-512 VNNI on 256-bit registers) does the same lanes with
-two ``vpdpbusd``; ``"avx512vnni"`` widens the tile to all four rows at once — the group's 64
-code bytes in one 512-bit register, the input block broadcast to both halves, two
-``vpdpbusd`` per input and group block, one conversion and one fused multiply-add.
-The integer sums are exact in every variant, so the result is the formula's up to float32
-summation order (``tests/test_linear_q4.py``), the variants give the same bits, and one input
-row gives the same bits in a tile of any size.
+**Dot product** (:data:`DOT`, chosen once from the CPU like ``MODE``): ``"avx512vnni"`` is the
+above on 512-bit registers; ``"avxvnni"`` (AVX-VNNI, or AVX-512 VNNI on 256-bit registers) the
+same on 8 rows at a time (two passes per group); ``"avx2"`` forms the same integer sums with
+``vpmaddubsw`` (two products per int16 lane; a block's eight pairs stay below 2^15) and one
+``vpmaddwd`` against ones; elsewhere (``MODE`` off, e.g. AArch64) the same sums in portable IR.
+Each row's float arithmetic is the same few operations in the same order whatever the variant,
+the lane count or the tile size, so the variants give the same bits and one input row gives the
+same bits in a tile of any size (``tests/test_linear_q4.py``); the result is the formula's up to
+float32 rounding of those per-block terms.
 """
 
 from __future__ import annotations
@@ -39,14 +42,12 @@ from tqedge.errors import TqedgeError
 
 Q4_1_BLOCK = 32  # inputs per block
 Q4_1_BYTES = 20  # a GGUF block: float16 d, float16 m, 16 bytes of codes
-ROWS = 4  # weight rows per group
-GROUP_BYTES = ROWS * Q4_1_BYTES  # 4 d, 4 m (float16), 4 × 16 code bytes
-XQ_BYTES = 2 * Q4_1_BLOCK  # a quantized input block: inputs 0-15 twice, 16-31 twice
-NXMAX = 3  # input rows per call: a group block is unpacked once for them (2×3 fit the 16 AVX2 registers best, measured 2-8; AVX-512 VNNI: 3 and 6 alike, 8 slower)
-PREFETCH = 1024  # bytes ahead of the group block each step prefetches (measured: 256 to 2048)
+ROWS = 16  # weight rows per group: one AVX-512 register's int32 lanes
+GROUP_BYTES = ROWS * Q4_1_BYTES  # 16 d, 16 m (float16), 4 code dwords × 16 rows
+XQ_BYTES = Q4_1_BLOCK  # a quantized input block: 32 int8 codes in input order
+PREFETCH = 1024  # bytes ahead of the group block each step prefetches
 DOTS = ("avx512vnni", "avxvnni", "avx2", "off")  # how the kernel forms its integer sums (module docstring)
 _I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-_V32B = ir.VectorType(_I8, 32)
 
 
 def host_dot(mode: str = MODE, features: dict | None = None) -> str:
@@ -63,38 +64,23 @@ def host_dot(mode: str = MODE, features: dict | None = None) -> str:
 DOT = host_dot()
 
 
-def _i32(v):
-    return ir.Constant(_I32, v)
+def lanes(dot: str) -> int:
+    """Rows a pass of ``dot``'s tile holds in one register (16 on 512 bits, else 8)."""
+    return ROWS if dot == "avx512vnni" else ROWS // 2
 
 
-def _sv(builder, a, b, lanes):
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
+def nx_max(dot: str) -> int:
+    """Input rows a full tile of ``dot`` takes: the eight unpacked code registers, ``d``, ``m``
+    and one accumulator per input fit the register file (32 on AVX-512, 16 on AVX2). Measured on
+    AVX-512 (256 inputs, 3,072 × 576): 4 / 6 / 8 / 12 / 16 inputs → 344 / 349 / 392 / 400 / 389 GOP/s."""
+    return 8 if dot == "avx512vnni" else 3
 
 
-def _nibbles(builder, at):
-    """(low, high) <32 x i8> nibbles of the 32 code bytes at ``at`` (two rows' codes)."""
-    c = builder.load(_ptr(builder, at, _V32B), align=1)
-    m = ir.Constant(_V32B, [15] * 32)
-    return builder.and_(c, m), builder.and_(builder.lshr(c, ir.Constant(_V32B, [4] * 32)), m)
+NXMAX = nx_max(DOT)
 
 
-def _isum(builder, dot, lo, hi, xlo, xhi):
-    """<8 x i32>: lanes 0–3 row a's, 4–7 row b's partial sums of codes × inputs (each lane four
-    adjacent products of the low and four of the high nibbles)."""
-    v16w, v8d = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    if dot == "avxvnni":
-        return _dpbusd(builder, _dpbusd(builder, ir.Constant(v8d, [0] * 8), lo, xlo), hi, xhi)
-    if dot == "avx2":
-        mb = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(v16w, [_V32B, _V32B]))
-        mw = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(v8d, [v16w, v16w]))
-        p = builder.add(builder.call(mb, [lo, xlo]), builder.call(mb, [hi, xhi]))
-        return builder.call(mw, [p, ir.Constant(v16w, [1] * 16)])
-    v32d = ir.VectorType(_I32, 32)  # portable: the same products summed in the same lanes
-    p = builder.add(builder.mul(builder.zext(lo, v32d), builder.sext(xlo, v32d)),
-                    builder.mul(builder.zext(hi, v32d), builder.sext(xhi, v32d)))
-    for n in (16, 8):
-        p = builder.add(_sv(builder, p, p, list(range(0, 2 * n, 2))), _sv(builder, p, p, list(range(1, 2 * n, 2))))
-    return p
+def _sv(builder, a, b, lanes_):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(lanes_)), lanes_))
 
 
 def _dpbusd(builder, acc, u8, s8):
@@ -106,99 +92,100 @@ def _dpbusd(builder, acc, u8, s8):
     return builder.call(fn, [acc, builder.bitcast(u8, vd), builder.bitcast(s8, vd)])
 
 
-def _halves4(builder, at):
-    v4h = ir.VectorType(ir.HalfType(), 4)
-    return builder.fpext(builder.load(_ptr(builder, at, v4h), align=1), ir.VectorType(_F32, 4))
+def _block_sums(builder, dot, pairs):
+    """<n x i32>: per lane, the sum over the (u8 codes, s8 inputs) register pairs of their four
+    adjacent byte products — a block's exact integer sums, one row per lane."""
+    n = pairs[0][0].type.count
+    vd, vb = ir.VectorType(_I32, n), ir.VectorType(_I8, 4 * n)
+    if dot in ("avx512vnni", "avxvnni"):
+        acc = ir.Constant(vd, [0] * n)
+        for u, s in pairs:
+            acc = _dpbusd(builder, acc, u, s)
+        return acc
+    if dot == "avx2":
+        vw = ir.VectorType(_I16, 2 * n)
+        mb = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.ub.sw", fnty=ir.FunctionType(vw, [vb, vb]))
+        mw = builder.module.declare_intrinsic("llvm.x86.avx2.pmadd.wd", fnty=ir.FunctionType(vd, [vw, vw]))
+        w = None
+        for u, s in pairs:  # |Σ| ≤ 8 · 2 · 15 · 128 < 2^15: exact in int16
+            q = builder.call(mb, [builder.bitcast(u, vb), builder.bitcast(s, vb)])
+            w = q if w is None else builder.add(w, q)
+        return builder.call(mw, [w, ir.Constant(vw, [1] * (2 * n))])
+    v4 = ir.VectorType(_I32, 4 * n)  # portable: the same products summed per lane
+    w = None
+    for u, s in pairs:
+        q = builder.mul(builder.zext(builder.bitcast(u, vb), v4), builder.sext(builder.bitcast(s, vb), v4))
+        w = q if w is None else builder.add(w, q)
+    for m in (2 * n, n):
+        w = builder.add(_sv(builder, w, w, list(range(0, 2 * m, 2))), _sv(builder, w, w, list(range(1, 2 * m, 2))))
+    return w
 
 
-def _row_sums(builder, a, b):
-    """<4 x float>: the sums of lanes 0–3 and 4–7 of ``a`` (rows 0, 1) and of ``b`` (rows 2, 3)."""
-    u = builder.fadd(_sv(builder, a, b, [0, 1, 4, 5, 8, 9, 12, 13]), _sv(builder, a, b, [2, 3, 6, 7, 10, 11, 14, 15]))
-    return builder.fadd(_sv(builder, u, u, [0, 2, 4, 6]), _sv(builder, u, u, [1, 3, 5, 7]))
-
-
-def _codes(builder, dot, g):
-    """The group block's (low, high) nibbles at ``g``: per row pair (two <32 x i8>), or with
-    ``avx512vnni`` all four rows at once (one <64 x i8> pair)."""
-    if dot != "avx512vnni":
-        return [_nibbles(builder, builder.add(g, _c(16))), _nibbles(builder, builder.add(g, _c(48)))]
-    v64b = ir.VectorType(_I8, 64)
-    c = builder.load(_ptr(builder, builder.add(g, _c(16)), v64b), align=1)
-    mask = ir.Constant(v64b, [15] * 64)
-    return [(builder.and_(c, mask), builder.and_(builder.lshr(c, ir.Constant(v64b, [4] * 64)), mask))]
-
-
-def _scaled_sums(builder, dot, lo, hi, xlo, xhi, sc, p):
-    """(float integer sums, their scales) of code part ``p``: rows 2p, 2p+1 in lanes 0–3, 4–7;
-    with ``avx512vnni`` (one part) rows 0–3 in lanes 4r–4r+3, the input broadcast to both halves."""
-    if dot != "avx512vnni":
-        s = _isum(builder, dot, lo, hi, xlo, xhi)
-        return builder.sitofp(s, ir.VectorType(_F32, 8)), _sv(builder, sc, sc, [2 * p] * 4 + [2 * p + 1] * 4)
-    both = list(range(32)) * 2
-    s = _dpbusd(builder, ir.Constant(ir.VectorType(_I32, 16), [0] * 16), lo, _sv(builder, xlo, xlo, both))
-    s = _dpbusd(builder, s, hi, _sv(builder, xhi, xhi, both))
-    return builder.sitofp(s, ir.VectorType(_F32, 16)), _sv(builder, sc, sc, [r for r in range(4) for _ in range(4)])
-
-
-def _tile(builder, lits, dot, w, nb, xq, xqs, dx, sx, fs, out, outs):
-    """out[j, 0:4] (float32 at ``out + j·outs``) = Σ_b Σ_r-block d·dx_jb·<q, xq_jb> + m·sx_jb for
-    the group at ``w`` (``nb`` group blocks) and the ``nx`` quantized inputs j: ``xq + j·xqs``
-    (nb · :data:`XQ_BYTES` int8), ``dx + j·fs`` and ``sx + j·fs`` (nb float32). The row sums
-    add the same lanes in the same order for every ``dot``."""
-    nx = lits[0]
-    parts, lanes = (1, 16) if dot == "avx512vnni" else (2, 8)
-    vf, v4f = ir.VectorType(_F32, lanes), ir.VectorType(_F32, 4)
-    fma = builder.module.declare_intrinsic(f"llvm.fmuladd.v{lanes}f32", fnty=ir.FunctionType(vf, [vf] * 3))
-    fma4 = builder.module.declare_intrinsic("llvm.fmuladd.v4f32", fnty=ir.FunctionType(v4f, [v4f] * 3))
+def _pass(builder, nx, n, h, dot, w, nb, xq, xqs, dx, sx, fs, out, outs):
+    """Rows ``h·n … h·n + n`` of the group at ``w`` against ``nx`` inputs (:func:`_tile`)."""
+    vf, vi = ir.VectorType(_F32, n), ir.VectorType(_I32, n)
+    fma = builder.module.declare_intrinsic(f"llvm.fmuladd.v{n}f32", fnty=ir.FunctionType(vf, [vf] * 3))
     pf = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(
         ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]))
-    acc = [[cgutils.alloca_once(builder, vf) for _ in range(parts)] for _ in range(nx)]
-    macc = [cgutils.alloca_once(builder, v4f) for _ in range(nx)]
-    for j in range(nx):
-        for a in acc[j]:
-            builder.store(ir.Constant(vf, [0.0] * lanes), a)
-        builder.store(ir.Constant(v4f, [0.0] * 4), macc[j])
+    acc = [cgutils.alloca_once(builder, vf) for _ in range(nx)]
+    for a in acc:
+        builder.store(ir.Constant(vf, [0.0] * n), a)
+    mask, four = ir.Constant(vi, [0x0F0F0F0F] * n), ir.Constant(vi, [4] * n)
+    vh = ir.VectorType(ir.HalfType(), n)
     with cgutils.for_range(builder, nb) as loop:
         b = loop.index
         g = builder.add(w, builder.mul(b, _c(GROUP_BYTES)))
-        builder.call(pf, [builder.inttoptr(builder.add(g, _c(PREFETCH)), ir.IntType(8).as_pointer()),
-                          _i32(0), _i32(3), _i32(1)])
-        d4, m4 = _halves4(builder, g), _halves4(builder, builder.add(g, _c(8)))
-        codes = _codes(builder, dot, g)
+        if h == 0:
+            builder.call(pf, [builder.inttoptr(builder.add(g, _c(PREFETCH)), ir.IntType(8).as_pointer()),
+                              ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        d = builder.fpext(builder.load(_ptr(builder, builder.add(g, _c(2 * n * h)), vh), align=1), vf)
+        m = builder.fpext(builder.load(_ptr(builder, builder.add(g, _c(2 * ROWS + 2 * n * h)), vh), align=1), vf)
+        codes = []
+        for p in range(4):
+            c = builder.load(_ptr(builder, builder.add(g, _c(4 * ROWS + 4 * ROWS * p + 4 * n * h)), vi), align=1)
+            codes.append((builder.and_(c, mask), builder.and_(builder.lshr(c, four), mask)))
         for j in range(nx):
             xa = builder.add(builder.add(xq, builder.mul(xqs, _c(j))), builder.mul(b, _c(XQ_BYTES)))
-            xlo = builder.load(_ptr(builder, xa, _V32B), align=1)
-            xhi = builder.load(_ptr(builder, builder.add(xa, _c(32)), _V32B), align=1)
+            pairs = []
+            for p, (lo, hi) in enumerate(codes):
+                xl = builder.load(_ptr(builder, builder.add(xa, _c(4 * p)), _I32), align=1)
+                xh = builder.load(_ptr(builder, builder.add(xa, _c(16 + 4 * p)), _I32), align=1)
+                pairs += [(lo, _splat(builder, xl, n)), (hi, _splat(builder, xh, n))]
+            s = builder.sitofp(_block_sums(builder, dot, pairs), vf)
             fa = builder.add(builder.mul(fs, _c(j)), builder.mul(b, _c(4)))
             dxj = builder.load(_ptr(builder, builder.add(dx, fa), _F32), align=4)
             sxj = builder.load(_ptr(builder, builder.add(sx, fa), _F32), align=4)
-            sc = builder.fmul(d4, _splat(builder, dxj, 4))
-            for p, (lo, hi) in enumerate(codes):
-                s, scale = _scaled_sums(builder, dot, lo, hi, xlo, xhi, sc, p)
-                builder.store(builder.call(fma, [s, scale, builder.load(acc[j][p])]), acc[j][p])
-            builder.store(builder.call(fma4, [m4, _splat(builder, sxj, 4), builder.load(macc[j])]), macc[j])
+            y = builder.call(fma, [s, builder.fmul(d, _splat(builder, dxj, n)), builder.load(acc[j])])
+            builder.store(builder.call(fma, [m, _splat(builder, sxj, n), y]), acc[j])
     for j in range(nx):
-        a = [builder.load(x) for x in acc[j]]
-        if parts == 1:  # the four rows' lanes as the two-part layout holds them: rows 0, 1 | rows 2, 3
-            a = [_sv(builder, a[0], a[0], list(range(8))), _sv(builder, a[0], a[0], list(range(8, 16)))]
-        y = builder.fadd(_row_sums(builder, a[0], a[1]), builder.load(macc[j]))
-        builder.store(y, _ptr(builder, builder.add(out, builder.mul(outs, _c(j))), v4f), align=4)
+        o = builder.add(builder.add(out, builder.mul(outs, _c(j))), _c(4 * n * h))
+        builder.store(builder.load(acc[j]), _ptr(builder, o, vf), align=4)
+
+
+def _tile(builder, nx, dot, w, nb, xq, xqs, dx, sx, fs, out, outs):
+    """out[j, 0:16] (float32 at ``out + j·outs``) = Σ_b d·dx_jb·<q, xq_jb> + m·sx_jb for the
+    group at ``w`` (``nb`` group blocks) and the ``nx`` quantized inputs j: ``xq + j·xqs``
+    (nb · :data:`XQ_BYTES` int8), ``dx + j·fs`` and ``sx + j·fs`` (nb float32); in
+    ``ROWS / lanes(dot)`` passes over the blocks."""
+    n = lanes(dot)
+    for h in range(ROWS // n):
+        _pass(builder, nx, n, h, dot, w, nb, xq, xqs, dx, sx, fs, out, outs)
 
 
 def make_q4_1_tile(dot: str):
     """An intrinsic ``q4_1_tile(nx, w, nb, xq, xqs, dx, sx, fs, out, outs)`` whose integer sums
-    are formed by ``dot`` (:data:`DOTS`): one group of four
-    Q4_1 weight rows at ``w`` (``nb`` group blocks of :data:`GROUP_BYTES`) against ``nx`` (1 to
-    :data:`NXMAX`, a constant; 0: :data:`NXMAX`, a full tile) quantized inputs (``xq`` nb · :data:`XQ_BYTES` int8, ``xqs`` bytes
-    apart; ``dx`` and ``sx`` nb float32, ``fs`` bytes apart): input j's four outputs as float32 at
-    ``out + j·outs``."""
+    are formed by ``dot`` (:data:`DOTS`): one group of 16 Q4_1 weight rows at ``w`` (``nb``
+    group blocks of :data:`GROUP_BYTES`) against ``nx`` (1 to ``nx_max(dot)``, a constant; 0: a
+    full tile) quantized inputs (``xq`` nb · :data:`XQ_BYTES` int8, ``xqs`` bytes apart; ``dx``
+    and ``sx`` nb float32, ``fs`` bytes apart): input j's 16 outputs as float32 at ``out + j·outs``."""
     if dot not in DOTS:
         raise TqedgeError(f"unknown dot product {dot!r}")
+    top = nx_max(dot)
 
     def body(builder, lits, *vals):
-        if lits[0] not in range(NXMAX + 1):
-            raise TqedgeError(f"q4_1_tile needs a constant nx (0-{NXMAX}), got {lits[0]}")
-        _tile(builder, (lits[0] or NXMAX,), dot, *vals[1:])
+        if lits[0] not in range(top + 1):
+            raise TqedgeError(f"q4_1_tile needs a constant nx (0-{top}), got {lits[0]}")
+        _tile(builder, lits[0] or top, dot, *vals[1:])
 
     return _intrinsic(10, body)
 
