@@ -75,22 +75,13 @@ def add_block_offsets(x, y, mins, out):
 # -- a GGUF Q4_1 linear (the vector kernel of tqedge.codec.simd_linear) --------------------------
 @njit(warm=False, nogil=True)
 def quantize_row_q8(x, xq, dx, sx):
-    """``x`` (nb·32 float32) → int8 codes ``xq`` (nb·32) with one scale per block of 32 (``dx =
+    """``x`` (nb·32 float32, contiguous) → int8 codes ``xq`` (nb·32) with one scale per block of 32 (``dx =
     max|x| / 127``, code ``rint(x · (127 / max|x|))``, 0 for an all-zero block: MLAS's rule for
-    ``MatMulNBits``, so both give the same codes) and each block's exact float32 sum ``sx``."""
-    nb = dx.shape[0]
-    for b in range(nb):
-        a = np.float32(0.0)
-        s = np.float32(0.0)
-        for i in range(b * 32, b * 32 + 32):
-            a = max(a, abs(x[i]))
-            s += x[i]
-        d = a / np.float32(127.0)
-        inv = np.float32(127.0) / a if a > 0 else np.float32(0.0)  # MLAS's (QuantizeARow): the same codes
-        for i in range(b * 32, b * 32 + 32):
-            xq[i] = np.int8(np.rint(x[i] * inv))
-        dx[b] = d
-        sx[b] = s
+    ``MatMulNBits``, so both give the same codes) and each block's float32 sum ``sx``, summed
+    pairwise (:func:`tqedge.codec.simd_linear.quantize_block`, a block in registers)."""
+    xa, qa, da, sa = x.ctypes.data, xq.ctypes.data, dx.ctypes.data, sx.ctypes.data
+    for b in range(dx.shape[0]):
+        L.quantize_block(xa + 4 * L.Q4_1_BLOCK * b, qa + L.XQ_BYTES * b, da + 4 * b, sa + 4 * b)
 
 
 @njit(warm=False, nogil=True)

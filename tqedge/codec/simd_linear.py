@@ -191,3 +191,33 @@ def make_q4_1_tile(dot: str):
 
 
 q4_1_tile = make_q4_1_tile(DOT)
+
+
+def _tree(builder, v, op):
+    """``v``'s lanes combined by ``op`` in a fixed pairwise order (halves, then quarters, …): the
+    same bits on every target."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = op(_sv(builder, v, v, list(range(n))), _sv(builder, v, v, list(range(n, 2 * n))))
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _quantize(builder, x, xq, dxp, sxp):
+    """One input block: 32 float32 at ``x`` → 32 int8 codes at ``xq``, its scale at ``dxp`` and
+    its sum at ``sxp`` (:func:`~tqedge.codec.kernels_linear.quantize_rows_q8`)."""
+    v32 = ir.VectorType(_F32, Q4_1_BLOCK)
+    f32 = lambda name: builder.module.declare_intrinsic(name, fnty=ir.FunctionType(v32, [v32]))  # noqa: E731
+    v = builder.load(_ptr(builder, x, v32), align=4)
+    a = _tree(builder, builder.call(f32("llvm.fabs.v32f32"), [v]),
+              lambda p, q: builder.select(builder.fcmp_ordered(">", p, q), p, q))
+    zero, k = ir.Constant(_F32, 0.0), ir.Constant(_F32, 127.0)
+    inv = builder.select(builder.fcmp_ordered(">", a, zero), builder.fdiv(k, a), zero)  # MLAS's rule: exact division
+    q = builder.call(f32("llvm.rint.v32f32"), [builder.fmul(v, _splat(builder, inv, Q4_1_BLOCK))])  # ties to even
+    builder.store(builder.fptosi(q, ir.VectorType(_I8, Q4_1_BLOCK)), _ptr(builder, xq, ir.VectorType(_I8, Q4_1_BLOCK)), align=1)
+    builder.store(builder.fdiv(a, k), _ptr(builder, dxp, _F32), align=4)
+    builder.store(_tree(builder, v, builder.fadd), _ptr(builder, sxp, _F32), align=4)
+
+
+quantize_block = _intrinsic(4, lambda builder, lits, *vals: _quantize(builder, *vals))
+"""``quantize_block(x, xq, dxp, sxp)`` (addresses): one block of 32 inputs quantized to int8 (module docstring)."""
