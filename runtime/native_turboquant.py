@@ -24,25 +24,10 @@ from tqedge.codec.numba_runtime import cfunc, njit
 from tqedge.runtime import kv_descriptor as KD
 from tqedge.runtime.coop_pool import run_items as coop_run_items
 from tqedge.runtime.fp16_kernels import scores_u16, weighted_sum_u16
-from tqedge.runtime.native_prefill import _prefill, encode_row
+from tqedge.runtime.native_prefill import _prefill, codec, encode_row
 from tqedge.runtime.ort_numba import as_ptr
 
 _OPTS = dict(warm=False, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp", "afn"})
-
-
-@njit(**_OPTS)
-def _codec(row, hkv, ring, d, keys):
-    codes = carray(as_ptr(row[KD.C_CODES], np.uint8), (hkv, ring, row[KD.C_B]))
-    scales = carray(as_ptr(row[KD.C_SCALES], np.uint16), (hkv, ring, row[KD.C_P]))
-    table = carray(as_ptr(row[KD.C_TABLE], np.int64), (row[KD.C_NSEG], 7))
-    cb = carray(as_ptr(row[KD.C_CB], np.float32), (row[KD.C_NCB],))
-    lut = carray(as_ptr(row[KD.C_LUT], np.uint64), (row[KD.C_NLUT] // 2,))
-    dp = row[KD.C_DP]
-    proj = carray(as_ptr(row[KD.C_PROJ], np.float32), (d, dp) if keys else (dp, d))
-    rot = carray(as_ptr(row[KD.C_ROT], np.float32), (d, d))
-    bounds = carray(as_ptr(row[KD.C_BOUNDS], np.float64), (row[KD.C_NB],))
-    cent = carray(as_ptr(row[KD.C_CENT], np.float64), (row[KD.C_NB] + 1,))
-    return codes, scales, table, cb, lut, dp, proj, rot, bounds, cent, row[KD.C_BITS], row[KD.C_CORR]
 
 
 DECODE_CHUNK = 512  # compressed keys per decode work item (all KV heads)
@@ -64,8 +49,8 @@ def decode_item(block_addr, c):
     ``exp(score - max)`` ``dno[c]`` and the projected value sum ``acco[c]`` relative to that max."""
     b = carray(as_ptr(block_addr, np.int64), (DB_WORDS,))
     hkv, ring, d, g, nch = b[DB_HKV], b[DB_RING], b[DB_D], b[DB_G], b[DB_NCH]
-    kc = _codec(carray(as_ptr(b[DB_KROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, True)
-    vc = _codec(carray(as_ptr(b[DB_VROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, False)
+    kc = codec(carray(as_ptr(b[DB_KROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, True)
+    vc = codec(carray(as_ptr(b[DB_VROW], np.int64), (KD.CODEC_WORDS,)), hkv, ring, d, False)
     dpk, dpv = kc[5], vc[5]
     qp = carray(as_ptr(b[DB_QP], np.float32), (hkv, g, dpk))
     chunks = carray(as_ptr(b[DB_CHUNKS], np.int64), (nch, 2))
@@ -207,10 +192,10 @@ def compute(desc, nd, layer, q, k, v, scale, out, ort_pool):
     krow, vrow = lt[:KD.CODEC_WORDS], lt[KD.CODEC_WORDS:]
     if krow[KD.C_OK] == 0 or vrow[KD.C_OK] == 0:
         return 2
-    kc = _codec(krow, hkv, ring, d, True)
-    vc = _codec(vrow, hkv, ring, d, False)
     mode = desc[KD.TQ_MODE]
     if mode == KD.MODE_DECODE:
+        kc = codec(krow, hkv, ring, d, True)
+        vc = codec(vrow, hkv, ring, d, False)
         nr = desc[KD.TQ_NR]
         if t != 1 or nr < 0 or nr > 2:
             return 1
@@ -267,6 +252,6 @@ def compute(desc, nd, layer, q, k, v, scale, out, ort_pool):
     pf = carray(as_ptr(desc[KD.TQ_PF], np.int64), (n_pf,))
     pc = carray(as_ptr(desc[KD.TQ_PC], np.int64), (n_pc,))
     _prefill(q, k, v, scale, t0, sinks, window, ring, desc[KD.TQ_FP_LO], desc[KD.TQ_EXACT_PREFILL] != 0,
-             fpk, fpv, kc, vc, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
+             fpk, fpv, krow, vrow, fp_slots, pf, old_idx, pc, new_c, n_read, desc[KD.THREADS], desc[KD.TQ_LOCK],
              desc[KD.TQ_POOL], desc[KD.TQ_PAR_PREFILL], ort_pool, out)
     return 0
