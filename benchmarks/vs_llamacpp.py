@@ -11,7 +11,15 @@ the PyPI source distribution (about 8 minutes of both cores on a 2-core x86 box)
 
 Known pitfalls (llama-cpp-python 0.3.x on x86 with AMX): the AMX extra buffer type crashed on
 prompts longer than one token unless the model is loaded with ``use_extra_bufts=False``; a
-quantized V cache (q8_0 / q4_0) needs ``flash_attn=True``. The worker sets both.
+quantized V cache (q8_0 / q4_0) needs ``flash_attn=True``. The worker sets both. On a Sapphire
+Rapids VM that lists AMX but does not grant it (round 37), a ``GGML_NATIVE`` build dies by
+SIGSEGV on its first evaluation: build it for the host's AVX-512 without AMX, and with
+``--no-cache-dir`` (pip otherwise reuses the wheel it built before, whatever ``CMAKE_ARGS`` say)::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+        -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+        -DGGML_AMX_BF16=OFF" pip install --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 
 Then, from the tqedge venv::
 

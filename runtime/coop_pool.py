@@ -10,14 +10,15 @@ nothing and the job runs at serial speed; the caller waits only for items a work
 and not yet finished.
 
 Between jobs a worker spins on the sequence word (``pause``, an acquire load that leaves the
-line shared) for at most :func:`spin_us` (50 µs; ``TQEDGE_SPIN_US``), then sleeps on a condition
+line shared) for at most :func:`spin_us` (20 µs; ``TQEDGE_SPIN_US``), then sleeps on a condition
 variable; a caller whose worker still runs an item spins as long for it before sleeping. A decode
 step is ~120 jobs a few to tens of µs apart, and a worker that slept after each had to be woken
 (a futex round trip) for every one. Round 36 (SmolLM2 int4, 2 threads, AMD Zen 5,
 benchmarks/ab_step.py, 3 rounds): a decode step 7.8 → 6.0 ms at 512 tokens and 10.9 → 7.3 at 2K,
 for +10 % CPU time at 512 (−7 % at 2K); beside one busy process (benchmarks/threads.py, 2K) it
 keeps 66 % of its idle speed, and its busy speed is no lower than before (83 vs 79 tok/s). A
-200 µs bound kept 54 %: the bound is what leaves a busy neighbour its share.
+200 µs bound kept 54 %: the bound is what leaves a busy neighbour its share (round 37: 20 µs by
+default, :data:`SPIN_US`).
 
 The protocol lives in one int64 control block (:data:`WORDS` words, then room for a
 ``pthread_mutex_t`` and two ``pthread_cond_t``) and uses libc's pthread functions through their
@@ -58,7 +59,11 @@ W_LOCK, W_UNLOCK, W_WAIT, W_BROADCAST, W_SIGNAL = range(7, 12)
 W_MUTEX, W_WORK_CV, W_DONE_CV = 12, 13, 14  # addresses of the pthread objects (inside the block)
 W_CLOCK, W_CLOCK_ID, W_SPIN_NS = 15, 16, 17  # clock_gettime, its monotonic clock, the spin bound
 WORDS = 18
-SPIN_US = 50  # the default bound of a spin; ``TQEDGE_SPIN_US`` overrides it (0: sleep at once)
+# the default bound of a spin; ``TQEDGE_SPIN_US`` overrides it (0: sleep at once). Decode at 2K
+# beside one busy process (benchmarks/threads.py, 3 rounds, medians): 0 / 20 / 50 µs → idle 57 /
+# 82 / 85 tok/s, busy 49 / 54 / 45 (Xeon, round 37); Zen 5 (round 36): idle 87 / 123 / 127, busy
+# 79 / 87 / 83. 20 keeps the most beside a neighbour on both for ~4 % idle.
+SPIN_US = 20
 CLOSED = 0xFFFFFFFF  # the job word's item field while a job is being set up: ≥ any item count
 PTHREAD_BYTES = 128  # room for one pthread_mutex_t / pthread_cond_t on every libc we run on (≤ 64)
 _OPTS = dict(warm=False, nogil=True)
