@@ -194,6 +194,7 @@ def _block(qs, qp, g, kft, vf, pf, kdt, vd, pc, um, t0, rule, res, nf, nc):
 
 @njit(**_OPTS)
 def _tiles(hkv, n, d):
+    """Room for ``n`` keys of width ``d`` per KV head as transposed tiles (:func:`~tqedge.codec.kernels_fused.key_tiles`)."""
     return np.empty((hkv, (n + TK_KEYS - 1) // TK_KEYS, d, TK_KEYS), np.float32)
 
 

@@ -16,7 +16,8 @@ the float work per block is shared by 16 rows instead of one. Groups follow one 
 weight is one sequential stream (prefetched :data:`PREFETCH` bytes ahead).
 
 The input rows are quantized to int8 per block of 32 (:func:`~tqedge.codec.kernels_linear.quantize_rows_q8`:
-``x ≈ dx·xq``, and each block's exact float sum ``sx`` for the ``m`` term), :data:`XQ_BYTES` per
+``x ≈ dx·xq``, and each block's float sum ``sx`` for the ``m`` term; one block in registers,
+:data:`quantize_block`), :data:`XQ_BYTES` per
 block in input order. A tile is one group against up to :func:`nx_max` input rows: the group's
 unpacked codes stay in registers while the inputs pass.
 
@@ -207,7 +208,10 @@ def _quantize(builder, x, xq, dxp, sxp):
     """One input block: 32 float32 at ``x`` → 32 int8 codes at ``xq``, its scale at ``dxp`` and
     its sum at ``sxp`` (:func:`~tqedge.codec.kernels_linear.quantize_rows_q8`)."""
     v32 = ir.VectorType(_F32, Q4_1_BLOCK)
-    f32 = lambda name: builder.module.declare_intrinsic(name, fnty=ir.FunctionType(v32, [v32]))  # noqa: E731
+
+    def f32(name):  # a unary intrinsic on the block's 32 floats
+        return builder.module.declare_intrinsic(name, fnty=ir.FunctionType(v32, [v32]))
+
     v = builder.load(_ptr(builder, x, v32), align=4)
     a = _tree(builder, builder.call(f32("llvm.fabs.v32f32"), [v]),
               lambda p, q: builder.select(builder.fcmp_ordered(">", p, q), p, q))
@@ -219,5 +223,5 @@ def _quantize(builder, x, xq, dxp, sxp):
     builder.store(_tree(builder, v, builder.fadd), _ptr(builder, sxp, _F32), align=4)
 
 
+# ``quantize_block(x, xq, dxp, sxp)`` (addresses): one block of 32 inputs quantized to int8 (:func:`_quantize`)
 quantize_block = _intrinsic(4, lambda builder, lits, *vals: _quantize(builder, *vals))
-"""``quantize_block(x, xq, dxp, sxp)`` (addresses): one block of 32 inputs quantized to int8 (module docstring)."""
